@@ -1,0 +1,330 @@
+"""Launchers: allocate outputs, pick the grid and the autotuned kernel, and call it.
+
+The shipped autotune configs live here (``FWD_CONFIGS`` ...) so that the compile report checks
+exactly what ships. Under ``TRITON_INTERPRET=1`` each kernel has one small config instead.
+"""
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+import triton
+
+from .kernels import _conv_dgrad_kernel, _conv_fwd_kernel, _conv_wgrad_kernel
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INT32_MAX = 2**31 - 1
+# Enough programs to fill the largest GPU twice over; the wgrad split aims for this many.
+_TARGET_PROGRAMS = 264
+_MIN_ROWS_PER_SPLIT = 1024
+
+
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages
+    )
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). No num_warps=8: upstream saw wrong results
+# with it on non-1x1 conv tiles (pytorch#173068), and the report shows 4 warps do not spill here.
+FWD_CONFIGS = [
+    _config(128, 64, 32, 4, 4),
+    _config(64, 128, 32, 4, 4),
+    _config(64, 64, 32, 4, 4),
+    _config(128, 128, 32, 4, 3),
+]
+DGRAD_CONFIGS = [
+    _config(128, 64, 32, 4, 4),
+    _config(64, 64, 32, 4, 4),
+    _config(128, 128, 32, 4, 3),
+]
+WGRAD_CONFIGS = [
+    _config(64, 64, 32, 4, 4),
+    _config(128, 64, 32, 4, 3),
+    _config(64, 128, 32, 4, 3),
+]
+INTERPRET_CONFIG = _config(32, 32, 16, 4, 1)
+
+
+def shipped_configs(kernel: str) -> list[triton.Config]:
+    """The autotune configs of ``kernel`` ("fwd", "dgrad" or "wgrad") in this process."""
+    if INTERPRET:
+        return [INTERPRET_CONFIG]
+    return {"fwd": FWD_CONFIGS, "dgrad": DGRAD_CONFIGS, "wgrad": WGRAD_CONFIGS}[kernel]
+
+
+_FWD_KEY = ["M", "CG", "KG", "R", "S", "stride_h", "stride_w"]
+_conv_fwd = triton.autotune(configs=shipped_configs("fwd"), key=_FWD_KEY)(_conv_fwd_kernel)
+_conv_dgrad = triton.autotune(configs=shipped_configs("dgrad"), key=_FWD_KEY)(_conv_dgrad_kernel)
+_conv_wgrad = triton.autotune(
+    configs=shipped_configs("wgrad"), key=["M", "CRS", "KG", "R", "S", "num_splits"]
+)(_conv_wgrad_kernel)
+
+
+def _wrap(kernel):
+    # wrap_triton lets torch.compile trace the launch; plain eager calls go straight through.
+    return torch.library.wrap_triton(kernel)
+
+
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format that the op's outputs take from x (like C++ suggest_memory_format)."""
+    return torch._prims_common.suggest_memory_format(x)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 uses TF32 exactly when cuDNN convolutions would."""
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    # The 3.8.0 interpreter cannot run a bf16 tl.dot; see kernels.py.
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def _check_image_offsets(name: str, t: torch.Tensor) -> None:
+    # Offsets inside one image are int32 in the kernels; the batch offset is int64.
+    span = sum((size - 1) * st for size, st in zip(t.shape[1:], t.stride()[1:]))
+    if span > _INT32_MAX:
+        raise ValueError(
+            f"{name}: one image spans {span} elements, more than the Triton kernels' int32 "
+            f"in-image offsets allow ({_INT32_MAX}); use another backend"
+        )
+
+
+def out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+def conv_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    relu: bool,
+) -> torch.Tensor:
+    """y = act(conv2d(x, weight) * scale + bias + residual), stored once.
+
+    x (N, C, H, W), weight (K, C // groups, R, S), scale and bias (K,), residual (N, K, P, Q).
+    Returns y (N, K, P, Q) in x's memory format. Any strides are accepted as they are.
+    """
+    n, _, h, w = x.shape
+    k, cg, r, s = weight.shape
+    p = out_size(h, r, stride[0], padding[0], dilation[0])
+    q = out_size(w, s, stride[1], padding[1], dilation[1])
+    y = torch.empty((n, k, p, q), dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+    if y.numel() == 0:
+        return y
+    for name, t in (("x", x), ("residual", residual), ("y", y)):
+        if t is not None:
+            _check_image_offsets(name, t)
+    kg = k // groups
+    m = n * p * q
+    res = residual if residual is not None else y
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(kg, meta["BLOCK_N"]), groups)
+
+    _wrap(_conv_fwd)[grid](
+        x,
+        weight,
+        scale if scale is not None else y,
+        bias if bias is not None else y,
+        res,
+        y,
+        n,
+        h,
+        w,
+        p,
+        q,
+        m,
+        cg,
+        kg,
+        *x.stride(),
+        *weight.stride(),
+        *res.stride(),
+        *y.stride(),
+        stride[0],
+        stride[1],
+        padding[0],
+        padding[1],
+        dilation[0],
+        dilation[1],
+        R=r,
+        S=s,
+        HAS_SCALE=scale is not None,
+        HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None,
+        RELU=relu,
+        DOT_PRECISION=dot_precision(x.dtype),
+        UPCAST=_upcast(x.dtype),
+    )
+    return y
+
+
+def wgrad_splits(m: int, kg: int, crs: int, groups: int) -> int:
+    """How many slices the wgrad reduction over m = N*P*Q is cut into (1 = no partials).
+
+    Small K x CRS problems (early ResNet layers: 64 x 64 with m = 100k) have too few output
+    tiles to fill a GPU, so the long m reduction is split; the partials are summed in a fixed
+    order, keeping the result deterministic.
+    """
+    tiles = triton.cdiv(kg, 64) * triton.cdiv(crs, 64) * groups
+    want = math.ceil(_TARGET_PROGRAMS / tiles)
+    return max(1, min(want, m // _MIN_ROWS_PER_SPLIT, 64))
+
+
+def conv_bwd(
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    relu: bool,
+    output_mask: Sequence[bool],
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of conv_fwd: (grad_x, grad_weight, grad_bias, grad_residual).
+
+    grad_out and out (N, K, P, Q), x (N, C, H, W), weight (K, C // groups, R, S), scale (K,).
+    The ReLU mask comes from the saved output (out > 0). output_mask = (x, weight, bias,
+    residual); a gradient not asked for is returned as an empty tensor. Two kernels at most:
+    dgrad for grad_x, and wgrad, which also yields grad_bias and grad_residual from the same
+    reads of grad_out. ``num_splits`` overrides the wgrad split heuristic (tests use it).
+    """
+    n, c, h, w = x.shape
+    k, cg, r, s = weight.shape
+    _, _, p, q = grad_out.shape
+    kg = k // groups
+    crs = cg * r * s
+    need_x, need_w, need_b, need_r = (bool(v) for v in output_mask)
+
+    def empty() -> torch.Tensor:
+        return torch.empty(0, dtype=x.dtype, device=x.device)
+
+    grad_x, grad_w, grad_b, grad_r = empty(), empty(), empty(), empty()
+    fmt = memory_format(x)
+    if need_x:
+        grad_x = torch.empty_like(x, memory_format=fmt)
+    if need_w:
+        grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    if need_b:
+        grad_b = torch.empty(k, dtype=x.dtype, device=x.device)
+    if need_r:
+        grad_r = torch.empty_like(grad_out, memory_format=fmt)
+    if grad_out.numel() == 0 or x.numel() == 0:
+        # Empty sums: every gradient is exactly zero.
+        return grad_x.zero_(), grad_w.zero_(), grad_b.zero_(), grad_r.zero_()
+    for name, t in (("grad_out", grad_out), ("out", out), ("x", x)):
+        _check_image_offsets(name, t)
+    m_out = n * p * q
+    common = dict(
+        R=r,
+        S=s,
+        HAS_SCALE=scale is not None,
+        RELU=relu,
+        DOT_PRECISION=dot_precision(x.dtype),
+        UPCAST=_upcast(x.dtype),
+    )
+    convargs = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+    sc = scale if scale is not None else grad_out
+
+    if need_x:
+        m_in = n * h * w
+
+        def dgrid(meta):
+            return (triton.cdiv(m_in, meta["BLOCK_M"]), triton.cdiv(cg, meta["BLOCK_N"]), groups)
+
+        _wrap(_conv_dgrad)[dgrid](
+            grad_out,
+            out,
+            weight,
+            sc,
+            grad_x,
+            h,
+            w,
+            p,
+            q,
+            m_in,
+            cg,
+            kg,
+            *grad_out.stride(),
+            *out.stride(),
+            *weight.stride(),
+            *grad_x.stride(),
+            *convargs,
+            **common,
+        )
+
+    if need_w or need_b or need_r:
+        splits = num_splits if num_splits is not None else wgrad_splits(m_out, kg, crs, groups)
+        if need_w and splits == 1:
+            gw = grad_w.view(k, crs)
+            sgw = (0, *gw.stride())
+        elif need_w:
+            gw = torch.empty((splits, k, crs), dtype=torch.float32, device=x.device)
+            sgw = gw.stride()
+        else:
+            gw, sgw = grad_out, (0, 0, 0)
+        if need_b and splits == 1:
+            gb, sgb = grad_b, 0
+        elif need_b:
+            gb = torch.empty((splits, k), dtype=torch.float32, device=x.device)
+            sgb = gb.stride(0)
+        else:
+            gb, sgb = grad_out, 0
+        gres = grad_r if need_r else grad_out
+        cols = crs if need_w else 1
+
+        def wgrid(meta):
+            return (
+                triton.cdiv(kg, meta["BLOCK_M"]),
+                triton.cdiv(cols, meta["BLOCK_N"]),
+                groups * splits,
+            )
+
+        _wrap(_conv_wgrad)[wgrid](
+            grad_out,
+            out,
+            x,
+            sc,
+            gw,
+            gb,
+            gres,
+            h,
+            w,
+            p,
+            q,
+            m_out,
+            cg,
+            kg,
+            crs,
+            *grad_out.stride(),
+            *out.stride(),
+            *x.stride(),
+            *sgw,
+            sgb,
+            *gres.stride(),
+            *convargs,
+            splits,
+            COMPUTE_W=need_w,
+            COMPUTE_B=need_b,
+            STORE_GRES=need_r,
+            **common,
+        )
+        if need_w and splits > 1:
+            grad_w.copy_(gw.sum(0).view_as(grad_w))
+        if need_b and splits > 1:
+            grad_b.copy_(gb.sum(0))
+    return grad_x, grad_w, grad_b, grad_r
