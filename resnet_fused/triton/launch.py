@@ -21,9 +21,7 @@ _MIN_ROWS_PER_SPLIT = 1024
 
 
 def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages
-    )
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). No num_warps=8: upstream saw wrong results
@@ -57,14 +55,9 @@ def shipped_configs(kernel: str) -> list[triton.Config]:
 _FWD_KEY = ["M", "CG", "KG", "R", "S", "stride_h", "stride_w"]
 _conv_fwd = triton.autotune(configs=shipped_configs("fwd"), key=_FWD_KEY)(_conv_fwd_kernel)
 _conv_dgrad = triton.autotune(configs=shipped_configs("dgrad"), key=_FWD_KEY)(_conv_dgrad_kernel)
-_conv_wgrad = triton.autotune(
-    configs=shipped_configs("wgrad"), key=["M", "CRS", "KG", "R", "S", "num_splits"]
-)(_conv_wgrad_kernel)
-
-
-def _wrap(kernel):
-    # wrap_triton lets torch.compile trace the launch; plain eager calls go straight through.
-    return torch.library.wrap_triton(kernel)
+_conv_wgrad = triton.autotune(configs=shipped_configs("wgrad"), key=["M", "CRS", "KG", "R", "S", "num_splits"])(
+    _conv_wgrad_kernel
+)
 
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -86,7 +79,7 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 def _check_image_offsets(name: str, t: torch.Tensor) -> None:
     # Offsets inside one image are int32 in the kernels; the batch offset is int64.
-    span = sum((size - 1) * st for size, st in zip(t.shape[1:], t.stride()[1:]))
+    span = sum((size - 1) * st for size, st in zip(t.shape[1:], t.stride()[1:], strict=True))
     if span > _INT32_MAX:
         raise ValueError(
             f"{name}: one image spans {span} elements, more than the Triton kernels' int32 "
@@ -132,7 +125,7 @@ def conv_fwd(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(kg, meta["BLOCK_N"]), groups)
 
-    _wrap(_conv_fwd)[grid](
+    _conv_fwd[grid](
         x,
         weight,
         scale if scale is not None else y,
@@ -178,7 +171,8 @@ def wgrad_splits(m: int, kg: int, crs: int, groups: int) -> int:
     """
     tiles = triton.cdiv(kg, 64) * triton.cdiv(crs, 64) * groups
     want = math.ceil(_TARGET_PROGRAMS / tiles)
-    return max(1, min(want, m // _MIN_ROWS_PER_SPLIT, 64))
+    # Grid dim 2 holds groups * splits and is capped at 65535 by CUDA.
+    return max(1, min(want, m // _MIN_ROWS_PER_SPLIT, 64, 65535 // groups))
 
 
 def conv_bwd(
@@ -203,7 +197,7 @@ def conv_bwd(
     dgrad for grad_x, and wgrad, which also yields grad_bias and grad_residual from the same
     reads of grad_out. ``num_splits`` overrides the wgrad split heuristic (tests use it).
     """
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     k, cg, r, s = weight.shape
     _, _, p, q = grad_out.shape
     kg = k // groups
@@ -218,7 +212,7 @@ def conv_bwd(
     if need_x:
         grad_x = torch.empty_like(x, memory_format=fmt)
     if need_w:
-        grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        grad_w = torch.empty_like(weight, memory_format=memory_format(weight))
     if need_b:
         grad_b = torch.empty(k, dtype=x.dtype, device=x.device)
     if need_r:
@@ -246,7 +240,7 @@ def conv_bwd(
         def dgrid(meta):
             return (triton.cdiv(m_in, meta["BLOCK_M"]), triton.cdiv(cg, meta["BLOCK_N"]), groups)
 
-        _wrap(_conv_dgrad)[dgrid](
+        _conv_dgrad[dgrid](
             grad_out,
             out,
             weight,
@@ -269,7 +263,8 @@ def conv_bwd(
 
     if need_w or need_b or need_r:
         splits = num_splits if num_splits is not None else wgrad_splits(m_out, kg, crs, groups)
-        if need_w and splits == 1:
+        direct_w = need_w and splits == 1 and grad_w.is_contiguous()
+        if direct_w:
             gw = grad_w.view(k, crs)
             sgw = (0, *gw.stride())
         elif need_w:
@@ -294,7 +289,7 @@ def conv_bwd(
                 groups * splits,
             )
 
-        _wrap(_conv_wgrad)[wgrid](
+        _conv_wgrad[wgrid](
             grad_out,
             out,
             x,
@@ -323,8 +318,8 @@ def conv_bwd(
             STORE_GRES=need_r,
             **common,
         )
-        if need_w and splits > 1:
-            grad_w.copy_(gw.sum(0).view_as(grad_w))
+        if need_w and not direct_w:
+            grad_w.copy_(gw.sum(0).view(grad_w.shape))
         if need_b and splits > 1:
             grad_b.copy_(gb.sum(0))
     return grad_x, grad_w, grad_b, grad_r
