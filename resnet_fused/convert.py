@@ -1,0 +1,273 @@
+"""Swap torchvision ResNet blocks (and stems) inside any model for fused ones, keeping weights.
+
+    model, report = resnet_fused.convert(torchvision.models.resnet50().eval())
+    print(report)
+
+What happens to each norm after a conv depends on what it is at conversion time:
+
+- ``nn.BatchNorm2d`` in eval mode: folded into the conv's weight and bias (the norm becomes
+  ``nn.Identity``); the converted model is BN-free from then on, also if trained later.
+- ``torchvision.ops.FrozenBatchNorm2d`` (detection backbones): kept as the conv's frozen per-channel
+  scale/shift epilogue (:meth:`FusedConv2d.set_scale_shift`); the conv weights stay trainable.
+- ``nn.BatchNorm2d`` in train mode: cannot be folded (it normalises with batch statistics). The
+  block is still swapped, keeping the BatchNorm module, which runs unfused between the conv and the
+  residual add (and folds on the fly once the model is put in eval mode). Such blocks are listed in
+  ``report.unfused`` and a warning names them. ``freeze_bn=True`` instead freezes them from their
+  running statistics into a scale/shift epilogue, like FrozenBatchNorm2d.
+- any other norm (GroupNorm, ...): kept and run unfused, listed in ``report.unfused``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .nn import BasicBlock, Bottleneck, FusedConv2d, check_residual, norm_scale_shift
+
+__all__ = ["ConversionReport", "convert"]
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` did, by qualified module name (``""`` is the model itself).
+
+    Attributes:
+        folded: blocks and stems whose norms were all folded into conv weight and bias.
+        scale_shift: blocks and stems with at least one norm kept as a frozen scale/shift epilogue
+            (FrozenBatchNorm2d, or BatchNorm2d with ``freeze_bn=True``); the others are folded.
+        unfused: blocks and stems with a norm left as a module (BatchNorm2d in train mode, other
+            norms); their convs still run through the fused op. Unfused stems are not swapped.
+    """
+
+    folded: list[str] = field(default_factory=list)
+    scale_shift: list[str] = field(default_factory=list)
+    unfused: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [
+            f"ConversionReport: {len(self.folded)} folded, {len(self.scale_shift)} scale/shift, "
+            f"{len(self.unfused)} with unfused norms"
+        ]
+        for title, names in (
+            ("folded", self.folded),
+            ("scale/shift", self.scale_shift),
+            ("unfused norm", self.unfused),
+        ):
+            if names:
+                lines.append(f"  {title}: {', '.join(n or '<model>' for n in names)}")
+        return "\n".join(lines)
+
+
+def _tv():
+    try:
+        import torchvision.models._utils as tv_utils
+        import torchvision.models.resnet as tv_resnet
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("resnet_fused.convert needs torchvision, which is not installed") from e
+    return tv_resnet, tv_utils
+
+
+def _batchnorm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor]:
+    """(scale, shift) of a BatchNorm from its running statistics, whatever its mode."""
+    if norm.running_var is None:
+        raise ValueError(
+            f"convert: freeze_bn=True needs running statistics, but {norm} has "
+            "track_running_stats=False"
+        )
+    was_training = norm.training
+    norm.eval()
+    try:
+        affine = norm_scale_shift(norm)
+    finally:
+        norm.train(was_training)
+    assert affine is not None
+    return affine
+
+
+def _fuse_conv_norm(
+    conv: nn.Conv2d, norm: nn.Module, *, relu: bool, freeze_bn: bool, backend: str
+) -> tuple[FusedConv2d, nn.Module, str]:
+    """``(fused conv, norm to keep or nn.Identity, 'folded' | 'scale_shift' | 'unfused')``."""
+    fused = FusedConv2d.from_conv2d(conv, relu=relu, backend=backend)
+    is_bn = isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm))
+    if is_bn and norm.training and freeze_bn:
+        fold_into_weight, affine = False, _batchnorm_scale_shift(norm)
+    else:
+        # eval BN with running stats -> fold; FrozenBatchNorm2d -> scale/shift; else None
+        fold_into_weight, affine = is_bn, norm_scale_shift(norm)
+    if affine is None:
+        return fused, norm, "unfused"
+    with torch.no_grad():
+        scale, shift = affine
+        if not fold_into_weight:
+            # BN(conv + b) = conv * s + (t + s * b): the conv keeps its own weight and bias.
+            fused.set_scale_shift(scale.to(conv.weight.dtype), shift.to(conv.weight.dtype))
+            return fused, nn.Identity(), "scale_shift"
+        s64, t64 = scale.double(), shift.double()  # fold in float64, round once
+        weight = conv.weight.double() * s64.reshape(-1, 1, 1, 1)
+        bias = t64 if conv.bias is None else t64 + s64 * conv.bias.double()
+        fused.weight = nn.Parameter(weight.to(conv.weight.dtype), conv.weight.requires_grad)
+        fused.bias = nn.Parameter(bias.to(conv.weight.dtype), conv.weight.requires_grad)
+    return fused, nn.Identity(), "folded"
+
+
+def _merge_status(statuses: list[str]) -> str:
+    for status in ("unfused", "scale_shift"):
+        if status in statuses:
+            return status
+    return "folded"
+
+
+def _convert_block(
+    name: str, block: nn.Module, *, freeze_bn: bool, backend: str
+) -> tuple[nn.Module, str]:
+    tv_resnet, _ = _tv()
+    kind = type(block)
+    base = tv_resnet.BasicBlock if isinstance(block, tv_resnet.BasicBlock) else tv_resnet.Bottleneck
+    if kind.forward is not base.forward:
+        raise TypeError(
+            f"convert: {name or '<model>'} is a {kind.__name__}, a subclass of torchvision's "
+            f"{base.__name__} with its own forward; convert cannot know what it computes"
+        )
+    ours = BasicBlock if base is tv_resnet.BasicBlock else Bottleneck
+    layers = ["1", "2"] if ours is BasicBlock else ["1", "2", "3"]
+    convs = [getattr(block, "conv" + i) for i in layers]
+    for conv in convs:
+        if type(conv) is not nn.Conv2d:
+            raise TypeError(
+                f"convert: {name or '<model>'}: expected nn.Conv2d layers, got {type(conv).__name__}"
+            )
+    in_channels, out_channels = convs[0].in_channels, convs[-1].out_channels
+    stride = tuple(math.prod(c.stride[i] for c in convs) for i in range(2))
+    check_residual(
+        f"convert: {name or '<model>'}", in_channels, out_channels, stride, block.downsample
+    )
+
+    new = ours.__new__(ours)
+    nn.Module.__init__(new)
+    statuses = []
+    for i, conv in zip(layers, convs, strict=True):
+        fused, norm, status = _fuse_conv_norm(
+            conv, getattr(block, "bn" + i), relu=True, freeze_bn=freeze_bn, backend=backend
+        )
+        setattr(new, "conv" + i, fused)
+        setattr(new, "bn" + i, norm)
+        statuses.append(status)
+    new.relu = nn.ReLU(inplace=True)
+    ds = block.downsample
+    if isinstance(ds, nn.Sequential) and len(ds) == 2 and type(ds[0]) is nn.Conv2d:
+        fused, norm, status = _fuse_conv_norm(
+            ds[0], ds[1], relu=False, freeze_bn=freeze_bn, backend=backend
+        )
+        new.downsample = nn.Sequential(fused, norm)
+        statuses.append(status)
+    else:  # no shortcut, or one convert does not know: kept and run as it is
+        new.downsample = ds
+    new.stride = block.stride
+    new.train(block.training)
+    return new, _merge_status(statuses)
+
+
+def _convert_stem(name: str, parent: nn.Module, *, freeze_bn: bool, backend: str) -> str | None:
+    """Fuse ``parent.conv1 -> bn1 -> relu`` in place; returns the status, or None if no stem."""
+    conv, norm, relu = (getattr(parent, a, None) for a in ("conv1", "bn1", "relu"))
+    if type(conv) is not nn.Conv2d or not isinstance(relu, nn.ReLU) or norm is None:
+        return None
+    fused, kept_norm, status = _fuse_conv_norm(
+        conv, norm, relu=True, freeze_bn=freeze_bn, backend=backend
+    )
+    if status == "unfused":
+        return status  # conv -> BN(batch stats) -> relu: nothing to fuse, leave the stem alone
+    parent.conv1, parent.bn1, parent.relu = fused, kept_norm, nn.Identity()
+    return status
+
+
+def convert(
+    model: nn.Module, inplace: bool = False, freeze_bn: bool = False, backend: str = "auto"
+) -> tuple[nn.Module, ConversionReport]:
+    """Swap torchvision ``BasicBlock``/``Bottleneck`` blocks and ResNet stems for fused ones.
+
+    Works on any model containing such blocks: a ``torchvision.models.ResNet`` (resnet18 ...
+    resnet152, wide_resnet*, resnext*), a detection backbone (``IntermediateLayerGetter``), a
+    ``Sequential`` of blocks, or a block itself. Weights are kept; the module docstring says what
+    happens to each kind of norm. The stem (``conv1 -> bn1 -> relu`` of a ResNet or
+    IntermediateLayerGetter) becomes one fused conv+bias+relu with ``bn1`` and ``relu`` replaced by
+    ``nn.Identity``. Other modules (maxpool, fc, FPN, ...) are untouched.
+
+    Args:
+        model: the model; left unmodified unless ``inplace``.
+        inplace: convert ``model`` itself (reusing its Parameter objects where weights are not
+            folded) instead of a deep copy.
+        freeze_bn: freeze train-mode BatchNorm2d from its running statistics into a scale/shift
+            epilogue instead of leaving it unfused.
+        backend: the op backend every new :class:`FusedConv2d` uses (``"auto"``, ``"cpu"``, ...).
+
+    Returns:
+        ``(converted model, ConversionReport)``.
+
+    Raises:
+        TypeError: ``model`` is not a plain ``nn.Module`` (scripted, compiled or DDP-wrapped
+            models: convert before that), or contains a block subclass with its own forward.
+        ValueError: no torchvision ResNet block or stem was found, or a block without
+            ``downsample`` changes shape so its residual add cannot work.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("convert: cannot convert a scripted model; convert the eager model first")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise TypeError("convert: cannot convert a torch.compile'd model; convert, then compile")
+    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        raise TypeError(
+            "convert: cannot convert a model wrapped in DistributedDataParallel/DataParallel; "
+            "convert model.module, then wrap it"
+        )
+    tv_resnet, tv_utils = _tv()
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = ConversionReport()
+
+    def record(name: str, status: str) -> None:
+        {"folded": report.folded, "scale_shift": report.scale_shift, "unfused": report.unfused}[
+            status
+        ].append(name)
+
+    blocks = (tv_resnet.BasicBlock, tv_resnet.Bottleneck)
+    stem_parents = (tv_resnet.ResNet, tv_utils.IntermediateLayerGetter)
+    # Collect first: the module tree must not change while it is being walked.
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, blocks + stem_parents)]
+    for name, module in found:
+        if isinstance(module, stem_parents):
+            if isinstance(module, tv_utils.IntermediateLayerGetter) and {"bn1", "relu"} & set(
+                module.return_layers
+            ):
+                continue  # the stem's intermediate outputs are requested: keep them
+            status = _convert_stem(name, module, freeze_bn=freeze_bn, backend=backend)
+            if status is not None:
+                record(f"{name}.conv1" if name else "conv1", status)
+            continue
+        new, status = _convert_block(name, module, freeze_bn=freeze_bn, backend=backend)
+        record(name, status)
+        if not name:
+            model = new
+        else:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, new)
+    if not (report.folded or report.scale_shift or report.unfused):
+        raise ValueError(
+            f"convert: found no torchvision ResNet block (BasicBlock/Bottleneck) or stem in "
+            f"{type(model).__name__}; build custom models from resnet_fused.nn modules instead"
+        )
+    if report.unfused:
+        warnings.warn(
+            f"convert: norms left unfused (BatchNorm in train mode or other norms) in "
+            f"{', '.join(n or '<model>' for n in report.unfused)}; call model.eval() before "
+            f"convert to fold BatchNorm, or pass freeze_bn=True",
+            stacklevel=2,
+        )
+    return model, report

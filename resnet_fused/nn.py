@@ -1,0 +1,483 @@
+"""Drop-in modules over the fused op ``conv_bias_add_relu``.
+
+- :class:`FusedConv2d` is an ``nn.Conv2d`` (same constructor, parameters and ``state_dict``) whose
+  ``forward(x, residual=None)`` computes ``act(conv(x) + bias + residual)`` in one fused op.
+- :class:`BasicBlock` and :class:`Bottleneck` take torchvision's exact constructor signatures and
+  parameter names, so torchvision checkpoints load with ``load_state_dict(strict=True)`` when they
+  are built with ``norm_layer=nn.BatchNorm2d``. With ``norm_layer=None`` they are BN-free blocks
+  whose convs carry biases: ``a[l+2] = relu(W2 · a[l+1] + b2 + a[l])`` (Fixup/SkipInit style).
+  Note the one difference from torchvision: there ``norm_layer=None`` means BatchNorm2d.
+- :class:`SkipBlock` (skip over 1, 2 or 3 layers) and :class:`PreActBlock` (pre-activation, linear
+  skip path) show how other residual shapes are built from :class:`FusedConv2d`.
+
+How a conv and the norm after it run (see :func:`conv_norm`):
+
+- no norm: the conv's own bias (and frozen scale/shift, if set) in the fused epilogue;
+- ``torchvision.ops.FrozenBatchNorm2d``, or ``nn.BatchNorm2d`` in eval mode: folded on the fly
+  into the epilogue as a per-channel scale and shift. When that scale requires grad (eval-mode BN
+  with trainable gamma, grad mode on) it is folded into the weight instead, so gamma gets its grad;
+- anything else (BatchNorm in train mode, GroupNorm, ...): the conv runs fused without activation,
+  then the norm, the residual add and the ReLU run as ordinary PyTorch ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import resnet_fused
+
+try:
+    from torchvision.ops import FrozenBatchNorm2d as _FrozenBatchNorm2d
+except ImportError:  # torchvision is optional; without it no FrozenBatchNorm2d can exist
+    _FrozenBatchNorm2d = None
+
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "FusedConv2d",
+    "PreActBlock",
+    "SkipBlock",
+    "conv_norm",
+    "norm_scale_shift",
+    "projection",
+    "set_backend",
+]
+
+NormLayer = Callable[[int], nn.Module]
+
+
+class FusedConv2d(nn.Conv2d):
+    """``nn.Conv2d`` computing ``act(conv(x) * scale + shift + scale * bias + residual)`` in one op.
+
+    The constructor is ``nn.Conv2d``'s plus keyword-only ``relu`` and ``backend``; parameters and
+    ``state_dict`` are ``nn.Conv2d``'s. ``act`` is ReLU when ``relu`` is true, else identity.
+
+    ``scale`` and ``shift`` are optional frozen per-channel buffers of shape ``(out_channels,)``,
+    ``None`` by default (then ``scale = 1``, ``shift = 0`` and they are not in the ``state_dict``).
+    They hold a frozen BatchNorm (``FrozenBatchNorm2d``): ``BN(conv(x) + bias)`` equals
+    ``conv(x) * scale + shift + scale * bias``. Set them with :meth:`set_scale_shift`.
+
+    Padding: numbers and ``'valid'`` go to the op as they are; ``'same'`` becomes explicit numbers
+    (plus a one-sided zero pad of ``x`` when the total is odd, as ``F.conv2d`` does). Only
+    ``padding_mode='zeros'`` is fused into the conv; for ``'reflect'``, ``'replicate'`` and
+    ``'circular'`` ``x`` is first padded with ``F.pad`` (one extra copy of ``x``, as ``nn.Conv2d``
+    does), and the conv and epilogue still run fused.
+
+    Shapes: ``x`` is ``(N, C_in, H, W)``; ``residual`` and the output are ``(N, C_out, H_out, W_out)``.
+
+    Example::
+
+        conv = FusedConv2d(64, 64, 3, padding=1)           # relu(conv(x) + b)
+        y = conv(x)
+        conv2 = FusedConv2d(64, 64, 3, padding=1)
+        z = conv2(y, residual=x)                           # relu(conv(y) + b + x)
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: str | int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        relu: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+        )
+        self.relu = relu
+        self.backend = backend
+        self.register_buffer("scale", None)
+        self.register_buffer("shift", None)
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d, *, relu: bool, backend: str = "auto") -> FusedConv2d:
+        """A FusedConv2d with ``conv``'s hyperparameters that shares its Parameter objects."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_conv2d: expected an nn.Conv2d, got {type(conv).__name__}")
+        fused = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device="meta",  # no allocation: the parameters are replaced right away
+            relu=relu,
+            backend=backend,
+        )
+        fused.weight = conv.weight
+        fused.bias = conv.bias
+        if isinstance(conv, FusedConv2d) and conv.scale is not None:
+            fused.set_scale_shift(conv.scale, conv.shift)
+        fused.train(conv.training)
+        return fused
+
+    def set_scale_shift(self, scale: Tensor | None, shift: Tensor | None) -> None:
+        """Set (or with ``None, None`` clear) the frozen per-channel ``(out_channels,)`` epilogue."""
+        if (scale is None) != (shift is None):
+            raise ValueError("set_scale_shift: give both scale and shift, or neither")
+        if scale is not None:
+            for name, t in (("scale", scale), ("shift", shift)):
+                if t.shape != (self.out_channels,):
+                    raise ValueError(
+                        f"set_scale_shift: {name} must have shape ({self.out_channels},), "
+                        f"got {tuple(t.shape)}"
+                    )
+            scale, shift = scale.detach().clone(), shift.detach().clone()
+        self.scale = scale
+        self.shift = shift
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        # Buffers registered as None are skipped by load_state_dict; materialise them so that a
+        # converted model's state_dict (which has scale/shift) loads into a fresh FusedConv2d.
+        if self.scale is None and prefix + "scale" in state_dict:
+            like = torch.empty(
+                self.out_channels, device=self.weight.device, dtype=self.weight.dtype
+            )
+            self.scale, self.shift = like.clone(), like.clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + f", relu={self.relu}"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        if self.scale is not None:
+            s += ", frozen scale/shift"
+        return s
+
+    def epilogue(self) -> tuple[Tensor | None, Tensor | None]:
+        """``(scale, bias)`` as the op takes them, both ``(out_channels,)`` or ``None``."""
+        if self.scale is None:
+            return None, self.bias
+        if self.bias is None:
+            return self.scale, self.shift
+        return self.scale, self.shift + self.scale * self.bias
+
+    def _padding_plan(self) -> tuple[list[int] | None, tuple[int, int]]:
+        """``(F.pad amounts or None, padding for the op)`` equivalent to ``nn.Conv2d``'s padding."""
+        if self.padding_mode != "zeros":
+            return list(self._reversed_padding_repeated_twice), (0, 0)
+        if isinstance(self.padding, str):
+            # nn.Conv2d stores 'same'/'valid' as per-side amounts, last dim first.
+            w_lo, w_hi, h_lo, h_hi = self._reversed_padding_repeated_twice
+            extra = [0, w_hi - w_lo, 0, h_hi - h_lo]  # an odd total puts the extra pixel at the end
+            return (extra if any(extra) else None), (h_lo, w_lo)
+        return None, (self.padding[0], self.padding[1])
+
+    def fused(
+        self,
+        x: Tensor,
+        residual: Tensor | None = None,
+        *,
+        weight: Tensor | None = None,
+        scale: Tensor | None = None,
+        bias: Tensor | None = None,
+        relu: bool | None = None,
+    ) -> Tensor:
+        """The fused op with this conv's geometry; ``weight``/``relu`` default to the module's.
+
+        Unlike :meth:`forward`, ``scale`` and ``bias`` are taken as given (``None`` = absent).
+        """
+        pad, padding = self._padding_plan()
+        if pad is not None:
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, pad, mode=mode)
+        return resnet_fused.conv_bias_add_relu(
+            x,
+            self.weight if weight is None else weight,
+            bias,
+            residual,
+            scale=scale,
+            stride=self.stride,
+            padding=padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            relu=self.relu if relu is None else relu,
+            backend=self.backend,
+        )
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``(N, C_in, H, W)`` [+ residual ``(N, C_out, H_out, W_out)``] -> ``(N, C_out, H_out, W_out)``."""
+        scale, bias = self.epilogue()
+        return self.fused(x, residual, scale=scale, bias=bias)
+
+
+def norm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """``(scale, shift)``, each ``(C,)``, with ``norm(y) == y * scale + shift``, or ``None``.
+
+    ``None`` when ``norm`` is not a per-channel affine map: BatchNorm in train mode (batch
+    statistics), BatchNorm without running statistics, or any other module.
+    """
+    if _FrozenBatchNorm2d is not None and isinstance(norm, _FrozenBatchNorm2d):
+        scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+        return scale, norm.bias - norm.running_mean * scale
+    if isinstance(norm, nn.BatchNorm2d) and not norm.training and norm.running_var is not None:
+        scale = torch.rsqrt(norm.running_var + norm.eps)
+        if norm.weight is not None:
+            scale = norm.weight * scale
+        shift = -norm.running_mean * scale
+        if norm.bias is not None:
+            shift = norm.bias + shift
+        return scale, shift
+    return None
+
+
+def conv_norm(
+    conv: FusedConv2d, norm: nn.Module | None, x: Tensor, residual: Tensor | None = None
+) -> Tensor:
+    """``act(norm(conv(x)) + residual)`` with as much as possible fused; act is ReLU iff ``conv.relu``.
+
+    Shapes: ``x`` ``(N, C_in, H, W)``; ``residual`` and the result ``(N, C_out, H_out, W_out)``.
+    """
+    conv_scale, conv_bias = conv.epilogue()
+    if norm is None or isinstance(norm, nn.Identity):
+        return conv.fused(x, residual, scale=conv_scale, bias=conv_bias)
+    affine = norm_scale_shift(norm)
+    if affine is None:  # batch statistics: the norm must see the whole conv output first
+        y = norm(conv.fused(x, scale=conv_scale, bias=conv_bias, relu=False))
+        if residual is not None:
+            y = y + residual
+        return F.relu(y) if conv.relu else y
+    # norm(conv * cs + cb) = conv * (s * cs) + (s * cb + t)
+    s, t = affine
+    bias = t if conv_bias is None else t + s * conv_bias
+    scale = s if conv_scale is None else s * conv_scale
+    if scale.requires_grad and torch.is_grad_enabled():
+        # The op's scale is a constant; fold a trainable one into the weight so it gets its grad.
+        weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+        return conv.fused(x, residual, weight=weight, bias=bias)
+    return conv.fused(x, residual, scale=scale, bias=bias)
+
+
+def _conv3x3(
+    in_planes: int,
+    out_planes: int,
+    stride: int = 1,
+    groups: int = 1,
+    dilation: int = 1,
+    *,
+    bias: bool,
+) -> FusedConv2d:
+    return FusedConv2d(
+        in_planes, out_planes, 3, stride, dilation, dilation, groups, bias=bias, relu=True
+    )
+
+
+def _conv1x1(
+    in_planes: int, out_planes: int, stride: int = 1, *, bias: bool, relu: bool
+) -> FusedConv2d:
+    return FusedConv2d(in_planes, out_planes, 1, stride, bias=bias, relu=relu)
+
+
+def _norm_or_identity(norm_layer: NormLayer | None, channels: int) -> nn.Module:
+    return nn.Identity() if norm_layer is None else norm_layer(channels)
+
+
+def projection(
+    inplanes: int, out_channels: int, stride: int = 1, norm_layer: NormLayer | None = None
+) -> nn.Sequential:
+    """The shortcut ``W_s · a[l]`` (strided 1x1 conv, no activation) for a shape-changing block.
+
+    Keys match torchvision's ``downsample``: ``0.weight`` then ``1.*`` for the norm; with
+    ``norm_layer=None`` the conv has a bias (``0.weight``, ``0.bias``) and there is no ``1``.
+    """
+    conv = _conv1x1(inplanes, out_channels, stride, bias=norm_layer is None, relu=False)
+    if norm_layer is None:
+        return nn.Sequential(conv)
+    return nn.Sequential(conv, norm_layer(out_channels))
+
+
+def check_residual(
+    block: str, inplanes: int, out_channels: int, stride: int | tuple[int, int], downsample: object
+) -> None:
+    """Raise ``ValueError`` when, without a shortcut projection, ``x`` cannot be added to the output."""
+    strides = (stride, stride) if isinstance(stride, int) else tuple(stride)
+    if downsample is None and (inplanes != out_channels or strides != (1, 1)):
+        raise ValueError(
+            f"{block}: the residual add needs the input ({inplanes} channels, stride 1) to match "
+            f"the output ({out_channels} channels, stride {stride}), and downsample is None; pass "
+            f"downsample=projection({inplanes}, {out_channels}, {stride}, norm_layer)"
+        )
+
+
+def _shortcut(downsample: nn.Module | None, x: Tensor) -> Tensor:
+    if downsample is None:
+        return x
+    if (
+        isinstance(downsample, nn.Sequential)
+        and len(downsample) in (1, 2)
+        and isinstance(downsample[0], FusedConv2d)
+    ):
+        return conv_norm(downsample[0], downsample[1] if len(downsample) == 2 else None, x)
+    return downsample(x)  # any other shortcut module runs as it is
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ``BasicBlock`` through the fused op: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + s(x))``.
+
+    Same constructor and parameter names as ``torchvision.models.resnet.BasicBlock``, except that
+    ``norm_layer=None`` gives the BN-free block (``bn1``/``bn2`` are ``nn.Identity``, convs have
+    biases); pass ``norm_layer=nn.BatchNorm2d`` for torchvision's block and checkpoints.
+    ``s`` is ``downsample`` (see :func:`projection`) or the identity.
+
+    Shapes: ``(N, inplanes, H, W) -> (N, planes, ceil(H / stride), ceil(W / stride))``.
+    """
+
+    expansion: int = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: NormLayer | None = None,
+    ) -> None:
+        super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        check_residual("BasicBlock", inplanes, planes * self.expansion, stride, downsample)
+        bias = norm_layer is None
+        self.conv1 = _conv3x3(inplanes, planes, stride, bias=bias)
+        self.bn1 = _norm_or_identity(norm_layer, planes)
+        self.relu = nn.ReLU(inplace=True)  # unused by the fused path; kept for torchvision parity
+        self.conv2 = _conv3x3(planes, planes, bias=bias)
+        self.bn2 = _norm_or_identity(norm_layer, planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = _shortcut(self.downsample, x)
+        out = conv_norm(self.conv1, self.bn1, x)
+        return conv_norm(self.conv2, self.bn2, out, identity)
+
+
+class Bottleneck(nn.Module):
+    """torchvision's ``Bottleneck`` (ResNet v1.5: stride on the 3x3) through the fused op.
+
+    1x1 reduce -> 3x3 (stride, groups, dilation) -> 1x1 expand by 4, each followed by its norm,
+    the last one adding the shortcut before the ReLU. Same constructor and parameter names as
+    ``torchvision.models.resnet.Bottleneck``; ``norm_layer=None`` gives the BN-free block.
+
+    Shapes: ``(N, inplanes, H, W) -> (N, planes * 4, ceil(H / stride), ceil(W / stride))``.
+    """
+
+    expansion: int = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: NormLayer | None = None,
+    ) -> None:
+        super().__init__()
+        check_residual("Bottleneck", inplanes, planes * self.expansion, stride, downsample)
+        width = int(planes * (base_width / 64.0)) * groups
+        bias = norm_layer is None
+        self.conv1 = _conv1x1(inplanes, width, bias=bias, relu=True)
+        self.bn1 = _norm_or_identity(norm_layer, width)
+        self.conv2 = _conv3x3(width, width, stride, groups, dilation, bias=bias)
+        self.bn2 = _norm_or_identity(norm_layer, width)
+        self.conv3 = _conv1x1(width, planes * self.expansion, bias=bias, relu=True)
+        self.bn3 = _norm_or_identity(norm_layer, planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)  # unused by the fused path; kept for torchvision parity
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = _shortcut(self.downsample, x)
+        out = conv_norm(self.conv1, self.bn1, x)
+        out = conv_norm(self.conv2, self.bn2, out)
+        return conv_norm(self.conv3, self.bn3, out, identity)
+
+
+class SkipBlock(nn.Module):
+    """BN-free block whose shortcut skips ``num_layers`` (1, 2 or 3) convs.
+
+    ``a[l+i] = relu(W_i · a[l+i-1] + b_i)`` for ``i < n``, and
+    ``a[l+n] = relu(W_n · a[l+n-1] + b_n + a[l])``: the add and the ReLU ride in the last conv's
+    epilogue. Built only from :class:`FusedConv2d`::
+
+        layers = [FusedConv2d(c, c, 3, padding=1) for _ in range(n)]
+        a = x
+        for conv in layers[:-1]:
+            a = conv(a)
+        y = layers[-1](a, residual=x)
+
+    Shapes: ``(N, channels, H, W) -> (N, channels, H, W)``.
+    """
+
+    def __init__(self, channels: int, num_layers: int = 2, kernel_size: int = 3) -> None:
+        super().__init__()
+        if num_layers not in (1, 2, 3):
+            raise ValueError(f"SkipBlock: num_layers must be 1, 2 or 3, got {num_layers}")
+        self.layers = nn.ModuleList(
+            FusedConv2d(channels, channels, kernel_size, padding="same") for _ in range(num_layers)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = x
+        for conv in self.layers[:-1]:
+            a = conv(a)
+        return self.layers[-1](a, residual=x)
+
+
+class PreActBlock(nn.Module):
+    """BN-free pre-activation block (He et al. 2016): ``y = x + W2 · relu(W1 · relu(x) + b1) + b2``.
+
+    The skip path stays linear (no ReLU after the add), so the last conv runs with
+    ``relu=False`` and the add in its epilogue; the leading ``relu(x)`` is a separate op because
+    the shortcut needs ``x`` before it. Shapes: ``(N, channels, H, W) -> (N, channels, H, W)``.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.conv1 = FusedConv2d(channels, channels, kernel_size, padding="same", relu=True)
+        self.conv2 = FusedConv2d(channels, channels, kernel_size, padding="same", relu=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv2(self.conv1(F.relu(x)), residual=x)
+
+
+def set_backend(module: nn.Module, backend: str) -> nn.Module:
+    """Set ``backend`` on every :class:`FusedConv2d` inside ``module``; returns ``module``."""
+    for m in module.modules():
+        if isinstance(m, FusedConv2d):
+            m.backend = backend
+    return module
