@@ -1,0 +1,252 @@
+"""resnet_fused.convert on torchvision models: outputs, gradients, reports, state dicts and errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+import torchvision.models.resnet as tv
+from conftest import assert_close
+from test_nn import randomize_norms_
+from torch import nn
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.ops import FrozenBatchNorm2d
+
+from resnet_fused import nn as rf_nn
+from resnet_fused.convert import ConversionReport, convert
+
+
+def block_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, (tv.BasicBlock, tv.Bottleneck))]
+
+
+def snapshot(model: nn.Module) -> tuple[list[type], dict[str, torch.Tensor]]:
+    return [type(m) for m in model.modules()], {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model: nn.Module, before) -> None:
+    types, state = snapshot(model)
+    assert types == before[0], "convert changed the original's modules"
+    assert state.keys() == before[1].keys()
+    for k, v in state.items():
+        assert torch.equal(v, before[1][k]), f"convert changed the original's {k}"
+
+
+@pytest.mark.parametrize(
+    "builder",
+    [torchvision.models.resnet18, torchvision.models.resnet50, torchvision.models.resnext50_32x4d],
+)
+def test_eval_model_matches_original(builder):
+    torch.manual_seed(0)
+    model = randomize_norms_(builder()).eval()
+    before = snapshot(model)
+
+    converted, report = convert(model)
+
+    assert_unchanged(model, before)
+    assert report.folded == ["conv1", *block_names(model)]
+    assert report.scale_shift == [] and report.unfused == []
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in converted.modules())
+    convs = [m for m in converted.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(isinstance(m, rf_nn.FusedConv2d) for m in convs)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y = converted(x)
+        expected = copy.deepcopy(model).double()(x.double())
+    assert_close(y, expected, torch.float32, "logits")
+
+
+def test_eval_model_matches_original_in_float64():
+    """The folding itself is exact up to float64 rounding."""
+    torch.manual_seed(0)
+    model = randomize_norms_(torchvision.models.resnet18()).eval().double()
+    converted, _ = convert(model)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(converted(x), model(x), torch.float64, "logits", reductions=4608)
+
+
+def train_and_compare(model, converted, x, *, tol_dtype=torch.float64):
+    """Outputs and every trainable parameter's gradient agree, by parameter name."""
+    y, expected = converted(x), model(x)
+    assert_close(y, expected.detach(), tol_dtype, "output")
+    y.square().mean().backward()
+    expected.square().mean().backward()
+    ref = dict(model.named_parameters())
+    for name, p in converted.named_parameters():
+        if p.requires_grad:
+            assert_close(p.grad, ref[name].grad, tol_dtype, f"grad {name}", reductions=4608)
+
+
+def test_frozen_batchnorm_becomes_a_scale_shift_epilogue():
+    torch.manual_seed(0)
+    model = randomize_norms_(torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d)).double()
+
+    converted, report = convert(model)
+
+    assert report.scale_shift == ["conv1", *block_names(model)] and report.folded == []
+    conv = converted.layer2[0].downsample[0]
+    assert isinstance(conv, rf_nn.FusedConv2d) and conv.scale is not None
+    assert conv.weight.requires_grad and not conv.scale.requires_grad
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in converted.modules())
+    # Same parameter names as the original: conv weights train exactly as before.
+    train_and_compare(model, converted, torch.randn(2, 3, 32, 32, dtype=torch.float64))
+
+
+def test_detection_backbone():
+    torch.manual_seed(0)
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=3)
+    backbone = randomize_norms_(backbone).double()
+    before = snapshot(backbone)
+
+    converted, report = convert(backbone)
+
+    assert_unchanged(backbone, before)
+    assert report.scale_shift == ["body.conv1", *block_names(backbone)]
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        out, expected = converted(x), backbone(x)
+    assert out.keys() == expected.keys()
+    for k in out:
+        assert_close(out[k], expected[k], torch.float64, f"feature {k}", reductions=4608)
+
+
+def test_train_mode_batchnorm_is_left_unfused_and_reported():
+    torch.manual_seed(0)
+    model = randomize_norms_(torchvision.models.resnet18()).double().train()
+
+    with pytest.warns(UserWarning, match="unfused"):
+        converted, report = convert(model)
+
+    assert report.unfused == ["conv1", *block_names(model)] and report.folded == []
+    assert type(converted.conv1) is nn.Conv2d  # the stem is left as it was
+    block = converted.layer2[0]
+    assert isinstance(block, rf_nn.BasicBlock) and isinstance(block.bn1, nn.BatchNorm2d)
+    assert converted.state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    train_and_compare(model, converted, x)
+    for k, v in converted.state_dict().items():  # running statistics advanced the same way
+        assert_close(v.double(), model.state_dict()[k].double(), torch.float64, k)
+    converted.eval(), model.eval()  # ...and once in eval mode the blocks fold BN on the fly
+    with torch.no_grad():
+        assert_close(converted(x), model(x), torch.float64, "eval output", reductions=4608)
+
+
+def test_freeze_bn():
+    torch.manual_seed(0)
+    model = randomize_norms_(torchvision.models.resnet18()).double().train()
+
+    converted, report = convert(model, freeze_bn=True)
+
+    assert report.scale_shift == ["conv1", *block_names(model)] and report.unfused == []
+    assert "bn1.weight" not in dict(converted.named_parameters())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():  # frozen: the converted model in train mode is the original in eval mode
+        assert_close(converted(x), model.eval()(x), torch.float64, "output", reductions=4608)
+    bn = nn.BatchNorm2d(4, track_running_stats=False)
+    with pytest.raises(ValueError, match="running statistics"):
+        convert(nn.Sequential(tv.BasicBlock(4, 4, norm_layer=lambda c: bn)), freeze_bn=True)
+
+
+def test_other_norms_are_kept_unfused():
+    torch.manual_seed(0)
+    model = tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], norm_layer=lambda c: nn.GroupNorm(4, c))
+    model = model.double()
+    with pytest.warns(UserWarning, match="unfused"):
+        converted, report = convert(model)
+    assert report.unfused == ["conv1", *block_names(model)]
+    train_and_compare(model, converted, torch.randn(2, 3, 32, 32, dtype=torch.float64))
+
+
+def test_stem_is_one_fused_conv():
+    model = randomize_norms_(torchvision.models.resnet18()).eval()
+    converted, _ = convert(model)
+    assert isinstance(converted.conv1, rf_nn.FusedConv2d) and converted.conv1.relu
+    assert converted.conv1.bias is not None
+    assert isinstance(converted.bn1, nn.Identity) and isinstance(converted.relu, nn.Identity)
+
+
+def test_any_model_containing_blocks():
+    torch.manual_seed(0)
+    ds = nn.Sequential(tv.conv1x1(8, 16, 2), nn.BatchNorm2d(16))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), tv.BasicBlock(8, 16, 2, ds), nn.Flatten())
+    model = randomize_norms_(model).eval().double()
+    converted, report = convert(model)
+    assert report.folded == ["1"] and isinstance(converted[0], nn.Conv2d)
+    assert type(converted[0]) is nn.Conv2d  # not a stem: left alone
+    x = torch.randn(2, 3, 11, 11, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(converted(x), model(x), torch.float64, "output", reductions=4608)
+
+    block = randomize_norms_(tv.Bottleneck(16, 4)).eval().double()
+    converted_block, report = convert(block)
+    assert isinstance(converted_block, rf_nn.Bottleneck) and report.folded == [""]
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(converted_block(x), block(x), torch.float64, "output", reductions=4608)
+
+
+def test_inplace_reuses_the_model_and_its_parameters():
+    model = torchvision.models.resnet18().train()
+    weight = model.layer1[0].conv1.weight
+    with pytest.warns(UserWarning):
+        converted, _ = convert(model, inplace=True)
+    assert converted is model and isinstance(model.layer1[0], rf_nn.BasicBlock)
+    assert model.layer1[0].conv1.weight is weight  # an optimizer built before still sees it
+
+
+def test_backend_is_passed_to_every_fused_conv():
+    model = torchvision.models.resnet18().eval()
+    converted, _ = convert(model, backend="reference")
+    backends = {m.backend for m in converted.modules() if isinstance(m, rf_nn.FusedConv2d)}
+    assert backends == {"reference"}
+
+
+@pytest.mark.parametrize("norm", ["eval_bn", "frozen_bn"])
+def test_converted_state_dict_round_trips(norm):
+    def make(seed):
+        torch.manual_seed(seed)
+        if norm == "frozen_bn":
+            model = torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d)
+        else:
+            model = torchvision.models.resnet18().eval()
+        return convert(randomize_norms_(model, seed))[0]
+
+    saved, fresh = make(0), make(1)
+    fresh.load_state_dict(saved.state_dict(), strict=True)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), saved(x))
+
+
+def test_report_str():
+    report = ConversionReport(folded=["conv1", "layer1.0"], unfused=[""])
+    text = str(report)
+    assert "2 folded" in text and "layer1.0" in text and "<model>" in text
+
+
+class CustomForward(tv.BasicBlock):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_clear_errors():
+    model = torchvision.models.resnet18()
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        convert(42)
+    with pytest.raises(ValueError, match="no torchvision ResNet block"):
+        convert(nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU()))
+    with pytest.raises(TypeError, match="compile"):
+        convert(torch.compile(model))
+    with pytest.raises(TypeError, match="scripted"):
+        convert(torch.jit.script(tv.BasicBlock(4, 4).eval()))
+    with pytest.raises(TypeError, match="its own forward"):
+        convert(nn.Sequential(CustomForward(4, 4)))
+    # torchvision builds it, but its residual add can never work
+    with pytest.raises(ValueError, match=r"convert: 0: the residual add"):
+        convert(nn.Sequential(tv.BasicBlock(8, 16, stride=2)))
+    with pytest.raises(ValueError, match="residual add"):
+        convert(nn.Sequential(tv.Bottleneck(16, 16)))
