@@ -98,12 +98,11 @@ def _time_backend(name: str, fn: Callable[[], object], device: torch.device) -> 
 
 
 def _backend_fn(name: str, args: tuple) -> Callable[[], object]:
-    ops = torch.ops.resnet_fused
-    op = ops.conv_bias_add_relu_triton if name == "triton" else ops.conv_bias_add_relu
+    op_name = "conv_bias_add_relu_triton" if name == "triton" else "conv_bias_add_relu"
 
     def call() -> object:
         with torch.no_grad():
-            return op(*args)
+            return getattr(torch.ops.resnet_fused, op_name)(*args)
 
     return call
 
