@@ -1,0 +1,185 @@
+// Schema of the fused op and the pieces every backend shares. The Python
+// module _C is only a loader: importing it runs the static registrations.
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include "conv_bias_add_relu.h"
+
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace resnet_fused {
+
+namespace {
+
+void check_pair(at::IntArrayRef v, const char* name, int64_t min_value) {
+  TORCH_CHECK_VALUE(
+      v.size() == 2, name, ": expected 2 values, got ", v.size());
+  for (auto e : v) {
+    TORCH_CHECK_VALUE(
+        e >= min_value, name, ": expected values >= ", min_value, ", got ", v);
+  }
+}
+
+void check_like_x(
+    const std::optional<at::Tensor>& t,
+    const char* name,
+    const at::Tensor& x) {
+  if (!t.has_value()) {
+    return;
+  }
+  TORCH_CHECK_VALUE(
+      t->device() == x.device(), name, ": expected device ", x.device(),
+      " (x's), got ", t->device());
+  TORCH_CHECK_TYPE(
+      t->scalar_type() == x.scalar_type(), name, ": expected dtype ",
+      x.scalar_type(), " (x's), got ", t->scalar_type());
+}
+
+} // namespace
+
+void check_conv_bias_add_relu_args(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& scale,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups) {
+  TORCH_CHECK_VALUE(
+      x.dim() == 4, "x: expected a 4-D tensor (N, C, H, W), got ", x.dim(),
+      "-D with shape ", x.sizes());
+  TORCH_CHECK_VALUE(
+      weight.dim() == 4, "weight: expected a 4-D tensor (K, C/groups, R, S), got ",
+      weight.dim(), "-D with shape ", weight.sizes());
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(x.scalar_type()),
+      "x: expected a floating dtype (float32, float16, bfloat16, float64), got ",
+      x.scalar_type());
+  check_like_x(weight, "weight", x);
+  check_like_x(bias, "bias", x);
+  check_like_x(residual, "residual", x);
+  check_like_x(scale, "scale", x);
+  check_pair(stride, "stride", 1);
+  check_pair(padding, "padding", 0);
+  check_pair(dilation, "dilation", 1);
+  TORCH_CHECK_VALUE(groups >= 1, "groups: expected >= 1, got ", groups);
+
+  const int64_t c = x.size(1);
+  const int64_t k = weight.size(0);
+  TORCH_CHECK_VALUE(
+      c % groups == 0, "x: expected channels divisible by groups=", groups,
+      ", got C=", c);
+  TORCH_CHECK_VALUE(
+      weight.size(1) * groups == c, "weight: expected shape[1] == C/groups = ",
+      c / groups, ", got ", weight.size(1));
+  TORCH_CHECK_VALUE(
+      k % groups == 0, "weight: expected out channels divisible by groups=",
+      groups, ", got K=", k);
+  for (int d = 0; d < 2; ++d) {
+    const int64_t padded = x.size(2 + d) + 2 * padding[d];
+    const int64_t extent = dilation[d] * (weight.size(2 + d) - 1) + 1;
+    TORCH_CHECK_VALUE(
+        extent <= padded, "weight: expected a (dilated) kernel no larger than the padded input, got kernel extent ",
+        extent, " > padded input ", padded, " in dim ", 2 + d);
+  }
+  for (const auto& [t, name] :
+       {std::pair{&bias, "bias"}, std::pair{&scale, "scale"}}) {
+    if (t->has_value()) {
+      TORCH_CHECK_VALUE(
+          (*t)->dim() == 1 && (*t)->size(0) == k, name, ": expected shape (",
+          k, ",), got ", (*t)->sizes());
+    }
+  }
+  if (residual.has_value()) {
+    std::vector<int64_t> out_shape{x.size(0), k};
+    for (int d = 0; d < 2; ++d) {
+      out_shape.push_back(
+          (x.size(2 + d) + 2 * padding[d] -
+           dilation[d] * (weight.size(2 + d) - 1) - 1) /
+              stride[d] +
+          1);
+    }
+    TORCH_CHECK_VALUE(
+        residual->sizes() == at::IntArrayRef(out_shape),
+        "residual: expected the output's shape ", at::IntArrayRef(out_shape), ", got ",
+        residual->sizes());
+  }
+}
+
+at::MemoryFormat output_memory_format(const at::Tensor& x) {
+  return x.suggest_memory_format();
+}
+
+at::Tensor conv2d_no_bias(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups) {
+  const auto fmt = output_memory_format(x);
+  at::Tensor y = at::convolution(
+      x, weight, std::nullopt, stride, padding, dilation,
+      /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
+  // ATen may pick another layout (e.g. for a channels_last weight); keep x's.
+  return y.is_contiguous(fmt) ? y : y.contiguous(fmt);
+}
+
+std::tuple<at::Tensor, at::Tensor> conv2d_backward(
+    const at::Tensor& g,
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& scale,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    bool need_grad_x,
+    bool need_grad_weight) {
+  at::Tensor grad_x, grad_weight;
+  if (need_grad_x || need_grad_weight) {
+    // d(conv(x, w) * s)/dx = conv_transpose(g, w * s); wgrad scales by s after.
+    const at::Tensor w = scale.has_value() && need_grad_x
+        ? weight * scale->view({-1, 1, 1, 1})
+        : weight;
+    std::tie(grad_x, grad_weight, std::ignore) = at::convolution_backward(
+        g, x, w, /*bias_sizes=*/std::nullopt, stride, padding, dilation,
+        /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
+        {need_grad_x, need_grad_weight, false});
+    if (need_grad_weight && scale.has_value()) {
+      grad_weight.mul_(scale->view({-1, 1, 1, 1}));
+    }
+  }
+  // Fixed layouts (x's and weight's), whatever the conv backend picked, so
+  // the fake kernels can state them.
+  auto empty = [&]() { return at::empty({0}, x.options()); };
+  return {
+      need_grad_x ? grad_x.contiguous(output_memory_format(x)) : empty(),
+      need_grad_weight
+          ? grad_weight.contiguous(weight.suggest_memory_format())
+          : empty()};
+}
+
+TORCH_LIBRARY(resnet_fused, m) {
+  m.def(
+      "conv_bias_add_relu(Tensor x, Tensor weight, Tensor? bias, "
+      "Tensor? residual, Tensor? scale, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, bool relu) -> Tensor");
+  // output_mask: (x, weight, bias, residual). Unrequested grads are empty.
+  m.def(
+      "conv_bias_add_relu_backward(Tensor grad_out, Tensor out, Tensor x, "
+      "Tensor weight, Tensor? scale, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, bool relu, bool[4] output_mask) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
+}
+
+} // namespace resnet_fused

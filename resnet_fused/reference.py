@@ -1,0 +1,34 @@
+"""The unfused PyTorch reference: F.conv2d followed by separate mul/add/relu ops."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def conv_bias_add_relu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    *,
+    scale: torch.Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    relu: bool = True,
+) -> torch.Tensor:
+    """y = act(conv2d(x, weight) * scale + bias + residual), one eager op at a time.
+
+    Shapes: x (N, C, H, W), weight (K, C/groups, R, S), bias and scale (K,), residual and y (N, K, P, Q).
+    Same signature as :func:`resnet_fused.conv_bias_add_relu`, without ``backend``.
+    """
+    y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    if scale is not None:
+        y = y * scale.view(1, -1, 1, 1)
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual
+    return F.relu(y) if relu else y

@@ -1,0 +1,89 @@
+"""Build resnet_fused._C: always the C++ (CPU) kernels, plus the CUDA kernels when a CUDA toolkit is found.
+
+RESNET_FUSED_BUILD_CUDA=1 forces the CUDA build (failing if no toolkit), =0 forces a CPU-only build.
+Building never needs a GPU.
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def find_cuda_home() -> str | None:
+    """CUDA_HOME if set, else the toolkit that owns nvcc (torch's own guess, /usr/local, is wrong here)."""
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
+    nvcc = shutil.which("nvcc")
+    for candidate in (nvcc and os.path.realpath(nvcc), "/usr/local/cuda/bin/nvcc"):
+        if candidate and os.path.exists(candidate):
+            home = os.path.dirname(os.path.dirname(candidate))
+            if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+                return home
+    return None
+
+
+def want_cuda(cuda_home: str | None) -> bool:
+    flag = os.environ.get("RESNET_FUSED_BUILD_CUDA", "auto").lower()
+    if flag in ("0", "false", "no"):
+        return False
+    if torch.version.cuda is None:
+        if flag in ("1", "true", "yes"):
+            sys.exit("RESNET_FUSED_BUILD_CUDA=1 but this torch is a CPU-only build")
+        return False
+    if cuda_home is None:
+        if flag in ("1", "true", "yes"):
+            sys.exit("RESNET_FUSED_BUILD_CUDA=1 but no CUDA toolkit (nvcc) was found; set CUDA_HOME")
+        return False
+    return True
+
+
+def make_extension():
+    cuda_home = find_cuda_home()
+    use_cuda = want_cuda(cuda_home)
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DRESNET_FUSED_CPU_ONLY" if not use_cuda else "-DRESNET_FUSED_WITH_CUDA"]
+    extra = {"cxx": cxx}
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if not use_cuda:
+        print("resnet_fused: building the CPU extension (CppExtension); no CUDA toolkit used", flush=True)
+        return CppExtension(
+            "resnet_fused._C", sources, include_dirs=include_dirs, extra_compile_args=extra, extra_link_args=["-fopenmp"]
+        )
+    os.environ["CUDA_HOME"] = cuda_home
+    import torch.utils.cpp_extension as ext
+
+    ext.CUDA_HOME = cuda_home  # torch caches its guess at import time
+    sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    # The toolkit here lacks cublas/cusparse headers that ATen/cuda includes; the pip nvidia wheels carry them.
+    for site in sys.path:
+        wheel_inc = os.path.join(site, "nvidia", "cu13", "include")
+        if os.path.isdir(wheel_inc):
+            include_dirs.append(wheel_inc)
+            break
+    archs = os.environ.get("RESNET_FUSED_CUDA_ARCHS", "80;90").split(";")
+    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-Xptxas=-v,-warn-spills", "-lineinfo"]
+    nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    extra["nvcc"] = nvcc
+    print(f"resnet_fused: building the CPU+CUDA extension (CUDAExtension) with {cuda_home}, sm_{archs}", flush=True)
+    return CUDAExtension(
+        "resnet_fused._C", sources, include_dirs=include_dirs, extra_compile_args=extra, extra_link_args=["-fopenmp"]
+    )
+
+
+setup(
+    name="resnet_fused",
+    version="0.1.0",
+    packages=find_packages(include=["resnet_fused", "resnet_fused.*"]),
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    install_requires=["torch==2.14.1"],
+    python_requires=">=3.10",
+)
