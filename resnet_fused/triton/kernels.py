@@ -238,11 +238,7 @@ def _conv_dgrad_kernel(
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
-    gx_ptrs = (
-        gx_ptr
-        + (n * sxn + hi * sxh + wi * sxw)[:, None]
-        + ((g * CG + offs_n).to(tl.int64) * sxc)[None, :]
-    )
+    gx_ptrs = gx_ptr + (n * sxn + hi * sxh + wi * sxw)[:, None] + ((g * CG + offs_n).to(tl.int64) * sxc)[None, :]
     tl.store(gx_ptrs, acc.to(gx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -343,13 +339,9 @@ def _conv_wgrad_kernel(
         p = t % P
         n = (t // P).to(tl.int64)
         mask_a = mask_ko[:, None] & mask_m[None, :]
-        a = tl.load(
-            go_col[:, None] + (n * sgn + p * sgh + q * sgw)[None, :], mask=mask_a, other=0.0
-        )
+        a = tl.load(go_col[:, None] + (n * sgn + p * sgh + q * sgw)[None, :], mask=mask_a, other=0.0)
         if RELU:
-            o = tl.load(
-                out_col[:, None] + (n * son + p * soh + q * sow)[None, :], mask=mask_a, other=0.0
-            )
+            o = tl.load(out_col[:, None] + (n * son + p * soh + q * sow)[None, :], mask=mask_a, other=0.0)
             a = tl.where(o.to(tl.float32) > 0.0, a, 0.0)
         if COMPUTE_B:
             bsum += tl.sum(a.to(tl.float32), axis=1)
@@ -363,9 +355,7 @@ def _conv_wgrad_kernel(
             h = (p * stride_h - pad_h)[:, None] + (r * dil_h)[None, :]
             w = (q * stride_w - pad_w)[:, None] + (s * dil_w)[None, :]
             valid = mask_m[:, None] & mask_j[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            b = tl.load(
-                x_col[None, :] + (n * sxn)[:, None] + h * sxh + w * sxw, mask=valid, other=0.0
-            )
+            b = tl.load(x_col[None, :] + (n * sxn)[:, None] + h * sxh + w * sxw, mask=valid, other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)

@@ -1,0 +1,272 @@
+"""Numerics of the Triton kernels: run under TRITON_INTERPRET=1 on CPU tensors, or on a GPU.
+
+    TRITON_INTERPRET=1 pytest tests/test_triton_kernels.py
+
+Every kernel and code path against a float64 reference: each epilogue option on and off, stride,
+dilation, padding, groups, 1x1, NCHW and channels_last, fp32 / fp16 / bf16, every output_mask, the
+split wgrad reduction, plus opcheck and torch.compile. bf16 runs through the interpreter-only
+upcast (see kernels.py); the compiled bf16 dot is covered by tests/test_triton_report.py.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_GPU = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(
+    not (INTERPRET or HAS_GPU), reason="needs TRITON_INTERPRET=1 (set before triton is imported) or a GPU"
+)
+DEVICE = "cuda" if HAS_GPU and not INTERPRET else "cpu"
+
+if INTERPRET or HAS_GPU:
+    import resnet_fused
+    from resnet_fused.triton import launch
+
+# Relative to the reference's max magnitude: fp32 allows TF32 on a GPU (cuDNN's default).
+TOL = {torch.float32: 2e-3 if DEVICE == "cuda" else 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    got = got.double().cpu()
+    ref = ref.double().cpu()
+    assert torch.isnan(got).eq(torch.isnan(ref)).all(), f"{name}: NaN pattern differs"
+    err = (got - ref).abs()
+    scale = ref.abs().max().item() or 1.0
+    worst = err.max().item() / scale
+    if worst > TOL[dtype]:
+        idx = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
+        raise AssertionError(
+            f"{name} ({dtype}): max rel err {worst:.3g} > {TOL[dtype]:.1g} at {idx}: "
+            f"got {got[idx].item():.6g}, want {ref[idx].item():.6g}"
+        )
+
+
+def _reference(x, w, b, res, sc, stride, padding, dilation, groups, relu):
+    y = F.conv2d(x, w, None, stride, padding, dilation, groups)
+    if sc is not None:
+        y = y * sc[None, :, None, None]
+    if b is not None:
+        y = y + b[None, :, None, None]
+    if res is not None:
+        y = y + res
+    return y.relu() if relu else y
+
+
+# (N, C, H, W, K, R, S, stride, padding, dilation, groups): deliberately odd sizes.
+SHAPES = {
+    "3x3": (2, 5, 7, 6, 9, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    "1x1": (2, 20, 5, 3, 18, 1, 1, (1, 1), (0, 0), (1, 1), 1),
+    "strided": (1, 6, 9, 8, 7, 3, 3, (2, 2), (1, 1), (1, 1), 1),
+    "1x1_strided": (2, 8, 7, 7, 5, 1, 1, (2, 2), (0, 0), (1, 1), 1),
+    "dilated_rect": (1, 4, 9, 10, 6, 3, 2, (1, 2), (2, 1), (2, 3), 1),
+    "grouped": (1, 6, 6, 5, 9, 3, 3, (1, 1), (1, 1), (1, 1), 3),
+    "depthwise": (1, 4, 6, 6, 4, 3, 3, (2, 1), (1, 1), (1, 1), 4),
+    "7x7": (1, 3, 11, 11, 8, 7, 7, (2, 2), (3, 3), (1, 1), 1),
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _make(shape, dtype, channels_last, bias=True, residual=True, scale=True, seed=0):
+    n, c, h, w, k, r, s, stride, padding, dilation, groups = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g)
+    wt = torch.randn(k, c // groups, r, s, generator=g) / (c // groups * r * s) ** 0.5
+    p = launch.out_size(h, r, stride[0], padding[0], dilation[0])
+    q = launch.out_size(w, s, stride[1], padding[1], dilation[1])
+    b = torch.randn(k, generator=g) if bias else None
+    res = torch.randn(n, k, p, q, generator=g) if residual else None
+    sc = torch.rand(k, generator=g) + 0.5 if scale else None
+
+    def cast(t):
+        if t is None:
+            return None
+        t = t.to(dtype).to(DEVICE)
+        return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+
+    conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return cast(x), cast(wt), cast(b), cast(res), cast(sc), conv
+
+
+def _run_and_check(shape, dtype, channels_last, relu, bias=True, residual=True, scale=True):
+    x, w, b, res, sc, conv = _make(shape, dtype, channels_last, bias, residual, scale)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w) + tuple(t for t in (b, res) if t is not None)]
+    xl, wl = leaves[0], leaves[1]
+    bl = leaves[2] if b is not None else None
+    rl = leaves[-1] if res is not None else None
+    y = resnet_fused.conv_bias_add_relu(xl, wl, bl, rl, scale=sc, relu=relu, backend="triton", **conv)
+    assert y.dtype == dtype
+    want_fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=want_fmt), "y must come out in x's memory format"
+
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    rx, rw = ref_leaves[0], ref_leaves[1]
+    rb = ref_leaves[2] if b is not None else None
+    rr = ref_leaves[-1] if res is not None else None
+    rsc = sc.double() if sc is not None else None
+    y_ref = _reference(rx, rw, rb, rr, rsc, relu=relu, **conv)
+    _assert_close("y", y, y_ref, dtype)
+
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
+    # The reference backward masks with the *rounded* output, like the kernels do.
+    mask = (y.detach().double() > 0) if relu else torch.ones_like(y_ref, dtype=torch.bool)
+    y_lin = _reference(rx, rw, rb, rr, rsc, relu=False, **conv)
+    grads = torch.autograd.grad(y, leaves, gy)
+    ref_grads = torch.autograd.grad(y_lin, ref_leaves, gy.double() * mask)
+    names = ["grad_x", "grad_weight", "grad_bias", "grad_residual"]
+    names = names[:2] + [n for n, t in zip(names[2:], (b, res), strict=True) if t is not None]
+    for name, got, want in zip(names, grads, ref_grads, strict=True):
+        _assert_close(name, got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", ["3x3", "1x1"])
+def test_full_epilogue(shape, channels_last, dtype):
+    _run_and_check(SHAPES[shape], dtype, channels_last, relu=True)
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,channels_last",
+    [
+        ("strided", torch.float32, True),
+        ("strided", torch.float16, False),
+        ("1x1_strided", torch.float16, True),
+        ("dilated_rect", torch.float32, False),
+        ("dilated_rect", torch.bfloat16, True),
+        ("grouped", torch.float32, True),
+        ("grouped", torch.float16, False),
+        ("depthwise", torch.float32, False),
+        ("7x7", torch.float16, True),
+    ],
+    ids=str,
+)
+def test_conv_geometry(shape, dtype, channels_last):
+    _run_and_check(SHAPES[shape], dtype, channels_last, relu=True)
+
+
+@pytest.mark.parametrize(
+    "bias,residual,scale,relu",
+    [
+        (False, False, False, False),
+        (True, False, False, True),
+        (False, True, False, True),
+        (False, False, True, False),
+        (True, True, True, False),
+        (False, True, True, True),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_epilogue_variants(bias, residual, scale, relu, dtype):
+    _run_and_check(SHAPES["3x3"], dtype, channels_last=dtype == torch.float16, relu=relu, bias=bias,
+                   residual=residual, scale=scale)  # fmt: skip
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize(
+    "mask",
+    [(True, True, True, True), (False, True, False, False), (False, False, True, True), (True, False, False, True)],
+)
+def test_backward_output_mask_and_split(mask, splits):
+    """Each gradient alone and together, with the wgrad reduction whole or split into partials."""
+    shape = SHAPES["grouped"]
+    dtype = torch.float32
+    x, w, b, res, sc, conv = _make(shape, dtype, channels_last=True)
+    out = resnet_fused.conv_bias_add_relu(x, w, b, res, scale=sc, relu=True, backend="triton", **conv)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    args = (conv["stride"], conv["padding"], conv["dilation"], conv["groups"], True, mask)
+    got = launch.conv_bwd(go, out, x, w, sc, *args, num_splits=splits)
+
+    rx, rw, rb, rr = (t.double().requires_grad_() for t in (x, w, b, res))
+    y_lin = _reference(rx, rw, rb, rr, sc.double(), relu=False, **conv)
+    want = torch.autograd.grad(y_lin, (rx, rw, rb, rr), go.double() * (out.double() > 0))
+    for name, need, g, r in zip(("grad_x", "grad_weight", "grad_bias", "grad_residual"), mask, got, want, strict=True):
+        if need:
+            _assert_close(name, g, r, dtype)
+        else:
+            assert g.numel() == 0, f"{name} was not asked for but came back with shape {tuple(g.shape)}"
+    if mask[3]:
+        # The residual's gradient is the masked grad_out, bit for bit.
+        assert torch.equal(got[3], go * (out > 0))
+
+
+def test_wgrad_split_is_deterministic():
+    shape = SHAPES["1x1"]
+    x, w, b, res, sc, conv = _make(shape, torch.float32, channels_last=False)
+    out = resnet_fused.conv_bias_add_relu(x, w, b, res, scale=sc, backend="triton", **conv)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    args = (conv["stride"], conv["padding"], conv["dilation"], conv["groups"], True, (False, True, True, False))
+    first = launch.conv_bwd(go, out, x, w, sc, *args, num_splits=2)
+    for _ in range(2):
+        again = launch.conv_bwd(go, out, x, w, sc, *args, num_splits=2)
+        assert torch.equal(first[1], again[1]) and torch.equal(first[2], again[2])
+
+
+def test_non_contiguous_input_needs_no_copy():
+    """A strided view (every other channel) runs directly through the kernels' strides."""
+    x, w, b, res, sc, conv = _make(SHAPES["3x3"], torch.float32, channels_last=False)
+    wide = torch.randn(x.shape[0], 2 * x.shape[1], *x.shape[2:]).to(DEVICE)
+    view = wide[:, ::2]
+    assert not view.is_contiguous()
+    y = resnet_fused.conv_bias_add_relu(view, w, b, res, scale=sc, backend="triton", **conv)
+    y_ref = _reference(view.double(), w.double(), b.double(), res.double(), sc.double(), relu=True, **conv)
+    _assert_close("y", y, y_ref, torch.float32)
+
+
+def test_empty_batch():
+    x, w, b, res, sc, conv = _make(SHAPES["3x3"], torch.float32, channels_last=False)
+    x0 = x[:0].clone().requires_grad_()
+    wl = w.clone().requires_grad_()
+    y = resnet_fused.conv_bias_add_relu(x0, wl, b, res[:0], scale=sc, backend="triton", **conv)
+    assert y.shape == (0, *res.shape[1:])
+    y.sum().backward()
+    assert torch.equal(wl.grad, torch.zeros_like(wl))
+
+
+def test_opcheck_and_compile():
+    x, w, b, res, sc, conv = _make(SHAPES["grouped"], torch.float32, channels_last=True)
+    args = (x, w, b, res, sc, list(conv["stride"]), list(conv["padding"]), list(conv["dilation"]), conv["groups"], True)
+    torch.library.opcheck(torch.ops.resnet_fused.conv_bias_add_relu_triton.default, args)
+    grads = [t.requires_grad_() for t in (x.clone(), w.clone())]
+    torch.library.opcheck(torch.ops.resnet_fused.conv_bias_add_relu_triton.default, (*grads, *args[2:]))
+
+    def f(x, w, b, res):
+        return resnet_fused.conv_bias_add_relu(x, w, b, res, scale=sc, backend="triton", **conv)
+
+    compiled = torch.compile(f, fullgraph=True)
+    torch.testing.assert_close(compiled(x, w, b, res), f(x, w, b, res), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not HAS_GPU or INTERPRET, reason="compares with cuDNN on a GPU")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_matches_cudnn_on_gpu(dtype, channels_last):
+    """A ResNet-50 layer3 bottleneck 3x3 shape against cuDNN's conv + eager epilogue."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(8, 256, 14, 14, device="cuda", generator=g).to(dtype).contiguous(memory_format=fmt)
+    w = (torch.randn(256, 256, 3, 3, device="cuda", generator=g) / 48).to(dtype)
+    b = torch.randn(256, device="cuda", generator=g).to(dtype)
+    res = torch.randn(8, 256, 14, 14, device="cuda", generator=g).to(dtype).contiguous(memory_format=fmt)
+    sc = (torch.rand(256, device="cuda", generator=g) + 0.5).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, res)]
+    y = resnet_fused.conv_bias_add_relu(*leaves, scale=sc, padding=1, backend="triton")
+    cud = [t.clone().requires_grad_() for t in (x, w, b, res)]
+    y_cudnn = (
+        F.conv2d(cud[0], cud[1], None, 1, 1) * sc[None, :, None, None] + cud[2][None, :, None, None] + cud[3]
+    ).relu()
+    y64 = _reference(*(t.double() for t in (x, w, b, res)), sc.double(), 1, 1, 1, 1, True)
+    _assert_close("y", y, y64, dtype)
+    # No worse than cuDNN in the same dtype, up to a factor for different summation orders.
+    assert (y.double() - y64).abs().max() <= 4 * (y_cudnn.double() - y64).abs().max() + 1e-6
+    gy = torch.randn_like(y)
+    for name, a, bb in zip(
+        ("grad_x", "grad_weight", "grad_bias", "grad_residual"),
+        torch.autograd.grad(y, leaves, gy),
+        torch.autograd.grad(y_cudnn, cud, gy),
+        strict=True,
+    ):
+        _assert_close(name, a, bb, dtype)
