@@ -115,10 +115,7 @@ __global__ void epilogue_kernel(
     int64_t pos = i0 - q * inner;
     int64_t c = q % k;
     V yv = reinterpret_cast<const V*>(y)[vi];
-    V rv;
-    if (residual) {
-      rv = reinterpret_cast<const V*>(residual)[vi];
-    }
+    const V rv = residual ? reinterpret_cast<const V*>(residual)[vi] : yv;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const opmath_t s = scale ? static_cast<opmath_t>(scale[c]) : opmath_t(1);
@@ -208,11 +205,9 @@ __global__ void __launch_bounds__(kThreads) backward_planes_kernel(
   for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * VEC; i < end;
        i += static_cast<int64_t>(blockDim.x) * VEC) {
     const int64_t e = base + i;
-    V gv = *reinterpret_cast<const V*>(grad + e);
-    V ov;
-    if (relu) {
-      ov = *reinterpret_cast<const V*>(out + e);
-    }
+    const V gv_in = *reinterpret_cast<const V*>(grad + e);
+    const V ov = relu ? *reinterpret_cast<const V*>(out + e) : gv_in;
+    V gv = gv_in;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const opmath_t gr = static_cast<opmath_t>(gv.v[j]);
@@ -264,11 +259,10 @@ __global__ void __launch_bounds__(kLanes * kRows) backward_rows_kernel(
   if (col < k) {
     for (int64_t row = row_begin + ty; row < row_end; row += kRows) {
       const int64_t e = row * k + col;
-      V gv = *reinterpret_cast<const V*>(grad + e);
-      V ov;
-      if (relu) {
-        ov = *reinterpret_cast<const V*>(out + e);
-      }
+      const V gv_in = *reinterpret_cast<const V*>(grad + e);
+      // (An ov left unset without ReLU made ptxas spill on sm_80.)
+      const V ov = relu ? *reinterpret_cast<const V*>(out + e) : gv_in;
+      V gv = gv_in;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const opmath_t gr = static_cast<opmath_t>(gv.v[j]);
