@@ -20,7 +20,8 @@ from resnet_fused import _C, select
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 OPS = ("resnet_fused::conv_bias_add_relu", "resnet_fused::conv_bias_add_relu_backward")
-ARCHS = ("sm_80", "sm_90")
+# The archs setup.py builds for (RESNET_FUSED_CUDA_ARCHS, default "80;90").
+ARCHS = tuple(f"sm_{a}" for a in os.environ.get("RESNET_FUSED_CUDA_ARCHS", "80;90").split(";") if a)
 # Every __global__ of csrc/cuda, as it appears in mangled names.
 KERNELS = ("epilogue_kernel", "backward_planes_kernel", "backward_rows_kernel", "reduce_partials_kernel")
 
