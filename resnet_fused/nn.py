@@ -237,7 +237,8 @@ def norm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor] | None:
     if _FrozenBatchNorm2d is not None and isinstance(norm, _FrozenBatchNorm2d):
         scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
         return scale, norm.bias - norm.running_mean * scale
-    if isinstance(norm, nn.BatchNorm2d) and not norm.training and norm.running_var is not None:
+    is_bn = isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm))
+    if is_bn and not norm.training and norm.running_var is not None:
         scale = torch.rsqrt(norm.running_var + norm.eps)
         if norm.weight is not None:
             scale = norm.weight * scale

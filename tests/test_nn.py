@@ -199,6 +199,24 @@ def test_block_matches_torchvision(case, mode):
             assert_close(a.double(), b.double(), torch.float32, k)
 
 
+@pytest.mark.parametrize(
+    ("ours", "theirs", "layers"),
+    [(BasicBlock, tv.BasicBlock, [2, 1, 1, 1]), (Bottleneck, tv.Bottleneck, [1, 1, 1, 1])],
+)
+def test_torchvision_resnet_built_from_our_blocks_loads_its_checkpoints(ours, theirs, layers):
+    """``tv.ResNet(ours, ...)`` is torchvision's model with fused blocks, checkpoints both ways."""
+    torch.manual_seed(0)
+    theirs_model = randomize_norms_(tv.ResNet(theirs, layers, num_classes=7)).eval()
+    model = tv.ResNet(ours, layers, num_classes=7).eval()
+    model.load_state_dict(theirs_model.state_dict(), strict=True)
+    theirs_model.load_state_dict(model.state_dict(), strict=True)
+    assert isinstance(model.layer2[0], ours)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = copy.deepcopy(theirs_model).double()(x.double())
+        assert_close(model(x), expected, torch.float32, "logits")
+
+
 @pytest.mark.parametrize("cls", [BasicBlock, Bottleneck])
 def test_bn_free_block(cls):
     torch.manual_seed(0)
