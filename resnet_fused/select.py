@@ -58,8 +58,12 @@ def triton_available() -> tuple[bool, str]:
     return True, "triton imports and its op is registered"
 
 
+@torch.compiler.assume_constant_result
 def _cuda_backend_status() -> dict[str, str]:
-    """CUDA backend name -> "" when it can run, else why not. Replaced in tests."""
+    """CUDA backend name -> "" when it can run, else why not. Replaced in tests.
+
+    A process constant: torch.compile calls it once while tracing instead of tracing through it.
+    """
     status = {}
     for name, probe in (("cuda", cuda_available), ("triton", triton_available)):
         ok, why = probe()
@@ -213,16 +217,19 @@ def _decide(x, weight, bias, residual, scale, stride, padding, dilation, groups,
         return Choice(only, f"the only available CUDA backend ({others})")
 
     key = cache_key(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
+    hit = _CACHE.get(key)  # a dict read needs no lock (and torch.compile can trace it)
+    if hit is not None:
+        return hit
+    if not _can_time():
+        return Choice(
+            candidates[0],
+            "this case is not timed yet and cannot be timed inside torch.compile tracing or CUDA graph "
+            f"capture; {candidates[0]!r} is the default until a call outside them times it",
+        )
     with _LOCK:
         hit = _CACHE.get(key)
         if hit is not None:
             return hit
-        if not _can_time():
-            return Choice(
-                candidates[0],
-                "this case is not timed yet and cannot be timed inside torch.compile tracing or CUDA graph "
-                f"capture; {candidates[0]!r} is the default until a call outside them times it",
-            )
         args = (x, weight, bias, residual, scale, _pair(stride), _pair(padding), _pair(dilation), groups, relu)
         timings: dict[str, float] = {}
         failures: dict[str, str] = {}

@@ -7,6 +7,8 @@ import torch
 
 from resnet_fused import select
 
+_REAL_CAN_TIME = select._can_time
+
 
 def make_args(n=2, c=8, k=8, hw=6, dtype=torch.float32, channels_last=False, residual=True, **opts):
     x = torch.randn(n, c, hw, hw, dtype=dtype)
@@ -207,3 +209,24 @@ def test_real_timer_needs_no_mocks_on_cpu_choice(monkeypatch):
 
     monkeypatch.setattr(select, "_time_backend", boom)
     assert select.choose_backend(*make_args()) == "cpu"
+
+
+def test_choice_traces_under_torch_compile_fullgraph(fake_cuda, monkeypatch):
+    """Inside torch.compile nothing is timed: the default until the case is timed eagerly, then the cached winner."""
+    monkeypatch.setattr(select, "_can_time", _REAL_CAN_TIME)  # the fixture's fake says "always"
+    args = make_args()
+
+    def f(x):
+        chosen = select.choose_backend(x, *args[1:])
+        return x * (2.0 if chosen == "cuda" else 3.0)
+
+    x = args[0]
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(x), x * 2.0)
+    assert fake_cuda.calls == []
+    assert f(x).equal(x * 3.0)  # eager: times, triton wins
+    assert sorted(fake_cuda.calls) == ["cuda", "triton"]
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(x), x * 3.0)
+    assert len(fake_cuda.calls) == 2
+    torch._dynamo.reset()
