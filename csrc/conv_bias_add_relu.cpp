@@ -71,7 +71,7 @@ void check_conv_bias_add_relu_args(
   check_pair(stride, "stride", 1);
   check_pair(padding, "padding", 0);
   check_pair(dilation, "dilation", 1);
-  TORCH_CHECK_VALUE(groups >= 1, "groups: expected >= 1, got ", groups);
+  TORCH_CHECK_VALUE(groups >= 1, "groups: expected an int >= 1, got ", groups);
 
   const int64_t c = x.size(1);
   const int64_t k = weight.size(0);

@@ -1,4 +1,4 @@
-"""A converted model under DistributedDataParallel (gloo, 2 CPU processes) trains like the original."""
+"""A converted model under DDP (gloo, 2 CPU processes) trains like the original."""
 
 from __future__ import annotations
 

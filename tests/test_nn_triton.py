@@ -1,8 +1,8 @@
 """The modules through the Triton backend, on CPU tensors under the interpreter.
 
-Run with ``TRITON_INTERPRET=1 pytest tests/test_nn_triton.py`` (the variable must be set before triton is
-imported, hence a separate pytest invocation); skipped otherwise. The interpreter costs ~0.2 s per
-kernel launch, so the model is as small as a ResNet gets: a fused stem and one BasicBlock.
+Run with ``TRITON_INTERPRET=1 pytest tests/test_nn_triton.py`` (the variable must be set before
+triton is imported, hence a separate pytest invocation); skipped otherwise. The interpreter costs
+~0.2 s per kernel launch, so the model is as small as a ResNet gets: a stem and one BasicBlock.
 """
 
 from __future__ import annotations
