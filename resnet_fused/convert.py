@@ -140,7 +140,8 @@ def _convert_block(
     for conv in convs:
         if type(conv) is not nn.Conv2d:
             raise TypeError(
-                f"convert: {name or '<model>'}: expected nn.Conv2d layers, got {type(conv).__name__}"
+                f"convert: {name or '<model>'}: expected nn.Conv2d layers, "
+                f"got {type(conv).__name__}"
             )
     in_channels, out_channels = convs[0].in_channels, convs[-1].out_channels
     stride = tuple(math.prod(c.stride[i] for c in convs) for i in range(2))

@@ -67,7 +67,7 @@ class FusedConv2d(nn.Conv2d):
     ``'circular'`` ``x`` is first padded with ``F.pad`` (one extra copy of ``x``, as ``nn.Conv2d``
     does), and the conv and epilogue still run fused.
 
-    Shapes: ``x`` is ``(N, C_in, H, W)``; ``residual`` and the output are ``(N, C_out, H_out, W_out)``.
+    Shapes: ``x`` is ``(N, C_in, H, W)``; ``residual`` and the output ``(N, C_out, H_out, W_out)``.
 
     Example::
 
@@ -139,7 +139,7 @@ class FusedConv2d(nn.Conv2d):
         return fused
 
     def set_scale_shift(self, scale: Tensor | None, shift: Tensor | None) -> None:
-        """Set (or with ``None, None`` clear) the frozen per-channel ``(out_channels,)`` epilogue."""
+        """Set, or with ``(None, None)`` clear, the frozen ``(out_channels,)`` epilogue."""
         if (scale is None) != (shift is None):
             raise ValueError("set_scale_shift: give both scale and shift, or neither")
         if scale is not None:
@@ -223,7 +223,10 @@ class FusedConv2d(nn.Conv2d):
         )
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        """``(N, C_in, H, W)`` [+ residual ``(N, C_out, H_out, W_out)``] -> ``(N, C_out, H_out, W_out)``."""
+        """``act(conv(x) * scale + bias + residual)``.
+
+        Shapes: ``x`` ``(N, C_in, H, W)``; ``residual`` and the result ``(N, C_out, H_out, W_out)``.
+        """
         scale, bias = self.epilogue()
         return self.fused(x, residual, scale=scale, bias=bias)
 
@@ -252,7 +255,7 @@ def norm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor] | None:
 def conv_norm(
     conv: FusedConv2d, norm: nn.Module | None, x: Tensor, residual: Tensor | None = None
 ) -> Tensor:
-    """``act(norm(conv(x)) + residual)`` with as much as possible fused; act is ReLU iff ``conv.relu``.
+    """``act(norm(conv(x)) + residual)``, fused as far as ``norm`` allows (act: ``conv.relu``).
 
     Shapes: ``x`` ``(N, C_in, H, W)``; ``residual`` and the result ``(N, C_out, H_out, W_out)``.
     """
@@ -317,7 +320,7 @@ def projection(
 def check_residual(
     block: str, inplanes: int, out_channels: int, stride: int | tuple[int, int], downsample: object
 ) -> None:
-    """Raise ``ValueError`` when, without a shortcut projection, ``x`` cannot be added to the output."""
+    """Raise ``ValueError`` if, with no shortcut projection, ``x`` cannot be added to the output."""
     strides = (stride, stride) if isinstance(stride, int) else tuple(stride)
     if downsample is None and (inplanes != out_channels or strides != (1, 1)):
         raise ValueError(
@@ -340,7 +343,7 @@ def _shortcut(downsample: nn.Module | None, x: Tensor) -> Tensor:
 
 
 class BasicBlock(nn.Module):
-    """torchvision's ``BasicBlock`` through the fused op: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + s(x))``.
+    """torchvision's ``BasicBlock`` fused: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + s(x))``.
 
     Same constructor and parameter names as ``torchvision.models.resnet.BasicBlock``, except that
     ``norm_layer=None`` gives the BN-free block (``bn1``/``bn2`` are ``nn.Identity``, convs have
