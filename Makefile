@@ -1,0 +1,52 @@
+# Two commands for a fresh machine: `make bench` (the main job) and `make test`.
+# Each sets up what it needs (.venv with pinned torch, the C++/CUDA build) and reuses it when run again.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
+
+.PHONY: all venv build test lint format bench bench-full clean
+
+all: build
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(VENV)/.built: $(VENV)/.installed $(SOURCES)
+	@echo "building resnet_fused (log: $(VENV)/build.log)"
+	@$(PY) -m pip install -v --no-deps --no-build-isolation -e . > $(VENV)/build.log 2>&1 \
+		|| (tail -60 $(VENV)/build.log; exit 1)
+	@grep -E "^ *resnet_fused:|warning" $(VENV)/build.log | sort -u | head -40 || true
+	touch $@
+
+build: $(VENV)/.built
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# Main suite, then the Triton kernels on CPU tensors under the interpreter (it must be set before triton loads,
+# hence a second pytest process).
+test: build lint
+	$(PY) -m pytest -q -n 2 tests
+	TRITON_INTERPRET=1 RESNET_FUSED_TEST_BACKENDS=triton $(PY) -m pytest -q -n 2 \
+		tests/test_conv_bias_add_relu.py $(wildcard tests/test_triton_*.py) $(wildcard tests/test_nn_triton.py)
+
+bench: build
+	$(PY) -m benchmarks.main
+
+bench-full: build
+	$(PY) -m benchmarks.main --full
+
+clean:
+	rm -rf build *.egg-info resnet_fused/*.so $(VENV)/.built
