@@ -45,6 +45,7 @@ __all__ = [
     "norm_scale_shift",
     "projection",
     "set_backend",
+    "zero_init_residual_",
 ]
 
 NormLayer = Callable[[int], nn.Module]
@@ -477,6 +478,28 @@ class PreActBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv2(self.conv1(F.relu(x)), residual=x)
+
+
+def zero_init_residual_(model: nn.Module) -> nn.Module:
+    """Start every :class:`BasicBlock`/:class:`Bottleneck` branch at zero, so blocks begin as identities.
+
+    BN blocks: the last norm's weight is zeroed (torchvision's ``zero_init_residual=True``, which
+    does not recognise these classes). BN-free blocks: the last conv's weight and bias are zeroed,
+    as Fixup does; it still gets gradients, so training starts from the shortcut path alone.
+    Returns ``model``.
+    """
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (BasicBlock, Bottleneck)):
+                last = "3" if isinstance(m, Bottleneck) else "2"
+                conv, norm = getattr(m, "conv" + last), getattr(m, "bn" + last)
+                if getattr(norm, "weight", None) is not None:
+                    norm.weight.zero_()
+                else:
+                    conv.weight.zero_()
+                    if conv.bias is not None:
+                        conv.bias.zero_()
+    return model
 
 
 def set_backend(module: nn.Module, backend: str) -> nn.Module:

@@ -19,6 +19,7 @@ from resnet_fused.nn import (
     PreActBlock,
     SkipBlock,
     projection,
+    zero_init_residual_,
 )
 
 
@@ -255,6 +256,21 @@ def test_basic_block_keeps_torchvision_argument_errors():
         BasicBlock(8, 8, groups=2)
     with pytest.raises(NotImplementedError, match="Dilation"):
         BasicBlock(8, 8, dilation=2)
+
+
+@pytest.mark.parametrize("norm_layer", [None, nn.BatchNorm2d])
+def test_zero_init_residual_makes_blocks_identities(norm_layer):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        BasicBlock(8, 8, norm_layer=norm_layer), Bottleneck(8, 2, norm_layer=norm_layer)
+    ).eval()
+    x = torch.rand(2, 8, 5, 5)  # >= 0, so relu(0 + x) == x
+    assert not torch.allclose(model(x), x)
+    zero_init_residual_(model)
+    torch.testing.assert_close(model(x), x)
+    model(x).sum().backward()
+    last = model[0].bn2 if norm_layer else model[0].conv2
+    assert last.weight.grad.abs().sum() > 0  # the zeroed layer still learns
 
 
 # ---- other residual shapes built from FusedConv2d ----
