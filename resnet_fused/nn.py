@@ -481,7 +481,7 @@ class PreActBlock(nn.Module):
 
 
 def zero_init_residual_(model: nn.Module) -> nn.Module:
-    """Start every :class:`BasicBlock`/:class:`Bottleneck` branch at zero, so blocks begin as identities.
+    """Zero every :class:`BasicBlock`/:class:`Bottleneck` branch, so each block starts as identity.
 
     BN blocks: the last norm's weight is zeroed (torchvision's ``zero_init_residual=True``, which
     does not recognise these classes). BN-free blocks: the last conv's weight and bias are zeroed,
