@@ -75,10 +75,7 @@ def _tv():
 def _batchnorm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor]:
     """(scale, shift) of a BatchNorm from its running statistics, whatever its mode."""
     if norm.running_var is None:
-        raise ValueError(
-            f"convert: freeze_bn=True needs running statistics, but {norm} has "
-            "track_running_stats=False"
-        )
+        raise ValueError(f"convert: freeze_bn=True needs running statistics, but {norm} has track_running_stats=False")
     was_training = norm.training
     norm.eval()
     try:
@@ -123,9 +120,7 @@ def _merge_status(statuses: list[str]) -> str:
     return "folded"
 
 
-def _convert_block(
-    name: str, block: nn.Module, *, freeze_bn: bool, backend: str
-) -> tuple[nn.Module, str]:
+def _convert_block(name: str, block: nn.Module, *, freeze_bn: bool, backend: str) -> tuple[nn.Module, str]:
     tv_resnet, _ = _tv()
     kind = type(block)
     base = tv_resnet.BasicBlock if isinstance(block, tv_resnet.BasicBlock) else tv_resnet.Bottleneck
@@ -139,15 +134,10 @@ def _convert_block(
     convs = [getattr(block, "conv" + i) for i in layers]
     for conv in convs:
         if type(conv) is not nn.Conv2d:
-            raise TypeError(
-                f"convert: {name or '<model>'}: expected nn.Conv2d layers, "
-                f"got {type(conv).__name__}"
-            )
+            raise TypeError(f"convert: {name or '<model>'}: expected nn.Conv2d layers, got {type(conv).__name__}")
     in_channels, out_channels = convs[0].in_channels, convs[-1].out_channels
     stride = tuple(math.prod(c.stride[i] for c in convs) for i in range(2))
-    check_residual(
-        f"convert: {name or '<model>'}", in_channels, out_channels, stride, block.downsample
-    )
+    check_residual(f"convert: {name or '<model>'}", in_channels, out_channels, stride, block.downsample)
 
     new = ours.__new__(ours)
     nn.Module.__init__(new)
@@ -162,9 +152,7 @@ def _convert_block(
     new.relu = nn.ReLU(inplace=True)
     ds = block.downsample
     if isinstance(ds, nn.Sequential) and len(ds) == 2 and type(ds[0]) is nn.Conv2d:
-        fused, norm, status = _fuse_conv_norm(
-            ds[0], ds[1], relu=False, freeze_bn=freeze_bn, backend=backend
-        )
+        fused, norm, status = _fuse_conv_norm(ds[0], ds[1], relu=False, freeze_bn=freeze_bn, backend=backend)
         new.downsample = nn.Sequential(fused, norm)
         statuses.append(status)
     else:  # no shortcut, or one convert does not know: kept and run as it is
@@ -179,9 +167,7 @@ def _convert_stem(name: str, parent: nn.Module, *, freeze_bn: bool, backend: str
     conv, norm, relu = (getattr(parent, a, None) for a in ("conv1", "bn1", "relu"))
     if type(conv) is not nn.Conv2d or not isinstance(relu, nn.ReLU) or norm is None:
         return None
-    fused, kept_norm, status = _fuse_conv_norm(
-        conv, norm, relu=True, freeze_bn=freeze_bn, backend=backend
-    )
+    fused, kept_norm, status = _fuse_conv_norm(conv, norm, relu=True, freeze_bn=freeze_bn, backend=backend)
     if status == "unfused":
         return status  # conv -> BN(batch stats) -> relu: nothing to fuse, leave the stem alone
     parent.conv1, parent.bn1, parent.relu = fused, kept_norm, nn.Identity()
@@ -234,9 +220,7 @@ def convert(
     report = ConversionReport()
 
     def record(name: str, status: str) -> None:
-        {"folded": report.folded, "scale_shift": report.scale_shift, "unfused": report.unfused}[
-            status
-        ].append(name)
+        {"folded": report.folded, "scale_shift": report.scale_shift, "unfused": report.unfused}[status].append(name)
 
     blocks = (tv_resnet.BasicBlock, tv_resnet.Bottleneck)
     stem_parents = (tv_resnet.ResNet, tv_utils.IntermediateLayerGetter)
@@ -244,9 +228,7 @@ def convert(
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, blocks + stem_parents)]
     for name, module in found:
         if isinstance(module, stem_parents):
-            if isinstance(module, tv_utils.IntermediateLayerGetter) and {"bn1", "relu"} & set(
-                module.return_layers
-            ):
+            if isinstance(module, tv_utils.IntermediateLayerGetter) and {"bn1", "relu"} & set(module.return_layers):
                 continue  # the stem's intermediate outputs are requested: keep them
             status = _convert_stem(name, module, freeze_bn=freeze_bn, backend=backend)
             if status is not None:

@@ -147,8 +147,7 @@ class FusedConv2d(nn.Conv2d):
             for name, t in (("scale", scale), ("shift", shift)):
                 if t.shape != (self.out_channels,):
                     raise ValueError(
-                        f"set_scale_shift: {name} must have shape ({self.out_channels},), "
-                        f"got {tuple(t.shape)}"
+                        f"set_scale_shift: {name} must have shape ({self.out_channels},), got {tuple(t.shape)}"
                     )
             scale, shift = scale.detach().clone(), shift.detach().clone()
         self.scale = scale
@@ -158,9 +157,7 @@ class FusedConv2d(nn.Conv2d):
         # Buffers registered as None are skipped by load_state_dict; materialise them so that a
         # converted model's state_dict (which has scale/shift) loads into a fresh FusedConv2d.
         if self.scale is None and prefix + "scale" in state_dict:
-            like = torch.empty(
-                self.out_channels, device=self.weight.device, dtype=self.weight.dtype
-            )
+            like = torch.empty(self.out_channels, device=self.weight.device, dtype=self.weight.dtype)
             self.scale, self.shift = like.clone(), like.clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -253,9 +250,7 @@ def norm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor] | None:
     return None
 
 
-def conv_norm(
-    conv: FusedConv2d, norm: nn.Module | None, x: Tensor, residual: Tensor | None = None
-) -> Tensor:
+def conv_norm(conv: FusedConv2d, norm: nn.Module | None, x: Tensor, residual: Tensor | None = None) -> Tensor:
     """``act(norm(conv(x)) + residual)``, fused as far as ``norm`` allows (act: ``conv.relu``).
 
     Shapes: ``x`` ``(N, C_in, H, W)``; ``residual`` and the result ``(N, C_out, H_out, W_out)``.
@@ -289,14 +284,10 @@ def _conv3x3(
     *,
     bias: bool,
 ) -> FusedConv2d:
-    return FusedConv2d(
-        in_planes, out_planes, 3, stride, dilation, dilation, groups, bias=bias, relu=True
-    )
+    return FusedConv2d(in_planes, out_planes, 3, stride, dilation, dilation, groups, bias=bias, relu=True)
 
 
-def _conv1x1(
-    in_planes: int, out_planes: int, stride: int = 1, *, bias: bool, relu: bool
-) -> FusedConv2d:
+def _conv1x1(in_planes: int, out_planes: int, stride: int = 1, *, bias: bool, relu: bool) -> FusedConv2d:
     return FusedConv2d(in_planes, out_planes, 1, stride, bias=bias, relu=relu)
 
 
@@ -304,9 +295,7 @@ def _norm_or_identity(norm_layer: NormLayer | None, channels: int) -> nn.Module:
     return nn.Identity() if norm_layer is None else norm_layer(channels)
 
 
-def projection(
-    inplanes: int, out_channels: int, stride: int = 1, norm_layer: NormLayer | None = None
-) -> nn.Sequential:
+def projection(inplanes: int, out_channels: int, stride: int = 1, norm_layer: NormLayer | None = None) -> nn.Sequential:
     """The shortcut ``W_s · a[l]`` (strided 1x1 conv, no activation) for a shape-changing block.
 
     Keys match torchvision's ``downsample``: ``0.weight`` then ``1.*`` for the norm; with
@@ -334,11 +323,7 @@ def check_residual(
 def _shortcut(downsample: nn.Module | None, x: Tensor) -> Tensor:
     if downsample is None:
         return x
-    if (
-        isinstance(downsample, nn.Sequential)
-        and len(downsample) in (1, 2)
-        and isinstance(downsample[0], FusedConv2d)
-    ):
+    if isinstance(downsample, nn.Sequential) and len(downsample) in (1, 2) and isinstance(downsample[0], FusedConv2d):
         return conv_norm(downsample[0], downsample[1] if len(downsample) == 2 else None, x)
     return downsample(x)  # any other shortcut module runs as it is
 

@@ -59,9 +59,7 @@ def train(model, x, target, rank=0, world_size=1) -> list[float]:
 def _worker(rank: int, port: int, out_path: str) -> None:
     torch.set_num_threads(1)  # two processes on two cores
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=60)
-    )
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=60))
     try:
         model, report = convert(make_model())
         assert report.scale_shift, report
@@ -82,9 +80,7 @@ def free_port() -> int:
 @pytest.mark.skipif(not dist.is_gloo_available(), reason="torch.distributed without gloo")
 def test_ddp_matches_single_process_training_of_the_original(tmp_path):
     out_path = str(tmp_path / "rank0.pt")
-    ctx = mp.start_processes(
-        _worker, args=(free_port(), out_path), nprocs=WORLD_SIZE, join=False, start_method="spawn"
-    )
+    ctx = mp.start_processes(_worker, args=(free_port(), out_path), nprocs=WORLD_SIZE, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=1):
@@ -100,14 +96,10 @@ def test_ddp_matches_single_process_training_of_the_original(tmp_path):
     losses = train(original, *make_data())
 
     assert losses[-1] < losses[0]
-    torch.testing.assert_close(
-        torch.tensor(result["losses"]), torch.tensor(losses), rtol=1e-4, atol=1e-5
-    )
+    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses), rtol=1e-4, atol=1e-5)
     reference = original.state_dict()
     for name, value in result["state"].items():
         if name in reference:  # FrozenBN buffers became the convs' scale/shift
-            torch.testing.assert_close(
-                value, reference[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
-            )
+            torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
     trained = [n for n, p in original.named_parameters()]
     assert set(trained) <= set(result["state"])  # every trained weight was compared

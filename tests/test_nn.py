@@ -143,9 +143,7 @@ BLOCK_CASES = [
 ]
 
 
-def make_block_pair(
-    ours, theirs, inplanes, planes, stride, groups, base_width, norm=nn.BatchNorm2d
-):
+def make_block_pair(ours, theirs, inplanes, planes, stride, groups, base_width, norm=nn.BatchNorm2d):
     torch.manual_seed(0)
     out = planes * ours.expansion
     need_ds = stride != 1 or inplanes != out
@@ -261,9 +259,7 @@ def test_basic_block_keeps_torchvision_argument_errors():
 @pytest.mark.parametrize("norm_layer", [None, nn.BatchNorm2d])
 def test_zero_init_residual_makes_blocks_identities(norm_layer):
     torch.manual_seed(0)
-    model = nn.Sequential(
-        BasicBlock(8, 8, norm_layer=norm_layer), Bottleneck(8, 2, norm_layer=norm_layer)
-    ).eval()
+    model = nn.Sequential(BasicBlock(8, 8, norm_layer=norm_layer), Bottleneck(8, 2, norm_layer=norm_layer)).eval()
     x = torch.rand(2, 8, 5, 5)  # >= 0, so relu(0 + x) == x
     assert not torch.allclose(model(x), x)
     zero_init_residual_(model)
