@@ -1,5 +1,7 @@
 """Triton kernels of the fused conv: forward, data gradient and weight gradient.
 
+Accumulation is in ``ACC``: fp32 for fp32/fp16/bf16 inputs, fp64 for fp64 inputs (gradcheck).
+
 All three are implicit GEMMs over tensors addressed through their strides, so NCHW and NHWC
 (channels_last) inputs run the same code with no layout copy; NHWC is the fast case because its
 channel stride is 1 and the reduction tiles load contiguously.
@@ -62,6 +64,7 @@ def _conv_fwd_kernel(
     RELU: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    ACC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -88,7 +91,7 @@ def _conv_fwd_kernel(
     k_glob = g * KG + offs_n
     w_col = w_ptr + k_glob.to(tl.int64) * swk
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     num_cb = tl.cdiv(CG, BLOCK_K)
     # One flat loop over (r, s, channel block) so the pipeliner can overlap its loads.
     for it in tl.range(0, R * S * num_cb):
@@ -116,9 +119,9 @@ def _conv_fwd_kernel(
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + k_glob, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc = acc * tl.load(scale_ptr + k_glob, mask=mask_n, other=0.0).to(ACC)[None, :]
     if HAS_BIAS:
-        acc = acc + tl.load(bias_ptr + k_glob, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc = acc + tl.load(bias_ptr + k_glob, mask=mask_n, other=0.0).to(ACC)[None, :]
     mask_out = mask_m[:, None] & mask_n[None, :]
     if HAS_RES:
         res = tl.load(
@@ -126,7 +129,7 @@ def _conv_fwd_kernel(
             mask=mask_out,
             other=0.0,
         )
-        acc = acc + res.to(tl.float32)
+        acc = acc + res.to(ACC)
     if RELU:
         acc = tl.maximum(acc, 0.0)
     y_ptrs = y_ptr + (n * syn + p * syh + q * syw)[:, None] + (k_glob.to(tl.int64) * syc)[None, :]
@@ -175,6 +178,7 @@ def _conv_dgrad_kernel(
     RELU: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    ACC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -199,7 +203,7 @@ def _conv_dgrad_kernel(
     out_row = out_ptr + n * son + (g * KG).to(tl.int64) * soc
     w_col = w_ptr + (g * KG).to(tl.int64) * swk + offs_n * swc
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     num_kb = tl.cdiv(KG, BLOCK_K)
     for it in tl.range(0, R * S * num_kb):
         rs = it // num_kb
@@ -222,17 +226,17 @@ def _conv_dgrad_kernel(
                 mask=mask_a,
                 other=0.0,
             )
-            a = tl.where(o > 0, a, 0.0)
+            a = tl.where(o.to(ACC) > 0.0, a, 0.0)
         b = tl.load(
             w_col[None, :] + (k.to(tl.int64) * swk)[:, None] + (r * swr + s * sws),
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
         if HAS_SCALE:
-            sc = tl.load(scale_ptr + g * KG + k, mask=mask_k, other=0.0).to(tl.float32)
+            sc = tl.load(scale_ptr + g * KG + k, mask=mask_k, other=0.0).to(ACC)
             # Scale the weight rows rather than the gathered grad tile: BLOCK_K*BLOCK_N products
             # instead of BLOCK_M*BLOCK_K, and the same rounding as the unfused grad_out * scale.
-            b = (b.to(tl.float32) * sc[:, None]).to(b.dtype)
+            b = (b.to(ACC) * sc[:, None]).to(b.dtype)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -295,6 +299,7 @@ def _conv_wgrad_kernel(
     STORE_GRES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    ACC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -325,8 +330,8 @@ def _conv_wgrad_kernel(
     x_col = x_ptr + (g * CG + c).to(tl.int64) * sxc
     side = pid_n == 0
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    bsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    bsum = tl.zeros((BLOCK_M,), dtype=ACC)
     num_mb = tl.cdiv(M, BLOCK_K)
     blocks_per_split = tl.cdiv(num_mb, num_splits)
     mb_start = sp * blocks_per_split
@@ -342,9 +347,9 @@ def _conv_wgrad_kernel(
         a = tl.load(go_col[:, None] + (n * sgn + p * sgh + q * sgw)[None, :], mask=mask_a, other=0.0)
         if RELU:
             o = tl.load(out_col[:, None] + (n * son + p * soh + q * sow)[None, :], mask=mask_a, other=0.0)
-            a = tl.where(o.to(tl.float32) > 0.0, a, 0.0)
+            a = tl.where(o.to(ACC) > 0.0, a, 0.0)
         if COMPUTE_B:
-            bsum += tl.sum(a.to(tl.float32), axis=1)
+            bsum += tl.sum(a.to(ACC), axis=1)
         if STORE_GRES:
             tl.store(
                 gres_ptr + (k_glob * src)[:, None] + (n * srn + p * srh + q * srw)[None, :],
@@ -363,7 +368,7 @@ def _conv_wgrad_kernel(
 
     if COMPUTE_W:
         if HAS_SCALE:
-            sc = tl.load(scale_ptr + k_glob, mask=mask_ko, other=0.0).to(tl.float32)
+            sc = tl.load(scale_ptr + k_glob, mask=mask_ko, other=0.0).to(ACC)
             acc = acc * sc[:, None]
         gw_ptrs = gw_ptr + sp * sgwn + (k_glob * sgwk)[:, None] + (offs_j * sgwj)[None, :]
         tl.store(gw_ptrs, acc.to(gw_ptr.dtype.element_ty), mask=mask_ko[:, None] & mask_j[None, :])

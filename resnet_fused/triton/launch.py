@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 import triton
+import triton.language as tl
 
 from .kernels import _conv_dgrad_kernel, _conv_fwd_kernel, _conv_wgrad_kernel
 
@@ -74,6 +75,10 @@ def dot_precision(dtype: torch.dtype) -> str:
 def _upcast(dtype: torch.dtype) -> bool:
     # The 3.8.0 interpreter cannot run a bf16 tl.dot; see kernels.py.
     return INTERPRET and dtype == torch.bfloat16
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _check_image_offsets(name: str, t: torch.Tensor) -> None:
@@ -157,6 +162,7 @@ def conv_fwd(
         RELU=relu,
         DOT_PRECISION=dot_precision(x.dtype),
         UPCAST=_upcast(x.dtype),
+        ACC=_acc(x.dtype),
     )
     return y
 
@@ -229,6 +235,7 @@ def conv_bwd(
         RELU=relu,
         DOT_PRECISION=dot_precision(x.dtype),
         UPCAST=_upcast(x.dtype),
+        ACC=_acc(x.dtype),
     )
     convargs = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
     sc = scale if scale is not None else grad_out
@@ -262,19 +269,20 @@ def conv_bwd(
 
     if need_w or need_b or need_r:
         splits = num_splits if num_splits is not None else wgrad_splits(m_out, kg, crs, groups)
+        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         direct_w = need_w and splits == 1 and grad_w.is_contiguous()
         if direct_w:
             gw = grad_w.view(k, crs)
             sgw = (0, *gw.stride())
         elif need_w:
-            gw = torch.empty((splits, k, crs), dtype=torch.float32, device=x.device)
+            gw = torch.empty((splits, k, crs), dtype=acc_dtype, device=x.device)
             sgw = gw.stride()
         else:
             gw, sgw = grad_out, (0, 0, 0)
         if need_b and splits == 1:
             gb, sgb = grad_b, 0
         elif need_b:
-            gb = torch.empty((splits, k), dtype=torch.float32, device=x.device)
+            gb = torch.empty((splits, k), dtype=acc_dtype, device=x.device)
             sgb = gb.stride(0)
         else:
             gb, sgb = grad_out, 0

@@ -23,6 +23,7 @@ import sys
 import tempfile
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
@@ -96,7 +97,7 @@ def _args(kernel: str, shape: str) -> dict:
         a.update(zip(("srn", "src", "srh", "srw"), ys, strict=True))
         a.update(conv, num_splits=launch.wgrad_splits(n * p * q, k, c * r * s, 1))
         a.update(HAS_SCALE=True, RELU=True, COMPUTE_W=True, COMPUTE_B=True, STORE_GRES=True)
-    a.update(R=r, S=s, UPCAST=False)
+    a.update(R=r, S=s, UPCAST=False, ACC=tl.float32)
     return a
 
 
