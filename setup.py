@@ -55,7 +55,11 @@ def make_extension():
     if not use_cuda:
         print("resnet_fused: building the CPU extension (CppExtension); no CUDA toolkit used", flush=True)
         return CppExtension(
-            "resnet_fused._C", sources, include_dirs=include_dirs, extra_compile_args=extra, extra_link_args=["-fopenmp"]
+            "resnet_fused._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args=extra,
+            extra_link_args=["-fopenmp"],
         )
     os.environ["CUDA_HOME"] = cuda_home
     import torch.utils.cpp_extension as ext

@@ -12,8 +12,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from resnet_fused import _C  # noqa: F401  (importing runs the C++ op registrations)
-from resnet_fused import reference
+from resnet_fused import (
+    _C,  # noqa: F401  (importing runs the C++ op registrations)
+    reference,
+)
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -155,7 +157,7 @@ def _backward_fake(grad_out, out, x, weight, scale, stride, padding, dilation, g
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, residual, scale, stride, padding, dilation, groups, relu = inputs
+    x, weight, _bias, _residual, scale, stride, padding, dilation, groups, relu = inputs
     _check_scale_constant(scale)
     # The output carries the ReLU mask; the pre-activation is never kept.
     ctx.save_for_backward(x, weight, output, scale)
@@ -252,7 +254,9 @@ def resolve_backend(backend: str, x: Tensor, *args) -> str:
         return choose_backend(x, *args)
     why = _backend_status()[backend]
     if why:
-        raise RuntimeError(f"backend: {backend!r} is not available in this install ({why}); available: {available_backends()}")
+        raise RuntimeError(
+            f"backend: {backend!r} is not available in this install ({why}); available: {available_backends()}"
+        )
     expected_device = {"cpu": "cpu", "cuda": "cuda"}.get(backend)
     if expected_device is not None and x.device.type != expected_device:
         raise ValueError(f"backend: {backend!r} runs on {expected_device} tensors, got x on {x.device}")
