@@ -1,0 +1,691 @@
+"""Op-level benchmark: the fused conv+bias+add+ReLU against the unfused eager reference, torch.compile of the
+reference, and the bare conv alone (the floor), on every distinct conv of ResNet-18/50.
+
+The shapes are traced from torchvision's models with forward hooks on their ``nn.Conv2d`` modules (on the meta
+device, so tracing costs nothing); each conv gets the epilogue it has in a fused ResNet:
+
+- ``bias+relu``: the stem and every conv inside a block but the last;
+- ``bias+res+relu``: the last conv of a block (``conv2`` of BasicBlock, ``conv3`` of Bottleneck), with the shortcut
+  added before the ReLU;
+- ``bias``: the strided 1x1 projection shortcut (``downsample.0``), linear.
+
+Two convs are the same case when geometry, input size and epilogue all match. Implementations (per case, dtype,
+layout and pass, measured side by side in one process, interleaved; see :mod:`benchmarks.timing`):
+
+- ``fused:<backend>``: ``resnet_fused.conv_bias_add_relu`` on each available backend (never the Triton
+  interpreter, and not ``"reference"``, which *is* the eager row);
+- ``eager``: ``resnet_fused.reference.conv_bias_add_relu`` (F.conv2d, then separate add/relu ops);
+- ``compile``: ``torch.compile(reference, dynamic=False)``; its compile time (the first call) is reported apart;
+- ``conv_alone``: ``F.conv2d(x, w)`` without bias, the floor a fused op can approach but not beat.
+
+Forward runs under ``torch.no_grad()``; forward+backward has ``x``, ``weight``, ``bias`` and ``residual`` all
+requiring grad as in training, back-propagates a fixed random ``grad_out`` and clears the grads each step.
+
+    python -m benchmarks.bench_ops --models resnet50 --dtypes fp32 --layouts channels_last --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import resnet_fused
+from benchmarks import timing
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
+PASSES = ("fwd", "fwd+bwd")
+EPILOGUES = ("bias+relu", "bias+res+relu", "bias")
+BASE_IMPLS = ("eager", "compile", "conv_alone")
+OUT_DIR = Path(__file__).resolve().parent / "out"
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    """One distinct conv of a ResNet with the epilogue it has there. ``h, w`` is the input's spatial size."""
+
+    c: int
+    k: int
+    r: int
+    s: int
+    stride: int
+    padding: int
+    h: int
+    w: int
+    epilogue: str
+    layers: tuple[str, ...] = field(default=(), compare=False)  # "resnet50:layer1.0.conv3", ...
+
+    @property
+    def name(self) -> str:
+        return f"{self.r}x{self.s} {self.c}->{self.k} {self.h}x{self.w} s{self.stride} {self.epilogue}"
+
+    @property
+    def models(self) -> list[str]:
+        return sorted({layer.split(":")[0] for layer in self.layers})
+
+    def out_hw(self) -> tuple[int, int]:
+        p = (self.h + 2 * self.padding - self.r) // self.stride + 1
+        q = (self.w + 2 * self.padding - self.s) // self.stride + 1
+        return p, q
+
+    def flops(self, batch: int) -> int:
+        """Multiply-adds x 2 of the conv itself."""
+        p, q = self.out_hw()
+        return 2 * batch * self.k * p * q * self.c * self.r * self.s
+
+
+def _epilogue(model: nn.Module, modules: dict[str, nn.Module], name: str) -> str:
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    parent_name, _, leaf = name.rpartition(".")
+    parent = modules[parent_name] if parent_name else model
+    if name.endswith("downsample.0"):
+        return "bias"
+    if (isinstance(parent, BasicBlock) and leaf == "conv2") or (isinstance(parent, Bottleneck) and leaf == "conv3"):
+        return "bias+res+relu"
+    return "bias+relu"
+
+
+def trace_conv_cases(model_names: Sequence[str] = ("resnet18", "resnet50"), hw: int = 224) -> list[ConvCase]:
+    """Every distinct conv (geometry, input size, epilogue) of the torchvision models, in order of first use.
+
+    Traced with forward hooks on the ``nn.Conv2d`` modules of each model, run on the meta device at ``hw x hw``.
+    """
+    import torchvision
+
+    found: dict[tuple, list[str]] = {}
+    for model_name in model_names:
+        with torch.device("meta"):
+            model = getattr(torchvision.models, model_name)().eval()
+        modules = dict(model.named_modules())
+        handles = []
+
+        def make_hook(name: str, model_name: str = model_name, model: nn.Module = model, modules=modules):
+            def hook(conv: nn.Conv2d, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+                x = inputs[0]
+                if conv.groups != 1 or conv.dilation != (1, 1) or isinstance(conv.padding, str):
+                    raise NotImplementedError(f"{model_name}:{name}: grouped/dilated/string-padded conv")
+                if len(set(conv.kernel_size)) != 1 or len(set(conv.stride)) != 1 or len(set(conv.padding)) != 1:
+                    raise NotImplementedError(f"{model_name}:{name}: non-square kernel, stride or padding")
+                key = (
+                    x.shape[1],
+                    conv.out_channels,
+                    conv.kernel_size[0],
+                    conv.kernel_size[1],
+                    conv.stride[0],
+                    conv.padding[0],
+                    x.shape[2],
+                    x.shape[3],
+                    _epilogue(model, modules, name),
+                )
+                found.setdefault(key, []).append(f"{model_name}:{name}")
+
+            return hook
+
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Conv2d):
+                handles.append(module.register_forward_hook(make_hook(name)))
+        with torch.no_grad():
+            model(torch.empty(1, 3, hw, hw, device="meta"))
+        for h in handles:
+            h.remove()
+    return [ConvCase(*key, layers=tuple(layers)) for key, layers in found.items()]
+
+
+# ---- implementations ----
+
+
+@dataclass
+class CaseInputs:
+    """Tensors of one case: x, weight, bias, residual (None unless the epilogue adds it) and a grad for the output."""
+
+    x: Tensor
+    weight: Tensor
+    bias: Tensor
+    residual: Tensor | None
+    grad_out: Tensor
+
+
+def make_inputs(
+    case: ConvCase,
+    batch: int,
+    dtype: torch.dtype,
+    memory_format: torch.memory_format,
+    device: torch.device,
+    requires_grad: bool,
+    seed: int = 0,
+) -> CaseInputs:
+    """Random inputs of unit scale (weights scaled by 1/sqrt(fan-in)), in ``memory_format``, as a model would have them."""
+    g = torch.Generator().manual_seed(seed)
+    p, q = case.out_hw()
+
+    def rand(*shape: int, scale: float = 1.0, fmt: torch.memory_format | None = None) -> Tensor:
+        t = (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+        if fmt is not None:
+            t = t.contiguous(memory_format=fmt)
+        return t.requires_grad_(requires_grad)
+
+    fan_in = case.c * case.r * case.s
+    x = rand(batch, case.c, case.h, case.w, fmt=memory_format)
+    weight = rand(case.k, case.c, case.r, case.s, scale=fan_in**-0.5, fmt=memory_format)
+    bias = rand(case.k, scale=0.1)
+    residual = rand(batch, case.k, p, q, fmt=memory_format) if case.epilogue == "bias+res+relu" else None
+    grad_out = torch.randn(batch, case.k, p, q, generator=g).to(device=device, dtype=dtype)
+    grad_out = grad_out.contiguous(memory_format=memory_format)
+    return CaseInputs(x, weight, bias, residual, grad_out)
+
+
+def op_impls(
+    case: ConvCase, inp: CaseInputs, backends: Sequence[str], with_compile: bool
+) -> dict[str, Callable[[], Tensor]]:
+    """name -> zero-argument forward callable for every implementation."""
+    relu = case.epilogue != "bias"
+    conv = {"stride": case.stride, "padding": case.padding}
+    args = (inp.x, inp.weight, inp.bias, inp.residual)
+    impls: dict[str, Callable[[], Tensor]] = {}
+    for backend in backends:
+        impls[f"fused:{backend}"] = lambda b=backend: resnet_fused.conv_bias_add_relu(
+            *args, **conv, relu=relu, backend=b
+        )
+    impls["eager"] = lambda: resnet_fused.reference.conv_bias_add_relu(*args, **conv, relu=relu)
+    if with_compile:
+        compiled = torch.compile(resnet_fused.reference.conv_bias_add_relu, dynamic=False)
+        impls["compile"] = lambda: compiled(*args, **conv, relu=relu)
+    impls["conv_alone"] = lambda: F.conv2d(inp.x, inp.weight, None, case.stride, case.padding)
+    return impls
+
+
+def as_pass(fwd: Callable[[], Tensor], inp: CaseInputs, pass_: str) -> Callable[[], None]:
+    """Wrap a forward callable into one timed call of ``pass_``: forward under no_grad, or a training step."""
+    if pass_ == "fwd":
+
+        def run_fwd() -> None:
+            with torch.no_grad():
+                fwd()
+
+        return run_fwd
+    leaves = [t for t in (inp.x, inp.weight, inp.bias, inp.residual) if t is not None]
+
+    def run_fwd_bwd() -> None:
+        fwd().backward(inp.grad_out)
+        for t in leaves:
+            t.grad = None
+
+    return run_fwd_bwd
+
+
+def timed_backends(device: torch.device, requested: Sequence[str] | None = None) -> list[str]:
+    """Fused backends to time on ``device``: available ones, minus "reference" (the eager row) and minus the Triton
+    interpreter (never benchmarked)."""
+    avail = resnet_fused.available_backends()
+    out = []
+    for b in avail:
+        if b == "reference":
+            continue
+        if b == "triton" and (device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+            continue
+        if b == "cuda" and device.type != "cuda":
+            continue
+        if b == "cpu" and device.type != "cpu":
+            continue
+        out.append(b)
+    if requested is not None:
+        out = [b for b in out if b in requested]
+    return out
+
+
+def _configure_dynamo() -> None:
+    # One compiled graph per case; the cache is reset between cases, and shapes are never made dynamic.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+    torch._dynamo.config.automatic_dynamic_shapes = False
+
+
+def run_case(
+    case: ConvCase,
+    *,
+    batch: int,
+    dtype_name: str,
+    layout: str,
+    pass_: str,
+    backends: Sequence[str],
+    with_compile: bool,
+    device: torch.device,
+    rounds: int,
+    warmup: int,
+    min_sample_ms: float,
+    measure_memory: bool = True,
+) -> list[dict]:
+    """Measure every implementation on one (case, dtype, layout, pass); one JSON record per implementation."""
+    dtype = DTYPES[dtype_name]
+    inp = make_inputs(case, batch, dtype, LAYOUTS[layout], device, requires_grad=pass_ == "fwd+bwd")
+    torch._dynamo.reset()
+    fwds = op_impls(case, inp, backends, with_compile)
+    calls = {name: as_pass(fn, inp, pass_) for name, fn in fwds.items()}
+    compile_s = None
+    if "compile" in calls:
+        t0 = time.perf_counter()
+        calls["compile"]()  # compiles the forward (and, for fwd+bwd, the backward)
+        compile_s = time.perf_counter() - t0
+    stats = timing.time_interleaved(
+        calls,
+        rounds=rounds,
+        warmup=warmup,
+        min_sample_ms=min_sample_ms,
+        baselines=("eager", "conv_alone"),
+        device=device,
+    )
+    records = []
+    for name, st in stats.items():
+        rec = {
+            "case": case.name,
+            "impl": name,
+            "pass": pass_,
+            "dtype": dtype_name,
+            "layout": layout,
+            "batch": batch,
+            "shape": {k: v for k, v in asdict(case).items() if k != "layers"},
+            "layers": list(case.layers),
+            "models": case.models,
+            "gflop": case.flops(batch) * (3 if pass_ == "fwd+bwd" else 1) / 1e9,
+            **timing.stats_record(st, baselines=("eager", "conv_alone")),
+            "peak_mem_bytes": timing.peak_memory_bytes(calls[name], device) if measure_memory else None,
+        }
+        if name == "compile":
+            rec["compile_s"] = compile_s
+        records.append(rec)
+    torch._dynamo.reset()
+    return records
+
+
+# ---- summary, targets, tables, chart ----
+
+
+def _by_case(records: Sequence[dict], dtype: str, layout: str, pass_: str, model: str | None) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for r in records:
+        if (r["dtype"], r["layout"], r["pass"]) != (dtype, layout, pass_):
+            continue
+        if model is not None and model not in r["models"]:
+            continue
+        out.setdefault(r["case"], {})[r["impl"]] = r
+    return out
+
+
+def groups(records: Sequence[dict]) -> list[tuple[str, str, str]]:
+    """The distinct (dtype, layout, pass) groups, in order of first appearance."""
+    seen: dict[tuple[str, str, str], None] = {}
+    for r in records:
+        seen.setdefault((r["dtype"], r["layout"], r["pass"]), None)
+    return list(seen)
+
+
+def summarize(records: Sequence[dict], model: str | None = "resnet50") -> list[dict]:
+    """Per (dtype, layout, pass, fused impl): geomean speedup over eager, worst shape, fused/conv-alone, memory."""
+    out = []
+    for dtype, layout, pass_ in groups(records):
+        cases = _by_case(records, dtype, layout, pass_, model)
+        if not cases:
+            continue
+        impls = [i for i in next(iter(cases.values())) if i.startswith("fused:") or i == "compile"]
+        for impl in impls:
+            speedups = {c: v[impl]["speedup_vs_eager"]["median"] for c, v in cases.items() if impl in v}
+            over_conv = {c: 1.0 / v[impl]["speedup_vs_conv_alone"]["median"] for c, v in cases.items() if impl in v}
+            mem = {
+                c: (v[impl]["peak_mem_bytes"], v["eager"]["peak_mem_bytes"])
+                for c, v in cases.items()
+                if impl in v and v[impl].get("peak_mem_bytes") is not None
+            }
+            worst = min(speedups, key=speedups.get)
+            out.append(
+                {
+                    "dtype": dtype,
+                    "layout": layout,
+                    "pass": pass_,
+                    "impl": impl,
+                    "model_shapes": model or "all",
+                    "n_shapes": len(speedups),
+                    "geomean_speedup_vs_eager": timing.geomean(list(speedups.values())),
+                    "min_speedup_vs_eager": speedups[worst],
+                    "min_speedup_case": worst,
+                    "slower_than_eager": {c: s for c, s in speedups.items() if s < 1.0},
+                    "geomean_over_conv_alone": timing.geomean(list(over_conv.values())),
+                    "max_over_conv_alone": max(over_conv.values()),
+                    "max_over_conv_alone_case": max(over_conv, key=over_conv.get),
+                    "mem_above_eager": {c: {"impl": a, "eager": b} for c, (a, b) in mem.items() if a > b},
+                }
+            )
+    return out
+
+
+def targets(summary: Sequence[dict]) -> list[dict]:
+    """The issue's op-level targets (CPU, fp32, channels_last, ResNet-50 shapes), met or missed with the figures."""
+    out = []
+    for s in summary:
+        if (s["dtype"], s["layout"], s["model_shapes"]) != ("fp32", "channels_last", "resnet50"):
+            continue
+        if not s["impl"].startswith("fused:"):
+            continue
+        goal = 1.15 if s["pass"] == "fwd" else 1.08
+        label = f"{s['impl']} {s['pass']}"
+        out.append(
+            {
+                "target": f"{label}: geomean speedup over eager >= {goal}",
+                "measured": round(s["geomean_speedup_vs_eager"], 3),
+                "met": s["geomean_speedup_vs_eager"] >= goal,
+            }
+        )
+        out.append(
+            {
+                "target": f"{label}: no shape slower than eager",
+                "measured": f"{len(s['slower_than_eager'])} slower; worst {s['min_speedup_vs_eager']:.3f}x "
+                f"({s['min_speedup_case']})",
+                "met": not s["slower_than_eager"],
+            }
+        )
+        if s["pass"] == "fwd":
+            out.append(
+                {
+                    "target": f"{label}: geomean fused / conv-alone <= 1.05",
+                    "measured": round(s["geomean_over_conv_alone"], 3),
+                    "met": s["geomean_over_conv_alone"] <= 1.05,
+                }
+            )
+        out.append(
+            {
+                "target": f"{label}: peak memory never above eager's",
+                "measured": f"{len(s['mem_above_eager'])} of {s['n_shapes']} shapes above eager",
+                "met": not s["mem_above_eager"],
+            }
+        )
+    return out
+
+
+def _fmt_ms(rec: dict | None) -> str:
+    return "-" if rec is None else f"{rec['median_ms']:.3f}"
+
+
+def _fmt_ratio(rec: dict | None, key: str) -> str:
+    if rec is None or key not in rec:
+        return "-"
+    r = rec[key]
+    return f"{r['median']:.2f} ({r['p25']:.2f}-{r['p75']:.2f})"
+
+
+def table_markdown(records: Sequence[dict]) -> str:
+    """One markdown table per (dtype, layout, pass): times, speedups over eager, fused/conv-alone and memory."""
+    lines = []
+    for dtype, layout, pass_ in groups(records):
+        cases = _by_case(records, dtype, layout, pass_, None)
+        impls = list(next(iter(cases.values())))
+        fused = [i for i in impls if i.startswith("fused:")]
+        batch = next(iter(next(iter(cases.values())).values()))["batch"]
+        lines.append(
+            f"\n**{pass_}, {dtype}, {layout}, batch {batch}** (median ms; speedup = eager/impl per round, median (p25-p75))\n"
+        )
+        head = ["shape", *[f"{i} ms" for i in impls]]
+        head += [f"{i} speedup" for i in fused + (["compile"] if "compile" in impls else [])]
+        head += [f"{i} / conv" for i in fused] + [f"{i} mem / eager" for i in fused]
+        if "compile" in impls:
+            head.append("compile s")
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for case, v in cases.items():
+            row = [f"`{case}`", *[_fmt_ms(v.get(i)) for i in impls]]
+            row += [
+                _fmt_ratio(v.get(i), "speedup_vs_eager") for i in fused + (["compile"] if "compile" in impls else [])
+            ]
+            for i in fused:
+                r = v[i].get("speedup_vs_conv_alone")
+                row.append(f"{1.0 / r['median']:.2f}" if r else "-")
+            for i in fused:
+                a, b = v[i].get("peak_mem_bytes"), v["eager"].get("peak_mem_bytes")
+                row.append(f"{a / b:.2f}" if a is not None and b else "-")
+            if "compile" in impls:
+                cs = v["compile"].get("compile_s")
+                row.append(f"{cs:.1f}" if cs is not None else "-")
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def summary_text(summary: Sequence[dict], target_list: Sequence[dict]) -> str:
+    """Plain-text lines of the summary and the target checks."""
+    lines = []
+    for s in summary:
+        lines.append(
+            f"{s['pass']:8s} {s['dtype']} {s['layout']:13s} {s['impl']:12s} over {s['n_shapes']} {s['model_shapes']} "
+            f"shapes: geomean speedup vs eager {s['geomean_speedup_vs_eager']:.3f}x, worst "
+            f"{s['min_speedup_vs_eager']:.3f}x ({s['min_speedup_case']}), geomean time / conv-alone "
+            f"{s['geomean_over_conv_alone']:.3f}, {len(s['slower_than_eager'])} slower than eager, "
+            f"{len(s['mem_above_eager'])} above eager's peak memory"
+        )
+    if target_list:
+        lines.append("targets (CPU, fp32, channels_last, ResNet-50 shapes):")
+        for t in target_list:
+            lines.append(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['measured']}")
+    return "\n".join(lines)
+
+
+def plot(records: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Bar chart of speedup over eager per shape (median, p25-p75 whiskers), one panel per (pass, dtype, layout),
+    with the conv-alone floor (eager / conv alone) drawn as a black tick: no fused op can reach above it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grp = groups(records)
+    n_cases = max(len(_by_case(records, *g, None)) for g in grp)
+    fig, axes = plt.subplots(len(grp), 1, figsize=(max(8, 0.55 * n_cases + 2), 4.2 * len(grp)), squeeze=False)
+    for ax, (dtype, layout, pass_) in zip(axes[:, 0], grp, strict=True):
+        cases = _by_case(records, dtype, layout, pass_, None)
+        names = list(cases)
+        impls = [i for i in next(iter(cases.values())) if i not in ("eager", "conv_alone")]
+        width = 0.8 / max(1, len(impls))
+        for j, impl in enumerate(impls):
+            xs, ys, lo, hi = [], [], [], []
+            for i, c in enumerate(names):
+                rec = cases[c].get(impl)
+                if rec is None:
+                    continue
+                r = rec["speedup_vs_eager"]
+                xs.append(i - 0.4 + width * (j + 0.5))
+                ys.append(r["median"])
+                lo.append(max(0.0, r["median"] - r["p25"]))
+                hi.append(max(0.0, r["p75"] - r["median"]))
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=impl)
+        floor = [cases[c]["conv_alone"]["speedup_vs_eager"]["median"] for c in names]
+        ax.hlines(floor, [i - 0.45 for i in range(len(names))], [i + 0.45 for i in range(len(names))], colors="k",
+                  linewidth=2, label="conv alone (floor time = speedup ceiling)")  # fmt: skip
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="eager")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=75, ha="right", fontsize=7)
+        ax.set_ylabel("speedup over eager (x)")
+        batch = next(iter(cases[names[0]].values()))["batch"]
+        ax.set_title(f"{pass_}, {dtype}, {layout}, batch {batch}", fontsize=10)
+        ax.legend(fontsize=7, ncol=len(impls) + 2, loc="upper left")
+        ax.grid(axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---- driver ----
+
+
+def run(
+    *,
+    models: Sequence[str] = ("resnet50",),
+    hw: int = 224,
+    batch: int = 8,
+    dtypes: Sequence[str] = ("fp32",),
+    layouts: Sequence[str] = ("channels_last",),
+    passes: Sequence[str] = PASSES,
+    backends: Sequence[str] | None = None,
+    with_compile: bool = True,
+    rounds: int = 10,
+    warmup: int = 2,
+    min_sample_ms: float = 20.0,
+    threads: int | None = None,
+    max_cases: int | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run the op benchmark and return the JSON payload: ``machine``, ``config``, ``records``, ``summary``, ``targets``."""
+    from tqdm import tqdm
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    n_threads = timing.set_threads(threads)
+    _configure_dynamo()
+    cases = trace_conv_cases(models, hw)
+    if max_cases is not None:
+        cases = cases[:max_cases]
+    fused = timed_backends(dev, backends)
+    work = [(c, d, lay, p) for d in dtypes for lay in layouts for p in passes for c in cases]
+    records: list[dict] = []
+    t0 = time.perf_counter()
+    bar = tqdm(work, desc="ops", unit="case", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    for case, dtype_name, layout, pass_ in bar:
+        bar.set_postfix_str(f"{pass_} {dtype_name} {layout} {case.name}", refresh=False)
+        records += run_case(
+            case,
+            batch=batch,
+            dtype_name=dtype_name,
+            layout=layout,
+            pass_=pass_,
+            backends=fused,
+            with_compile=with_compile,
+            device=dev,
+            rounds=rounds,
+            warmup=warmup,
+            min_sample_ms=min_sample_ms,
+        )
+    summary = summarize(records, "resnet50" if "resnet50" in models else None)
+    config = {
+        "models": list(models),
+        "input_hw": hw,
+        "batch": batch,
+        "dtypes": list(dtypes),
+        "layouts": list(layouts),
+        "passes": list(passes),
+        "fused_backends": fused,
+        "compile": with_compile,
+        "rounds": rounds,
+        "warmup": warmup,
+        "min_sample_ms": min_sample_ms,
+        "n_cases": len(cases),
+        "wall_s": time.perf_counter() - t0,
+    }
+    return {
+        "benchmark": "ops",
+        "machine": timing.machine_info(n_threads, dev),
+        "config": config,
+        "records": records,
+        "summary": summary,
+        "targets": targets(summary) if dev.type == "cpu" and batch == 8 and hw == 224 else [],
+    }
+
+
+def write_outputs(payload: dict, json_path: str | os.PathLike | None, png_path: str | os.PathLike | None,
+                  md_path: str | os.PathLike | None) -> list[Path]:  # fmt: skip
+    """Write the JSON, PNG and markdown table of a :func:`run` payload; returns the paths written."""
+    written = []
+    if json_path:
+        written.append(timing.write_json(json_path, payload))
+    if png_path and payload["records"]:
+        m = payload["machine"]
+        title = f"resnet_fused ops on {m['cpu_model']} ({m['threads']} threads), torch {m['torch']}"
+        written.append(plot(payload["records"], png_path, title))
+    if md_path:
+        path = Path(md_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            table_markdown(payload["records"])
+            + "\n```\n"
+            + summary_text(payload["summary"], payload["targets"])
+            + "\n```\n"
+        )
+        written.append(path)
+    return written
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the op and model scripts."""
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--hw", type=int, default=224, help="input resolution the shapes are traced at")
+    parser.add_argument("--dtypes", default="fp32", help=f"comma list of {','.join(DTYPES)}")
+    parser.add_argument("--layouts", default="channels_last", help=f"comma list of {','.join(LAYOUTS)}")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--min-sample-ms", type=float, default=20.0)
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all usable CPUs)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _split(s: str) -> list[str]:
+    return [p for p in s.split(",") if p]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``python -m benchmarks.bench_ops [--json PATH] ...``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="resnet18,resnet50")
+    parser.add_argument("--passes", default="fwd,fwd+bwd")
+    parser.add_argument("--backends", default=None, help="comma list of fused backends to time (default: all)")
+    parser.add_argument("--max-cases", type=int, default=None, help="only the first N distinct convs")
+    parser.add_argument("--json", default=str(OUT_DIR / "ops.json"))
+    parser.add_argument("--png", default=str(OUT_DIR / "ops.png"))
+    parser.add_argument("--md", default=str(OUT_DIR / "ops.md"))
+    add_common_args(parser)
+    a = parser.parse_args(argv)
+    for name, values, valid in (
+        ("dtypes", a.dtypes, DTYPES),
+        ("layouts", a.layouts, LAYOUTS),
+        ("passes", a.passes, PASSES),
+    ):
+        bad = [v for v in _split(values) if v not in valid]
+        if bad:
+            parser.error(f"--{name}: unknown {bad}; expected some of {list(valid)}")
+    payload = run(
+        models=_split(a.models),
+        hw=a.hw,
+        batch=a.batch,
+        dtypes=_split(a.dtypes),
+        layouts=_split(a.layouts),
+        passes=_split(a.passes),
+        backends=_split(a.backends) if a.backends else None,
+        with_compile=not a.no_compile,
+        rounds=a.rounds,
+        warmup=a.warmup,
+        min_sample_ms=a.min_sample_ms,
+        threads=a.threads,
+        max_cases=a.max_cases,
+        device=a.device,
+        progress=not a.no_progress,
+    )
+    print(table_markdown(payload["records"]))
+    print(summary_text(payload["summary"], payload["targets"]))
+    for p in write_outputs(payload, a.json, a.png, a.md):
+        print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,353 @@
+"""Shared timing, memory and machine-info helpers for the benchmarks.
+
+Method (the same for every script):
+
+- every implementation is warmed up, then timed in *interleaved rounds*: each round times every implementation once
+  (the order rotates from round to round), so a slow spell on a shared machine hits all of them alike;
+- one sample is ``inner`` back-to-back calls, with ``inner`` calibrated during warmup so a sample lasts at least
+  ``min_sample_ms``; the time per call is the sample divided by ``inner``;
+- we report the median and the 25th/75th percentiles of the per-call times, and ratios taken *within each round*
+  (``baseline time / impl time`` of the same round), summarised by their median and quartiles;
+- on CPU, the wall clock (``time.perf_counter``); on a GPU, CUDA events around the sample;
+- peak memory is measured in a separate, untimed call: on a GPU ``torch.cuda.max_memory_allocated`` minus what was
+  allocated before; on CPU the running sum of the allocation/free events that ``torch.profiler(profile_memory=True)``
+  records from c10's CPU allocator (tensor storage, including oneDNN scratch buffers that PyTorch allocates for it),
+  i.e. the peak of bytes allocated during the call. Memory a library mallocs directly is not seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+CPU_MEMORY_METHOD = (
+    "torch.profiler(profile_memory=True): peak of the running sum of c10 CPU allocator alloc/free events during "
+    "one call, relative to the start (tensor storage only; memory a library mallocs itself is not seen)"
+)
+CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated() during one call minus memory_allocated() before it"
+
+
+@dataclass
+class Stats:
+    """Per-implementation result of :func:`time_interleaved` (times in ms, per call)."""
+
+    times_ms: list[float]
+    inner: int
+    ratios: dict[str, list[float]] = field(default_factory=dict)  # baseline name -> per-round baseline/impl
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+    @property
+    def p25_ms(self) -> float:
+        return quantile(self.times_ms, 0.25)
+
+    @property
+    def p75_ms(self) -> float:
+        return quantile(self.times_ms, 0.75)
+
+    def ratio_summary(self, baseline: str) -> dict[str, float] | None:
+        """Median and quartiles of the per-round ``baseline / self`` time ratios (> 1: faster than the baseline)."""
+        r = self.ratios.get(baseline)
+        if not r:
+            return None
+        return {"median": statistics.median(r), "p25": quantile(r, 0.25), "p75": quantile(r, 0.75)}
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile ``q`` in [0, 1] of ``values`` (numpy's default method)."""
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    pos = (len(s) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def geomean(values: Sequence[float]) -> float:
+    """Geometric mean (nan for an empty list)."""
+    vals = [v for v in values if v > 0 and math.isfinite(v)]
+    if not vals:
+        return float("nan")
+    return math.exp(sum(math.log(v) for v in vals) / len(vals))
+
+
+def set_threads(threads: int | None) -> int:
+    """Fix torch's intra-op thread count (default: every CPU this process may run on) and return it."""
+    if threads is None or threads <= 0:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _sample_ms(fn: Callable[[], object], inner: int, device: torch.device) -> float:
+    """Time ``inner`` calls; return ms per call."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / inner
+    _synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    _synchronize(device)
+    return (time.perf_counter() - t0) * 1e3 / inner
+
+
+def time_interleaved(
+    impls: dict[str, Callable[[], object]],
+    *,
+    rounds: int = 10,
+    warmup: int = 2,
+    min_sample_ms: float = 20.0,
+    baselines: Sequence[str] = (),
+    device: torch.device | str = "cpu",
+) -> dict[str, Stats]:
+    """Time each zero-argument callable in interleaved rounds after warmup; see the module docstring.
+
+    Args:
+        impls: name -> callable running one call of the implementation (forward, or forward+backward).
+        rounds: timed rounds; each round takes one sample of every implementation.
+        warmup: untimed calls of each implementation before calibration.
+        min_sample_ms: a sample repeats the call until it lasts about this long.
+        baselines: implementation names to take per-round ratios against (``baseline time / impl time``).
+        device: where the callables run; CUDA devices are timed with CUDA events.
+
+    Returns:
+        name -> :class:`Stats` with per-call times in ms and per-round ratios against each baseline.
+    """
+    device = torch.device(device)
+    names = list(impls)
+    inner: dict[str, int] = {}
+    for name in names:
+        fn = impls[name]
+        for _ in range(warmup):
+            fn()
+        _synchronize(device)
+        once = _sample_ms(fn, 1, device)
+        inner[name] = max(1, min(1000, math.ceil(min_sample_ms / max(once, 1e-3))))
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with _gc_paused():
+        for r in range(rounds):
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
+                times[name].append(_sample_ms(impls[name], inner[name], device))
+    stats = {n: Stats(times_ms=times[n], inner=inner[n]) for n in names}
+    for base in baselines:
+        if base not in times:
+            continue
+        for n in names:
+            stats[n].ratios[base] = [b / t for b, t in zip(times[base], times[n], strict=True)]
+    return stats
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Collect garbage once, then keep Python's cyclic GC from running inside timed samples (as timeit does)."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+@contextlib.contextmanager
+def _quiet_profiler_stderr():
+    """Drop the profiler's own log lines (``USDT: ... profiler_start``, GPU probing errors) that kineto writes to
+    file descriptor 2 on every start/stop; any other stderr output is passed through."""
+    noise = ("USDT:", "gpuGetDeviceCount", "Memory block of unknown size")
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().decode(errors="replace").splitlines(keepends=True):
+                if not any(n in line for n in noise):
+                    os.write(2, line.encode())
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
+    """Peak bytes allocated during one call of ``fn`` above what was allocated before it (see module docstring)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - before)
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_profiler_stderr():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text()).get("traceEvents", [])
+    mem = sorted(
+        (e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0),
+        key=lambda e: (e.get("ts", 0), e["args"].get("Ev Idx", 0)),
+    )
+    running = peak = 0
+    for e in mem:
+        running += int(e["args"].get("Bytes", 0))
+        peak = max(peak, running)
+    return peak
+
+
+def memory_method(device: torch.device | str = "cpu") -> str:
+    """One line saying how :func:`peak_memory_bytes` measures on ``device``."""
+    return CUDA_MEMORY_METHOD if torch.device(device).type == "cuda" else CPU_MEMORY_METHOD
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "avx_vnni")
+                return [f for f in wanted if f in flags]
+    except OSError:
+        pass
+    return []
+
+
+def _version(dist: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:
+        return None
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "csrc", "resnet_fused"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def machine_info(threads: int, device: torch.device | str = "cpu") -> dict:
+    """What the numbers were measured on: CPU model and cores, threads, versions, GPU, load and git commit."""
+    import resnet_fused
+
+    device = torch.device(device)
+    info = {
+        "cpu_model": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "logical_cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "threads": threads,
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "load_avg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "triton": _version("triton"),
+        "resnet_fused": resnet_fused.__version__,
+        "git_commit": _git_commit(),
+        "backends_available": resnet_fused.available_backends(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "device": str(device),
+        "timer": "CUDA events" if device.type == "cuda" else "time.perf_counter (wall clock)",
+        "memory_method": memory_method(device),
+        "inductor_fx_graph_cache": bool(getattr(torch._inductor.config, "fx_graph_cache", False)),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = props.name
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def stats_record(stats: Stats, baselines: Sequence[str] = ("eager",)) -> dict:
+    """The JSON fields of one measured implementation: median/p25/p75 in ms, samples and per-round ratios."""
+    rec: dict = {
+        "median_ms": stats.median_ms,
+        "p25_ms": stats.p25_ms,
+        "p75_ms": stats.p75_ms,
+        "rounds": len(stats.times_ms),
+        "inner": stats.inner,
+        "samples_ms": stats.times_ms,
+    }
+    for base in baselines:
+        summary = stats.ratio_summary(base)
+        if summary is not None:
+            rec[f"speedup_vs_{base}"] = summary
+    return rec
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> Path:
+    """Write ``payload`` as indented JSON, creating parent directories."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(obj: object) -> object:
+    if isinstance(obj, Stats):
+        return asdict(obj)
+    if isinstance(obj, (torch.dtype, torch.device, torch.memory_format)):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
