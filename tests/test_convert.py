@@ -255,3 +255,23 @@ def test_clear_errors():
         convert(nn.Sequential(tv.BasicBlock(8, 16, stride=2)))
     with pytest.raises(ValueError, match="residual add"):
         convert(nn.Sequential(tv.Bottleneck(16, 16)))
+
+
+def test_converted_model_under_compile_and_channels_last():
+    """The detection fine-tuning case: FrozenBN as scale/shift epilogues, trained through compile."""
+    torch.manual_seed(0)
+    model, _ = convert(randomize_norms_(small_resnet(norm_layer=FrozenBatchNorm2d)))
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(x).square().mean()
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref_loss = model(x).square().mean()
+    ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()))
+    torch.testing.assert_close(loss, ref_loss)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, rg)
+
+    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = cl_model(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(y, model(x), rtol=1e-4, atol=1e-5)
