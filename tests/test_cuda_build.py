@@ -130,6 +130,39 @@ def test_built_kernels_have_no_spills():
     assert not bad, f"kernels with a stack frame or local memory (spills): {bad}"
 
 
+def sass_by_function(text: str) -> dict[tuple[str, str], str]:
+    """cuobjdump -sass -> {(arch, function): its SASS text}."""
+    funcs: dict[tuple[str, str], str] = {}
+    for chunk in re.split(r"\n(?=\s*arch = sm_)", text):
+        m = re.search(r"arch = (sm_\d+)", chunk)
+        if not m:
+            continue
+        for body in re.split(r"\n\s*Function : ", chunk)[1:]:
+            name, _, sass = body.partition("\n")
+            funcs[(m.group(1), name.strip())] = sass
+    return funcs
+
+
+def test_vectorized_kernels_use_16_byte_loads_and_stores():
+    """Every VEC > 1 instantiation moves its tensors with 16-byte LDG.E.128 / STG.E.128 on each arch."""
+    if not so_has_device_code():
+        pytest.skip("the extension was built without CUDA (CPU-only build)")
+    cuobjdump = find_cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or triton's copy) found")
+    out = subprocess.run([cuobjdump, "-sass", str(so_path())], capture_output=True, text=True, check=True).stdout
+    checked = 0
+    for (arch, name), sass in sass_by_function(out).items():
+        m = re.search(r"(epilogue_kernel|backward_planes_kernel|backward_rows_kernel)I.*?Li(\d+)E", name)
+        if not m or int(m.group(2)) == 1:
+            continue
+        checked += 1
+        assert re.search(r"\bLDG\.E\.128\b", sass), f"{arch} {name}: no 16-byte load"
+        assert re.search(r"\bSTG\.E\.128\b", sass), f"{arch} {name}: no 16-byte store"
+    # 3 kernels x 4 dtypes with a vector variant, per arch
+    assert checked == 3 * 4 * len(ARCHS), checked
+
+
 def test_ptxas_reports_no_spills(tmp_path):
     """Compile csrc/cuda/*.cu for sm_80 and sm_90 with ptxas -v; every kernel reports 0 bytes of spills.
 

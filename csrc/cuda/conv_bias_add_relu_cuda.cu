@@ -53,6 +53,40 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
+// One 16-byte load/store of a Vec. The store is an explicit st.global.v4
+// (as CUTLASS does): a struct or int4 assignment was split by NVVM into four
+// 32-bit stores in the backward kernels, and __stwb compiles to a strong
+// (STG.E.128.STRONG.SM) store.
+template <typename V>
+__device__ __forceinline__ V load_vec(const void* p) {
+  if constexpr (sizeof(V) == kVecBytes) {
+    union {
+      int4 raw;
+      V vec;
+    } u;
+    u.raw = *reinterpret_cast<const int4*>(p);
+    return u.vec;
+  } else {
+    return *reinterpret_cast<const V*>(p);
+  }
+}
+
+template <typename V>
+__device__ __forceinline__ void store_vec(void* p, const V& v) {
+  if constexpr (sizeof(V) == kVecBytes) {
+    union {
+      V vec;
+      int4 raw;
+    } u;
+    u.vec = v;
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p),
+                 "r"(u.raw.x), "r"(u.raw.y), "r"(u.raw.z), "r"(u.raw.w)
+                 : "memory");
+  } else {
+    *reinterpret_cast<V*>(p) = v;
+  }
+}
+
 bool is_aligned(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0;
 }
@@ -114,8 +148,8 @@ __global__ void epilogue_kernel(
     const int64_t q = i0 / inner;
     int64_t pos = i0 - q * inner;
     int64_t c = q % k;
-    V yv = reinterpret_cast<const V*>(y)[vi];
-    const V rv = residual ? reinterpret_cast<const V*>(residual)[vi] : yv;
+    V yv = load_vec<V>(y + i0);
+    const V rv = residual ? load_vec<V>(residual + i0) : yv;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const opmath_t s = scale ? static_cast<opmath_t>(scale[c]) : opmath_t(1);
@@ -133,7 +167,7 @@ __global__ void epilogue_kernel(
         }
       }
     }
-    reinterpret_cast<V*>(y)[vi] = yv;
+    store_vec(y + i0, yv);
   }
   // Scalar tail (everything when VEC == 1).
   for (int64_t i = nvec * VEC + first; i < numel; i += stride) {
@@ -205,8 +239,8 @@ __global__ void __launch_bounds__(kThreads) backward_planes_kernel(
   for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * VEC; i < end;
        i += static_cast<int64_t>(blockDim.x) * VEC) {
     const int64_t e = base + i;
-    const V gv_in = *reinterpret_cast<const V*>(grad + e);
-    const V ov = relu ? *reinterpret_cast<const V*>(out + e) : gv_in;
+    const V gv_in = load_vec<V>(grad + e);
+    const V ov = relu ? load_vec<V>(out + e) : gv_in;
     V gv = gv_in;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
@@ -216,7 +250,7 @@ __global__ void __launch_bounds__(kThreads) backward_planes_kernel(
       gv.v[j] = static_cast<scalar_t>(m);
     }
     if (g) {
-      *reinterpret_cast<V*>(g + e) = gv;
+      store_vec(g + e, gv);
     }
   }
   if (partial) {
@@ -259,9 +293,9 @@ __global__ void __launch_bounds__(kLanes * kRows) backward_rows_kernel(
   if (col < k) {
     for (int64_t row = row_begin + ty; row < row_end; row += kRows) {
       const int64_t e = row * k + col;
-      const V gv_in = *reinterpret_cast<const V*>(grad + e);
+      const V gv_in = load_vec<V>(grad + e);
       // (An ov left unset without ReLU made ptxas spill on sm_80.)
-      const V ov = relu ? *reinterpret_cast<const V*>(out + e) : gv_in;
+      const V ov = relu ? load_vec<V>(out + e) : gv_in;
       V gv = gv_in;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
@@ -271,7 +305,7 @@ __global__ void __launch_bounds__(kLanes * kRows) backward_rows_kernel(
         gv.v[j] = static_cast<scalar_t>(mg);
       }
       if (g) {
-        *reinterpret_cast<V*>(g + e) = gv;
+        store_vec(g + e, gv);
       }
     }
   }
