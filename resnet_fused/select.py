@@ -276,12 +276,14 @@ def explain(
     With ``backend="auto"`` on CUDA this does what the call would do: it times the backends if the case was
     not timed yet, so the answer is the one the call will use.
     """
-    from resnet_fused.ops import BACKENDS, check_inputs
+    from resnet_fused.ops import BACKENDS, check_inputs, resolve_backend
 
     stride, padding, dilation = check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, groups)
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
+        # Raises what the call would raise if this backend cannot run these tensors.
+        resolve_backend(backend, x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
         return f"{backend}: requested explicitly with backend={backend!r}"
     choice = _decide(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
     return f"{choice.backend}: {choice.reason}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import resnet_fused
 from resnet_fused import select
 
 _REAL_CAN_TIME = select._can_time
@@ -112,10 +113,21 @@ def test_explain_reports_timings_and_winner(fake_cuda):
 
 def test_explicit_backend_is_explained_without_timing(fake_cuda):
     args = make_args()
-    assert explain(args, backend="cuda") == "cuda: requested explicitly with backend='cuda'"
+    assert explain(args, backend="cpu") == "cpu: requested explicitly with backend='cpu'"
+    assert explain(args, backend="reference") == "reference: requested explicitly with backend='reference'"
     assert fake_cuda.calls == []
     with pytest.raises(ValueError, match="backend: expected one of"):
         explain(args, backend="fastest")
+
+
+def test_explicit_backend_that_cannot_run_raises_like_the_call():
+    args = make_args()  # CPU tensors, and no GPU here
+    x, w, b, r, scale, stride, padding, dilation, groups, relu = args
+    kwargs = {"scale": scale, "stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
+    with pytest.raises((RuntimeError, ValueError)) as from_call:
+        resnet_fused.conv_bias_add_relu(x, w, b, r, **kwargs, relu=relu, backend="cuda")
+    with pytest.raises(type(from_call.value), match="backend: 'cuda'"):
+        explain(args, backend="cuda")
 
 
 def test_env_var_forces_a_backend_without_timing(fake_cuda, monkeypatch):
