@@ -1,0 +1,203 @@
+"""Equivalence check printed before any timing: each available backend's output and gradients against a float64
+reference, on every distinct conv of ResNet-18/50 (traced at a small input size), per dtype and layout.
+
+The inputs are random normals rounded to the dtype under test; the float64 reference gets exactly those rounded values,
+so what is measured is the backend's own arithmetic error. For each tensor (out, grad_x, grad_weight, grad_bias,
+grad_residual) the error is ``max |a - ref| / max(max |ref|, 1)``; a tensor passes when every element is within
+``tol * (max(max |ref|, 1) + |ref|)``, with ``tol`` the dtype's tolerance scaled by ``sqrt(reduction length) / 4``
+(the length of the sums behind an element), as in the test suite.
+
+The ReLU mask is checked apart: where the backend's ``out > 0`` disagrees with the sign of the float64
+pre-activation ("mask flips", counted), the float64 value must lie within the dtype's rounding band around zero
+(in bf16 a few hundred such elements are normal, for the eager op too). The gradients are then compared with the
+float64 backward *through the backend's own mask*, so a legitimate flip near zero is not counted as a gradient error
+while any error of the backward itself still is.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+import resnet_fused
+from benchmarks.bench_ops import DTYPES, LAYOUTS, ConvCase, trace_conv_cases
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+TENSORS = ("out", "grad_x", "grad_weight", "grad_bias", "grad_residual")
+INTERPRETER_MAX_CASES = 3  # the Triton interpreter is slow; it gets the smallest few convs
+
+
+def _run(backend: str | None, case: ConvCase, leaves: dict[str, Tensor | None], grad_out: Tensor) -> dict[str, Tensor]:
+    leaves = {k: None if v is None else v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
+    kwargs = {"stride": case.stride, "padding": case.padding, "relu": case.epilogue != "bias"}
+    args = (leaves["x"], leaves["weight"], leaves["bias"], leaves["residual"])
+    if backend is None:
+        out = resnet_fused.reference.conv_bias_add_relu(*args, **kwargs)
+    else:
+        out = resnet_fused.conv_bias_add_relu(*args, **kwargs, backend=backend)
+    out.backward(grad_out.to(out.dtype))
+    res = {"out": out.detach()}
+    for k, v in leaves.items():
+        if v is not None:
+            res[f"grad_{k}"] = v.grad
+    return res
+
+
+def _masked_reference(
+    case: ConvCase, leaves: dict[str, Tensor | None], grad_out: Tensor, mask: Tensor | None
+) -> dict[str, Tensor]:
+    """float64 gradients of ``conv(x, w) + b + residual`` for ``grad_out * mask``: the backward given a ReLU mask."""
+    lv = {k: None if v is None else v.double().detach().requires_grad_(True) for k, v in leaves.items()}
+    lin = torch.nn.functional.conv2d(lv["x"], lv["weight"], lv["bias"], case.stride, case.padding)
+    if lv["residual"] is not None:
+        lin = lin + lv["residual"]
+    g = grad_out.double() if mask is None else grad_out.double() * mask
+    lin.backward(g)
+    return {f"grad_{k}": v.grad for k, v in lv.items() if v is not None}
+
+
+def _reductions(case: ConvCase, batch: int) -> dict[str, int]:
+    p, q = case.out_hw()
+    return {
+        "out": case.c * case.r * case.s,
+        "grad_x": case.k * case.r * case.s,
+        "grad_weight": batch * p * q,
+        "grad_bias": batch * p * q,
+        "grad_residual": 1,
+    }
+
+
+def check_case(
+    case: ConvCase, backends: Sequence[str], dtype: torch.dtype, layout: str, batch: int, seed: int = 0
+) -> dict[str, dict]:
+    """backend -> {tensor -> (normalized max error, passed)} plus mask-flip counts, for one case."""
+    g = torch.Generator().manual_seed(seed)
+    fmt = LAYOUTS[layout]
+    p, q = case.out_hw()
+    fan_in = case.c * case.r * case.s
+
+    def rand(*shape: int, scale: float = 1.0) -> Tensor:
+        t = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+        return t.contiguous(memory_format=fmt) if t.dim() == 4 else t
+
+    leaves = {
+        "x": rand(batch, case.c, case.h, case.w),
+        "weight": rand(case.k, case.c, case.r, case.s, scale=fan_in**-0.5),
+        "bias": rand(case.k, scale=0.1),
+        "residual": rand(batch, case.k, p, q) if case.epilogue == "bias+res+relu" else None,
+    }
+    grad_out = rand(batch, case.k, p, q)
+    ref = _run(None, case, {k: None if v is None else v.double() for k, v in leaves.items()}, grad_out.double())
+    relu = case.epilogue != "bias"
+    with torch.no_grad():
+        pre = torch.nn.functional.conv2d(
+            leaves["x"].double(), leaves["weight"].double(), leaves["bias"].double(), case.stride, case.padding
+        )
+        if leaves["residual"] is not None:
+            pre = pre + leaves["residual"].double()
+    red = _reductions(case, batch)
+    results: dict[str, dict] = {}
+    for backend in backends:
+        got = _run(backend, case, leaves, grad_out)
+        row: dict = {"mask_flips": 0, "mask_flips_outside_band": 0}
+        expected = ref
+        if relu:
+            tol_out = TOL[dtype] * max(1.0, red["out"] ** 0.5 / 4)
+            band = 4 * tol_out * max(pre.abs().max().item(), 1.0)
+            flips = (got["out"] > 0) != (pre > 0)
+            row["mask_flips"] = int(flips.sum())
+            row["mask_flips_outside_band"] = int((flips & (pre.abs() > band)).sum())
+            if row["mask_flips"]:
+                mask = (got["out"] > 0).double()
+                expected = {"out": ref["out"], **_masked_reference(case, leaves, grad_out, mask)}
+        for name in TENSORS:
+            if name not in expected:
+                continue
+            a, e = got[name].double(), expected[name]
+            tol = TOL[dtype] * max(1.0, red[name] ** 0.5 / 4)
+            mag = max(e.abs().max().item() if e.numel() else 0.0, 1.0)
+            diff = (a - e).abs()
+            err = diff.max().item() / mag if diff.numel() else 0.0
+            ok = bool((diff <= tol * (mag + e.abs())).all()) and bool(torch.isfinite(a).all())
+            row[name] = (err, ok)
+        results[backend] = row
+    return results
+
+
+def run(
+    *,
+    models: Sequence[str] = ("resnet18", "resnet50"),
+    hw: int = 32,
+    batch: int = 2,
+    dtypes: Sequence[str] = ("fp32", "bf16"),
+    layouts: Sequence[str] = ("channels_last", "nchw"),
+    backends: Sequence[str] | None = None,
+    max_cases: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Check every backend on every case; returns per (backend, dtype) the max error per tensor and pass/fail."""
+    from tqdm import tqdm
+
+    backends = list(backends or resnet_fused.available_backends())
+    cases = trace_conv_cases(models, hw)
+    if max_cases is not None:
+        cases = cases[:max_cases]
+    small = sorted(cases, key=lambda c: c.c * c.k * c.r * c.s)[:INTERPRETER_MAX_CASES]
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
+    table: dict[tuple[str, str], dict] = {}
+    work = [(c, d, lay) for d in dtypes for lay in layouts for c in cases]
+    for case, dtype_name, layout in tqdm(work, desc="equivalence", unit="case", disable=not progress, leave=False):
+        todo = [b for b in backends if not (b == "triton" and interpreting and case not in small)]
+        res = check_case(case, todo, DTYPES[dtype_name], layout, batch)
+        for backend, row in res.items():
+            agg = table.setdefault(
+                (backend, dtype_name), {"cases": 0, "passed": True, "mask_flips": 0, "failures": [], "errors": {}}
+            )
+            agg["cases"] += 1
+            agg["mask_flips"] += row["mask_flips"]
+            if row["mask_flips_outside_band"]:
+                agg["passed"] = False
+                agg["failures"].append(f"{case.name} {layout}: {row['mask_flips_outside_band']} ReLU mask flips")
+            for name in TENSORS:
+                if name not in row:
+                    continue
+                err, ok = row[name]
+                agg["errors"][name] = max(agg["errors"].get(name, 0.0), err)
+                if not ok:
+                    agg["passed"] = False
+                    agg["failures"].append(f"{case.name} {layout}: {name} error {err:.2e}")
+    return {
+        "config": {
+            "models": list(models),
+            "input_hw": hw,
+            "batch": batch,
+            "dtypes": list(dtypes),
+            "layouts": list(layouts),
+            "n_cases": len(cases),
+            "backends": backends,
+        },
+        "results": [{"backend": b, "dtype": d, **v} for (b, d), v in table.items()],
+        "passed": all(v["passed"] for v in table.values()),
+    }
+
+
+def format_table(result: dict) -> str:
+    """Console table: max normalized error per tensor for each (backend, dtype)."""
+    head = f"{'backend':10s} {'dtype':5s} {'cases':>5s} " + " ".join(f"{t:>13s}" for t in TENSORS) + "  flips  result"
+    lines = [
+        "equivalence vs float64 reference (max |a - ref| / max(max |ref|, 1); 'reference' is the unfused eager op "
+        "in that dtype, for comparison)",
+        head,
+    ]
+    for r in result["results"]:
+        errs = " ".join(f"{r['errors'][t]:13.2e}" if t in r["errors"] else f"{'-':>13s}" for t in TENSORS)
+        lines.append(
+            f"{r['backend']:10s} {r['dtype']:5s} {r['cases']:5d} {errs} {r['mask_flips']:6d}  "
+            f"{'PASS' if r['passed'] else 'FAIL'}"
+        )
+        for f in r["failures"][:5]:
+            lines.append(f"    {f}")
+    return "\n".join(lines)

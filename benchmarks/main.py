@@ -1,0 +1,118 @@
+"""The main job (``make bench``): an equivalence check, then the op benchmark, a table, JSON and a PNG.
+
+1. Equivalence: each available backend's output and gradients against a float64 reference, max error per dtype
+   (see :mod:`benchmarks.equivalence`); a failure is printed and makes the exit status 1, after the timings.
+2. Op benchmark (see :mod:`benchmarks.bench_ops`). The default suite is short (a few minutes on 2 cores): the distinct
+   convs of ResNet-50 at batch 8, fp32, channels_last, forward and forward+backward, every implementation.
+   ``--full`` runs everything: ResNet-18 and ResNet-50 convs, fp32 and bf16, channels_last and NCHW, then the model
+   benchmark (:mod:`benchmarks.bench_model`).
+
+Writes ``ops.json``, ``ops.md``, ``ops.png`` (and ``model.json``, ``model.md`` with ``--full``) to ``--out``
+(default ``benchmarks/out/``), and everything in one JSON to ``--json`` (default ``<out>/bench.json``).
+
+    python -m benchmarks.main            # make bench
+    python -m benchmarks.main --full     # make bench-full
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from benchmarks import bench_model, bench_ops, equivalence, timing
+
+TINY = {"hw": 32, "batch": 2, "rounds": 2, "warmup": 1, "min_sample_ms": 1.0, "max_cases": 1}
+
+
+def _header(device: torch.device, threads: int) -> str:
+    m = timing.machine_info(threads, device)
+    gpu = f", GPU {m['gpu']}" if "gpu" in m else ""
+    return (
+        f"machine: {m['cpu_model']} ({m['cpus_usable']} usable CPUs, flags {' '.join(m['cpu_flags'])}){gpu}; "
+        f"{m['threads']} threads; torch {m['torch']}, torchvision {m['torchvision']}, triton {m['triton']}; "
+        f"resnet_fused {m['resnet_fused']} @ {m['git_commit']}\n"
+        f"backends available: {m['backends_available']}; timer: {m['timer']}; load average {m['load_avg_1_5_15']}\n"
+        f"peak memory: {m['memory_method']}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the equivalence check and the benchmark suite; see the module docstring."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="every shape, dtype, layout and pass, plus the models")
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests)")
+    parser.add_argument("--out", default=str(bench_ops.OUT_DIR), help="directory for json/md/png")
+    parser.add_argument("--json", default=None, help="combined JSON (default: <out>/bench.json)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7, or 10 with --full)")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all usable CPUs)")
+    parser.add_argument("--skip-equivalence", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    a = parser.parse_args(argv)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" noise on CPU compiles
+    t_start = time.perf_counter()
+    out = Path(a.out)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    threads = timing.set_threads(a.threads)
+    progress = not a.no_progress
+    print(_header(device, threads), flush=True)
+    combined: dict = {}
+
+    # 1. equivalence
+    if not a.skip_equivalence:
+        t0 = time.perf_counter()
+        eq_kw = {"max_cases": 2, "dtypes": ("fp32", "bf16"), "layouts": ("channels_last",)} if a.tiny else {}
+        eq = equivalence.run(progress=progress, **eq_kw)
+        eq["wall_s"] = time.perf_counter() - t0
+        print("\n" + equivalence.format_table(eq) + f"\n({eq['wall_s']:.0f} s)", flush=True)
+        combined["equivalence"] = eq
+        timing.write_json(out / "equivalence.json", eq)
+
+    # 2. ops
+    if a.tiny:
+        ops_kw: dict = {"models": ("resnet18",), **TINY}
+    elif a.full:
+        ops_kw = {"models": ("resnet18", "resnet50"), "dtypes": ("fp32", "bf16"), "layouts": ("channels_last", "nchw")}
+    else:
+        ops_kw = {"models": ("resnet50",), "dtypes": ("fp32",), "layouts": ("channels_last",)}
+    if not a.tiny:
+        ops_kw.update(batch=a.batch, rounds=a.rounds or (10 if a.full else 7))
+    ops = bench_ops.run(threads=threads, progress=progress, **ops_kw)
+    print(f"\nop benchmark ({ops['config']['wall_s']:.0f} s)\n")
+    print(bench_ops.table_markdown(ops["records"]))
+    print(bench_ops.summary_text(ops["summary"], ops["targets"]), flush=True)
+    combined["ops"] = ops
+    written = bench_ops.write_outputs(ops, out / "ops.json", out / "ops.png", out / "ops.md")
+
+    # 3. models (--full)
+    if a.full:
+        model = bench_model.run(
+            models=("resnet18", "resnet50"), dtypes=("fp32", "bf16"), batch=a.batch, rounds=a.rounds or 10,
+            threads=threads, progress=progress,
+        )  # fmt: skip
+        print(f"\nmodel benchmark ({model['config']['wall_s']:.0f} s)\n")
+        print(bench_model.table_markdown(model["records"]))
+        print(bench_model.targets_text(model["targets"]), flush=True)
+        combined["model"] = model
+        written += bench_model.write_outputs(model, out / "model.json", out / "model.md")
+
+    combined["wall_s"] = time.perf_counter() - t_start
+    written.append(timing.write_json(a.json or out / "bench.json", combined))
+    print()
+    for p in written:
+        print(f"wrote {p}")
+    print(f"total {combined['wall_s']:.0f} s")
+    if "equivalence" in combined and not combined["equivalence"]["passed"]:
+        print("EQUIVALENCE CHECK FAILED: see the table at the top; the timings above are of a wrong result.")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
