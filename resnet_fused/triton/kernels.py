@@ -131,7 +131,7 @@ def _conv_fwd_kernel(
         )
         acc = acc + res.to(ACC)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
     y_ptrs = y_ptr + (n * syn + p * syh + q * syw)[:, None] + (k_glob.to(tl.int64) * syc)[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_out)
 
@@ -185,6 +185,7 @@ def _conv_dgrad_kernel(
 ):
     # gx[n, c, h, w] = sum_{k,r,s} gz[n, k, p, q] * w[k, c, r, s], over p*st = h + pad - r*dil
     # (and q likewise), where gz = grad_out * (out > 0) * scale is formed on load, never stored.
+    # The mask is written as not (out <= 0), like torch's threshold_backward: a NaN output passes.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     g = tl.program_id(2)
@@ -226,7 +227,7 @@ def _conv_dgrad_kernel(
                 mask=mask_a,
                 other=0.0,
             )
-            a = tl.where(o.to(ACC) > 0.0, a, 0.0)
+            a = tl.where(o.to(ACC) <= 0.0, 0.0, a)
         b = tl.load(
             w_col[None, :] + (k.to(tl.int64) * swk)[:, None] + (r * swr + s * sws),
             mask=mask_k[:, None] & mask_n[None, :],
@@ -347,7 +348,7 @@ def _conv_wgrad_kernel(
         a = tl.load(go_col[:, None] + (n * sgn + p * sgh + q * sgw)[None, :], mask=mask_a, other=0.0)
         if RELU:
             o = tl.load(out_col[:, None] + (n * son + p * soh + q * sow)[None, :], mask=mask_a, other=0.0)
-            a = tl.where(o.to(ACC) > 0.0, a, 0.0)
+            a = tl.where(o.to(ACC) <= 0.0, 0.0, a)
         if COMPUTE_B:
             bsum += tl.sum(a.to(ACC), axis=1)
         if STORE_GRES:
