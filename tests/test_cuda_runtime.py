@@ -25,6 +25,8 @@ SHAPES = {
     "1x1expand": (2, 64, 256, 7, 7, 1, 1, 0, 1, 1),
     "odd_dilated": (3, 5, 7, 9, 11, 3, 1, 2, 2, 1),
     "depthwise": (2, 32, 32, 9, 9, 3, 1, 1, 1, 32),
+    # 96*96 output pixels: several chunks per (n, c) plane in the NCHW backward kernel
+    "large_plane": (1, 8, 8, 96, 96, 3, 1, 1, 1, 1),
 }
 # Which optional parts are present, and relu.
 EPILOGUES = {

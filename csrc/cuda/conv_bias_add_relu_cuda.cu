@@ -214,8 +214,8 @@ __device__ T block_sum(T v, T* warp_sums) {
   return total;  // valid in thread 0 only
 }
 
-// NCHW: grid (N*K planes, chunks of H*W). Block (plane, chunk) writes
-// partial[n * chunks + chunk][c].
+// NCHW: grid (N*K planes, chunks of H*W), 32 to kThreads threads per block.
+// Block (plane, chunk) writes partial[n * chunks + chunk][c].
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads) backward_planes_kernel(
     const scalar_t* __restrict__ grad,
@@ -590,10 +590,14 @@ void launch_backward(
         at::Tensor partial;
         int64_t partial_rows = 0;
         if (inner != 1) {
-          // NCHW: one block per (n, c) plane and chunk of the plane.
+          // NCHW: one block per (n, c) plane and chunk of the plane. Small
+          // planes (7x7, 14x14) get small blocks rather than idle threads.
           const bool vec = ptrs_aligned && inner % kVec == 0;
           const int64_t step = vec ? kVec : 1;
-          int64_t chunk = kThreads * step * 4;
+          const int threads = static_cast<int>(std::clamp<int64_t>(
+              ceil_div(ceil_div(inner, step), C10_WARP_SIZE) * C10_WARP_SIZE,
+              C10_WARP_SIZE, kThreads));
+          int64_t chunk = threads * step * 4;
           chunk = std::max(chunk, ceil_div(ceil_div(inner, kMaxGridY), step) * step);
           const int64_t chunks = ceil_div(inner, chunk);
           const int64_t planes = rows * k;
@@ -608,10 +612,10 @@ void launch_backward(
           opmath_t* p_ptr = partial.defined() ? partial.mutable_data_ptr<opmath_t>() : nullptr;
           const dim3 grid(static_cast<unsigned>(planes), static_cast<unsigned>(chunks));
           if (vec) {
-            backward_planes_kernel<scalar_t, kVec><<<grid, kThreads, 0, stream>>>(
+            backward_planes_kernel<scalar_t, kVec><<<grid, threads, 0, stream>>>(
                 grad_ptr, out_ptr, g_ptr, p_ptr, k, inner, chunk, relu);
           } else {
-            backward_planes_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(
+            backward_planes_kernel<scalar_t, 1><<<grid, threads, 0, stream>>>(
                 grad_ptr, out_ptr, g_ptr, p_ptr, k, inner, chunk, relu);
           }
           C10_CUDA_KERNEL_LAUNCH_CHECK();
