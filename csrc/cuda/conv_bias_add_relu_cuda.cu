@@ -469,12 +469,16 @@ at::Tensor try_cudnn_fused(
   }
   const at::Tensor w =
       scale.has_value() ? weight * scale->view({-1, 1, 1, 1}) : weight;
+  // The failure cache does not key on the bias's strides: give cuDNN a dense one.
+  const std::optional<at::Tensor> b = bias.has_value()
+      ? std::optional<at::Tensor>(bias->contiguous())
+      : std::nullopt;
   try {
     return residual.has_value()
         ? at::cudnn_convolution_add_relu(
-              x, w, *residual, /*alpha=*/std::nullopt, bias, stride, padding,
+              x, w, *residual, /*alpha=*/std::nullopt, b, stride, padding,
               dilation, groups)
-        : at::cudnn_convolution_relu(x, w, bias, stride, padding, dilation, groups);
+        : at::cudnn_convolution_relu(x, w, b, stride, padding, dilation, groups);
   } catch (const c10::OutOfMemoryError&) {
     throw;
   } catch (const c10::Error&) {
