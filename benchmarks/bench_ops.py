@@ -27,6 +27,7 @@ requiring grad as in training, back-propagates a fixed random ``grad_out`` and c
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -244,6 +245,7 @@ def timed_backends(device: torch.device, requested: Sequence[str] | None = None)
 
 
 def _configure_dynamo() -> None:
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" noise on CPU
     # One compiled graph per case; the cache is reset between cases, and shapes are never made dynamic.
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
@@ -543,6 +545,7 @@ def run(
     min_sample_ms: float = 20.0,
     threads: int | None = None,
     max_cases: int | None = None,
+    only: Sequence[str] = (),
     device: str | None = None,
     progress: bool = True,
 ) -> dict:
@@ -553,6 +556,8 @@ def run(
     n_threads = timing.set_threads(threads)
     _configure_dynamo()
     cases = trace_conv_cases(models, hw)
+    if only:
+        cases = [c for c in cases if any(o in c.name for o in only)]
     if max_cases is not None:
         cases = cases[:max_cases]
     fused = timed_backends(dev, backends)
@@ -650,6 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--passes", default="fwd,fwd+bwd")
     parser.add_argument("--backends", default=None, help="comma list of fused backends to time (default: all)")
     parser.add_argument("--max-cases", type=int, default=None, help="only the first N distinct convs")
+    parser.add_argument("--only", default="", help="comma list of substrings of case names, e.g. '1x1 64->256'")
     parser.add_argument("--json", default=str(OUT_DIR / "ops.json"))
     parser.add_argument("--png", default=str(OUT_DIR / "ops.png"))
     parser.add_argument("--md", default=str(OUT_DIR / "ops.md"))
@@ -677,6 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         min_sample_ms=a.min_sample_ms,
         threads=a.threads,
         max_cases=a.max_cases,
+        only=[o for o in a.only.split(",") if o],
         device=a.device,
         progress=not a.no_progress,
     )

@@ -42,6 +42,22 @@ def _header(device: torch.device, threads: int) -> str:
     )
 
 
+def _write_summary(path: Path, header: str, combined: dict) -> Path:
+    """The headline in one markdown file: machine, equivalence, op summary and every target, met or missed."""
+    parts = ["```", header, "```"]
+    if "equivalence" in combined:
+        parts += ["", "```", equivalence.format_table(combined["equivalence"]), "```"]
+    ops = combined["ops"]
+    parts += ["", "```", bench_ops.summary_text(ops["summary"], ops["targets"]), "```"]
+    if "model" in combined:
+        parts += ["", bench_model.table_markdown(combined["model"]["records"])]
+        parts += ["```", bench_model.targets_text(combined["model"]["targets"]), "```"]
+    parts.append(f"\nwall time {combined['wall_s']:.0f} s\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts))
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the equivalence check and the benchmark suite; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -104,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     combined["wall_s"] = time.perf_counter() - t_start
     written.append(timing.write_json(a.json or out / "bench.json", combined))
+    written.append(_write_summary(out / "summary.md", _header(device, threads), combined))
     print()
     for p in written:
         print(f"wrote {p}")
