@@ -99,6 +99,7 @@ def inference_impls(
         with torch.no_grad():
             t0 = time.perf_counter()
             compiled(x)
+            timing.synchronize(device)
             compile_s["compile"] = time.perf_counter() - t0
         impls["compile"] = lambda: compiled(x)
 

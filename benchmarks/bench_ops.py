@@ -278,6 +278,7 @@ def run_case(
     if "compile" in calls:
         t0 = time.perf_counter()
         calls["compile"]()  # compiles the forward (and, for fwd+bwd, the backward)
+        timing.synchronize(device)
         compile_s = time.perf_counter() - t0
     stats = timing.time_interleaved(
         calls,
@@ -580,7 +581,9 @@ def run(
             warmup=warmup,
             min_sample_ms=min_sample_ms,
         )
-    summary = summarize(records, "resnet50" if "resnet50" in models else None)
+    summary = summarize(records, "resnet50") if "resnet50" in models else []
+    if list(models) != ["resnet50"]:
+        summary += summarize(records, None)
     config = {
         "models": list(models),
         "input_hw": hw,

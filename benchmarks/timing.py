@@ -95,7 +95,8 @@ def set_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work (nothing to wait for on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -110,11 +111,11 @@ def _sample_ms(fn: Callable[[], object], inner: int, device: torch.device) -> fl
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / inner
-    _synchronize(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(inner):
         fn()
-    _synchronize(device)
+    synchronize(device)
     return (time.perf_counter() - t0) * 1e3 / inner
 
 
@@ -147,7 +148,7 @@ def time_interleaved(
         fn = impls[name]
         for _ in range(warmup):
             fn()
-        _synchronize(device)
+        synchronize(device)
         once = _sample_ms(fn, 1, device)
         inner[name] = max(1, min(1000, math.ceil(min_sample_ms / max(once, 1e-3))))
     times: dict[str, list[float]] = {n: [] for n in names}
