@@ -95,84 +95,107 @@ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// Blocks for a grid-stride loop over `work` items: enough to fill the device,
-// never more than the work needs.
-int64_t grid_for(int64_t work) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return std::max<int64_t>(1, std::min(ceil_div(work, kThreads), sms * 8));
-}
-
 // ---------------------------------------------------------------------------
 // Forward epilogue, in place on the conv's fresh output y (contiguous in its
-// memory format). Flat element i has channel (i / inner) % k: inner = H*W for
-// NCHW, 1 for channels-last.
+// memory format): y = act(y * scale[c] + bias[c] + residual). Same two
+// layouts as the backward, so the channel is known per block (NCHW) or per
+// column (channels-last) and the loops do no division.
 // ---------------------------------------------------------------------------
 
 template <typename scalar_t, typename opmath_t>
-__device__ __forceinline__ void epilogue_one(
-    scalar_t* y,
-    const scalar_t* residual,
-    const scalar_t* scale,
-    const scalar_t* bias,
-    int64_t i,
-    int64_t c,
+__device__ __forceinline__ scalar_t epilogue_value(
+    scalar_t acc,
+    opmath_t s,
+    opmath_t b,
+    opmath_t r,
     bool relu) {
-  const opmath_t s = scale ? static_cast<opmath_t>(scale[c]) : opmath_t(1);
-  const opmath_t b = bias ? static_cast<opmath_t>(bias[c]) : opmath_t(0);
-  const opmath_t r = residual ? static_cast<opmath_t>(residual[i]) : opmath_t(0);
-  opmath_t v = epilogue(static_cast<opmath_t>(y[i]), s, b, r);
-  if (relu) {
-    v = relu_forward(v);
-  }
-  y[i] = static_cast<scalar_t>(v);
+  opmath_t v = epilogue(static_cast<opmath_t>(acc), s, b, r);
+  return static_cast<scalar_t>(relu ? relu_forward(v) : v);
 }
 
+// NCHW: grid (N*K planes, chunks of H*W). Plane bases need not be 16-byte
+// aligned (H*W % VEC != 0): each chunk is a scalar head up to the first
+// aligned element, whole vectors, then a scalar tail.
 template <typename scalar_t, int VEC>
-__global__ void epilogue_kernel(
+__global__ void __launch_bounds__(kThreads) epilogue_planes_kernel(
     scalar_t* __restrict__ y,
     const scalar_t* __restrict__ residual,
     const scalar_t* __restrict__ scale,
     const scalar_t* __restrict__ bias,
-    int64_t numel,
     int64_t k,
     int64_t inner,
+    int64_t chunk,
     bool relu) {
   using opmath_t = at::opmath_type<scalar_t>;
   using V = Vec<scalar_t, VEC>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t nvec = VEC > 1 ? numel / VEC : 0;
-  for (int64_t vi = first; vi < nvec; vi += stride) {
-    const int64_t i0 = vi * VEC;
-    // Channel of the first lane, then walk it along the vector.
-    const int64_t q = i0 / inner;
-    int64_t pos = i0 - q * inner;
-    int64_t c = q % k;
-    V yv = load_vec<V>(y + i0);
-    const V rv = residual ? load_vec<V>(residual + i0) : yv;
+  const int64_t plane = blockIdx.x;
+  const int64_t c = plane % k;
+  const opmath_t s = scale ? static_cast<opmath_t>(scale[c]) : opmath_t(1);
+  const opmath_t b = bias ? static_cast<opmath_t>(bias[c]) : opmath_t(0);
+  const int64_t base = plane * inner;
+  const int64_t begin = base + static_cast<int64_t>(blockIdx.y) * chunk;
+  const int64_t end = std::min(begin + chunk, base + inner);
+  // [begin, vbegin) head, [vbegin, vend) vectors, [vend, end) tail.
+  const int64_t vbegin = std::min(end, begin + (VEC - begin % VEC) % VEC);
+  const int64_t vend = vbegin + (end - vbegin) / VEC * VEC;
+  for (int64_t e = vbegin + static_cast<int64_t>(threadIdx.x) * VEC; e < vend;
+       e += static_cast<int64_t>(blockDim.x) * VEC) {
+    V yv = load_vec<V>(y + e);
+    const V rv = residual ? load_vec<V>(residual + e) : yv;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const opmath_t s = scale ? static_cast<opmath_t>(scale[c]) : opmath_t(1);
-      const opmath_t b = bias ? static_cast<opmath_t>(bias[c]) : opmath_t(0);
       const opmath_t r = residual ? static_cast<opmath_t>(rv.v[j]) : opmath_t(0);
-      opmath_t v = epilogue(static_cast<opmath_t>(yv.v[j]), s, b, r);
-      if (relu) {
-        v = relu_forward(v);
-      }
-      yv.v[j] = static_cast<scalar_t>(v);
-      if (++pos == inner) {
-        pos = 0;
-        if (++c == k) {
-          c = 0;
-        }
-      }
+      yv.v[j] = epilogue_value(yv.v[j], s, b, r, relu);
     }
-    store_vec(y + i0, yv);
+    store_vec(y + e, yv);
   }
-  // Scalar tail (everything when VEC == 1).
-  for (int64_t i = nvec * VEC + first; i < numel; i += stride) {
-    epilogue_one<scalar_t, opmath_t>(
-        y, residual, scale, bias, i, (i / inner) % k, relu);
+  // Head and tail: fewer than VEC elements each (everything when VEC == 1).
+  const int64_t head = vbegin - begin;
+  const int64_t scalars = head + (end - vend);
+  for (int64_t t = threadIdx.x; t < scalars; t += blockDim.x) {
+    const int64_t e = t < head ? begin + t : vend + (t - head);
+    const opmath_t r = residual ? static_cast<opmath_t>(residual[e]) : opmath_t(0);
+    y[e] = epilogue_value(y[e], s, b, r, relu);
+  }
+}
+
+// Channels-last: (M = N*H*W rows, K). Block (kLanes, kRows) covers
+// kLanes * VEC channels of rows_per_block rows. With VEC > 1 the host
+// guarantees K % VEC == 0, so every row starts 16-byte aligned.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kLanes * kRows) epilogue_rows_kernel(
+    scalar_t* __restrict__ y,
+    const scalar_t* __restrict__ residual,
+    const scalar_t* __restrict__ scale,
+    const scalar_t* __restrict__ bias,
+    int64_t m,
+    int64_t k,
+    int64_t rows_per_block,
+    bool relu) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using V = Vec<scalar_t, VEC>;
+  const int64_t col = (static_cast<int64_t>(blockIdx.x) * kLanes + threadIdx.x) * VEC;
+  if (col >= k) {
+    return;
+  }
+  opmath_t s[VEC], b[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    s[j] = scale ? static_cast<opmath_t>(scale[col + j]) : opmath_t(1);
+    b[j] = bias ? static_cast<opmath_t>(bias[col + j]) : opmath_t(0);
+  }
+  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_block;
+  const int64_t row_end = std::min(row_begin + rows_per_block, m);
+  for (int64_t row = row_begin + threadIdx.y; row < row_end; row += kRows) {
+    const int64_t e = row * k + col;
+    V yv = load_vec<V>(y + e);
+    const V rv = residual ? load_vec<V>(residual + e) : yv;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const opmath_t r = residual ? static_cast<opmath_t>(rv.v[j]) : opmath_t(0);
+      yv.v[j] = epilogue_value(yv.v[j], s[j], b[j], r, relu);
+    }
+    store_vec(y + e, yv);
   }
 }
 
@@ -181,16 +204,6 @@ __global__ void epilogue_kernel(
 // stored when g != nullptr; per-block sums of g per channel stored in
 // partial[row][c] when partial != nullptr.
 // ---------------------------------------------------------------------------
-
-template <typename scalar_t, typename opmath_t>
-__device__ __forceinline__ opmath_t masked_grad(
-    scalar_t grad,
-    const scalar_t* out,
-    int64_t i,
-    bool relu) {
-  const opmath_t gr = static_cast<opmath_t>(grad);
-  return relu ? relu_backward(gr, static_cast<opmath_t>(out[i])) : gr;
-}
 
 // Sum over the block in a fixed order (shuffle tree, then warp order).
 template <typename T>
@@ -215,7 +228,8 @@ __device__ T block_sum(T v, T* warp_sums) {
 }
 
 // NCHW: grid (N*K planes, chunks of H*W), 32 to kThreads threads per block.
-// Block (plane, chunk) writes partial[n * chunks + chunk][c].
+// Block (plane, chunk) writes partial[n * chunks + chunk][c]. As in the
+// epilogue, each chunk is a scalar head, whole aligned vectors, a scalar tail.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads) backward_planes_kernel(
     const scalar_t* __restrict__ grad,
@@ -230,16 +244,16 @@ __global__ void __launch_bounds__(kThreads) backward_planes_kernel(
   using V = Vec<scalar_t, VEC>;
   __shared__ opmath_t warp_sums[kThreads / C10_WARP_SIZE];
   const int64_t plane = blockIdx.x;
-  const int64_t begin = static_cast<int64_t>(blockIdx.y) * chunk;
-  const int64_t end = std::min(begin + chunk, inner);
   const int64_t base = plane * inner;
+  const int64_t begin = base + static_cast<int64_t>(blockIdx.y) * chunk;
+  const int64_t end = std::min(begin + chunk, base + inner);
+  const int64_t vbegin = std::min(end, begin + (VEC - begin % VEC) % VEC);
+  const int64_t vend = vbegin + (end - vbegin) / VEC * VEC;
   opmath_t acc = opmath_t(0);
-  // With VEC > 1 the host guarantees inner % VEC == 0 and chunk % VEC == 0,
-  // so [begin, end) is whole vectors.
-  for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * VEC; i < end;
-       i += static_cast<int64_t>(blockDim.x) * VEC) {
-    const int64_t e = base + i;
+  for (int64_t e = vbegin + static_cast<int64_t>(threadIdx.x) * VEC; e < vend;
+       e += static_cast<int64_t>(blockDim.x) * VEC) {
     const V gv_in = load_vec<V>(grad + e);
+    // (An ov left unset without ReLU made ptxas spill on sm_80.)
     const V ov = relu ? load_vec<V>(out + e) : gv_in;
     V gv = gv_in;
 #pragma unroll
@@ -251,6 +265,17 @@ __global__ void __launch_bounds__(kThreads) backward_planes_kernel(
     }
     if (g) {
       store_vec(g + e, gv);
+    }
+  }
+  const int64_t head = vbegin - begin;
+  const int64_t scalars = head + (end - vend);
+  for (int64_t t = threadIdx.x; t < scalars; t += blockDim.x) {
+    const int64_t e = t < head ? begin + t : vend + (t - head);
+    const opmath_t gr = static_cast<opmath_t>(grad[e]);
+    const opmath_t m = relu ? relu_backward(gr, static_cast<opmath_t>(out[e])) : gr;
+    acc = reduce_combine(acc, m);
+    if (g) {
+      g[e] = static_cast<scalar_t>(m);
     }
   }
   if (partial) {
@@ -384,6 +409,48 @@ void check_cuda(const at::Tensor& t, const char* name) {
       t.device());
 }
 
+// Launch shape of the NCHW kernels: 32..kThreads threads sized to the plane
+// (7x7 and 14x14 planes get small blocks, not idle threads), and chunks of
+// the plane so that gridDim.y <= 65535.
+struct PlaneConfig {
+  int threads;
+  int64_t chunk;
+  int64_t chunks;
+};
+
+PlaneConfig plane_config(int64_t inner, int64_t step) {
+  PlaneConfig cfg;
+  cfg.threads = static_cast<int>(std::clamp<int64_t>(
+      ceil_div(ceil_div(inner, step), C10_WARP_SIZE) * C10_WARP_SIZE,
+      C10_WARP_SIZE, kThreads));
+  cfg.chunk = std::max<int64_t>(
+      cfg.threads * step * 4, ceil_div(ceil_div(inner, kMaxGridY), step) * step);
+  cfg.chunks = ceil_div(inner, cfg.chunk);
+  return cfg;
+}
+
+// Rows per block of the channels-last kernels, so that gridDim.y <= 65535.
+int64_t rows_per_block_for(int64_t rows) {
+  return std::max<int64_t>(kRows * 16, ceil_div(rows, kMaxGridY));
+}
+
+dim3 planes_grid(int64_t planes, int64_t chunks) {
+  TORCH_CHECK(
+      planes <= std::numeric_limits<int32_t>::max(),
+      "conv_bias_add_relu: expected N*K <= 2^31-1 (n, c) planes, got ", planes);
+  return dim3(static_cast<unsigned>(planes), static_cast<unsigned>(chunks));
+}
+
+dim3 rows_grid(int64_t k, int64_t step, int64_t rows_per_block, int64_t rows) {
+  const int64_t col_blocks = ceil_div(k, kLanes * step);
+  TORCH_CHECK(
+      col_blocks <= std::numeric_limits<int32_t>::max(),
+      "conv_bias_add_relu: too many channels, got K=", k);
+  return dim3(
+      static_cast<unsigned>(col_blocks),
+      static_cast<unsigned>(ceil_div(rows, rows_per_block)));
+}
+
 // (rows, k, inner) of a 4-D tensor contiguous in fmt: NCHW is (N, K, H*W),
 // channels-last (N*H*W, K, 1).
 std::tuple<int64_t, int64_t, int64_t> rows_k_inner(
@@ -498,8 +565,6 @@ void launch_epilogue(
     bool relu,
     at::MemoryFormat fmt) {
   const auto [rows, k, inner] = rows_k_inner(y, fmt);
-  (void)rows;
-  const int64_t numel = y.numel();
   const at::Tensor s = scale.has_value() ? scale->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -510,15 +575,32 @@ void launch_epilogue(
         const scalar_t* s_ptr = s.defined() ? s.const_data_ptr<scalar_t>() : nullptr;
         const scalar_t* b_ptr = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
         constexpr int kVec = vec_size<scalar_t>();
-        const bool vec_ok = is_aligned(y_ptr) && (!r_ptr || is_aligned(r_ptr));
+        const bool ptrs_aligned = is_aligned(y_ptr) && (!r_ptr || is_aligned(r_ptr));
         const auto stream = at::cuda::getCurrentCUDAStream();
-        if (vec_ok) {
-          const int64_t blocks = grid_for(std::max<int64_t>(numel / kVec, 1));
-          epilogue_kernel<scalar_t, kVec><<<blocks, kThreads, 0, stream>>>(
-              y_ptr, r_ptr, s_ptr, b_ptr, numel, k, inner, relu);
+        if (inner != 1) {
+          const int64_t step = ptrs_aligned ? kVec : 1;
+          const PlaneConfig cfg = plane_config(inner, step);
+          const dim3 grid = planes_grid(rows * k, cfg.chunks);
+          if (ptrs_aligned) {
+            epilogue_planes_kernel<scalar_t, kVec><<<grid, cfg.threads, 0, stream>>>(
+                y_ptr, r_ptr, s_ptr, b_ptr, k, inner, cfg.chunk, relu);
+          } else {
+            epilogue_planes_kernel<scalar_t, 1><<<grid, cfg.threads, 0, stream>>>(
+                y_ptr, r_ptr, s_ptr, b_ptr, k, inner, cfg.chunk, relu);
+          }
         } else {
-          epilogue_kernel<scalar_t, 1><<<grid_for(numel), kThreads, 0, stream>>>(
-              y_ptr, r_ptr, s_ptr, b_ptr, numel, k, inner, relu);
+          const bool vec = ptrs_aligned && k % kVec == 0;
+          const int64_t rpb = rows_per_block_for(rows);
+          const dim3 block(kLanes, kRows);
+          if (vec) {
+            epilogue_rows_kernel<scalar_t, kVec>
+                <<<rows_grid(k, kVec, rpb, rows), block, 0, stream>>>(
+                    y_ptr, r_ptr, s_ptr, b_ptr, rows, k, rpb, relu);
+          } else {
+            epilogue_rows_kernel<scalar_t, 1>
+                <<<rows_grid(k, 1, rpb, rows), block, 0, stream>>>(
+                    y_ptr, r_ptr, s_ptr, b_ptr, rows, k, rpb, relu);
+          }
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -594,59 +676,41 @@ void launch_backward(
         at::Tensor partial;
         int64_t partial_rows = 0;
         if (inner != 1) {
-          // NCHW: one block per (n, c) plane and chunk of the plane. Small
-          // planes (7x7, 14x14) get small blocks rather than idle threads.
-          const bool vec = ptrs_aligned && inner % kVec == 0;
-          const int64_t step = vec ? kVec : 1;
-          const int threads = static_cast<int>(std::clamp<int64_t>(
-              ceil_div(ceil_div(inner, step), C10_WARP_SIZE) * C10_WARP_SIZE,
-              C10_WARP_SIZE, kThreads));
-          int64_t chunk = threads * step * 4;
-          chunk = std::max(chunk, ceil_div(ceil_div(inner, kMaxGridY), step) * step);
-          const int64_t chunks = ceil_div(inner, chunk);
-          const int64_t planes = rows * k;
-          TORCH_CHECK(
-              planes <= std::numeric_limits<int32_t>::max(),
-              "conv_bias_add_relu_backward: expected N*K <= 2^31-1 planes, got ",
-              planes);
-          partial_rows = rows * chunks;
+          // NCHW: one block per (n, c) plane and chunk of the plane.
+          const int64_t step = ptrs_aligned ? kVec : 1;
+          const PlaneConfig cfg = plane_config(inner, step);
+          const dim3 grid = planes_grid(rows * k, cfg.chunks);
+          partial_rows = rows * cfg.chunks;
           if (grad_bias.defined()) {
             partial = at::empty({partial_rows, k}, acc_options);
           }
           opmath_t* p_ptr = partial.defined() ? partial.mutable_data_ptr<opmath_t>() : nullptr;
-          const dim3 grid(static_cast<unsigned>(planes), static_cast<unsigned>(chunks));
-          if (vec) {
-            backward_planes_kernel<scalar_t, kVec><<<grid, threads, 0, stream>>>(
-                grad_ptr, out_ptr, g_ptr, p_ptr, k, inner, chunk, relu);
+          if (ptrs_aligned) {
+            backward_planes_kernel<scalar_t, kVec><<<grid, cfg.threads, 0, stream>>>(
+                grad_ptr, out_ptr, g_ptr, p_ptr, k, inner, cfg.chunk, relu);
           } else {
-            backward_planes_kernel<scalar_t, 1><<<grid, threads, 0, stream>>>(
-                grad_ptr, out_ptr, g_ptr, p_ptr, k, inner, chunk, relu);
+            backward_planes_kernel<scalar_t, 1><<<grid, cfg.threads, 0, stream>>>(
+                grad_ptr, out_ptr, g_ptr, p_ptr, k, inner, cfg.chunk, relu);
           }
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         } else {
           // Channels-last: rows of K channels, tiles of rows_per_block rows.
           const bool vec = ptrs_aligned && k % kVec == 0;
-          const int64_t step = vec ? kVec : 1;
-          const int64_t rows_per_block =
-              std::max<int64_t>(kRows * 16, ceil_div(rows, kMaxGridY));
-          partial_rows = ceil_div(rows, rows_per_block);
+          const int64_t rpb = rows_per_block_for(rows);
+          partial_rows = ceil_div(rows, rpb);
           if (grad_bias.defined()) {
             partial = at::empty({partial_rows, k}, acc_options);
           }
           opmath_t* p_ptr = partial.defined() ? partial.mutable_data_ptr<opmath_t>() : nullptr;
-          const int64_t col_blocks = ceil_div(k, kLanes * step);
-          TORCH_CHECK(
-              col_blocks <= std::numeric_limits<int32_t>::max(),
-              "conv_bias_add_relu_backward: too many channels, got K=", k);
-          const dim3 grid(
-              static_cast<unsigned>(col_blocks), static_cast<unsigned>(partial_rows));
           const dim3 block(kLanes, kRows);
           if (vec) {
-            backward_rows_kernel<scalar_t, kVec><<<grid, block, 0, stream>>>(
-                grad_ptr, out_ptr, g_ptr, p_ptr, rows, k, rows_per_block, relu);
+            backward_rows_kernel<scalar_t, kVec>
+                <<<rows_grid(k, kVec, rpb, rows), block, 0, stream>>>(
+                    grad_ptr, out_ptr, g_ptr, p_ptr, rows, k, rpb, relu);
           } else {
-            backward_rows_kernel<scalar_t, 1><<<grid, block, 0, stream>>>(
-                grad_ptr, out_ptr, g_ptr, p_ptr, rows, k, rows_per_block, relu);
+            backward_rows_kernel<scalar_t, 1>
+                <<<rows_grid(k, 1, rpb, rows), block, 0, stream>>>(
+                    grad_ptr, out_ptr, g_ptr, p_ptr, rows, k, rpb, relu);
           }
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
