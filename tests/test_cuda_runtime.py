@@ -155,16 +155,22 @@ def test_without_cudnn_uses_the_epilogue_kernel(epilogue, layout, dtype):
         run_and_check(inputs, kwargs, grad_out, dtype, f"no-cudnn/{epilogue}/{layout}/{dtype}")
 
 
+def unaligned_copy(t):
+    """A contiguous copy of t whose data starts one element past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    shifted = buf[1:].view(t.shape)
+    shifted.copy_(t)
+    assert shifted.data_ptr() % 16 != 0 and shifted.is_contiguous()
+    return shifted
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_unaligned_residual_takes_the_scalar_path(dtype):
-    inputs, kwargs, grad_out = make_case("odd_dilated", dtype, "preact")
-    res = inputs["residual"]
-    buf = torch.empty(res.numel() + 1, dtype=dtype, device=DEVICE)
-    shifted = buf[1:].view(res.shape)  # storage offset of one element: not 16-byte aligned
-    shifted.copy_(res)
-    assert shifted.data_ptr() % 16 != 0
-    inputs["residual"] = shifted
-    run_and_check(inputs, kwargs, grad_out, dtype, f"unaligned/{dtype}")
+@pytest.mark.parametrize("epilogue", ["full", "preact"])
+def test_unaligned_tensors_take_the_scalar_path(epilogue, dtype):
+    """An unaligned residual (forward epilogue) and grad_out (backward) use the VEC=1 kernels."""
+    inputs, kwargs, grad_out = make_case("odd_dilated", dtype, epilogue)
+    inputs["residual"] = unaligned_copy(inputs["residual"])
+    run_and_check(inputs, kwargs, unaligned_copy(grad_out), dtype, f"unaligned/{epilogue}/{dtype}")
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
