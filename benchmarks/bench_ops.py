@@ -165,7 +165,7 @@ def make_inputs(
     requires_grad: bool,
     seed: int = 0,
 ) -> CaseInputs:
-    """Random inputs of unit scale (weights scaled by 1/sqrt(fan-in)), in ``memory_format``, as a model would have them."""
+    """Random unit-scale inputs (weights scaled by 1/sqrt(fan-in)) in ``memory_format``, as a model has them."""
     g = torch.Generator().manual_seed(seed)
     p, q = case.out_hw()
 
@@ -434,7 +434,8 @@ def table_markdown(records: Sequence[dict]) -> str:
         fused = [i for i in impls if i.startswith("fused:")]
         batch = next(iter(next(iter(cases.values())).values()))["batch"]
         lines.append(
-            f"\n**{pass_}, {dtype}, {layout}, batch {batch}** (median ms; speedup = eager/impl per round, median (p25-p75))\n"
+            f"\n**{pass_}, {dtype}, {layout}, batch {batch}** "
+            "(median ms; speedup = eager/impl per round, median (p25-p75))\n"
         )
         head = ["shape", *[f"{i} ms" for i in impls]]
         head += [f"{i} speedup" for i in fused + (["compile"] if "compile" in impls else [])]
@@ -550,7 +551,7 @@ def run(
     device: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Run the op benchmark and return the JSON payload: ``machine``, ``config``, ``records``, ``summary``, ``targets``."""
+    """Run the op benchmark; return the payload (``machine``, ``config``, ``records``, ``summary``, ``targets``)."""
     from tqdm import tqdm
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -5,10 +5,11 @@
 2. Op benchmark (see :mod:`benchmarks.bench_ops`). The default suite is short (a few minutes on 2 cores): the distinct
    convs of ResNet-50 at batch 8, fp32, channels_last, forward and forward+backward, every implementation.
    ``--full`` runs everything: ResNet-18 and ResNet-50 convs, fp32 and bf16, channels_last and NCHW, then the model
-   benchmark (:mod:`benchmarks.bench_model`).
+   benchmark (:mod:`benchmarks.bench_model`); ``--with-model`` adds only the ResNet-50 model benchmark (fp32,
+   channels_last) to the default suite.
 
-Writes ``ops.json``, ``ops.md``, ``ops.png`` (and ``model.json``, ``model.md`` with ``--full``) to ``--out``
-(default ``benchmarks/out/``), and everything in one JSON to ``--json`` (default ``<out>/bench.json``).
+Writes ``ops.json``, ``ops.md``, ``ops.png``, ``summary.md`` (and ``model.json``, ``model.md`` with a model run) to
+``--out`` (default ``benchmarks/out/``), and everything in one JSON to ``--json`` (default ``<out>/bench.json``).
 
     python -m benchmarks.main            # make bench
     python -m benchmarks.main --full     # make bench-full
@@ -63,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="every shape, dtype, layout and pass, plus the models")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests)")
+    parser.add_argument("--with-model", action="store_true", help="also the resnet50 model benchmark (fp32, NHWC)")
     parser.add_argument("--out", default=str(bench_ops.OUT_DIR), help="directory for json/md/png")
     parser.add_argument("--json", default=None, help="combined JSON (default: <out>/bench.json)")
     parser.add_argument("--batch", type=int, default=8)
@@ -106,12 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     combined["ops"] = ops
     written = bench_ops.write_outputs(ops, out / "ops.json", out / "ops.png", out / "ops.md")
 
-    # 3. models (--full)
-    if a.full:
-        model = bench_model.run(
-            models=("resnet18", "resnet50"), dtypes=("fp32", "bf16"), batch=a.batch, rounds=a.rounds or 10,
-            threads=threads, progress=progress,
-        )  # fmt: skip
+    # 3. models (--full, --with-model)
+    if a.full or a.with_model:
+        model_kw: dict = {"models": ("resnet50",), "dtypes": ("fp32",), "rounds": a.rounds or 7}
+        if a.full:
+            model_kw = {"models": ("resnet18", "resnet50"), "dtypes": ("fp32", "bf16"), "rounds": a.rounds or 10}
+        model = bench_model.run(batch=a.batch, threads=threads, progress=progress, **model_kw)
         print(f"\nmodel benchmark ({model['config']['wall_s']:.0f} s)\n")
         print(bench_model.table_markdown(model["records"]))
         print(bench_model.targets_text(model["targets"]), flush=True)
