@@ -7,10 +7,11 @@ TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
-from conftest import TRIM, assert_close, backend_params, make_tensor, to_layout
+from conftest import TEST_BACKENDS, TRIM, assert_close, backend_params, make_tensor, to_layout
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -377,3 +378,26 @@ def test_inference_mode_matches_reference():
         y = resnet_fused.conv_bias_add_relu(**inputs, **kwargs)
     assert y.is_inference()
     torch.testing.assert_close(y, reference.conv_bias_add_relu(**inputs, **kwargs))
+
+
+@pytest.mark.skipif("cpu" not in TEST_BACKENDS, reason="covers the CPU kernels")
+def test_portable_cpu_kernels_match_float64():
+    """The CPU passes are built per CPU capability; ATEN_CPU_CAPABILITY=default runs the portable at::vec build."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default", RESNET_FUSED_TEST_BACKENDS="cpu")
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        __file__,
+        "-k",
+        "every_epilogue or cases_match",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout

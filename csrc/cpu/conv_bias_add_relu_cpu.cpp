@@ -1,59 +1,36 @@
-// CPU backend: ATen (oneDNN) convolution, then one fused vectorized pass.
+// CPU backend: ATen (oneDNN) convolution, then one fused vectorized pass
+// (cpu/kernels_impl.h), run with the best at::vec build the CPU allows.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <vector>
 
 #include "conv_bias_add_relu.h"
+#include "cpu/kernels.h"
 #include "epilogue.h"
 
 namespace resnet_fused {
 
+namespace cpu {
+bool use_avx2() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx2 = [] {
+    const std::string cap = at::get_cpu_capability(); // "DEFAULT", "AVX2", ...
+    return (cap == "AVX2" || cap == "AVX512") && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return avx2;
+#else
+  return false;
+#endif
+}
+} // namespace cpu
+
 namespace {
-
-using at::vec::Vectorized;
-using FVec = Vectorized<float>;
-
-// Vectorized forms of the shared epilogue.h ReLU math, with the same compares.
-template <typename V>
-inline V relu_forward_vec(V v) {
-  return V::blendv(v, V(0), v < V(0));
-}
-template <typename V>
-inline V relu_backward_vec(V grad, V out) {
-  return V::blendv(grad, V(0), out <= V(0));
-}
-
-// Loads/stores n = Vectorized<scalar_t>::size() elements as opmath vectors:
-// one vector for float/double, two float vectors for bf16/fp16.
-template <typename scalar_t>
-struct VecIO {
-  using opmath_t = at::opmath_type<scalar_t>;
-  using OVec = Vectorized<opmath_t>;
-  static constexpr int64_t kSize = Vectorized<scalar_t>::size();
-  static constexpr bool kReduced = at::is_reduced_floating_point_v<scalar_t>;
-  static constexpr int kParts = kReduced ? 2 : 1;
-
-  static inline void load(const scalar_t* p, OVec (&v)[kParts]) {
-    if constexpr (kReduced) {
-      std::tie(v[0], v[1]) =
-          at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
-    } else {
-      v[0] = OVec::loadu(p);
-    }
-  }
-  static inline void store(scalar_t* p, const OVec (&v)[kParts]) {
-    if constexpr (kReduced) {
-      at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
-    } else {
-      v[0].store(p);
-    }
-  }
-};
 
 // Per-channel scale and bias as opmath arrays (1 and 0 when absent).
 template <typename opmath_t>
@@ -68,192 +45,6 @@ std::pair<at::Tensor, at::Tensor> channel_affine(
   at::Tensor b =
       bias.has_value() ? bias->to(opts).contiguous() : at::zeros({k}, opts);
   return {s, b};
-}
-
-// y[i] = act(y[i] * scale[c] + bias[c] + residual[i]), in place on the conv's
-// own fresh output. `rows` x `k` x `inner`: NCHW is (N, K, HW), NHWC is (NHW, K, 1).
-template <typename scalar_t, bool kResidual, bool kRelu>
-void epilogue_kernel(
-    scalar_t* y,
-    const scalar_t* residual,
-    const at::opmath_type<scalar_t>* scale,
-    const at::opmath_type<scalar_t>* bias,
-    int64_t rows,
-    int64_t k,
-    int64_t inner) {
-  using IO = VecIO<scalar_t>;
-  using opmath_t = typename IO::opmath_t;
-  using OVec = typename IO::OVec;
-  constexpr int64_t V = IO::kSize;
-  constexpr int P = IO::kParts;
-  constexpr int64_t W = OVec::size();
-
-  auto scalar_at = [&](int64_t i, opmath_t s, opmath_t b) {
-    const opmath_t r = kResidual ? opmath_t(residual[i]) : opmath_t(0);
-    opmath_t v = epilogue(opmath_t(y[i]), s, b, r);
-    y[i] = scalar_t(kRelu ? relu_forward(v) : v);
-  };
-  auto vec_at = [&](int64_t i, const OVec (&s)[P], const OVec (&b)[P]) {
-    OVec v[P], r[P];
-    IO::load(y + i, v);
-    if constexpr (kResidual) {
-      IO::load(residual + i, r);
-    }
-    for (int p = 0; p < P; ++p) {
-      v[p] = epilogue(v[p], s[p], b[p], kResidual ? r[p] : OVec(0));
-      if constexpr (kRelu) {
-        v[p] = relu_forward_vec(v[p]);
-      }
-    }
-    IO::store(y + i, v);
-  };
-
-  if (inner == 1) {
-    // Channels innermost: vectors of scale/bias along K.
-    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / k), [&](int64_t r0, int64_t r1) {
-      for (int64_t row = r0; row < r1; ++row) {
-        const int64_t base = row * k;
-        int64_t c = 0;
-        for (; c + V <= k; c += V) {
-          OVec s[P], b[P];
-          for (int p = 0; p < P; ++p) {
-            s[p] = OVec::loadu(scale + c + p * W);
-            b[p] = OVec::loadu(bias + c + p * W);
-          }
-          vec_at(base + c, s, b);
-        }
-        for (; c < k; ++c) {
-          scalar_at(base + c, scale[c], bias[c]);
-        }
-      }
-    });
-  } else {
-    // One (n, c) plane per task: scale/bias are scalars along the plane.
-    at::parallel_for(0, rows * k, std::max<int64_t>(1, 32768 / inner), [&](int64_t p0, int64_t p1) {
-      for (int64_t plane = p0; plane < p1; ++plane) {
-        const int64_t c = plane % k;
-        const int64_t base = plane * inner;
-        OVec s[P], b[P];
-        for (int p = 0; p < P; ++p) {
-          s[p] = OVec(scale[c]);
-          b[p] = OVec(bias[c]);
-        }
-        int64_t i = 0;
-        for (; i + V <= inner; i += V) {
-          vec_at(base + i, s, b);
-        }
-        for (; i < inner; ++i) {
-          scalar_at(base + i, scale[c], bias[c]);
-        }
-      }
-    });
-  }
-}
-
-// One pass over grad_out and out: g = relu_backward(grad, out) (stored if
-// g_out) and per-block, per-channel partial sums of g. Blocks depend only on
-// the shape and are combined in block order by the caller, so grad_bias does
-// not depend on the thread count.
-template <typename scalar_t, bool kRelu>
-void backward_kernel(
-    const scalar_t* grad,
-    const scalar_t* out,
-    scalar_t* g_out,
-    at::opmath_type<scalar_t>* bias_partials, // (num_blocks, k) or null
-    int64_t rows,
-    int64_t k,
-    int64_t inner,
-    int64_t rows_per_block) {
-  using IO = VecIO<scalar_t>;
-  using opmath_t = typename IO::opmath_t;
-  using OVec = typename IO::OVec;
-  constexpr int64_t V = IO::kSize;
-  constexpr int P = IO::kParts;
-  constexpr int64_t W = OVec::size();
-
-  auto masked = [&](int64_t i, OVec (&g)[P]) {
-    IO::load(grad + i, g);
-    if constexpr (kRelu) {
-      OVec o[P];
-      IO::load(out + i, o);
-      for (int p = 0; p < P; ++p) {
-        g[p] = relu_backward_vec(g[p], o[p]);
-      }
-    }
-    if (g_out != nullptr) {
-      IO::store(g_out + i, g);
-    }
-  };
-  auto masked_scalar = [&](int64_t i) {
-    opmath_t g = opmath_t(grad[i]);
-    if constexpr (kRelu) {
-      g = relu_backward(g, opmath_t(out[i]));
-    }
-    if (g_out != nullptr) {
-      g_out[i] = scalar_t(g);
-    }
-    return g;
-  };
-
-  if (inner != 1) {
-    // NCHW: one (n, c) plane per block; its sum goes to bias_partials[n, c].
-    at::parallel_for(0, rows * k, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t plane = p0; plane < p1; ++plane) {
-        const int64_t base = plane * inner;
-        OVec acc(0);
-        int64_t i = 0;
-        for (; i + V <= inner; i += V) {
-          OVec g[P];
-          masked(base + i, g);
-          for (int p = 0; p < P; ++p) {
-            acc = acc + g[p];
-          }
-        }
-        opmath_t tail = 0;
-        for (; i < inner; ++i) {
-          tail = reduce_combine(tail, masked_scalar(base + i));
-        }
-        if (bias_partials) {
-          bias_partials[plane] = reduce_combine(
-              at::vec::vec_reduce_all<opmath_t>(
-                  [](OVec a, OVec b) { return a + b; }, acc),
-              tail);
-        }
-      }
-    });
-    return;
-  }
-  // NHWC: fixed blocks of rows; each block sums its rows into its own row of
-  // bias_partials.
-  const int64_t num_blocks = (rows + rows_per_block - 1) / rows_per_block;
-  at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      opmath_t* sums = bias_partials ? bias_partials + blk * k : nullptr;
-      if (sums) {
-        std::fill(sums, sums + k, opmath_t(0));
-      }
-      const int64_t r_end = std::min(rows, (blk + 1) * rows_per_block);
-      for (int64_t row = blk * rows_per_block; row < r_end; ++row) {
-        const int64_t base = row * k;
-        int64_t c = 0;
-        for (; c + V <= k; c += V) {
-          OVec g[P];
-          masked(base + c, g);
-          if (sums) {
-            for (int p = 0; p < P; ++p) {
-              (OVec::loadu(sums + c + p * W) + g[p]).store(sums + c + p * W);
-            }
-          }
-        }
-        for (; c < k; ++c) {
-          const opmath_t g = masked_scalar(base + c);
-          if (sums) {
-            sums[c] = reduce_combine(sums[c], g);
-          }
-        }
-      }
-    }
-  });
 }
 
 // Rows of the flattened (rows, k, inner) view for a tensor in `fmt`.
@@ -295,21 +86,12 @@ at::Tensor conv_bias_add_relu_cpu(
         using opmath_t = at::opmath_type<scalar_t>;
         const auto [s, b] =
             channel_affine<opmath_t>(scale, bias, k, x.options());
-        auto run = [&](auto has_res, auto has_relu) {
-          epilogue_kernel<scalar_t, decltype(has_res)::value,
-                          decltype(has_relu)::value>(
-              y.data_ptr<scalar_t>(),
-              res.defined() ? res.const_data_ptr<scalar_t>() : nullptr,
-              s.const_data_ptr<opmath_t>(), b.const_data_ptr<opmath_t>(),
-              rows, k, inner);
-        };
-        using T = std::true_type;
-        using F = std::false_type;
-        if (res.defined()) {
-          relu ? run(T{}, T{}) : run(T{}, F{});
-        } else {
-          relu ? run(F{}, T{}) : run(F{}, F{});
-        }
+        const cpu::EpilogueArgs args{
+            y.data_ptr(), res.defined() ? res.const_data_ptr() : nullptr,
+            s.const_data_ptr(), b.const_data_ptr(), rows, k, inner, relu,
+            y.scalar_type()};
+        cpu::use_avx2() ? cpu::AVX2::epilogue_pass(args)
+                        : cpu::DEFAULT::epilogue_pass(args);
       });
   return y;
 }
@@ -368,18 +150,13 @@ conv_bias_add_relu_backward_cpu(
                           x.options().dtype(
                               c10::CppTypeToScalarType<opmath_t>::value))
               : at::Tensor();
-          opmath_t* partials_ptr =
-              need_b ? partials.data_ptr<opmath_t>() : nullptr;
-          scalar_t* g_ptr = need_g ? g.data_ptr<scalar_t>() : nullptr;
-          if (relu) {
-            backward_kernel<scalar_t, true>(
-                grad.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(),
-                g_ptr, partials_ptr, rows, k, inner, rows_per_block);
-          } else {
-            backward_kernel<scalar_t, false>(
-                grad.const_data_ptr<scalar_t>(), nullptr, g_ptr, partials_ptr,
-                rows, k, inner, rows_per_block);
-          }
+          const cpu::BackwardArgs args{
+              grad.const_data_ptr(), relu ? o.const_data_ptr() : nullptr,
+              need_g ? g.data_ptr() : nullptr,
+              need_b ? partials.data_ptr() : nullptr, rows, k, inner,
+              rows_per_block, relu, grad.scalar_type()};
+          cpu::use_avx2() ? cpu::AVX2::backward_pass(args)
+                          : cpu::DEFAULT::backward_pass(args);
           if (need_b) {
             // Second stage: combine the block partials in block order.
             const opmath_t* p = partials.const_data_ptr<opmath_t>();
