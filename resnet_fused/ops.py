@@ -269,6 +269,13 @@ def _backend_op(backend: str):
     return torch.ops.resnet_fused.conv_bias_add_relu.default
 
 
+def _autocast_inputs(device_type: str, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        t.to(dtype) if isinstance(t, Tensor) and t.dtype == torch.float32 else t for t in tensors
+    )  # fmt: skip
+
+
 def conv_bias_add_relu(
     x: Tensor,
     weight: Tensor,
@@ -299,6 +306,9 @@ def conv_bias_add_relu(
     Returns:
         y: (N, K, P, Q) in x's dtype.
     """
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        # Cast as autocast casts conv2d, before the dtype checks: chained fused layers then see one dtype.
+        x, weight, bias, residual, scale = _autocast_inputs(x.device.type, x, weight, bias, residual, scale)
     stride, padding, dilation = check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, groups)
     args = (weight, bias, residual, scale, stride, padding, dilation, groups, relu)
     backend = resolve_backend(backend, x, *args)

@@ -393,12 +393,6 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(compiled_block(xb), block(xb))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="ops.check_inputs compares dtypes before autocast casts them: the second fused conv "
-    "gets bf16 x and fp32 weight. Remove this mark once the op accepts that under autocast.",
-)
 def test_autocast_bf16():
     torch.manual_seed(0)
     block, tv_block = eval_bn_block()
