@@ -189,6 +189,7 @@ def run(
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     n_threads = timing.set_threads(threads)
+    machine = timing.machine_info(n_threads, dev)  # at the start: the commit and load the timings ran under
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" noise on CPU
     work = []
     for arch in models:
@@ -252,7 +253,7 @@ def run(
     }
     return {
         "benchmark": "model",
-        "machine": timing.machine_info(n_threads, dev),
+        "machine": machine,
         "config": config,
         "records": records,
         "targets": targets(records) if dev.type == "cpu" and batch == 8 and hw == 224 else [],

@@ -556,6 +556,7 @@ def run(
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     n_threads = timing.set_threads(threads)
+    machine = timing.machine_info(n_threads, dev)  # at the start: the commit and load the timings ran under
     _configure_dynamo()
     cases = trace_conv_cases(models, hw)
     if only:
@@ -602,7 +603,7 @@ def run(
     }
     return {
         "benchmark": "ops",
-        "machine": timing.machine_info(n_threads, dev),
+        "machine": machine,
         "config": config,
         "records": records,
         "summary": summary,
