@@ -23,6 +23,7 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 	@$(PY) -m pip install -v --no-deps --no-build-isolation -e . > $(VENV)/build.log 2>&1 \
 		|| (tail -60 $(VENV)/build.log; exit 1)
 	@grep -E "^ *resnet_fused:|warning" $(VENV)/build.log | sort -u | head -40 || true
+	@grep -hoE "[0-9]+ bytes spill stores" $(VENV)/build.log | sort | uniq -c | sed 's/^/  ptxas (CUDA kernels x archs):/' || true
 	touch $@
 
 build: $(VENV)/.built

@@ -49,7 +49,13 @@ def make_extension():
     cuda_home = find_cuda_home()
     use_cuda = want_cuda(cuda_home)
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DRESNET_FUSED_CPU_ONLY" if not use_cuda else "-DRESNET_FUSED_WITH_CUDA"]
+    cxx = [
+        "-O3",
+        "-std=c++20",
+        "-fopenmp",
+        "-Wno-unknown-pragmas",
+        "-DRESNET_FUSED_CPU_ONLY" if not use_cuda else "-DRESNET_FUSED_WITH_CUDA",
+    ]
     extra = {"cxx": cxx}
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not use_cuda:

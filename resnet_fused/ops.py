@@ -306,7 +306,7 @@ def conv_bias_add_relu(
     Returns:
         y: (N, K, P, Q) in x's dtype.
     """
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+    if isinstance(x, Tensor) and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
         # Cast as autocast casts conv2d, before the dtype checks: chained fused layers then see one dtype.
         x, weight, bias, residual, scale = _autocast_inputs(x.device.type, x, weight, bias, residual, scale)
     stride, padding, dilation = check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, groups)

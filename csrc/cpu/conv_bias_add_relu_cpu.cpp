@@ -136,17 +136,20 @@ conv_bias_add_relu_backward_cpu(
   } else if (need_g || need_b) {
     const at::Tensor o = relu ? out.contiguous(fmt) : at::Tensor();
     const auto [rows, k, inner] = rows_k_inner(grad, fmt);
-    // Blocks depend only on the shape, never on the thread count: NCHW sums
-    // per (n, c) plane, NHWC per block of ~64K elements of rows.
+    // Blocks depend only on the shape, never on the thread count, and stay
+    // small enough for an accurate opmath sum: NCHW sums chunks of <= 64K
+    // elements of one (n, c) plane, NHWC blocks of ~64K elements of rows.
+    constexpr int64_t kBlockElems = int64_t{1} << 16;
     const int64_t rows_per_block =
-        inner == 1 ? std::max<int64_t>(1, (int64_t{1} << 16) / k) : 1;
-    const int64_t num_blocks = (rows + rows_per_block - 1) / rows_per_block;
+        inner == 1 ? std::max<int64_t>(1, kBlockElems / k) : 1;
+    const int64_t outer_blocks = (rows + rows_per_block - 1) / rows_per_block;
+    const int64_t inner_blocks = (inner + kBlockElems - 1) / kBlockElems;
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kBFloat16, at::kHalf, grad.scalar_type(),
         "conv_bias_add_relu_backward_cpu", [&] {
           using opmath_t = at::opmath_type<scalar_t>;
           at::Tensor partials = need_b
-              ? at::empty({num_blocks, k},
+              ? at::empty({outer_blocks, k, inner_blocks},
                           x.options().dtype(
                               c10::CppTypeToScalarType<opmath_t>::value))
               : at::Tensor();
@@ -154,17 +157,22 @@ conv_bias_add_relu_backward_cpu(
               grad.const_data_ptr(), relu ? o.const_data_ptr() : nullptr,
               need_g ? g.data_ptr() : nullptr,
               need_b ? partials.data_ptr() : nullptr, rows, k, inner,
-              rows_per_block, relu, grad.scalar_type()};
+              rows_per_block, kBlockElems, relu, grad.scalar_type()};
           cpu::use_avx2() ? cpu::AVX2::backward_pass(args)
                           : cpu::DEFAULT::backward_pass(args);
           if (need_b) {
-            // Second stage: combine the block partials in block order.
+            // Second stage: combine the block partials in block order, in
+            // double so that millions of blocks lose nothing.
             const opmath_t* p = partials.const_data_ptr<opmath_t>();
             scalar_t* gb = grad_bias.data_ptr<scalar_t>();
-            std::vector<opmath_t> total(p, p + k);
-            for (int64_t blk = 1; blk < num_blocks; ++blk) {
+            std::vector<double> total(k, 0.0);
+            for (int64_t o = 0; o < outer_blocks; ++o) {
               for (int64_t c = 0; c < k; ++c) {
-                total[c] = reduce_combine(total[c], p[blk * k + c]);
+                for (int64_t j = 0; j < inner_blocks; ++j) {
+                  total[c] = reduce_combine(
+                      total[c],
+                      static_cast<double>(p[(o * k + c) * inner_blocks + j]));
+                }
               }
             }
             for (int64_t c = 0; c < k; ++c) {

@@ -22,13 +22,14 @@ struct EpilogueArgs {
 };
 
 // g = relu_backward(grad, out) (stored when g is not null) and opmath partial
-// sums of g per (block, channel) into bias_partials (when not null).
+// sums of g into bias_partials (when not null): (rows / rows_per_block, k, 1)
+// for NHWC, (rows, k, inner / inner_per_block) for NCHW (ceil divisions).
 struct BackwardArgs {
   const void* grad;
   const void* out; // read only when relu
   void* g;
-  void* bias_partials; // (num_blocks, k)
-  int64_t rows, k, inner, rows_per_block;
+  void* bias_partials;
+  int64_t rows, k, inner, rows_per_block, inner_per_block;
   bool relu;
   c10::ScalarType dtype;
 };

@@ -145,11 +145,12 @@ void backward_kernel(
     const scalar_t* grad,
     const scalar_t* out,
     scalar_t* g_out,
-    at::opmath_type<scalar_t>* bias_partials, // (num_blocks, k) or null
+    at::opmath_type<scalar_t>* bias_partials, // see BackwardArgs, or null
     int64_t rows,
     int64_t k,
     int64_t inner,
-    int64_t rows_per_block) {
+    int64_t rows_per_block,
+    int64_t inner_per_block) {
   using IO = VecIO<scalar_t>;
   using opmath_t = typename IO::opmath_t;
   using OVec = typename IO::OVec;
@@ -182,13 +183,17 @@ void backward_kernel(
   };
 
   if (inner != 1) {
-    // NCHW: one (n, c) plane per block; its sum goes to bias_partials[n, c].
-    at::parallel_for(0, rows * k, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t plane = p0; plane < p1; ++plane) {
-        const int64_t base = plane * inner;
+    // NCHW: blocks are chunks of inner_per_block elements of one (n, c)
+    // plane; the sum of chunk j of plane (n, c) goes to bias_partials[n, c, j].
+    const int64_t chunks = (inner + inner_per_block - 1) / inner_per_block;
+    at::parallel_for(0, rows * k * chunks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t i0 = (t % chunks) * inner_per_block;
+        const int64_t i1 = std::min(inner, i0 + inner_per_block);
+        const int64_t base = (t / chunks) * inner;
         OVec acc(0);
-        int64_t i = 0;
-        for (; i + V <= inner; i += V) {
+        int64_t i = i0;
+        for (; i + V <= i1; i += V) {
           OVec g[P];
           masked(base + i, g);
           for (int p = 0; p < P; ++p) {
@@ -196,11 +201,11 @@ void backward_kernel(
           }
         }
         opmath_t tail = 0;
-        for (; i < inner; ++i) {
+        for (; i < i1; ++i) {
           tail = reduce_combine(tail, masked_scalar(base + i));
         }
         if (bias_partials) {
-          bias_partials[plane] = reduce_combine(
+          bias_partials[t] = reduce_combine(
               at::vec::vec_reduce_all<opmath_t>(
                   [](OVec a, OVec b) { return a + b; }, acc),
               tail);
@@ -268,9 +273,11 @@ void run_backward(const BackwardArgs& a) {
   const auto* grad = static_cast<const scalar_t*>(a.grad);
   if (a.relu) {
     backward_kernel<scalar_t, true>(
-        grad, static_cast<const scalar_t*>(a.out), g, partials, a.rows, a.k, a.inner, a.rows_per_block);
+        grad, static_cast<const scalar_t*>(a.out), g, partials, a.rows, a.k, a.inner, a.rows_per_block,
+        a.inner_per_block);
   } else {
-    backward_kernel<scalar_t, false>(grad, nullptr, g, partials, a.rows, a.k, a.inner, a.rows_per_block);
+    backward_kernel<scalar_t, false>(
+        grad, nullptr, g, partials, a.rows, a.k, a.inner, a.rows_per_block, a.inner_per_block);
   }
 }
 
