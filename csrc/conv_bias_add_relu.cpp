@@ -100,19 +100,64 @@ void check_conv_bias_add_relu_args(
     }
   }
   if (residual.has_value()) {
-    std::vector<int64_t> out_shape{x.size(0), k};
-    for (int d = 0; d < 2; ++d) {
-      out_shape.push_back(
-          (x.size(2 + d) + 2 * padding[d] -
-           dilation[d] * (weight.size(2 + d) - 1) - 1) /
-              stride[d] +
-          1);
-    }
+    const auto out_shape =
+        conv_output_shape(x, weight, stride, padding, dilation);
     TORCH_CHECK_VALUE(
         residual->sizes() == at::IntArrayRef(out_shape),
-        "residual: expected the output's shape ", at::IntArrayRef(out_shape), ", got ",
-        residual->sizes());
+        "residual: expected the output's shape ", at::IntArrayRef(out_shape),
+        ", got ", residual->sizes());
   }
+}
+
+void check_conv_bias_add_relu_backward_args(
+    const at::Tensor& grad_out,
+    const at::Tensor& out,
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& scale,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    bool relu,
+    std::array<bool, 4> output_mask) {
+  check_conv_bias_add_relu_args(
+      x, weight, std::nullopt, std::nullopt, scale, stride, padding, dilation,
+      groups);
+  const auto shape = conv_output_shape(x, weight, stride, padding, dilation);
+  std::vector<std::pair<const at::Tensor*, const char*>> grads{
+      {&grad_out, "grad_out"}};
+  if (relu) {
+    grads.emplace_back(&out, "out");
+  }
+  for (const auto& [t, name] : grads) {
+    TORCH_CHECK_VALUE(
+        t->sizes() == at::IntArrayRef(shape), name,
+        ": expected the output's shape ", at::IntArrayRef(shape), ", got ",
+        t->sizes());
+    check_like_x(*t, name, x);
+  }
+  TORCH_CHECK_VALUE(
+      relu || !output_mask[3],
+      "output_mask: grad_residual is grad_out itself when relu=False; "
+      "expected output_mask[3]=false, got true");
+}
+
+std::vector<int64_t> conv_output_shape(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation) {
+  std::vector<int64_t> shape{x.size(0), weight.size(0)};
+  for (int d = 0; d < 2; ++d) {
+    shape.push_back(
+        (x.size(2 + d) + 2 * padding[d] -
+         dilation[d] * (weight.size(2 + d) - 1) - 1) /
+            stride[d] +
+        1);
+  }
+  return shape;
 }
 
 at::MemoryFormat output_memory_format(const at::Tensor& x) {

@@ -3,8 +3,10 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace resnet_fused {
 
@@ -20,6 +22,29 @@ void check_conv_bias_add_relu_args(
     at::IntArrayRef padding,
     at::IntArrayRef dilation,
     int64_t groups);
+
+// The backward op's checks: the forward's on x/weight/scale, plus grad_out
+// (and out, when relu) against the output's shape, device and dtype.
+void check_conv_bias_add_relu_backward_args(
+    const at::Tensor& grad_out,
+    const at::Tensor& out,
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& scale,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    bool relu,
+    std::array<bool, 4> output_mask);
+
+// (N, K, P, Q) of conv2d(x, weight).
+std::vector<int64_t> conv_output_shape(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation);
 
 // y follows x's memory format, as nn.Conv2d's output does.
 at::MemoryFormat output_memory_format(const at::Tensor& x);

@@ -412,3 +412,17 @@ def test_portable_cpu_kernels_match_float64():
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+def test_backward_op_checks_its_arguments():
+    x, weight = torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3, 3)
+    good = torch.randn(2, 6, 8, 8)
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    bwd = torch.ops.resnet_fused.conv_bias_add_relu_backward
+    mask = [True, True, True, True]
+    with pytest.raises(ValueError, match=r"grad_out: expected the output's shape \[2, 6, 8, 8\], got \[2, 6, 8, 7\]"):
+        bwd(torch.randn(2, 6, 8, 7), good, x, weight, None, *conv, True, mask)
+    with pytest.raises(TypeError, match=r"out: expected dtype Float \(x's\), got Double"):
+        bwd(good, good.double(), x, weight, None, *conv, True, mask)
+    with pytest.raises(ValueError, match=r"output_mask: grad_residual is grad_out itself when relu=False"):
+        bwd(good, good, x, weight, None, *conv, False, mask)

@@ -109,16 +109,9 @@ conv_bias_add_relu_backward_cpu(
     int64_t groups,
     bool relu,
     std::array<bool, 4> output_mask) {
-  check_conv_bias_add_relu_args(
-      x, weight, std::nullopt, std::nullopt, scale, stride, padding, dilation,
-      groups);
-  TORCH_CHECK_VALUE(
-      grad_out.sizes() == out.sizes(), "grad_out: expected the output's shape ",
-      out.sizes(), ", got ", grad_out.sizes());
-  TORCH_CHECK_VALUE(
-      relu || !output_mask[3],
-      "output_mask: grad_residual is grad_out itself when relu=False; "
-      "expected output_mask[3]=false, got true");
+  check_conv_bias_add_relu_backward_args(
+      grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu,
+      output_mask);
   const auto [need_x, need_w, need_b, need_r] = output_mask;
   const auto fmt = output_memory_format(x);
   auto empty = [&]() { return at::empty({0}, x.options()); };

@@ -387,21 +387,6 @@ __global__ void __launch_bounds__(kLanes * kRows) reduce_partials_kernel(
 // Host side.
 // ---------------------------------------------------------------------------
 
-std::vector<int64_t> output_shape(
-    const at::Tensor& x,
-    const at::Tensor& weight,
-    at::IntArrayRef stride,
-    at::IntArrayRef padding,
-    at::IntArrayRef dilation) {
-  std::vector<int64_t> shape{x.size(0), weight.size(0)};
-  for (int d = 0; d < 2; ++d) {
-    shape.push_back(
-        (x.size(2 + d) + 2 * padding[d] - dilation[d] * (weight.size(2 + d) - 1) - 1) /
-            stride[d] +
-        1);
-  }
-  return shape;
-}
 
 void check_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(
@@ -625,7 +610,7 @@ at::Tensor conv_bias_add_relu_cuda(
   const c10::cuda::CUDAGuard device_guard(x.device());
   // 3. empty output
   const auto fmt = output_memory_format(x);
-  const auto shape = output_shape(x, weight, stride, padding, dilation);
+  const auto shape = conv_output_shape(x, weight, stride, padding, dilation);
   if (c10::multiply_integers(shape) == 0) {
     return at::empty(shape, x.options().memory_format(fmt));
   }
@@ -739,35 +724,11 @@ conv_bias_add_relu_backward_cuda(
     bool relu,
     std::array<bool, 4> output_mask) {
   // 1. checks
-  check_conv_bias_add_relu_args(
-      x, weight, std::nullopt, std::nullopt, scale, stride, padding, dilation,
-      groups);
+  check_conv_bias_add_relu_backward_args(
+      grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu,
+      output_mask);
   check_cuda(x, "x");
-  const auto shape = output_shape(x, weight, stride, padding, dilation);
-  TORCH_CHECK_VALUE(
-      grad_out.sizes() == at::IntArrayRef(shape),
-      "grad_out: expected the output's shape ", shape, ", got ", grad_out.sizes());
-  TORCH_CHECK_VALUE(
-      grad_out.device() == x.device(), "grad_out: expected device ", x.device(),
-      " (x's), got ", grad_out.device());
-  TORCH_CHECK_TYPE(
-      grad_out.scalar_type() == x.scalar_type(), "grad_out: expected dtype ",
-      x.scalar_type(), " (x's), got ", grad_out.scalar_type());
-  if (relu) {
-    TORCH_CHECK_VALUE(
-        out.sizes() == grad_out.sizes(), "out: expected grad_out's shape ",
-        grad_out.sizes(), ", got ", out.sizes());
-    TORCH_CHECK_VALUE(
-        out.device() == x.device(), "out: expected device ", x.device(),
-        " (x's), got ", out.device());
-    TORCH_CHECK_TYPE(
-        out.scalar_type() == x.scalar_type(), "out: expected dtype ",
-        x.scalar_type(), " (x's), got ", out.scalar_type());
-  }
-  TORCH_CHECK_VALUE(
-      relu || !output_mask[3],
-      "output_mask: grad_residual is grad_out itself when relu=False; "
-      "expected output_mask[3]=false, got true");
+  const auto shape = conv_output_shape(x, weight, stride, padding, dilation);
   const auto [need_x, need_w, need_b, need_r] = output_mask;
   auto empty = [&]() { return at::empty({0}, x.options()); };
   // 2. device guard
