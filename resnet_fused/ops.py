@@ -209,21 +209,12 @@ torch.library.register_autocast("resnet_fused::conv_bias_add_relu", "cuda", torc
 
 def _probe_backends() -> dict[str, str]:
     """Backend name -> "" if it can run here, else why not."""
+    from resnet_fused.select import cuda_available, triton_available
+
     status = {"reference": "", "cpu": ""}
-    try:
-        from resnet_fused import triton as triton_backend
-
-        ok, why = triton_backend.is_available()
-    except (ImportError, AttributeError) as e:
-        ok, why = False, f"triton backend did not import: {e}"
-    status["triton"] = "" if ok else why
-    try:
-        from resnet_fused.select import cuda_available
-
-        ok, why = cuda_available()
-    except (ImportError, AttributeError) as e:
-        ok, why = False, f"cuda backend selection did not import: {e}"
-    status["cuda"] = "" if ok else why
+    for name, probe in (("triton", triton_available), ("cuda", cuda_available)):
+        ok, why = probe()
+        status[name] = "" if ok else why
     return status
 
 
@@ -247,10 +238,8 @@ def resolve_backend(backend: str, x: Tensor, *args) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        try:
-            from resnet_fused.select import choose_backend
-        except ImportError:
-            return "cpu" if x.device.type == "cpu" else "reference"
+        from resnet_fused.select import choose_backend
+
         return choose_backend(x, *args)
     why = _backend_status()[backend]
     if why:
