@@ -426,3 +426,18 @@ def test_backward_op_checks_its_arguments():
         bwd(good, good.double(), x, weight, None, *conv, True, mask)
     with pytest.raises(ValueError, match=r"output_mask: grad_residual is grad_out itself when relu=False"):
         bwd(good, good, x, weight, None, *conv, False, mask)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_autocast_casts_like_conv2d(backend):
+    """Under CPU autocast the op runs in bf16, as conv2d would, whatever dtype its fp32 inputs have."""
+    inputs, kwargs, _ = make_case(CASES["3x3"], torch.float32, "channels_last", FULL, requires_grad=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = resnet_fused.conv_bias_add_relu(**inputs, **kwargs, backend=backend)
+        y2 = resnet_fused.conv_bias_add_relu(y, inputs["weight"], inputs["bias"], padding=1, backend=backend)
+    assert y.dtype == torch.bfloat16 and y2.dtype == torch.bfloat16
+    cast = {k: v.to(torch.bfloat16) for k, v in inputs.items()}
+    expected = reference.conv_bias_add_relu(
+        **{k: v.double() for k, v in cast.items()}, **dict(kwargs, scale=kwargs["scale"].bfloat16().double())
+    )
+    assert_close(y, expected, torch.bfloat16, "y", reductions=72)
