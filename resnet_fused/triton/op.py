@@ -3,8 +3,8 @@
 Registered with ``torch.library.custom_op``, not ``triton_op``: under ``TRITON_INTERPRET=1`` (how CI runs the
 kernels) ``wrap_triton`` hands back the raw interpreted kernel, so a ``triton_op`` body traced with fake tensors
 would launch the interpreter on them (opcheck fails) or drop the launch from a compiled graph. An opaque custom
-op behaves the same under the interpreter and on a GPU, so the path CI proves is the path that ships. The shared
-autograd and fake kernels come from ``resnet_fused.ops.register_op_family``.
+op behaves the same under the interpreter and on a GPU, so the path CI proves is the path that ships. Both ops
+validate through the op contract; fakes, autograd and autocast come from ``contract.register_op``.
 """
 
 from collections.abc import Sequence
@@ -12,10 +12,19 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from resnet_fused import contract
+
 from . import launch
 
 FORWARD = "resnet_fused::conv_bias_add_relu_triton"
 BACKWARD = "resnet_fused::conv_bias_add_relu_triton_backward"
+# CUDA caps grid dims y and z at 65535; the kernels put groups on z.
+MAX_GROUPS = 65535
+
+
+def _check_groups(groups: int) -> None:
+    if groups > MAX_GROUPS:
+        raise ValueError(f"groups: expected at most {MAX_GROUPS} for the triton backend (a grid limit), got {groups}")
 
 
 @torch.library.custom_op(FORWARD, mutates_args=())
@@ -32,7 +41,11 @@ def conv_bias_add_relu_triton(
     relu: bool,
 ) -> Tensor:
     """y (N, K, P, Q) = act(conv2d(x (N, C, H, W), weight (K, C/groups, R, S)) * scale + bias + residual)."""
-    return launch.conv_fwd(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
+    stride, padding, dilation = contract.check_inputs(
+        x, weight, bias, residual, scale, stride, padding, dilation, groups, relu
+    )
+    _check_groups(groups)
+    return launch.forward(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
 
 
 @torch.library.custom_op(BACKWARD, mutates_args=())
@@ -50,4 +63,11 @@ def conv_bias_add_relu_triton_backward(
     output_mask: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_weight, grad_bias, grad_residual); those not in output_mask are empty tensors."""
-    return launch.conv_bwd(grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu, output_mask)
+    stride, padding, dilation = contract.check_backward_inputs(
+        grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu, output_mask
+    )
+    _check_groups(groups)
+    return launch.backward(grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu, output_mask)
+
+
+contract.register_op(FORWARD, BACKWARD)

@@ -1,0 +1,170 @@
+"""The backend table: every implementation of the fused op, in one place.
+
+Each row says what the backend is called, which devices it runs on, on which of them ``backend="auto"`` may pick
+it, the op it calls and how to tell whether it can run in this process. ``resolve_backend``, the auto chooser
+(:mod:`resnet_fused.select`), ``explain``, ``available_backends``, the tests and the benchmarks all read this table.
+Adding a backend is one :class:`Backend` row plus its kernel files (see docs/adding-a-backend.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from resnet_fused import (
+    _C,  # noqa: F401  (importing runs the C++ op registrations)
+    contract,
+    reference,
+)
+
+# The dispatcher ops of the C++ backends (one op, a kernel per dispatch key).
+FORWARD = "resnet_fused::conv_bias_add_relu"
+BACKWARD = "resnet_fused::conv_bias_add_relu_backward"
+contract.register_op(FORWARD, BACKWARD)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of ``conv_bias_add_relu``.
+
+    Attributes:
+        name: what users pass as ``backend=``.
+        devices: device types (``torch.device.type``) whose tensors it takes.
+        auto_devices: device types on which ``backend="auto"`` may pick it (the first listed row wins without
+            timing; several candidates are timed).
+        load: returns the forward callable, with the contract's positional argument list. Called once.
+        probe: returns "" when the backend can run in this process, else the reason. Called once.
+    """
+
+    name: str
+    devices: tuple[str, ...]
+    auto_devices: tuple[str, ...]
+    load: Callable[[], Callable[..., Tensor]]
+    probe: Callable[[], str]
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def unavailable(self) -> str:
+        """ "" when this backend can run here, else why not (probed once)."""
+        if "why" not in self._cache:
+            self._cache["why"] = self.probe()
+        return self._cache["why"]
+
+    @property
+    def op(self) -> Callable[..., Tensor]:
+        """The forward callable: ``op(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)``."""
+        if "op" not in self._cache:
+            self._cache["op"] = self.load()
+        return self._cache["op"]
+
+
+class Table:
+    """An ordered set of backends: the order is the auto chooser's preference where it cannot time."""
+
+    def __init__(self, rows: list[Backend]) -> None:
+        self._rows = {row.name: row for row in rows}
+
+    def __iter__(self) -> Iterator[Backend]:
+        return iter(self._rows.values())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._rows
+
+    def names(self) -> tuple[str, ...]:
+        """The concrete backend names, in preference order."""
+        return tuple(self._rows)
+
+    def choices(self) -> tuple[str, ...]:
+        """Every value ``backend=`` accepts: "auto" and the names."""
+        return ("auto", *self._rows)
+
+    def __getitem__(self, name: str) -> Backend:
+        if name not in self._rows:
+            raise ValueError(f"backend: expected one of {self.choices()}, got {name!r}")
+        return self._rows[name]
+
+    def available(self) -> list[str]:
+        """The backends that can run in this process."""
+        return [row.name for row in self if not row.unavailable()]
+
+    def auto_candidates(self, device_type: str) -> list[Backend]:
+        """Available backends that ``auto`` may pick for tensors on ``device_type``, in preference order."""
+        return [row for row in self if device_type in row.auto_devices and not row.unavailable()]
+
+
+# ---- the rows ----
+
+
+def _reference_op(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu) -> Tensor:
+    return reference.conv_bias_add_relu(
+        x, weight, bias, residual, scale=scale, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        relu=relu,
+    )  # fmt: skip
+
+
+def _cpp_op() -> Callable[..., Tensor]:
+    return torch.ops.resnet_fused.conv_bias_add_relu.default
+
+
+def _cuda_probe() -> str:
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(FORWARD, "CUDA"):
+        return (
+            "the extension was built without CUDA kernels (CPU-only build: no nvcc was found, "
+            "or RESNET_FUSED_BUILD_CUDA=0); rebuild with a CUDA toolkit to get them"
+        )
+    if not torch.cuda.is_available():
+        return "the extension has CUDA kernels, but torch.cuda.is_available() is False (no GPU or driver)"
+    status = getattr(torch.ops.resnet_fused, "cuda_kernel_status", None)
+    if status is not None:
+        for device in range(torch.cuda.device_count()):
+            why = status(device)
+            if why:
+                return why
+    return ""
+
+
+def _triton_probe() -> str:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not (torch.cuda.is_available() or INTERPRET):
+        return "no CUDA device, and TRITON_INTERPRET=1 is not set"
+    try:
+        import resnet_fused.triton.op  # noqa: F401  (registers the Triton ops)
+    except Exception as e:  # a broken triton install must not break the other backends
+        return f"the Triton backend failed to import: {type(e).__name__}: {e}"
+    return ""
+
+
+def _triton_op() -> Callable[..., Tensor]:
+    from resnet_fused.triton import op
+
+    return op.conv_bias_add_relu_triton
+
+
+BACKENDS = Table(
+    [
+        Backend("cpu", ("cpu",), ("cpu",), _cpp_op, lambda: ""),
+        Backend("cuda", ("cuda",), ("cuda",), _cpp_op, _cuda_probe),
+        # Under the interpreter Triton runs on CPU tensors; auto never picks it there.
+        Backend("triton", ("cuda", "cpu") if INTERPRET else ("cuda",), ("cuda",), _triton_op, _triton_probe),
+        Backend("reference", ("cpu", "cuda", "meta"), (), lambda: _reference_op, lambda: ""),
+    ]
+)
+
+
+def check_name(backend: str, table: Table = BACKENDS) -> str:
+    """``backend`` if it is "auto" or a row of ``table``; else a ValueError naming the choices."""
+    if backend not in table.choices():
+        raise ValueError(f"backend: expected one of {table.choices()}, got {backend!r}")
+    return backend
+
+
+def available_backends() -> list[str]:
+    """The concrete backends this install can run, e.g. ``["cpu", "reference"]``; ``"auto"`` picks among them."""
+    return BACKENDS.available()

@@ -1,0 +1,303 @@
+"""The op contract: what every backend of the fused op agrees on. Depends on torch only.
+
+Names, used with one meaning from the C++ and Triton kernels to the modules, tests and benchmarks:
+
+- **op**: ``conv_bias_add_relu``, ``y = act(conv2d(x, weight) * scale + bias + residual)``. Its backward op is
+  ``conv_bias_add_relu_backward``. A backend whose kernels are a separate dispatcher op appends its name
+  (``conv_bias_add_relu_triton``).
+- **epilogue**: the per-element math after the conv, ``act(acc * scale + bias + residual)``. Its options are
+  ``bias``, ``scale``, ``residual`` and ``relu`` (``act`` is ReLU when ``relu`` is true, else the identity).
+- **scale_shift**: a module's frozen per-channel ``(scale, shift)`` pair, e.g. a folded BatchNorm; it reaches the op
+  as ``scale`` and part of ``bias``. ``scale`` is a constant: it gets no gradient.
+- **mask**: the ReLU's gradient mask, taken from the saved output ``y`` (``y <= 0`` blocks the gradient), never
+  from a saved pre-activation.
+- **forward** / **backward**: the two ops of a backend. Inside the backward, **dgrad** is ``grad_x`` and **wgrad**
+  is ``grad_weight`` (with ``grad_bias`` and ``grad_residual`` from the same reads of the masked gradient).
+- **backend**: one row of :mod:`resnet_fused.backends`' table.
+
+Argument lists, the same for every backend's ops::
+
+    forward (x, weight, bias, residual, scale, stride, padding, dilation, groups, relu) -> y
+    backward(grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu, output_mask)
+        -> (grad_x, grad_weight, grad_bias, grad_residual)
+
+Shapes: x (N, C, H, W), weight (K, C/groups, R, S), bias and scale (K,), residual, y, grad_out and out
+(N, K, P, Q). ``output_mask`` is (x, weight, bias, residual); a gradient not asked for comes back empty.
+y and every gradient of an activation take x's memory format (NCHW or channels_last).
+
+This module holds the argument checks, the conv geometry, the fake kernels, the shared autograd and the autocast
+rule. The C++ op checks its arguments with the same messages (csrc/conv_bias_add_relu.cpp).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+IntPair = int | tuple[int, int] | Sequence[int]
+
+
+# ---- conv geometry ----
+
+
+def pair(value: IntPair, name: str, min_value: int) -> tuple[int, int]:
+    """``value`` as an (h, w) pair of ints >= ``min_value``; the error names ``name``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        result = (value, value)
+    elif (
+        isinstance(value, (tuple, list, torch.Size))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        result = (value[0], value[1])
+    else:
+        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
+    if min(result) < min_value:
+        raise ValueError(f"{name}: expected values >= {min_value}, got {result}")
+    return result
+
+
+def conv_output_shape(
+    x_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> list[int]:
+    """(N, K, P, Q) of conv2d for x (N, C, H, W) and weight (K, C/groups, R, S); conv arguments as pairs."""
+    spatial = [
+        (x_shape[2 + d] + 2 * padding[d] - dilation[d] * (weight_shape[2 + d] - 1) - 1) // stride[d] + 1
+        for d in range(2)
+    ]
+    return [x_shape[0], weight_shape[0], *spatial]
+
+
+def memory_format(t: Tensor) -> torch.memory_format:
+    """The memory format y and the activation gradients take from x: channels_last or contiguous."""
+    return torch._prims_common.suggest_memory_format(t)
+
+
+# ---- argument checks: each message names the argument, the expected value and the actual one ----
+
+
+def _check_tensor(name: str, t: object, x: Tensor | None, optional: bool) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a Tensor{' or None' if optional else ''}, got {type(t).__name__}")
+    if x is None:
+        return
+    if t.device != x.device:
+        raise ValueError(f"{name}: expected device {x.device} (x's), got {t.device}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name}: expected dtype {x.dtype} (x's), got {t.dtype}")
+
+
+def check_inputs(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    scale: Tensor | None,
+    stride: IntPair,
+    padding: IntPair,
+    dilation: IntPair,
+    groups: int,
+    relu: bool = True,
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Validate the forward's arguments; returns ``(stride, padding, dilation)`` as pairs."""
+    _check_tensor("x", x, None, optional=False)
+    if x.dim() != 4:
+        raise ValueError(f"x: expected a 4-D tensor (N, C, H, W), got {x.dim()}-D with shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x: expected a floating dtype (float32, float16, bfloat16, float64), got {x.dtype}")
+    _check_tensor("weight", weight, x, optional=False)
+    if weight.dim() != 4:
+        raise ValueError(
+            f"weight: expected a 4-D tensor (K, C/groups, R, S), got {weight.dim()}-D with shape {tuple(weight.shape)}"
+        )
+    for name, t in (("bias", bias), ("residual", residual), ("scale", scale)):
+        _check_tensor(name, t, x, optional=True)
+    stride = pair(stride, "stride", 1)
+    padding = pair(padding, "padding", 0)
+    dilation = pair(dilation, "dilation", 1)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups: expected an int >= 1, got {groups!r}")
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu: expected a bool, got {relu!r}")
+    c, k = x.shape[1], weight.shape[0]
+    if c % groups:
+        raise ValueError(f"x: expected channels divisible by groups={groups}, got C={c}")
+    if weight.shape[1] * groups != c:
+        raise ValueError(f"weight: expected shape[1] == C/groups = {c // groups}, got {weight.shape[1]}")
+    if k % groups:
+        raise ValueError(f"weight: expected out channels divisible by groups={groups}, got K={k}")
+    if min(weight.shape[2:]) < 1:
+        raise ValueError(f"weight: expected a kernel size (R, S) >= 1, got {tuple(weight.shape[2:])}")
+    for d in range(2):
+        padded = x.shape[2 + d] + 2 * padding[d]
+        extent = dilation[d] * (weight.shape[2 + d] - 1) + 1
+        if extent > padded:
+            raise ValueError(
+                f"weight: expected a (dilated) kernel no larger than the padded input, got kernel extent {extent} "
+                f"> padded input {padded} in dim {2 + d}"
+            )
+    for name, t in (("bias", bias), ("scale", scale)):
+        if t is not None and tuple(t.shape) != (k,):
+            raise ValueError(f"{name}: expected shape ({k},), got {tuple(t.shape)}")
+    if residual is not None:
+        out_shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
+        if list(residual.shape) != out_shape:
+            raise ValueError(f"residual: expected the output's shape {tuple(out_shape)}, got {tuple(residual.shape)}")
+    return stride, padding, dilation
+
+
+def check_backward_inputs(
+    grad_out: Tensor,
+    out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    scale: Tensor | None,
+    stride: IntPair,
+    padding: IntPair,
+    dilation: IntPair,
+    groups: int,
+    relu: bool,
+    output_mask: Sequence[bool],
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Validate the backward's arguments: the forward's, plus grad_out (and out, with relu) shaped like y."""
+    stride, padding, dilation = check_inputs(x, weight, None, None, scale, stride, padding, dilation, groups, relu)
+    shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
+    for name, t in (("grad_out", grad_out), ("out", out))[: 2 if relu else 1]:
+        _check_tensor(name, t, x, optional=False)
+        if list(t.shape) != shape:
+            raise ValueError(f"{name}: expected the output's shape {shape}, got {list(t.shape)}")
+    if len(output_mask) != 4:
+        raise ValueError(f"output_mask: expected 4 bools (x, weight, bias, residual), got {list(output_mask)}")
+    if not relu and output_mask[3]:
+        raise ValueError(
+            "output_mask: grad_residual is grad_out itself when relu=False; expected output_mask[3]=false, got true"
+        )
+    return stride, padding, dilation
+
+
+def check_scale_constant(scale: Tensor | None) -> None:
+    """``scale`` gets no gradient, so autograd refuses one that requires it."""
+    if scale is not None and scale.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "scale: expected a constant (requires_grad=False); like a frozen BatchNorm's it gets no gradient, "
+            "got requires_grad=True. Detach it or keep it as a buffer."
+        )
+
+
+# ---- autocast: the op runs in the dtype autocast gives F.conv2d ----
+
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def autocast_cast(device_type: str, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The tensors as autocast casts conv2d's: every floating tensor but float64 goes to the autocast dtype."""
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    )
+
+
+def autocast_inputs(x: object, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """``(x, *tensors)`` cast for the autocast region x's device is in (unchanged outside one)."""
+    if isinstance(x, Tensor) and x.device.type in AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type):
+        return autocast_cast(x.device.type, x, *tensors)
+    return (x, *tensors)
+
+
+def _register_autocast(lib: torch.library.Library, qualname: str) -> None:
+    namespace, name = qualname.split("::")
+    op = getattr(getattr(torch.ops, namespace), name).default
+    for device_type in AUTOCAST_DEVICES:
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(_keyset, *args, device_type=device_type, keyset=keyset):
+            # Not register_autocast: it fixes one dtype per device, while conv2d follows the region's dtype.
+            with torch._C._ExcludeDispatchKeyGuard(keyset):
+                return op(*autocast_cast(device_type, *args))
+
+        lib.impl(name, kernel, key, with_keyset=True)
+
+
+# ---- fake kernels: shapes and layouts only, never data ----
+
+
+def forward_fake(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu):
+    stride, padding, dilation = check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
+    shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+
+
+def backward_fake(grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu, output_mask):
+    check_backward_inputs(grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu, output_mask)
+    need_x, need_w, need_b, need_r = output_mask
+    fmt = memory_format(x)
+
+    def empty() -> Tensor:
+        return x.new_empty(0)
+
+    return (
+        torch.empty_like(x, memory_format=fmt) if need_x else empty(),
+        torch.empty_like(weight, memory_format=memory_format(weight)) if need_w else empty(),
+        x.new_empty(weight.shape[0]) if need_b else empty(),
+        torch.empty(grad_out.shape, dtype=x.dtype, device=x.device, memory_format=fmt) if need_r else empty(),
+    )
+
+
+# ---- autograd, shared by every backend's op pair ----
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, _bias, _residual, scale, stride, padding, dilation, groups, relu = inputs
+    check_scale_constant(scale)
+    # The output carries the mask; the pre-activation is never kept.
+    ctx.save_for_backward(x, weight, output if relu else None, scale)
+    ctx.conv_args = (stride, padding, dilation, groups)
+    ctx.relu = relu
+
+
+def _make_backward(backward_op: Callable) -> Callable:
+    def backward(ctx, grad_out: Tensor):
+        x, weight, out, scale = ctx.saved_tensors
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        # Without ReLU, grad_residual is grad_out itself; the op only makes it when masked.
+        mask = [need_x, need_w, need_b, need_r and ctx.relu]
+        out = out if ctx.relu else grad_out  # read only with relu
+        grad_x, grad_w, grad_b, grad_r = backward_op(grad_out, out, x, weight, scale, *ctx.conv_args, ctx.relu, mask)
+        if need_r and not ctx.relu:
+            grad_r = grad_out
+        return (
+            grad_x if need_x else None,
+            grad_w if need_w else None,
+            grad_b if need_b else None,
+            grad_r if need_r else None,
+            *([None] * 6),
+        )
+
+    return backward
+
+
+_LIBS: list[torch.library.Library] = []
+
+
+def register_op(forward: str, backward: str) -> None:
+    """Give one backend's op pair (qualified names, e.g. ``"resnet_fused::conv_bias_add_relu"``) the contract:
+    fake kernels, the shared autograd and the autocast rule."""
+    torch.library.register_fake(forward)(forward_fake)
+    torch.library.register_fake(backward)(backward_fake)
+    namespace, name = backward.split("::")
+    backward_op = getattr(getattr(torch.ops, namespace), name).default
+    torch.library.register_autograd(forward, _make_backward(backward_op), setup_context=_setup_context)
+    lib = torch.library.Library(namespace, "FRAGMENT")
+    _LIBS.append(lib)  # a Library deregisters its kernels when collected
+    _register_autocast(lib, forward)
