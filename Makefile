@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 
-.PHONY: all venv build test lint format bench bench-full clean
+.PHONY: all venv build test lint format bench bench-full clean gpu-build gpu-test gpu-bench gpu-check
 
 all: build
 
@@ -48,6 +48,18 @@ bench: build
 
 bench-full: build
 	$(PY) -m benchmarks.main --full
+
+# On a machine with a CUDA GPU and its own torch (offline; torch is never installed): three steps of < 10 minutes
+# each, results in benchmarks/results/gpu/. Without a GPU each step reports "skipped: no GPU".
+GPU_PYTHON ?= python3
+gpu-build:
+	$(GPU_PYTHON) scripts/gpu_check.py build
+gpu-test:
+	$(GPU_PYTHON) scripts/gpu_check.py test
+gpu-bench:
+	$(GPU_PYTHON) scripts/gpu_check.py bench
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py all
 
 clean:
 	rm -rf build *.egg-info resnet_fused/*.so $(VENV)/.built

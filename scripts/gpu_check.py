@@ -1,0 +1,189 @@
+"""The GPU acceptance run: build, test and bench on a machine with a CUDA GPU, offline, with the torch it has.
+
+    python3 scripts/gpu_check.py build   # the extension against this python's torch (never installs torch)
+    python3 scripts/gpu_check.py test    # correctness suite on cuda and triton, GPU runtime tests, compute-sanitizer
+    python3 scripts/gpu_check.py bench   # equivalence check, op and model benchmarks (CUDA events)
+    python3 scripts/gpu_check.py all     # the three, in order
+
+Each step fits in a 10-minute slot and can run alone (``make gpu-build``, ``make gpu-test``, ``make gpu-bench``;
+``make gpu-check`` runs all). Results go to benchmarks/results/gpu/: ``gpu_check.json`` and ``gpu_check.md`` (every
+step passed, failed or skipped, with its log tail), ``environment.json`` (GPU, driver and versions), the test logs
+and the benchmark JSON/markdown/PNG. Without a GPU every step reports "skipped: no GPU", so the command dry-runs on
+any machine. Uses the standard library only, so it runs before anything is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "results" / "gpu"
+# The oldest torch whose torch.library APIs the package uses (custom_op, register_fake/autograd, opcheck).
+MIN_TORCH = (2, 6)
+STEP_TIMEOUT_S = 540
+
+# The GPU suite: the shared correctness suite on both GPU backends, then the backend-specific GPU tests.
+SUITE = ["tests/test_conv_bias_add_relu.py"]
+GPU_TESTS = ["tests/test_cuda_runtime.py", "tests/test_triton_kernels.py", "tests/test_select.py"]
+# compute-sanitizer runs a trimmed set: every kernel once, small shapes.
+SANITIZE_K = "batch_zero or nan or every_epilogue and float32"
+
+
+def _python_info() -> dict:
+    """Versions and the GPU, read in a child process so that this script never imports torch itself."""
+    code = (
+        "import json, torch\n"
+        "info = {'torch': torch.__version__, 'cuda': torch.version.cuda, 'gpu': None}\n"
+        "try:\n    import triton; info['triton'] = triton.__version__\nexcept Exception as e:\n"
+        "    info['triton'] = f'unavailable: {e}'\n"
+        "info['cudnn'] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None\n"
+        "if torch.cuda.is_available():\n"
+        "    p = torch.cuda.get_device_properties(0)\n"
+        "    info['gpu'] = p.name; info['capability'] = list(torch.cuda.get_device_capability(0))\n"
+        "    info['gpu_count'] = torch.cuda.device_count(); info['memory_gib'] = round(p.total_memory / 2**30, 1)\n"
+        "print(json.dumps(info))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        q = subprocess.run(
+            [smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.strip()
+        info["driver"] = q.splitlines()[0] if q else None
+    info["python"] = platform.python_version()
+    info["sanitizer"] = shutil.which("compute-sanitizer")
+    return info
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def _run(name: str, cmd: list[str], log: Path, env: dict | None = None) -> dict:
+    start = time.monotonic()
+    with log.open("w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        try:
+            proc = subprocess.run(
+                cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                timeout=STEP_TIMEOUT_S,
+            )  # fmt: skip
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    tail = log.read_text().splitlines()[-15:]
+    status = "passed" if rc == 0 else ("failed (timed out)" if rc == 124 else f"failed (exit {rc})")
+    return {"name": name, "status": status, "seconds": round(time.monotonic() - start, 1), "log": log.name,
+            "tail": tail}  # fmt: skip
+
+
+def _skipped(name: str, why: str) -> dict:
+    return {"name": name, "status": f"skipped: {why}", "seconds": 0.0, "log": None, "tail": []}
+
+
+def step_build(info: dict, out: Path) -> list[dict]:
+    torch_version = info.get("torch")
+    if torch_version is None:
+        return [{**_skipped("build", "torch does not import"), "status": f"failed: torch does not import {info}"}]
+    if _version_tuple(torch_version) < MIN_TORCH:
+        need = ".".join(map(str, MIN_TORCH))
+        return [{**_skipped("build", ""), "status": f"failed: torch {torch_version} is older than the {need} needed"}]
+    if not info.get("gpu"):
+        return [_skipped("build", "no GPU (the CUDA build itself is covered by tests/test_cuda_build.py)")]
+    cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-v", "-e", "."]
+    # The default archs plus embedded PTX cover this GPU and newer ones.
+    return [_run("build", cmd, out / "build.log", {"RESNET_FUSED_BUILD_CUDA": "1"})]
+
+
+def step_test(info: dict, out: Path) -> list[dict]:
+    if not info.get("gpu"):
+        return [_skipped(name, "no GPU") for name in ("suite", "gpu-tests", "memcheck", "racecheck")]
+    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
+    gpu = {"RESNET_FUSED_TEST_BACKENDS": "cuda,triton"}
+    results = [
+        _run("suite", [*pytest, f"--junitxml={out / 'suite.xml'}", *SUITE], out / "suite.log", gpu),
+        _run("gpu-tests", [*pytest, f"--junitxml={out / 'gpu_tests.xml'}", *GPU_TESTS], out / "gpu_tests.log", gpu),
+    ]
+    sanitizer = info.get("sanitizer")
+    for tool in ("memcheck", "racecheck"):
+        if not sanitizer:
+            results.append(_skipped(tool, "compute-sanitizer not found"))
+            continue
+        cmd = [sanitizer, f"--tool={tool}", "--error-exitcode=99", *pytest, "-x", "-k", SANITIZE_K, *SUITE]
+        results.append(_run(tool, cmd, out / f"{tool}.log", gpu))
+    return results
+
+
+def step_bench(info: dict, out: Path) -> list[dict]:
+    if not info.get("gpu"):
+        return [_skipped("bench", "no GPU")]
+    cmd = [sys.executable, "-m", "benchmarks.main", "--with-model", "--no-progress", "--out", str(out)]
+    return [_run("bench", cmd, out / "bench.log")]
+
+
+STEPS = {"build": step_build, "test": step_test, "bench": step_bench}
+
+
+def _write(out: Path, info: dict, results: list[dict]) -> None:
+    (out / "environment.json").write_text(json.dumps(info, indent=2) + "\n")
+    previous = {}
+    summary = out / "gpu_check.json"
+    if summary.exists():  # steps run one at a time accumulate into one summary
+        previous = {r["name"]: r for r in json.loads(summary.read_text()).get("steps", [])}
+    previous.update({r["name"]: r for r in results})
+    steps = list(previous.values())
+    summary.write_text(json.dumps({"environment": info, "steps": steps}, indent=2) + "\n")
+    gpu = info.get("gpu") or "no GPU"
+    lines = [
+        "# GPU check",
+        "",
+        f"GPU: {gpu}, driver {info.get('driver')}; torch {info.get('torch')} (CUDA {info.get('cuda')}, cuDNN "
+        f"{info.get('cudnn')}), triton {info.get('triton')}, Python {info.get('python')}.",
+        "",
+        "| step | status | seconds | log |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {r['name']} | {r['status']} | {r['seconds']} | {r['log'] or ''} |" for r in steps]
+    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("step", choices=[*STEPS, "all"])
+    parser.add_argument("--out", default=str(OUT), help="results folder (default: benchmarks/results/gpu)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = _python_info()
+    results = []
+    for name in STEPS if args.step == "all" else [args.step]:
+        results += STEPS[name](info, out)
+        if name == "build" and results[-1]["status"].startswith("failed"):
+            break
+    _write(out, info, results)
+    for r in results:
+        print(f"{r['name']:>10}: {r['status']} ({r['seconds']} s)")
+        if r["status"].startswith("failed"):
+            print("\n".join("    " + line for line in r["tail"]))
+    print(f"results: {out / 'gpu_check.md'}")
+    return 1 if any(r["status"].startswith("failed") for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
