@@ -2,11 +2,11 @@
 
 - :class:`FusedConv2d` is an ``nn.Conv2d`` (same constructor, parameters and ``state_dict``) whose
   ``forward(x, residual=None)`` computes ``act(conv(x) + bias + residual)`` in one fused op.
-- :class:`BasicBlock` and :class:`Bottleneck` take torchvision's exact constructor signatures and
-  parameter names, so torchvision checkpoints load with ``load_state_dict(strict=True)`` when they
-  are built with ``norm_layer=nn.BatchNorm2d``. With ``norm_layer=None`` they are BN-free blocks
-  whose convs carry biases: ``a[l+2] = relu(W2 · a[l+1] + b2 + a[l])`` (Fixup/SkipInit style).
-  Note the one difference from torchvision: there ``norm_layer=None`` means BatchNorm2d.
+- :class:`BasicBlock` and :class:`Bottleneck` take torchvision's constructors with the same defaults,
+  so with the same arguments they have torchvision's architecture, parameters and ``state_dict``
+  (``norm_layer=None`` means ``nn.BatchNorm2d``) and torchvision checkpoints load with
+  ``load_state_dict(strict=True)``. ``norm_layer=nn.Identity`` gives BN-free blocks whose convs
+  carry biases: ``a[l+2] = relu(W2 · a[l+1] + b2 + a[l])`` (Fixup/SkipInit style).
 - :class:`SkipBlock` (skip over 1, 2 or 3 layers) and :class:`PreActBlock` (pre-activation, linear
   skip path) show how other residual shapes are built from :class:`FusedConv2d`.
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import resnet_fused
+from resnet_fused.ops import conv_bias_add_relu
 
 try:
     from torchvision.ops import FrozenBatchNorm2d as _FrozenBatchNorm2d
@@ -169,8 +169,12 @@ class FusedConv2d(nn.Conv2d):
             s += ", frozen scale/shift"
         return s
 
-    def epilogue(self) -> tuple[Tensor | None, Tensor | None]:
-        """``(scale, bias)`` as the op takes them, both ``(out_channels,)`` or ``None``."""
+    def scale_shift(self) -> tuple[Tensor | None, Tensor | None]:
+        """The per-channel ``(scale, shift)`` applied after the conv: ``conv(x) * scale + shift``.
+
+        This is the frozen scale/shift combined with the conv's bias, as the op's ``scale`` and
+        ``bias`` take it; each is ``(out_channels,)`` or ``None`` (absent).
+        """
         if self.scale is None:
             return None, self.bias
         if self.bias is None:
@@ -188,7 +192,7 @@ class FusedConv2d(nn.Conv2d):
             return (extra if any(extra) else None), (h_lo, w_lo)
         return None, (self.padding[0], self.padding[1])
 
-    def fused(
+    def conv_bias_add_relu(
         self,
         x: Tensor,
         residual: Tensor | None = None,
@@ -198,15 +202,16 @@ class FusedConv2d(nn.Conv2d):
         bias: Tensor | None = None,
         relu: bool | None = None,
     ) -> Tensor:
-        """The fused op with this conv's geometry; ``weight``/``relu`` default to the module's.
+        """``conv_bias_add_relu`` with this conv's geometry; ``weight``/``relu`` default to the module's.
 
         Unlike :meth:`forward`, ``scale`` and ``bias`` are taken as given (``None`` = absent).
+        Shapes: ``x`` ``(N, C_in, H, W)``; ``residual`` and the result ``(N, C_out, H_out, W_out)``.
         """
         pad, padding = self._padding_plan()
         if pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, pad, mode=mode)
-        return resnet_fused.conv_bias_add_relu(
+        return conv_bias_add_relu(
             x,
             self.weight if weight is None else weight,
             bias,
@@ -225,8 +230,8 @@ class FusedConv2d(nn.Conv2d):
 
         Shapes: ``x`` ``(N, C_in, H, W)``; ``residual`` and the result ``(N, C_out, H_out, W_out)``.
         """
-        scale, bias = self.epilogue()
-        return self.fused(x, residual, scale=scale, bias=bias)
+        scale, shift = self.scale_shift()
+        return self.conv_bias_add_relu(x, residual, scale=scale, bias=shift)
 
 
 def norm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor] | None:
@@ -255,12 +260,12 @@ def conv_norm(conv: FusedConv2d, norm: nn.Module | None, x: Tensor, residual: Te
 
     Shapes: ``x`` ``(N, C_in, H, W)``; ``residual`` and the result ``(N, C_out, H_out, W_out)``.
     """
-    conv_scale, conv_bias = conv.epilogue()
+    conv_scale, conv_bias = conv.scale_shift()
     if norm is None or isinstance(norm, nn.Identity):
-        return conv.fused(x, residual, scale=conv_scale, bias=conv_bias)
+        return conv.conv_bias_add_relu(x, residual, scale=conv_scale, bias=conv_bias)
     affine = norm_scale_shift(norm)
     if affine is None:  # batch statistics: the norm must see the whole conv output first
-        y = norm(conv.fused(x, scale=conv_scale, bias=conv_bias, relu=False))
+        y = norm(conv.conv_bias_add_relu(x, scale=conv_scale, bias=conv_bias, relu=False))
         if residual is not None:
             y = y + residual
         return F.relu(y) if conv.relu else y
@@ -271,8 +276,8 @@ def conv_norm(conv: FusedConv2d, norm: nn.Module | None, x: Tensor, residual: Te
     if scale.requires_grad and torch.is_grad_enabled():
         # The op's scale is a constant; fold a trainable one into the weight so it gets its grad.
         weight = conv.weight * scale.reshape(-1, 1, 1, 1)
-        return conv.fused(x, residual, weight=weight, bias=bias)
-    return conv.fused(x, residual, scale=scale, bias=bias)
+        return conv.conv_bias_add_relu(x, residual, weight=weight, bias=bias)
+    return conv.conv_bias_add_relu(x, residual, scale=scale, bias=bias)
 
 
 def _conv3x3(
@@ -291,20 +296,22 @@ def _conv1x1(in_planes: int, out_planes: int, stride: int = 1, *, bias: bool, re
     return FusedConv2d(in_planes, out_planes, 1, stride, bias=bias, relu=relu)
 
 
-def _norm_or_identity(norm_layer: NormLayer | None, channels: int) -> nn.Module:
-    return nn.Identity() if norm_layer is None else norm_layer(channels)
+def _make_norm(norm_layer: NormLayer | None, channels: int) -> tuple[nn.Module, bool]:
+    """``(norm, whether the conv before it needs a bias)``; ``None`` is BatchNorm2d, as in torchvision."""
+    norm = (nn.BatchNorm2d if norm_layer is None else norm_layer)(channels)
+    # With no norm the conv's bias is the only shift left; a norm with a shift makes it redundant.
+    return norm, isinstance(norm, nn.Identity)
 
 
 def projection(inplanes: int, out_channels: int, stride: int = 1, norm_layer: NormLayer | None = None) -> nn.Sequential:
-    """The shortcut ``W_s · a[l]`` (strided 1x1 conv, no activation) for a shape-changing block.
+    """The shortcut ``norm(W_s · a[l])`` (strided 1x1 conv, no activation) for a shape-changing block.
 
-    Keys match torchvision's ``downsample``: ``0.weight`` then ``1.*`` for the norm; with
-    ``norm_layer=None`` the conv has a bias (``0.weight``, ``0.bias``) and there is no ``1``.
+    torchvision's ``downsample``: ``Sequential(conv1x1, norm_layer(out_channels))`` with keys ``0.weight`` then
+    ``1.*``; ``norm_layer=None`` means ``nn.BatchNorm2d``. With ``norm_layer=nn.Identity`` the conv has a bias
+    (keys ``0.weight``, ``0.bias``). Shapes: ``(N, inplanes, H, W) -> (N, out_channels, ceil(H / s), ceil(W / s))``.
     """
-    conv = _conv1x1(inplanes, out_channels, stride, bias=norm_layer is None, relu=False)
-    if norm_layer is None:
-        return nn.Sequential(conv)
-    return nn.Sequential(conv, norm_layer(out_channels))
+    norm, bias = _make_norm(norm_layer, out_channels)
+    return nn.Sequential(_conv1x1(inplanes, out_channels, stride, bias=bias, relu=False), norm)
 
 
 def check_residual(
@@ -331,10 +338,10 @@ def _shortcut(downsample: nn.Module | None, x: Tensor) -> Tensor:
 class BasicBlock(nn.Module):
     """torchvision's ``BasicBlock`` fused: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + s(x))``.
 
-    Same constructor and parameter names as ``torchvision.models.resnet.BasicBlock``, except that
-    ``norm_layer=None`` gives the BN-free block (``bn1``/``bn2`` are ``nn.Identity``, convs have
-    biases); pass ``norm_layer=nn.BatchNorm2d`` for torchvision's block and checkpoints.
-    ``s`` is ``downsample`` (see :func:`projection`) or the identity.
+    Same constructor, defaults, parameter names and errors as ``torchvision.models.resnet.BasicBlock``
+    (``norm_layer=None`` means ``nn.BatchNorm2d``). ``norm_layer=nn.Identity`` gives the BN-free block:
+    ``bn1``/``bn2`` are ``nn.Identity`` and the convs have biases. ``s`` is ``downsample`` (see
+    :func:`projection`) or the identity.
 
     Shapes: ``(N, inplanes, H, W) -> (N, planes, ceil(H / stride), ceil(W / stride))``.
     """
@@ -358,12 +365,14 @@ class BasicBlock(nn.Module):
         if dilation > 1:
             raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
         check_residual("BasicBlock", inplanes, planes * self.expansion, stride, downsample)
-        bias = norm_layer is None
-        self.conv1 = _conv3x3(inplanes, planes, stride, bias=bias)
-        self.bn1 = _norm_or_identity(norm_layer, planes)
+        bn1, bias1 = _make_norm(norm_layer, planes)
+        bn2, bias2 = _make_norm(norm_layer, planes)
+        # Registration order is torchvision's, so that state_dict keys come in the same order.
+        self.conv1 = _conv3x3(inplanes, planes, stride, bias=bias1)
+        self.bn1 = bn1
         self.relu = nn.ReLU(inplace=True)  # unused by the fused path; kept for torchvision parity
-        self.conv2 = _conv3x3(planes, planes, bias=bias)
-        self.bn2 = _norm_or_identity(norm_layer, planes)
+        self.conv2 = _conv3x3(planes, planes, bias=bias2)
+        self.bn2 = bn2
         self.downsample = downsample
         self.stride = stride
 
@@ -377,8 +386,9 @@ class Bottleneck(nn.Module):
     """torchvision's ``Bottleneck`` (ResNet v1.5: stride on the 3x3) through the fused op.
 
     1x1 reduce -> 3x3 (stride, groups, dilation) -> 1x1 expand by 4, each followed by its norm,
-    the last one adding the shortcut before the ReLU. Same constructor and parameter names as
-    ``torchvision.models.resnet.Bottleneck``; ``norm_layer=None`` gives the BN-free block.
+    the last one adding the shortcut before the ReLU. Same constructor, defaults and parameter names
+    as ``torchvision.models.resnet.Bottleneck`` (``norm_layer=None`` means ``nn.BatchNorm2d``).
+    ``norm_layer=nn.Identity`` gives the BN-free block, whose convs have biases.
 
     Shapes: ``(N, inplanes, H, W) -> (N, planes * 4, ceil(H / stride), ceil(W / stride))``.
     """
@@ -399,13 +409,15 @@ class Bottleneck(nn.Module):
         super().__init__()
         check_residual("Bottleneck", inplanes, planes * self.expansion, stride, downsample)
         width = int(planes * (base_width / 64.0)) * groups
-        bias = norm_layer is None
-        self.conv1 = _conv1x1(inplanes, width, bias=bias, relu=True)
-        self.bn1 = _norm_or_identity(norm_layer, width)
-        self.conv2 = _conv3x3(width, width, stride, groups, dilation, bias=bias)
-        self.bn2 = _norm_or_identity(norm_layer, width)
-        self.conv3 = _conv1x1(width, planes * self.expansion, bias=bias, relu=True)
-        self.bn3 = _norm_or_identity(norm_layer, planes * self.expansion)
+        bn1, bias1 = _make_norm(norm_layer, width)
+        bn2, bias2 = _make_norm(norm_layer, width)
+        bn3, bias3 = _make_norm(norm_layer, planes * self.expansion)
+        self.conv1 = _conv1x1(inplanes, width, bias=bias1, relu=True)
+        self.bn1 = bn1
+        self.conv2 = _conv3x3(width, width, stride, groups, dilation, bias=bias2)
+        self.bn2 = bn2
+        self.conv3 = _conv1x1(width, planes * self.expansion, bias=bias3, relu=True)
+        self.bn3 = bn3
         self.relu = nn.ReLU(inplace=True)  # unused by the fused path; kept for torchvision parity
         self.downsample = downsample
         self.stride = stride

@@ -31,7 +31,7 @@ class MicroResNet(nn.Module):
     def __init__(self, backend: str, classes: int = 5) -> None:
         super().__init__()
         self.stem = FusedConv2d(3, 4, 3, padding=1, backend=backend)
-        self.block = BasicBlock(4, 4)
+        self.block = BasicBlock(4, 4, norm_layer=nn.Identity)
         self.block.conv1.backend = self.block.conv2.backend = backend
         self.fc = nn.Linear(4, classes)
 
