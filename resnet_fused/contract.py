@@ -129,6 +129,9 @@ def check_inputs(
     if not isinstance(relu, bool):
         raise TypeError(f"relu: expected a bool, got {relu!r}")
     c, k = x.shape[1], weight.shape[0]
+    if c < 1:
+        # ATen's conv2d returns a (N, 0, P, Q) output for C = 0, so there is no reference to agree with.
+        raise ValueError(f"x: expected at least 1 input channel, got C={c}")
     if c % groups:
         raise ValueError(f"x: expected channels divisible by groups={groups}, got C={c}")
     if weight.shape[1] * groups != c:
