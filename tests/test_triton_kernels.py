@@ -23,6 +23,7 @@ DEVICE = "cuda" if HAS_GPU and not INTERPRET else "cpu"
 
 if INTERPRET or HAS_GPU:
     import resnet_fused
+    from resnet_fused.contract import conv_output_shape
     from resnet_fused.triton import launch
 
 # Relative to the reference's max magnitude: fp32 allows TF32 on a GPU (cuDNN's default).
@@ -75,8 +76,7 @@ def _make(shape, dtype, channels_last, bias=True, residual=True, scale=True, see
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, h, w, generator=g)
     wt = torch.randn(k, c // groups, r, s, generator=g) / (c // groups * r * s) ** 0.5
-    p = launch.out_size(h, r, stride[0], padding[0], dilation[0])
-    q = launch.out_size(w, s, stride[1], padding[1], dilation[1])
+    _, _, p, q = conv_output_shape((n, c, h, w), (k, c // groups, r, s), stride, padding, dilation)
     b = torch.randn(k, generator=g) if bias else None
     res = torch.randn(n, k, p, q, generator=g) if residual else None
     sc = torch.rand(k, generator=g) + 0.5 if scale else None
@@ -178,7 +178,7 @@ def test_backward_output_mask_and_split(mask, splits):
     out = resnet_fused.conv_bias_add_relu(x, w, b, res, scale=sc, relu=True, backend="triton", **conv)
     go = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     args = (conv["stride"], conv["padding"], conv["dilation"], conv["groups"], True, mask)
-    got = launch.conv_bwd(go, out, x, w, sc, *args, num_splits=splits)
+    got = launch.backward(go, out, x, w, sc, *args, num_splits=splits)
 
     rx, rw, rb, rr = (t.double().requires_grad_() for t in (x, w, b, res))
     y_lin = _reference(rx, rw, rb, rr, sc.double(), relu=False, **conv)
@@ -199,9 +199,9 @@ def test_wgrad_split_is_deterministic():
     out = resnet_fused.conv_bias_add_relu(x, w, b, res, scale=sc, backend="triton", **conv)
     go = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     args = (conv["stride"], conv["padding"], conv["dilation"], conv["groups"], True, (False, True, True, False))
-    first = launch.conv_bwd(go, out, x, w, sc, *args, num_splits=2)
+    first = launch.backward(go, out, x, w, sc, *args, num_splits=2)
     for _ in range(2):
-        again = launch.conv_bwd(go, out, x, w, sc, *args, num_splits=2)
+        again = launch.backward(go, out, x, w, sc, *args, num_splits=2)
         assert torch.equal(first[1], again[1]) and torch.equal(first[2], again[2])
 
 

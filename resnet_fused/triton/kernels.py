@@ -19,7 +19,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _conv_fwd_kernel(
+def _forward_kernel(
     x_ptr,
     w_ptr,
     scale_ptr,
@@ -137,7 +137,7 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _conv_dgrad_kernel(
+def _dgrad_kernel(
     go_ptr,
     out_ptr,
     w_ptr,
@@ -248,7 +248,7 @@ def _conv_dgrad_kernel(
 
 
 @triton.jit
-def _conv_wgrad_kernel(
+def _wgrad_kernel(
     go_ptr,
     out_ptr,
     x_ptr,

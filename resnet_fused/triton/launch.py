@@ -12,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import _conv_dgrad_kernel, _conv_fwd_kernel, _conv_wgrad_kernel
+from resnet_fused.contract import conv_output_shape, memory_format
+
+from .kernels import _dgrad_kernel, _forward_kernel, _wgrad_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _INT32_MAX = 2**31 - 1
@@ -53,16 +55,11 @@ def shipped_configs(kernel: str) -> list[triton.Config]:
 
 
 _FWD_KEY = ["M", "CG", "KG", "R", "S", "stride_h", "stride_w"]
-_conv_fwd = triton.autotune(configs=shipped_configs("fwd"), key=_FWD_KEY)(_conv_fwd_kernel)
-_conv_dgrad = triton.autotune(configs=shipped_configs("dgrad"), key=_FWD_KEY)(_conv_dgrad_kernel)
-_conv_wgrad = triton.autotune(configs=shipped_configs("wgrad"), key=["M", "CRS", "KG", "R", "S", "num_splits"])(
-    _conv_wgrad_kernel
+_forward_tuned = triton.autotune(configs=shipped_configs("fwd"), key=_FWD_KEY)(_forward_kernel)
+_dgrad_tuned = triton.autotune(configs=shipped_configs("dgrad"), key=_FWD_KEY)(_dgrad_kernel)
+_wgrad_tuned = triton.autotune(configs=shipped_configs("wgrad"), key=["M", "CRS", "KG", "R", "S", "num_splits"])(
+    _wgrad_kernel
 )
-
-
-def memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The memory format that the op's outputs take from x (like C++ suggest_memory_format)."""
-    return torch._prims_common.suggest_memory_format(x)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -91,11 +88,7 @@ def _check_image_offsets(name: str, t: torch.Tensor) -> None:
         )
 
 
-def out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
-    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
-
-
-def conv_fwd(
+def forward(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -114,8 +107,7 @@ def conv_fwd(
     """
     n, _, h, w = x.shape
     k, cg, r, s = weight.shape
-    p = out_size(h, r, stride[0], padding[0], dilation[0])
-    q = out_size(w, s, stride[1], padding[1], dilation[1])
+    _, _, p, q = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
     y = torch.empty((n, k, p, q), dtype=x.dtype, device=x.device, memory_format=memory_format(x))
     if y.numel() == 0:
         return y
@@ -129,7 +121,7 @@ def conv_fwd(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(kg, meta["BLOCK_N"]), groups)
 
-    _conv_fwd[grid](
+    _forward_tuned[grid](
         x,
         weight,
         scale if scale is not None else y,
@@ -180,7 +172,7 @@ def wgrad_splits(m: int, kg: int, crs: int, groups: int) -> int:
     return max(1, min(want, m // _MIN_ROWS_PER_SPLIT, 64, 65535 // groups))
 
 
-def conv_bwd(
+def backward(
     grad_out: torch.Tensor,
     out: torch.Tensor,
     x: torch.Tensor,
@@ -194,7 +186,7 @@ def conv_bwd(
     output_mask: Sequence[bool],
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of conv_fwd: (grad_x, grad_weight, grad_bias, grad_residual).
+    """Gradients of forward: (grad_x, grad_weight, grad_bias, grad_residual).
 
     grad_out and out (N, K, P, Q), x (N, C, H, W), weight (K, C // groups, R, S), scale (K,).
     The ReLU mask comes from the saved output (out > 0). output_mask = (x, weight, bias,
@@ -246,7 +238,7 @@ def conv_bwd(
         def dgrid(meta):
             return (triton.cdiv(m_in, meta["BLOCK_M"]), triton.cdiv(cg, meta["BLOCK_N"]), groups)
 
-        _conv_dgrad[dgrid](
+        _dgrad_tuned[dgrid](
             grad_out,
             out,
             weight,
@@ -296,7 +288,7 @@ def conv_bwd(
                 groups * splits,
             )
 
-        _conv_wgrad[wgrid](
+        _wgrad_tuned[wgrid](
             grad_out,
             out,
             x,

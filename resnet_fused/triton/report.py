@@ -27,12 +27,14 @@ import triton.language as tl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
+from resnet_fused.contract import conv_output_shape
+
 from . import kernels, launch
 
 KERNELS = {
-    "fwd": kernels._conv_fwd_kernel,
-    "dgrad": kernels._conv_dgrad_kernel,
-    "wgrad": kernels._conv_wgrad_kernel,
+    "fwd": kernels._forward_kernel,
+    "dgrad": kernels._dgrad_kernel,
+    "wgrad": kernels._wgrad_kernel,
 }
 DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 # Per-block shared memory opt-in limits (bytes): sm_80 (A100) 163 KB, sm_90 (H100) 227 KB.
@@ -68,8 +70,7 @@ def _nhwc_strides(n: int, c: int, h: int, w: int) -> tuple[int, int, int, int]:
 def _args(kernel: str, shape: str) -> dict:
     """Runtime argument values of one launch of ``kernel`` on the representative problem."""
     n, c, h, w, k, r, s, st, pad = _PROBLEM[shape]
-    p = launch.out_size(h, r, st, pad, 1)
-    q = launch.out_size(w, s, st, pad, 1)
+    _, _, p, q = conv_output_shape((n, c, h, w), (k, c, r, s), (st, st), (pad, pad), (1, 1))
     conv = dict(stride_h=st, stride_w=st, pad_h=pad, pad_w=pad, dil_h=1, dil_w=1)
     xs = _nhwc_strides(n, c, h, w)
     ys = _nhwc_strides(n, k, p, q)
