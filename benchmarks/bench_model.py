@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import os
 import sys
 import time
@@ -44,7 +43,8 @@ CLASSES = 1000
 
 
 def bn_free_resnet(arch: str, num_classes: int = CLASSES) -> nn.Module:
-    """torchvision's ResNet layout built from BN-free ``resnet_fused.nn`` blocks (convs with biases, fused stem)."""
+    """torchvision's ResNet layout built from BN-free ``resnet_fused.nn`` blocks (``norm_layer=nn.Identity``: convs
+    with biases, no norm) and a fused stem."""
     from resnet_fused.nn import BasicBlock, Bottleneck, FusedConv2d, projection
 
     kind, layers = ARCHS[arch]
@@ -54,9 +54,9 @@ def bn_free_resnet(arch: str, num_classes: int = CLASSES) -> nn.Module:
     for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers, strict=True)):
         stride = 1 if i == 0 else 2
         out = planes * block.expansion
-        down = projection(inplanes, out, stride) if stride != 1 or inplanes != out else None
-        blocks = [block(inplanes, planes, stride, down)]
-        blocks += [block(out, planes) for _ in range(n - 1)]
+        down = projection(inplanes, out, stride, nn.Identity) if stride != 1 or inplanes != out else None
+        blocks = [block(inplanes, planes, stride, down, norm_layer=nn.Identity)]
+        blocks += [block(out, planes, norm_layer=nn.Identity) for _ in range(n - 1)]
         stages.append(nn.Sequential(*blocks))
         inplanes = out
     model = nn.Sequential(
@@ -187,10 +187,7 @@ def run(
     """Run the model benchmark and return the JSON payload: ``machine``, ``config``, ``records``, ``targets``."""
     from tqdm import tqdm
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    n_threads = timing.set_threads(threads)
-    machine = timing.machine_info(n_threads, dev)  # at the start: the commit and load the timings ran under
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" noise on CPU
+    dev, machine = timing.start(device, threads)
     work = []
     for arch in models:
         for d in dtypes:
@@ -237,26 +234,16 @@ def run(
             records.append(rec)
         del impls
         torch._dynamo.reset()
-    config = {
-        "models": list(models),
-        "modes": list(modes),
-        "train_variants": list(train_variants),
-        "input_hw": hw,
-        "batch": batch,
-        "dtypes": list(dtypes),
-        "layouts": list(layouts),
-        "compile": with_compile,
-        "rounds": rounds,
-        "warmup": warmup,
-        "min_sample_ms": min_sample_ms,
-        "wall_s": time.perf_counter() - t0,
-    }
+    config = timing.config_record(
+        t0, models=models, modes=modes, train_variants=train_variants, input_hw=hw, batch=batch, dtypes=dtypes,
+        layouts=layouts, compile=with_compile, rounds=rounds, warmup=warmup, min_sample_ms=min_sample_ms,
+    )  # fmt: skip
     return {
         "benchmark": "model",
         "machine": machine,
         "config": config,
         "records": records,
-        "targets": targets(records) if dev.type == "cpu" and batch == 8 and hw == 224 else [],
+        "targets": targets(records) if timing.targets_apply(dev, batch, hw) else [],
     }
 
 
@@ -272,7 +259,7 @@ def _mib(rec: dict) -> str:
 
 
 def targets(records: Sequence[dict]) -> list[dict]:
-    """The issue's model-level targets (CPU, fp32, channels_last, batch 8), met or missed with the figures."""
+    """The model-level targets (CPU, fp32, channels_last, batch 8), met or missed, with the figures."""
     out = []
     base = {"dtype": "fp32", "layout": "channels_last"}
     fused = _find(records, model="resnet50", mode="inference", impl="fused", **base)
@@ -350,10 +337,8 @@ def write_outputs(payload: dict, json_path: str | os.PathLike | None, md_path: s
     if json_path:
         written.append(timing.write_json(json_path, payload))
     if md_path:
-        path = Path(md_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(table_markdown(payload["records"]) + "\n```\n" + targets_text(payload["targets"]) + "\n```\n")
-        written.append(path)
+        text = table_markdown(payload["records"]) + f"\n```\n{targets_text(payload['targets'])}\n```\n"
+        written.append(timing.write_text(md_path, text))
     return written
 
 

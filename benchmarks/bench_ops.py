@@ -1,4 +1,4 @@
-"""Op-level benchmark: the fused conv+bias+add+ReLU against the unfused eager reference, torch.compile of the
+"""Op-level benchmark: ``conv_bias_add_relu`` on each backend against the unfused eager reference, torch.compile of the
 reference, and the bare conv alone (the floor), on every distinct conv of ResNet-18/50.
 
 The shapes are traced from torchvision's models with forward hooks on their ``nn.Conv2d`` modules (on the meta
@@ -10,10 +10,12 @@ device, so tracing costs nothing); each conv gets the epilogue it has in a fused
 - ``bias``: the strided 1x1 projection shortcut (``downsample.0``), linear.
 
 Two convs are the same case when geometry, input size and epilogue all match. Implementations (per case, dtype,
-layout and pass, measured side by side in one process, interleaved; see :mod:`benchmarks.timing`):
+layout and pass, measured side by side in one process, interleaved; see :mod:`benchmarks.timing`), each labelled
+by its name:
 
-- ``fused:<backend>``: ``resnet_fused.conv_bias_add_relu`` on each available backend (never the Triton
-  interpreter, and not ``"reference"``, which *is* the eager row);
+- ``<backend>`` (``cpu``, ``cuda``, ``triton``): ``resnet_fused.conv_bias_add_relu`` on every available row of
+  ``resnet_fused.backends.BACKENDS`` that ``backend="auto"`` may pick on the device (so never the Triton
+  interpreter, and never ``reference``, which *is* the eager row);
 - ``eager``: ``resnet_fused.reference.conv_bias_add_relu`` (F.conv2d, then separate add/relu ops);
 - ``compile``: ``torch.compile(reference, dynamic=False)``; its compile time (the first call) is reported apart;
 - ``conv_alone``: ``F.conv2d(x, w)`` without bias, the floor a fused op can approach but not beat.
@@ -27,7 +29,6 @@ requiring grad as in training, back-propagates a fixed random ``grad_out`` and c
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
@@ -41,12 +42,14 @@ from torch import Tensor, nn
 
 import resnet_fused
 from benchmarks import timing
+from resnet_fused import contract
+from resnet_fused.backends import BACKENDS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
 PASSES = ("fwd", "fwd+bwd")
 EPILOGUES = ("bias+relu", "bias+res+relu", "bias")
-BASE_IMPLS = ("eager", "compile", "conv_alone")
+BASE_IMPLS = ("eager", "compile", "conv_alone")  # every other implementation is a backend
 OUT_DIR = Path(__file__).resolve().parent / "out"
 
 
@@ -60,6 +63,7 @@ class ConvCase:
     s: int
     stride: int
     padding: int
+    dilation: int
     h: int
     w: int
     epilogue: str
@@ -67,15 +71,26 @@ class ConvCase:
 
     @property
     def name(self) -> str:
-        return f"{self.r}x{self.s} {self.c}->{self.k} {self.h}x{self.w} s{self.stride} {self.epilogue}"
+        dilated = f" d{self.dilation}" if self.dilation != 1 else ""
+        return f"{self.r}x{self.s} {self.c}->{self.k} {self.h}x{self.w} s{self.stride}{dilated} {self.epilogue}"
 
     @property
     def models(self) -> list[str]:
         return sorted({layer.split(":")[0] for layer in self.layers})
 
+    @property
+    def conv_args(self) -> dict[str, tuple[int, int]]:
+        """stride, padding and dilation as the op takes them."""
+        return {
+            "stride": contract.pair(self.stride, "stride", 1),
+            "padding": contract.pair(self.padding, "padding", 0),
+            "dilation": contract.pair(self.dilation, "dilation", 1),
+        }
+
     def out_hw(self) -> tuple[int, int]:
-        p = (self.h + 2 * self.padding - self.r) // self.stride + 1
-        q = (self.w + 2 * self.padding - self.s) // self.stride + 1
+        """(P, Q) of the conv's output."""
+        x_shape, weight_shape = (1, self.c, self.h, self.w), (self.k, self.c, self.r, self.s)
+        _, _, p, q = contract.conv_output_shape(x_shape, weight_shape, **self.conv_args)
         return p, q
 
     def flops(self, batch: int) -> int:
@@ -113,10 +128,10 @@ def trace_conv_cases(model_names: Sequence[str] = ("resnet18", "resnet50"), hw: 
         def make_hook(name: str, model_name: str = model_name, model: nn.Module = model, modules=modules):
             def hook(conv: nn.Conv2d, inputs: tuple[Tensor, ...], output: Tensor) -> None:
                 x = inputs[0]
-                if conv.groups != 1 or conv.dilation != (1, 1) or isinstance(conv.padding, str):
-                    raise NotImplementedError(f"{model_name}:{name}: grouped/dilated/string-padded conv")
-                if len(set(conv.kernel_size)) != 1 or len(set(conv.stride)) != 1 or len(set(conv.padding)) != 1:
-                    raise NotImplementedError(f"{model_name}:{name}: non-square kernel, stride or padding")
+                if conv.groups != 1 or isinstance(conv.padding, str):
+                    raise NotImplementedError(f"{model_name}:{name}: grouped or string-padded conv")
+                if any(len(set(v)) != 1 for v in (conv.kernel_size, conv.stride, conv.padding, conv.dilation)):
+                    raise NotImplementedError(f"{model_name}:{name}: non-square kernel, stride, padding or dilation")
                 key = (
                     x.shape[1],
                     conv.out_channels,
@@ -124,6 +139,7 @@ def trace_conv_cases(model_names: Sequence[str] = ("resnet18", "resnet50"), hw: 
                     conv.kernel_size[1],
                     conv.stride[0],
                     conv.padding[0],
+                    conv.dilation[0],
                     x.shape[2],
                     x.shape[3],
                     _epilogue(model, modules, name),
@@ -190,18 +206,16 @@ def op_impls(
 ) -> dict[str, Callable[[], Tensor]]:
     """name -> zero-argument forward callable for every implementation."""
     relu = case.epilogue != "bias"
-    conv = {"stride": case.stride, "padding": case.padding}
+    conv = case.conv_args
     args = (inp.x, inp.weight, inp.bias, inp.residual)
     impls: dict[str, Callable[[], Tensor]] = {}
     for backend in backends:
-        impls[f"fused:{backend}"] = lambda b=backend: resnet_fused.conv_bias_add_relu(
-            *args, **conv, relu=relu, backend=b
-        )
+        impls[backend] = lambda b=backend: resnet_fused.conv_bias_add_relu(*args, **conv, relu=relu, backend=b)
     impls["eager"] = lambda: resnet_fused.reference.conv_bias_add_relu(*args, **conv, relu=relu)
     if with_compile:
         compiled = torch.compile(resnet_fused.reference.conv_bias_add_relu, dynamic=False)
         impls["compile"] = lambda: compiled(*args, **conv, relu=relu)
-    impls["conv_alone"] = lambda: F.conv2d(inp.x, inp.weight, None, case.stride, case.padding)
+    impls["conv_alone"] = lambda: F.conv2d(inp.x, inp.weight, None, **conv)
     return impls
 
 
@@ -225,27 +239,20 @@ def as_pass(fwd: Callable[[], Tensor], inp: CaseInputs, pass_: str) -> Callable[
 
 
 def timed_backends(device: torch.device, requested: Sequence[str] | None = None) -> list[str]:
-    """Fused backends to time on ``device``: available ones, minus "reference" (the eager row) and minus the Triton
-    interpreter (never benchmarked)."""
-    avail = resnet_fused.available_backends()
-    out = []
-    for b in avail:
-        if b == "reference":
-            continue
-        if b == "triton" and (device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
-            continue
-        if b == "cuda" and device.type != "cuda":
-            continue
-        if b == "cpu" and device.type != "cpu":
-            continue
-        out.append(b)
+    """Backends to time on ``device``: the available rows of the backend table that ``backend="auto"`` may pick
+    there. That leaves out the reference (the eager row) and the Triton interpreter (a correctness tool)."""
+    out = [row.name for row in BACKENDS.auto_candidates(device.type)]
     if requested is not None:
         out = [b for b in out if b in requested]
     return out
 
 
+def backend_impls(impls: Sequence[str]) -> list[str]:
+    """The implementation labels that are backends (not eager, compile or conv_alone), in order."""
+    return [i for i in impls if i not in BASE_IMPLS]
+
+
 def _configure_dynamo() -> None:
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" noise on CPU
     # One compiled graph per case; the cache is reset between cases, and shapes are never made dynamic.
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
@@ -334,13 +341,14 @@ def groups(records: Sequence[dict]) -> list[tuple[str, str, str]]:
 
 
 def summarize(records: Sequence[dict], model: str | None = "resnet50") -> list[dict]:
-    """Per (dtype, layout, pass, fused impl): geomean speedup over eager, worst shape, fused/conv-alone, memory."""
+    """Per (dtype, layout, pass, backend or compile): geomean speedup over eager, worst shape, time/conv-alone,
+    memory."""
     out = []
     for dtype, layout, pass_ in groups(records):
         cases = _by_case(records, dtype, layout, pass_, model)
         if not cases:
             continue
-        impls = [i for i in next(iter(cases.values())) if i.startswith("fused:") or i == "compile"]
+        impls = [i for i in next(iter(cases.values())) if i not in ("eager", "conv_alone")]
         for impl in impls:
             speedups = {c: v[impl]["speedup_vs_eager"]["median"] for c, v in cases.items() if impl in v}
             over_conv = {c: 1.0 / v[impl]["speedup_vs_conv_alone"]["median"] for c, v in cases.items() if impl in v}
@@ -372,12 +380,12 @@ def summarize(records: Sequence[dict], model: str | None = "resnet50") -> list[d
 
 
 def targets(summary: Sequence[dict]) -> list[dict]:
-    """The issue's op-level targets (CPU, fp32, channels_last, ResNet-50 shapes), met or missed with the figures."""
+    """The op-level targets of each backend (CPU, fp32, channels_last, ResNet-50 shapes), met or missed."""
     out = []
     for s in summary:
         if (s["dtype"], s["layout"], s["model_shapes"]) != ("fp32", "channels_last", "resnet50"):
             continue
-        if not s["impl"].startswith("fused:"):
+        if s["impl"] in BASE_IMPLS:
             continue
         goal = 1.15 if s["pass"] == "fwd" else 1.08
         label = f"{s['impl']} {s['pass']}"
@@ -399,7 +407,7 @@ def targets(summary: Sequence[dict]) -> list[dict]:
         if s["pass"] == "fwd":
             out.append(
                 {
-                    "target": f"{label}: geomean fused / conv-alone <= 1.05",
+                    "target": f"{label}: geomean time / conv-alone <= 1.05",
                     "measured": round(s["geomean_over_conv_alone"], 3),
                     "met": s["geomean_over_conv_alone"] <= 1.05,
                 }
@@ -426,20 +434,20 @@ def _fmt_ratio(rec: dict | None, key: str) -> str:
 
 
 def table_markdown(records: Sequence[dict]) -> str:
-    """One markdown table per (dtype, layout, pass): times, speedups over eager, fused/conv-alone and memory."""
+    """One markdown table per (dtype, layout, pass): times, speedups over eager, time/conv-alone and memory."""
     lines = []
     for dtype, layout, pass_ in groups(records):
         cases = _by_case(records, dtype, layout, pass_, None)
         impls = list(next(iter(cases.values())))
-        fused = [i for i in impls if i.startswith("fused:")]
+        timed = backend_impls(impls)
         batch = next(iter(next(iter(cases.values())).values()))["batch"]
         lines.append(
             f"\n**{pass_}, {dtype}, {layout}, batch {batch}** "
             "(median ms; speedup = eager/impl per round, median (p25-p75))\n"
         )
         head = ["shape", *[f"{i} ms" for i in impls]]
-        head += [f"{i} speedup" for i in fused + (["compile"] if "compile" in impls else [])]
-        head += [f"{i} / conv" for i in fused] + [f"{i} mem / eager" for i in fused]
+        head += [f"{i} speedup" for i in timed + (["compile"] if "compile" in impls else [])]
+        head += [f"{i} / conv" for i in timed] + [f"{i} mem / eager" for i in timed]
         if "compile" in impls:
             head.append("compile s")
         lines.append("| " + " | ".join(head) + " |")
@@ -447,12 +455,12 @@ def table_markdown(records: Sequence[dict]) -> str:
         for case, v in cases.items():
             row = [f"`{case}`", *[_fmt_ms(v.get(i)) for i in impls]]
             row += [
-                _fmt_ratio(v.get(i), "speedup_vs_eager") for i in fused + (["compile"] if "compile" in impls else [])
+                _fmt_ratio(v.get(i), "speedup_vs_eager") for i in timed + (["compile"] if "compile" in impls else [])
             ]
-            for i in fused:
+            for i in timed:
                 r = v[i].get("speedup_vs_conv_alone")
                 row.append(f"{1.0 / r['median']:.2f}" if r else "-")
-            for i in fused:
+            for i in timed:
                 a, b = v[i].get("peak_mem_bytes"), v["eager"].get("peak_mem_bytes")
                 row.append(f"{a / b:.2f}" if a is not None and b else "-")
             if "compile" in impls:
@@ -554,16 +562,14 @@ def run(
     """Run the op benchmark; return the payload (``machine``, ``config``, ``records``, ``summary``, ``targets``)."""
     from tqdm import tqdm
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    n_threads = timing.set_threads(threads)
-    machine = timing.machine_info(n_threads, dev)  # at the start: the commit and load the timings ran under
+    dev, machine = timing.start(device, threads)
     _configure_dynamo()
     cases = trace_conv_cases(models, hw)
     if only:
         cases = [c for c in cases if any(o in c.name for o in only)]
     if max_cases is not None:
         cases = cases[:max_cases]
-    fused = timed_backends(dev, backends)
+    timed = timed_backends(dev, backends)
     work = [(c, d, lay, p) for d in dtypes for lay in layouts for p in passes for c in cases]
     records: list[dict] = []
     t0 = time.perf_counter()
@@ -576,7 +582,7 @@ def run(
             dtype_name=dtype_name,
             layout=layout,
             pass_=pass_,
-            backends=fused,
+            backends=timed,
             with_compile=with_compile,
             device=dev,
             rounds=rounds,
@@ -586,28 +592,17 @@ def run(
     summary = summarize(records, "resnet50") if "resnet50" in models else []
     if list(models) != ["resnet50"]:
         summary += summarize(records, None)
-    config = {
-        "models": list(models),
-        "input_hw": hw,
-        "batch": batch,
-        "dtypes": list(dtypes),
-        "layouts": list(layouts),
-        "passes": list(passes),
-        "fused_backends": fused,
-        "compile": with_compile,
-        "rounds": rounds,
-        "warmup": warmup,
-        "min_sample_ms": min_sample_ms,
-        "n_cases": len(cases),
-        "wall_s": time.perf_counter() - t0,
-    }
+    config = timing.config_record(
+        t0, models=models, input_hw=hw, batch=batch, dtypes=dtypes, layouts=layouts, passes=passes, backends=timed,
+        compile=with_compile, rounds=rounds, warmup=warmup, min_sample_ms=min_sample_ms, n_cases=len(cases),
+    )  # fmt: skip
     return {
         "benchmark": "ops",
         "machine": machine,
         "config": config,
         "records": records,
         "summary": summary,
-        "targets": targets(summary) if dev.type == "cpu" and batch == 8 and hw == 224 else [],
+        "targets": targets(summary) if timing.targets_apply(dev, batch, hw) else [],
     }
 
 
@@ -622,15 +617,10 @@ def write_outputs(payload: dict, json_path: str | os.PathLike | None, png_path: 
         title = f"resnet_fused ops on {m['cpu_model']} ({m['threads']} threads), torch {m['torch']}"
         written.append(plot(payload["records"], png_path, title))
     if md_path:
-        path = Path(md_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(
-            table_markdown(payload["records"])
-            + "\n```\n"
-            + summary_text(payload["summary"], payload["targets"])
-            + "\n```\n"
+        text = (
+            table_markdown(payload["records"]) + f"\n```\n{summary_text(payload['summary'], payload['targets'])}\n```\n"
         )
-        written.append(path)
+        written.append(timing.write_text(md_path, text))
     return written
 
 
@@ -658,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="resnet18,resnet50")
     parser.add_argument("--passes", default="fwd,fwd+bwd")
-    parser.add_argument("--backends", default=None, help="comma list of fused backends to time (default: all)")
+    parser.add_argument("--backends", default=None, help="comma list of backends to time (default: all)")
     parser.add_argument("--max-cases", type=int, default=None, help="only the first N distinct convs")
     parser.add_argument("--only", default="", help="comma list of substrings of case names, e.g. '1x1 64->256'")
     parser.add_argument("--json", default=str(OUT_DIR / "ops.json"))

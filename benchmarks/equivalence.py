@@ -1,6 +1,9 @@
 """Equivalence check printed before any timing: each available backend's output and gradients against a float64
 reference, on every distinct conv of ResNet-18/50 (traced at a small input size), per dtype and layout.
 
+Every available row of ``resnet_fused.backends.BACKENDS`` is checked, on a CUDA device when it runs there and one is
+present, else on CPU tensors; the float64 reference is computed on CPU.
+
 The inputs are random normals rounded to the dtype under test; the float64 reference gets exactly those rounded values,
 so what is measured is the backend's own arithmetic error. For each tensor (out, grad_x, grad_weight, grad_bias,
 grad_residual) the error is ``max |a - ref| / max(max |ref|, 1)``; a tensor passes when every element is within
@@ -16,7 +19,6 @@ while any error of the backward itself still is.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -24,25 +26,42 @@ from torch import Tensor
 
 import resnet_fused
 from benchmarks.bench_ops import DTYPES, LAYOUTS, ConvCase, trace_conv_cases
+from resnet_fused.backends import BACKENDS, INTERPRET
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 TENSORS = ("out", "grad_x", "grad_weight", "grad_bias", "grad_residual")
 INTERPRETER_MAX_CASES = 3  # the Triton interpreter is slow; it gets the smallest few convs
 
 
+def _device(backend: str) -> torch.device:
+    """Where ``backend`` is checked: a CUDA device when it runs there and one is present, else the CPU."""
+    cuda = "cuda" in BACKENDS[backend].devices and torch.cuda.is_available()
+    return torch.device("cuda" if cuda else "cpu")
+
+
+def _interpreted(backend: str) -> bool:
+    """A GPU row (``auto`` picks it on CUDA only) run on CPU tensors: that is the Triton interpreter."""
+    auto = BACKENDS[backend].auto_devices
+    return INTERPRET and _device(backend).type == "cpu" and "cuda" in auto and "cpu" not in auto
+
+
 def _run(backend: str | None, case: ConvCase, leaves: dict[str, Tensor | None], grad_out: Tensor) -> dict[str, Tensor]:
-    leaves = {k: None if v is None else v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
-    kwargs = {"stride": case.stride, "padding": case.padding, "relu": case.epilogue != "bias"}
+    """Output and gradients of one call (``backend=None``: the reference), as CPU tensors."""
+    device = torch.device("cpu") if backend is None else _device(backend)
+    leaves = {
+        k: None if v is None else v.detach().to(device, copy=True).requires_grad_(True) for k, v in leaves.items()
+    }
+    kwargs = {**case.conv_args, "relu": case.epilogue != "bias"}
     args = (leaves["x"], leaves["weight"], leaves["bias"], leaves["residual"])
     if backend is None:
         out = resnet_fused.reference.conv_bias_add_relu(*args, **kwargs)
     else:
         out = resnet_fused.conv_bias_add_relu(*args, **kwargs, backend=backend)
-    out.backward(grad_out.to(out.dtype))
-    res = {"out": out.detach()}
+    out.backward(grad_out.to(device=device, dtype=out.dtype))
+    res = {"out": out.detach().cpu()}
     for k, v in leaves.items():
         if v is not None:
-            res[f"grad_{k}"] = v.grad
+            res[f"grad_{k}"] = v.grad.cpu()
     return res
 
 
@@ -51,7 +70,7 @@ def _masked_reference(
 ) -> dict[str, Tensor]:
     """float64 gradients of ``conv(x, w) + b + residual`` for ``grad_out * mask``: the backward given a ReLU mask."""
     lv = {k: None if v is None else v.double().detach().requires_grad_(True) for k, v in leaves.items()}
-    lin = torch.nn.functional.conv2d(lv["x"], lv["weight"], lv["bias"], case.stride, case.padding)
+    lin = torch.nn.functional.conv2d(lv["x"], lv["weight"], lv["bias"], **case.conv_args)
     if lv["residual"] is not None:
         lin = lin + lv["residual"]
     g = grad_out.double() if mask is None else grad_out.double() * mask
@@ -94,7 +113,7 @@ def check_case(
     relu = case.epilogue != "bias"
     with torch.no_grad():
         pre = torch.nn.functional.conv2d(
-            leaves["x"].double(), leaves["weight"].double(), leaves["bias"].double(), case.stride, case.padding
+            leaves["x"].double(), leaves["weight"].double(), leaves["bias"].double(), **case.conv_args
         )
         if leaves["residual"] is not None:
             pre = pre + leaves["residual"].double()
@@ -141,16 +160,15 @@ def run(
     """Check every backend on every case; returns per (backend, dtype) the max error per tensor and pass/fail."""
     from tqdm import tqdm
 
-    backends = list(backends or resnet_fused.available_backends())
+    backends = list(backends or BACKENDS.available())
     cases = trace_conv_cases(models, hw)
     if max_cases is not None:
         cases = cases[:max_cases]
     small = sorted(cases, key=lambda c: c.c * c.k * c.r * c.s)[:INTERPRETER_MAX_CASES]
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
     table: dict[tuple[str, str], dict] = {}
     work = [(c, d, lay) for d in dtypes for lay in layouts for c in cases]
     for case, dtype_name, layout in tqdm(work, desc="equivalence", unit="case", disable=not progress, leave=False):
-        todo = [b for b in backends if not (b == "triton" and interpreting and case not in small)]
+        todo = [b for b in backends if case in small or not _interpreted(b)]
         res = check_case(case, todo, DTYPES[dtype_name], layout, batch)
         for backend, row in res.items():
             agg = table.setdefault(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import math
 import os
 import platform
@@ -93,6 +94,26 @@ def set_threads(threads: int | None) -> int:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def start(device: str | None, threads: int | None) -> tuple[torch.device, dict]:
+    """Set up a benchmark run: the device (default: cuda if available), the fixed thread count (see
+    :func:`set_threads`) and the machine info, taken before any timing so that it records the commit and load the
+    timings ran under."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" noise on CPU
+    return dev, machine_info(set_threads(threads), dev)
+
+
+def config_record(t0: float, **settings: object) -> dict:
+    """A run's settings as JSON fields (sequences as lists), with its wall time since ``t0`` (perf_counter)."""
+    fields = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in settings.items()}
+    return {**fields, "wall_s": time.perf_counter() - t0}
+
+
+def targets_apply(device: torch.device, batch: int, hw: int) -> bool:
+    """The targets are stated for CPU at batch 8 and 224x224 inputs; other runs report no verdict."""
+    return device.type == "cpu" and batch == 8 and hw == 224
 
 
 def synchronize(device: torch.device) -> None:
@@ -338,12 +359,17 @@ def stats_record(stats: Stats, baselines: Sequence[str] = ("eager",)) -> dict:
     return rec
 
 
-def write_json(path: str | os.PathLike, payload: dict) -> Path:
-    """Write ``payload`` as indented JSON, creating parent directories."""
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path``, creating parent directories; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
+    path.write_text(text)
     return path
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> Path:
+    """Write ``payload`` as indented JSON, creating parent directories."""
+    return write_text(path, json.dumps(payload, indent=1, default=_json_default) + "\n")
 
 
 def _json_default(obj: object) -> object:

@@ -10,8 +10,11 @@ import json
 import math
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 import resnet_fused
+from resnet_fused.backends import BACKENDS
 
 pytest.importorskip("torchvision")
 pytest.importorskip("matplotlib")
@@ -45,8 +48,9 @@ def _restore_threads():
     bench_ops.torch.set_num_threads(threads)
 
 
-def _fused_impls() -> set[str]:
-    return {f"fused:{b}" for b in bench_ops.timed_backends(bench_ops.torch.device("cpu"))}
+def _backend_impls() -> set[str]:
+    """The backends the op benchmark times on CPU tensors: those ``auto`` may pick there, read from the table."""
+    return {row.name for row in BACKENDS if "cpu" in row.auto_devices and not row.unavailable()}
 
 
 def _check_record(rec: dict) -> None:
@@ -85,8 +89,8 @@ def test_bench_ops_tiny(tmp_path):
     payload = json.loads(path.read_text())
     _check_machine(payload["machine"], threads=1)
     records = payload["records"]
-    expected = _fused_impls() | set(bench_ops.BASE_IMPLS)
-    assert "fused:cpu" in expected
+    expected = _backend_impls() | set(bench_ops.BASE_IMPLS)
+    assert "cpu" in expected
     seen: dict[tuple, set] = {}
     for rec in records:
         _check_record(rec)
@@ -95,7 +99,7 @@ def test_bench_ops_tiny(tmp_path):
     assert len(seen) == 2 * 2  # 2 cases x (fwd, fwd+bwd)
     assert all(impls == expected for impls in seen.values()), seen
     assert all(r["compile_s"] > 0 for r in records if r["impl"] == "compile")
-    assert {s["impl"] for s in payload["summary"]} == (_fused_impls() | {"compile"})
+    assert {s["impl"] for s in payload["summary"]} == (_backend_impls() | {"compile"})
     assert (tmp_path / "ops.png").stat().st_size > 0
     assert "speedup" in (tmp_path / "ops.md").read_text()
 
@@ -133,3 +137,16 @@ def test_main_tiny(tmp_path, capsys):
         _check_record(rec)
     for name in ("ops.json", "ops.png", "ops.md", "equivalence.json"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_dilated_case_geometry_matches_conv2d():
+    """A dilated case's output size, inputs and every implementation agree with F.conv2d's shape."""
+    case = bench_ops.ConvCase(c=4, k=6, r=3, s=3, stride=2, padding=1, dilation=2, h=11, w=8, epilogue="bias+res+relu")
+    assert case.name == "3x3 4->6 11x8 s2 d2 bias+res+relu"
+    inp = bench_ops.make_inputs(case, 2, torch.float32, torch.channels_last, torch.device("cpu"), requires_grad=False)
+    expected = F.conv2d(inp.x, inp.weight, None, stride=2, padding=1, dilation=2).shape
+    assert tuple(expected[2:]) == case.out_hw() and inp.residual.shape == expected
+    impls = bench_ops.op_impls(case, inp, bench_ops.timed_backends(torch.device("cpu")), with_compile=False)
+    assert "cpu" in impls
+    for name, fn in impls.items():
+        assert fn().shape == expected, name
