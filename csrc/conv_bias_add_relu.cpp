@@ -2,6 +2,7 @@
 // module _C is only a loader: importing it runs the static registrations.
 #include <Python.h>
 
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include "conv_bias_add_relu.h"
@@ -212,6 +213,91 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(
       need_grad_weight
           ? grad_weight.contiguous(weight.suggest_memory_format())
           : empty()};
+}
+
+std::tuple<int64_t, int64_t, int64_t> rows_k_inner(
+    const at::Tensor& t,
+    at::MemoryFormat fmt) {
+  const int64_t n = t.size(0), k = t.size(1), hw = t.size(2) * t.size(3);
+  if (fmt == at::MemoryFormat::ChannelsLast) {
+    return {n * hw, k, 1};
+  }
+  return {n, k, hw};
+}
+
+at::Tensor run_conv_bias_add_relu(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& scale,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    bool relu,
+    EpiloguePass epilogue_pass) {
+  check_conv_bias_add_relu_args(
+      x, weight, bias, residual, scale, stride, padding, dilation, groups);
+  const auto fmt = output_memory_format(x);
+  const auto shape = conv_output_shape(x, weight, stride, padding, dilation);
+  if (c10::multiply_integers(shape) == 0) {
+    return at::empty(shape, x.options().memory_format(fmt));
+  }
+  at::Tensor y = conv2d_no_bias(x, weight, stride, padding, dilation, groups);
+  if (bias.has_value() || residual.has_value() || scale.has_value() || relu) {
+    const at::Tensor res =
+        residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
+    epilogue_pass(y, res, scale, bias, relu, fmt);
+  }
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+run_conv_bias_add_relu_backward(
+    const at::Tensor& grad_out,
+    const at::Tensor& out,
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& scale,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    bool relu,
+    std::array<bool, 4> output_mask,
+    BackwardPass backward_pass) {
+  check_conv_bias_add_relu_backward_args(
+      grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu,
+      output_mask);
+  const auto [need_x, need_w, need_b, need_r] = output_mask;
+  const auto fmt = output_memory_format(x);
+  auto empty = [&]() { return at::empty({0}, x.options()); };
+  if (grad_out.numel() == 0) {
+    // Nothing flows back: every requested gradient is zero (and conv
+    // backends need not handle an empty batch).
+    return {
+        need_x ? at::zeros_like(x, fmt) : empty(),
+        need_w ? at::zeros_like(weight) : empty(),
+        need_b ? at::zeros({weight.size(0)}, x.options()) : empty(),
+        need_r ? at::zeros(grad_out.sizes(), x.options().memory_format(fmt))
+               : empty()};
+  }
+  const at::Tensor grad = grad_out.contiguous(fmt);
+  // Without ReLU the mask is the identity: g is grad itself.
+  const bool need_g = relu && (need_x || need_w || need_r);
+  const at::Tensor g = need_g ? at::empty_like(grad, fmt) : grad;
+  const at::Tensor grad_bias =
+      need_b ? at::empty({weight.size(0)}, x.options()) : at::Tensor();
+  if (need_g || need_b) {
+    backward_pass(
+        grad, relu ? out.contiguous(fmt) : at::Tensor(),
+        need_g ? g : at::Tensor(), grad_bias, relu, fmt);
+  }
+  auto [grad_x, grad_weight] = conv2d_backward(
+      g, x, weight, scale, stride, padding, dilation, groups, need_x, need_w);
+  return {
+      grad_x, grad_weight, need_b ? grad_bias : empty(), need_r ? g : empty()};
 }
 
 TORCH_LIBRARY(resnet_fused, m) {

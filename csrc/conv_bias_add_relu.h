@@ -74,4 +74,68 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(
     bool need_grad_x,
     bool need_grad_weight);
 
+// (rows, k, inner) of a 4-D tensor contiguous in fmt: NCHW is (N, K, H*W),
+// channels-last (N*H*W, K, 1). The CPU and CUDA passes index by this view.
+std::tuple<int64_t, int64_t, int64_t> rows_k_inner(
+    const at::Tensor& t,
+    at::MemoryFormat fmt);
+
+// A backend's in-place epilogue over y (the conv's fresh output, contiguous
+// in fmt, numel > 0): y = act(y * scale + bias + residual). residual is
+// undefined when absent, else contiguous in fmt.
+using EpiloguePass = void (*)(
+    const at::Tensor& y,
+    const at::Tensor& residual,
+    const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& bias,
+    bool relu,
+    at::MemoryFormat fmt);
+
+// A backend's elementwise backward over grad (and out, read only when relu),
+// both contiguous in fmt with numel > 0: writes g = relu_backward(grad, out)
+// when g is defined, and grad_bias[c] = sum of g over (n, h, w), in an order
+// that depends only on the shape, when grad_bias is defined.
+using BackwardPass = void (*)(
+    const at::Tensor& grad,
+    const at::Tensor& out,
+    const at::Tensor& g,
+    const at::Tensor& grad_bias,
+    bool relu,
+    at::MemoryFormat fmt);
+
+// The forward every backend shares: checks, then ATen's conv and the
+// backend's epilogue pass (skipped when there is nothing to apply).
+// x: (N, C, H, W); weight: (K, C/groups, R, S); bias, scale: (K,);
+// residual: (N, K, P, Q). Returns y: (N, K, P, Q) in x's memory format.
+at::Tensor run_conv_bias_add_relu(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& scale,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    bool relu,
+    EpiloguePass epilogue_pass);
+
+// The backward every backend shares: checks, the masked gradient g and
+// grad_bias from the backend's pass, then conv2d_backward. Returns
+// (grad_x, grad_weight, grad_bias, grad_residual); unrequested ones are empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+run_conv_bias_add_relu_backward(
+    const at::Tensor& grad_out,
+    const at::Tensor& out,
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& scale,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    bool relu,
+    std::array<bool, 4> output_mask,
+    BackwardPass backward_pass);
+
 } // namespace resnet_fused

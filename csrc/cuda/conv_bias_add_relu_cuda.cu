@@ -436,18 +436,6 @@ dim3 rows_grid(int64_t k, int64_t step, int64_t rows_per_block, int64_t rows) {
       static_cast<unsigned>(ceil_div(rows, rows_per_block)));
 }
 
-// (rows, k, inner) of a 4-D tensor contiguous in fmt: NCHW is (N, K, H*W),
-// channels-last (N*H*W, K, 1).
-std::tuple<int64_t, int64_t, int64_t> rows_k_inner(
-    const at::Tensor& t,
-    at::MemoryFormat fmt) {
-  const int64_t n = t.size(0), k = t.size(1), hw = t.size(2) * t.size(3);
-  if (fmt == at::MemoryFormat::ChannelsLast) {
-    return {n * hw, k, 1};
-  }
-  return {n, k, hw};
-}
-
 // Cases (shapes, layouts, dtype, options) where cuDNN found no engine for the
 // fused graph; they go straight to conv + epilogue afterwards.
 std::mutex cudnn_failed_mutex;
@@ -543,7 +531,7 @@ at::Tensor try_cudnn_fused(
 }
 
 void launch_epilogue(
-    at::Tensor& y,
+    const at::Tensor& y,
     const at::Tensor& residual,
     const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& bias,
@@ -602,37 +590,28 @@ at::Tensor conv_bias_add_relu_cuda(
     at::IntArrayRef dilation,
     int64_t groups,
     bool relu) {
-  // 1. checks
-  check_conv_bias_add_relu_args(
-      x, weight, bias, residual, scale, stride, padding, dilation, groups);
   check_cuda(x, "x");
-  // 2. device guard
   const c10::cuda::CUDAGuard device_guard(x.device());
-  // 3. empty output
-  const auto fmt = output_memory_format(x);
-  const auto shape = conv_output_shape(x, weight, stride, padding, dilation);
-  if (c10::multiply_integers(shape) == 0) {
-    return at::empty(shape, x.options().memory_format(fmt));
-  }
-  // 4. memory format: y and residual in x's suggested format.
-  const at::Tensor res =
-      residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
   if (cudnn_may_fuse(x, relu)) {
-    at::Tensor y = try_cudnn_fused(
-        x, weight, bias,
-        res.defined() ? std::optional<at::Tensor>(res) : std::nullopt, scale,
-        stride, padding, dilation, groups);
-    if (y.defined()) {
-      return y.is_contiguous(fmt) ? y : y.contiguous(fmt);
+    check_conv_bias_add_relu_args(
+        x, weight, bias, residual, scale, stride, padding, dilation, groups);
+    const auto fmt = output_memory_format(x);
+    const auto shape = conv_output_shape(x, weight, stride, padding, dilation);
+    if (c10::multiply_integers(shape) > 0) {
+      const at::Tensor res =
+          residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
+      at::Tensor y = try_cudnn_fused(
+          x, weight, bias,
+          res.defined() ? std::optional<at::Tensor>(res) : std::nullopt, scale,
+          stride, padding, dilation, groups);
+      if (y.defined()) {
+        return y.is_contiguous(fmt) ? y : y.contiguous(fmt);
+      }
     }
   }
-  at::Tensor y = conv2d_no_bias(x, weight, stride, padding, dilation, groups);
-  if (!bias.has_value() && !residual.has_value() && !scale.has_value() && !relu) {
-    return y;
-  }
-  // 5-7. dtype dispatch, launch on the current stream, launch check.
-  launch_epilogue(y, res, scale, bias, relu, fmt);
-  return y;
+  return run_conv_bias_add_relu(
+      x, weight, bias, residual, scale, stride, padding, dilation, groups, relu,
+      &launch_epilogue);
 }
 
 // Stage 1 + stage 2 of the backward's elementwise part. g_ptr/grad_bias may
@@ -640,8 +619,8 @@ at::Tensor conv_bias_add_relu_cuda(
 void launch_backward(
     const at::Tensor& grad,
     const at::Tensor& out,
-    at::Tensor& g,
-    at::Tensor& grad_bias,
+    const at::Tensor& g,
+    const at::Tensor& grad_bias,
     bool relu,
     at::MemoryFormat fmt) {
   const auto [rows, k, inner] = rows_k_inner(grad, fmt);
@@ -723,45 +702,11 @@ conv_bias_add_relu_backward_cuda(
     int64_t groups,
     bool relu,
     std::array<bool, 4> output_mask) {
-  // 1. checks
-  check_conv_bias_add_relu_backward_args(
-      grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu,
-      output_mask);
   check_cuda(x, "x");
-  const auto shape = conv_output_shape(x, weight, stride, padding, dilation);
-  const auto [need_x, need_w, need_b, need_r] = output_mask;
-  auto empty = [&]() { return at::empty({0}, x.options()); };
-  // 2. device guard
   const c10::cuda::CUDAGuard device_guard(x.device());
-  // 3. empty gradient: nothing flows back, every requested grad is zero.
-  if (grad_out.numel() == 0) {
-    const auto fmt = output_memory_format(x);
-    return {
-        need_x ? at::zeros_like(x, fmt) : empty(),
-        need_w ? at::zeros_like(weight) : empty(),
-        need_b ? at::zeros({weight.size(0)}, x.options()) : empty(),
-        need_r ? at::zeros(shape, x.options().memory_format(fmt)) : empty()};
-  }
-  // 4. memory format: everything in x's suggested format.
-  const auto fmt = output_memory_format(x);
-  const at::Tensor grad = grad_out.contiguous(fmt);
-  // Without ReLU the mask is the identity: g is grad_out itself.
-  const bool need_g = relu && (need_x || need_w || need_r);
-  at::Tensor g = need_g ? at::empty_like(grad, fmt) : at::Tensor();
-  at::Tensor grad_bias =
-      need_b ? at::empty({weight.size(0)}, x.options()) : at::Tensor();
-  if (need_g || need_b) {
-    const at::Tensor o = relu ? out.contiguous(fmt) : at::Tensor();
-    // 5-7. dtype dispatch, launch on the current stream, launch checks.
-    launch_backward(grad, o, g, grad_bias, relu, fmt);
-  }
-  if (!need_g) {
-    g = grad;
-  }
-  auto [grad_x, grad_weight] = conv2d_backward(
-      g, x, weight, scale, stride, padding, dilation, groups, need_x, need_w);
-  return {
-      grad_x, grad_weight, need_b ? grad_bias : empty(), need_r ? g : empty()};
+  return run_conv_bias_add_relu_backward(
+      grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu,
+      output_mask, &launch_backward);
 }
 
 } // namespace
