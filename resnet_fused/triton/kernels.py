@@ -6,8 +6,9 @@ All three are implicit GEMMs over tensors addressed through their strides, so NC
 (channels_last) inputs run the same code with no layout copy; NHWC is the fast case because its
 channel stride is 1 and the reduction tiles load contiguously.
 
-Offsets: the batch index is widened to int64 before it meets a stride, so tensors may exceed 2^31
-elements; the offset inside one image (C * H * W) is int32 and the launcher checks it fits.
+Offsets: the pixel index over the batch (N*P*Q or N*H*W, which may pass 2^31) and the batch index are
+int64, so tensors may exceed 2^31 elements; the offset inside one image (C * H * W) and the row and
+column within it are int32, and the launcher checks that they fit.
 
 ``UPCAST`` exists only for the interpreter: Triton 3.8.0's interpreter returns garbage from a bf16
 ``tl.dot``, so under ``TRITON_INTERPRET=1`` bf16 tiles are widened to fp32 (exact) before the
@@ -71,7 +72,8 @@ def _forward_kernel(
 ):
     # y[m, k] = act(sum_{r,s,c} x[n, c, p*st-pad+r*dil, q*st-pad+s*dil] * w[k, c, r, s] * scale + ...)
     # with m = (n, p, q) the output pixel and k the output channel of group g.
-    pid_m = tl.program_id(0)
+    # The pixel index is int64: N*P*Q (and so pid_m * BLOCK_M) may pass 2^31.
+    pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     g = tl.program_id(2)
 
@@ -81,10 +83,10 @@ def _forward_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < KG
 
-    q = offs_m % Q
+    q = (offs_m % Q).to(tl.int32)
     t = offs_m // Q
-    p = t % P
-    n = (t // P).to(tl.int64)
+    p = (t % P).to(tl.int32)
+    n = t // P
     h0 = p * stride_h - pad_h
     w0 = q * stride_w - pad_w
     x_row = x_ptr + n * sxn + (g * CG).to(tl.int64) * sxc
@@ -186,7 +188,8 @@ def _dgrad_kernel(
     # gx[n, c, h, w] = sum_{k,r,s} gz[n, k, p, q] * w[k, c, r, s], over p*st = h + pad - r*dil
     # (and q likewise), where gz = grad_out * (out > 0) * scale is formed on load, never stored.
     # The mask is written as not (out <= 0), like torch's threshold_backward: a NaN output passes.
-    pid_m = tl.program_id(0)
+    # The pixel index is int64: N*H*W (and so pid_m * BLOCK_M) may pass 2^31.
+    pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     g = tl.program_id(2)
 
@@ -196,10 +199,10 @@ def _dgrad_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < CG
 
-    wi = offs_m % W
+    wi = (offs_m % W).to(tl.int32)
     t = offs_m // W
-    hi = t % H
-    n = (t // H).to(tl.int64)
+    hi = (t % H).to(tl.int32)
+    n = t // H
     go_row = go_ptr + n * sgn + (g * KG).to(tl.int64) * sgc
     out_row = out_ptr + n * son + (g * KG).to(tl.int64) * soc
     w_col = w_ptr + (g * KG).to(tl.int64) * swk + offs_n * swc
@@ -338,12 +341,13 @@ def _wgrad_kernel(
     mb_start = sp * blocks_per_split
     mb_end = tl.minimum(mb_start + blocks_per_split, num_mb)
     for mb in tl.range(mb_start, mb_end):
-        offs_m = mb * BLOCK_K + offs_r
+        # The pixel index is int64: N*P*Q may pass 2^31.
+        offs_m = tl.cast(mb, tl.int64) * BLOCK_K + offs_r
         mask_m = offs_m < M
-        q = offs_m % Q
+        q = (offs_m % Q).to(tl.int32)
         t = offs_m // Q
-        p = t % P
-        n = (t // P).to(tl.int64)
+        p = (t % P).to(tl.int32)
+        n = t // P
         mask_a = mask_ko[:, None] & mask_m[None, :]
         a = tl.load(go_col[:, None] + (n * sgn + p * sgh + q * sgw)[None, :], mask=mask_a, other=0.0)
         if RELU:

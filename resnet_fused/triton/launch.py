@@ -1,12 +1,27 @@
-"""Launchers: allocate outputs, pick the grid and the autotuned kernel, and call it.
+"""Launchers: allocate outputs, pick the grid and the kernel config, and call the kernel.
 
-The shipped autotune configs live here (``FWD_CONFIGS`` ...) so that the compile report checks
-exactly what ships. Under ``TRITON_INTERPRET=1`` each kernel has one small config instead.
+Public: ``forward`` and ``backward`` (the op's two halves), ``shipped_configs`` and ``pinned_config`` (what the
+compile report checks), ``dot_precision`` and ``wgrad_splits``.
+
+How a launch picks its config (the tile sizes, warps and stages; never the math):
+
+- normally, Triton's autotuner times each shipped config once per key (shape and dtypes) and keeps the fastest;
+- under ``torch.use_deterministic_algorithms(True)`` nothing is chosen by timing: each kernel runs its pinned
+  config, the first of its list (``pinned_config``), so grad_weight and grad_bias come out with the same bits from
+  run to run and from process to process;
+- while a CUDA graph is being captured, tuning is refused (it synchronizes, which breaks the capture) with an error
+  saying to run forward and backward once before capturing; already tuned keys, and pinned configs, launch fine.
+
+Under ``TRITON_INTERPRET=1`` each kernel has one small config instead, so there is nothing to tune.
+
+Every launch, and with it every autotuning run, happens under ``torch.cuda.device(x.device)``: Triton launches
+on the current device and its current stream, which need not be x's.
 """
 
+import contextlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -30,6 +45,7 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), chosen with the compile report: none spills on
 # sm_80 or sm_90 in any dtype (128x128 tiles and deeper wgrad pipelines did). No num_warps=8: upstream
 # saw wrong results with it on non-1x1 conv tiles (pytorch#173068), and 4 warps do not spill here.
+# The first config of each list is the pinned one (deterministic mode).
 FWD_CONFIGS = [
     _config(128, 64, 32, 4, 4),
     _config(64, 128, 32, 4, 4),
@@ -54,19 +70,70 @@ def shipped_configs(kernel: str) -> list[triton.Config]:
     return {"fwd": FWD_CONFIGS, "dgrad": DGRAD_CONFIGS, "wgrad": WGRAD_CONFIGS}[kernel]
 
 
+def pinned_config(kernel: str) -> triton.Config:
+    """The one config ``kernel`` runs under deterministic algorithms: the first shipped one."""
+    return shipped_configs(kernel)[0]
+
+
+def _refuse_tuning_in_capture(kernel: str) -> Callable:
+    # Triton's autotuner calls its config pruner only for a key it has not tuned yet, right before timing.
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        on_cuda = any(isinstance(v, torch.Tensor) and v.is_cuda for v in named_args.values())
+        if on_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"resnet_fused triton backend: the {kernel} kernel has no tuned config for this shape yet, and "
+                "autotuning synchronizes, which a CUDA graph capture does not allow. Run the forward and "
+                "backward once with the same shapes and dtypes before capturing (a warm-up), or capture under "
+                "torch.use_deterministic_algorithms(True), which uses pinned configs and never tunes."
+            )
+        return configs
+
+    return prune
+
+
+def _autotuned(kernel: str, fn: triton.JITFunction, key: list[str]) -> triton.runtime.Autotuner:
+    return triton.autotune(
+        configs=shipped_configs(kernel),
+        key=key,
+        prune_configs_by={"early_config_prune": _refuse_tuning_in_capture(kernel)},
+    )(fn)
+
+
 _FWD_KEY = ["M", "CG", "KG", "R", "S", "stride_h", "stride_w"]
-_forward_tuned = triton.autotune(configs=shipped_configs("fwd"), key=_FWD_KEY)(_forward_kernel)
-_dgrad_tuned = triton.autotune(configs=shipped_configs("dgrad"), key=_FWD_KEY)(_dgrad_kernel)
-_wgrad_tuned = triton.autotune(configs=shipped_configs("wgrad"), key=["M", "CRS", "KG", "R", "S", "num_splits"])(
-    _wgrad_kernel
-)
+# kernel name -> (the kernel, its autotuned wrapper)
+_KERNELS = {
+    "fwd": (_forward_kernel, _autotuned("fwd", _forward_kernel, _FWD_KEY)),
+    "dgrad": (_dgrad_kernel, _autotuned("dgrad", _dgrad_kernel, _FWD_KEY)),
+    "wgrad": (_wgrad_kernel, _autotuned("wgrad", _wgrad_kernel, ["M", "CRS", "KG", "R", "S", "num_splits"])),
+}
+
+
+def _launch(kernel: str, grid: Callable, device: torch.device, *args, **meta) -> None:
+    """Run ``kernel`` on ``device``: the pinned config under deterministic algorithms, else the autotuned one."""
+    fn, tuned = _KERNELS[kernel]
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        if torch.are_deterministic_algorithms_enabled():
+            fn[grid](*args, **meta, **pinned_config(kernel).all_kwargs())
+        else:
+            tuned[grid](*args, **meta)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: fp32 uses TF32 exactly when cuDNN convolutions would."""
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """tl.dot input precision: fp32 uses TF32 exactly when cuDNN convolutions would.
+
+    Read as ATen's allowTF32CuDNN(conv) reads it: the conv setting, then, while the value is "none", cuDNN's
+    and then the global fp32_precision. Never through ``cudnn.allow_tf32``, which raises once the per-op
+    settings differ.
+    """
+    if dtype != torch.float32:
+        return "ieee"
+    precision = "none"
+    for level in (torch.backends.cudnn.conv, torch.backends.cudnn, torch.backends):
+        precision = level.fp32_precision
+        if precision != "none":
+            break
+    return "tf32" if precision == "tf32" else "ieee"
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -79,7 +146,7 @@ def _acc(dtype: torch.dtype):
 
 
 def _check_image_offsets(name: str, t: torch.Tensor) -> None:
-    # Offsets inside one image are int32 in the kernels; the batch offset is int64.
+    # Offsets inside one image are int32 in the kernels; the batch offset and the pixel index are int64.
     span = sum((size - 1) * st for size, st in zip(t.shape[1:], t.stride()[1:], strict=True))
     if span > _INT32_MAX:
         raise ValueError(
@@ -103,7 +170,8 @@ def forward(
     """y = act(conv2d(x, weight) * scale + bias + residual), stored once.
 
     x (N, C, H, W), weight (K, C // groups, R, S), scale and bias (K,), residual (N, K, P, Q).
-    Returns y (N, K, P, Q) in x's memory format. Any strides are accepted as they are.
+    Returns y (N, K, P, Q) in x's memory format. Any strides are accepted as they are; the arguments
+    are taken as already checked (the op contract does that).
     """
     n, _, h, w = x.shape
     k, cg, r, s = weight.shape
@@ -121,7 +189,10 @@ def forward(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(kg, meta["BLOCK_N"]), groups)
 
-    _forward_tuned[grid](
+    _launch(
+        "fwd",
+        grid,
+        x.device,
         x,
         weight,
         scale if scale is not None else y,
@@ -214,9 +285,18 @@ def backward(
         grad_b = torch.empty(k, dtype=x.dtype, device=x.device)
     if need_r:
         grad_r = torch.empty_like(grad_out, memory_format=fmt)
-    if grad_out.numel() == 0 or x.numel() == 0:
+    if grad_out.numel() == 0:
         # Empty sums: every gradient is exactly zero.
         return grad_x.zero_(), grad_w.zero_(), grad_b.zero_(), grad_r.zero_()
+    if x.numel() == 0:
+        # No input (C = 0, or an empty image with padding) but an output act(bias + residual): grad_x is
+        # empty and grad_weight is zero (each of its sums meets only zero padding or nothing), while
+        # grad_bias and grad_residual are the masked grad_out as always. The wgrad kernel then runs for
+        # those two only, and never reads x.
+        need_x = False
+        if need_w:
+            grad_w.zero_()
+            need_w = False
     for name, t in (("grad_out", grad_out), ("out", out), ("x", x)):
         _check_image_offsets(name, t)
     m_out = n * p * q
@@ -238,7 +318,10 @@ def backward(
         def dgrid(meta):
             return (triton.cdiv(m_in, meta["BLOCK_M"]), triton.cdiv(cg, meta["BLOCK_N"]), groups)
 
-        _dgrad_tuned[dgrid](
+        _launch(
+            "dgrad",
+            dgrid,
+            x.device,
             grad_out,
             out,
             weight,
@@ -260,7 +343,7 @@ def backward(
         )
 
     if need_w or need_b or need_r:
-        splits = num_splits if num_splits is not None else wgrad_splits(m_out, kg, crs, groups)
+        splits = num_splits if num_splits is not None else wgrad_splits(m_out, kg, max(crs, 1), groups)
         acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         direct_w = need_w and splits == 1 and grad_w.is_contiguous()
         if direct_w:
@@ -288,7 +371,10 @@ def backward(
                 groups * splits,
             )
 
-        _wgrad_tuned[wgrid](
+        _launch(
+            "wgrad",
+            wgrid,
+            x.device,
             grad_out,
             out,
             x,

@@ -1,0 +1,246 @@
+"""The Triton launchers' GPU-only duties, proved without a GPU: kernel launches are recorded, not run.
+
+- every launch and every autotuning run happens under x's CUDA device (fake CUDA tensors, a recording
+  ``torch.cuda.device``);
+- an N*P*Q past 2^31 gets a grid that covers it, and the kernels' pixel index is int64 (TTIR of the kernels);
+- deterministic algorithms run one pinned config per kernel and never time;
+- a capture refuses to autotune, with an error that says to warm up; tuned keys and pinned configs launch;
+- fp32 reads the per-op TF32 setting as ATen does for cuDNN convolutions.
+
+Runs in the normal invocation and under TRITON_INTERPRET=1 (where each kernel has one config, so the tests
+about tuning skip).
+"""
+
+import contextlib
+import importlib.util
+import os
+import re
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+needs_tuning = pytest.mark.skipif(INTERPRET, reason="under the interpreter each kernel has one config: no tuning")
+KERNELS = ("fwd", "dgrad", "wgrad")
+INT32_MAX = 2**31 - 1
+
+
+@pytest.fixture
+def launch():
+    from resnet_fused.triton import launch
+
+    return launch
+
+
+class Recorder:
+    """Stands in for the kernels' launch and for torch.cuda.device; remembers each launch and its device."""
+
+    def __init__(self, launch, monkeypatch):
+        self.device = None  # the device a torch.cuda.device guard made current, None outside any guard
+        self.launches = []  # (kernel, device, grid, named args)
+        self.timed = []  # kernels whose configs the autotuner timed
+        recorder = self
+
+        class FakeDeviceGuard:
+            def __init__(self, device):
+                self.new = torch.device(device)
+
+            def __enter__(self):
+                self.old, recorder.device = recorder.device, self.new
+
+            def __exit__(self, *exc):
+                recorder.device = self.old
+
+        monkeypatch.setattr(torch.cuda, "device", FakeDeviceGuard)
+        for name, (fn, tuned) in launch._KERNELS.items():
+            monkeypatch.setattr(fn, "run", self._run(name, fn.arg_names))
+            monkeypatch.setattr(tuned, "cache", {})
+            # do_bench is a cached property that asks the (absent) GPU driver; set the cached value itself.
+            monkeypatch.setitem(tuned.__dict__, "do_bench", self._bench(name))
+
+    def _run(self, name, arg_names):
+        def run(*args, grid, warmup, **kwargs):
+            self.launches.append((name, self.device, grid, {**dict(zip(arg_names, args, strict=False)), **kwargs}))
+
+        return run
+
+    def _bench(self, name):
+        def bench(kernel_call, quantiles):
+            self.timed.append(name)
+            kernel_call()
+            return [1.0, 1.0, 1.0]
+
+        return bench
+
+
+@pytest.fixture
+def recorder(launch, monkeypatch):
+    return Recorder(launch, monkeypatch)
+
+
+@pytest.fixture
+def not_capturing(monkeypatch):
+    # On a CUDA tensor the launcher asks whether a graph is being captured; this machine has no driver to ask.
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+
+
+@contextlib.contextmanager
+def deterministic(on: bool):
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def _problem(device, n=2, c=3, hw=(7, 6), k=4, r=3, dtype=torch.float32):
+    x = torch.empty(n, c, *hw, dtype=dtype, device=device)
+    w = torch.empty(k, c, r, r, dtype=dtype, device=device)
+    return x, w, torch.empty(k, dtype=dtype, device=device)
+
+
+def _run_op(launch, x, w, b, pad=1):
+    """forward, then backward asking for every gradient."""
+    conv = ((1, 1), (pad, pad), (1, 1), 1, True)
+    y = launch.forward(x, w, b, None, b, *conv)
+    launch.backward(y, y, x, w, b, *conv, (True, True, True, True))
+
+
+@pytest.mark.parametrize("det", [False, True], ids=["autotuned", "pinned"])
+def test_every_launch_and_tuning_runs_on_x_device(launch, recorder, not_capturing, det):
+    with FakeTensorMode(), deterministic(det):
+        x, w, b = _problem("cuda:1")
+        _run_op(launch, x, w, b)
+    launched = {name for name, *_ in recorder.launches}
+    assert launched == set(KERNELS)
+    for name, device, _, _ in recorder.launches:
+        assert device == torch.device("cuda:1"), f"{name} launched on {device}, not on x's device cuda:1"
+    if not det and not INTERPRET:
+        assert set(recorder.timed) == set(KERNELS), "each kernel is tuned once, under the guard like its launch"
+    assert recorder.device is None, "the guard is left after the launch"
+
+
+def test_cpu_tensors_take_no_device_guard(launch, recorder):
+    with deterministic(True):
+        x, w, b = _problem("cpu")
+        _run_op(launch, x, w, b)
+    assert {name for name, *_ in recorder.launches} == set(KERNELS)
+    assert all(device is None for _, device, _, _ in recorder.launches)
+
+
+def test_pixel_count_past_int32_gets_a_covering_grid(launch, recorder):
+    """N=2, C=K=1, 32769 x 32769 bf16 (fits an H100): N*H*W = N*P*Q = 2147614722 > 2^31."""
+    side = 32769
+    m = 2 * side * side
+    assert m > INT32_MAX
+    with FakeTensorMode(), deterministic(True):
+        x, w, b = _problem("cpu", n=2, c=1, hw=(side, side), k=1, r=1, dtype=torch.bfloat16)
+        _run_op(launch, x, w, b, pad=0)
+    assert {name for name, *_ in recorder.launches} == set(KERNELS)
+    for name, _, grid, args in recorder.launches:
+        assert args["M"] == m, f"{name}: M = {args['M']}, want N*P*Q = {m}"
+        dims = grid(args)
+        if name == "wgrad":
+            # Over (K, C*R*S, groups * splits); its loop walks the m blocks.
+            assert dims[0] * args["BLOCK_M"] >= 1 and dims[1] * args["BLOCK_N"] >= 1
+            assert 1 <= dims[2] <= 65535
+        else:
+            assert (dims[0] - 1) * args["BLOCK_M"] < m <= dims[0] * args["BLOCK_M"], f"{name}: grid {dims}"
+            assert dims[0] <= INT32_MAX and dims[1] <= 65535 and dims[2] <= 65535
+        # Strides fit int32 here; only the pixel count does not, and the kernels index pixels in int64.
+        ints = {k: v for k, v in args.items() if isinstance(v, int) and not isinstance(v, bool)}
+        assert {k for k, v in ints.items() if v > INT32_MAX} == {"M"}, ints
+
+
+@needs_tuning
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernels_index_pixels_in_int64(kernel):
+    """The TTIR of each kernel (sm_90, M an int32 argument) computes the pixel index offs_m in int64."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from resnet_fused.triton import launch, report
+
+    cfg = launch.shipped_configs(kernel)[0]
+    compiled = triton.compile(
+        report._source(kernel, "3x3", "fp16", cfg),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+    )
+    lines = re.findall(r"^\s*%offs_m\w* = arith\.(?:muli|addi) .*$", compiled.asm["ttir"], re.MULTILINE)
+    assert lines, f"{kernel}: no offs_m arithmetic found in the TTIR"
+    narrow = [line.strip() for line in lines if not re.search(r"(: i64|xi64>) loc", line)]
+    assert not narrow, f"{kernel}: int32 pixel index arithmetic (wraps past 2^31): {narrow}"
+
+
+def test_deterministic_runs_the_pinned_config_without_timing(launch, recorder):
+    with deterministic(True):
+        x, w, b = _problem("cpu")
+        _run_op(launch, x, w, b)
+    assert recorder.timed == [], "deterministic mode must not choose a config by timing"
+    assert [name for name, *_ in recorder.launches] == ["fwd", "dgrad", "wgrad"]
+    for name, _, _, args in recorder.launches:
+        pinned = launch.pinned_config(name)
+        assert pinned is launch.shipped_configs(name)[0]
+        for key, value in pinned.all_kwargs().items():
+            assert args[key] == value, f"{name}: {key} = {args[key]}, pinned {value}"
+
+
+@needs_tuning
+def test_capture_refuses_to_tune_and_says_to_warm_up(launch, recorder, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with FakeTensorMode():
+        x, w, b = _problem("cuda:0")
+        with pytest.raises(RuntimeError, match=r"fwd kernel has no tuned config.*Run the forward and backward once"):
+            launch.forward(x, w, b, None, None, (1, 1), (1, 1), (1, 1), 1, True)
+    assert recorder.launches == [] and recorder.timed == []
+
+
+@needs_tuning
+def test_capture_launches_tuned_keys_and_pinned_configs(launch, recorder, monkeypatch):
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    with FakeTensorMode():
+        x, w, b = _problem("cuda:0")
+        _run_op(launch, x, w, b)  # the warm-up: tunes each kernel once
+        assert sorted(set(recorder.timed)) == sorted(KERNELS)
+        tuned_runs = len(recorder.timed)
+        capturing[0] = True
+        _run_op(launch, x, w, b)  # same keys: no tuning, no error
+        assert len(recorder.timed) == tuned_runs
+        x2, w2, b2 = _problem("cuda:0", hw=(9, 9))
+        with deterministic(True):
+            _run_op(launch, x2, w2, b2)  # a new key, but pinned: nothing to tune
+        assert len(recorder.timed) == tuned_runs
+
+
+@pytest.fixture
+def tf32_settings():
+    levels = (torch.backends.cudnn.conv, torch.backends.cudnn, torch.backends)
+    saved = [level.fp32_precision for level in levels]
+    yield levels
+    for level, value in zip(levels, saved, strict=True):
+        level.fp32_precision = value
+
+
+@pytest.mark.parametrize(
+    "conv,cudnn,generic,want",
+    [
+        ("ieee", "none", "none", "ieee"),
+        ("tf32", "none", "none", "tf32"),
+        ("ieee", "tf32", "tf32", "ieee"),  # the conv setting wins over its parents
+        ("none", "tf32", "ieee", "tf32"),
+        ("none", "ieee", "tf32", "ieee"),
+        ("none", "none", "tf32", "tf32"),
+        ("none", "none", "none", "ieee"),
+    ],
+)
+def test_dot_precision_follows_the_per_op_tf32_setting(launch, tf32_settings, conv, cudnn, generic, want):
+    for level, value in zip(tf32_settings, (conv, cudnn, generic), strict=True):
+        level.fp32_precision = value
+    assert launch.dot_precision(torch.float32) == want
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        assert launch.dot_precision(dtype) == "ieee"
