@@ -1,0 +1,281 @@
+"""The backend="auto" chooser, on a backend table of fake rows with a fake timer: no GPU and no patching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import resnet_fused
+from resnet_fused import reference, select
+from resnet_fused.backends import BACKENDS, Backend, Table
+from resnet_fused.contract import conv_output_shape
+
+
+def _reference_op(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu):
+    kw = dict(scale=scale, stride=stride, padding=padding, dilation=dilation, groups=groups, relu=relu)
+    return reference.conv_bias_add_relu(x, weight, bias, residual, **kw)
+
+
+class Log:
+    """What the fake backends ran: ("forward", name) and ("backward", name) events."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+
+def fake_row(name: str, log: Log, why: str = "") -> Backend:
+    """A cpu row that runs the reference and logs its forward and backward."""
+
+    class Logged(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, y):
+            return y.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            log.events.append(("backward", name))
+            return grad
+
+    def op(*args):
+        log.events.append(("forward", name))
+        return Logged.apply(_reference_op(*args))
+
+    return Backend(name, ("cpu",), ("cpu",), lambda: op, lambda: why)
+
+
+class FakeTimer:
+    """Returns set milliseconds per backend (or raises), after running the call once."""
+
+    def __init__(self, times: dict[str, float], fail: dict[str, Exception] | None = None) -> None:
+        self.times, self.fail = times, fail or {}
+        self.calls: list[str] = []
+
+    def __call__(self, backend: Backend, call, device: torch.device) -> float:
+        self.calls.append(backend.name)
+        call()
+        if backend.name in self.fail:
+            raise self.fail[backend.name]
+        return self.times[backend.name]
+
+
+@pytest.fixture
+def setup(monkeypatch):
+    """A two-row table ("slow" first, "fast" second), its log and a fake timer where "fast" wins."""
+    monkeypatch.delenv(select.ENV_VAR, raising=False)
+    log = Log()
+    table = Table([fake_row("slow", log), fake_row("fast", log)])
+    timer = FakeTimer({"slow": 2.0, "fast": 1.0})
+    select.clear_cache()
+    yield table, timer, log
+    select.clear_cache()
+
+
+def make_args(n=2, c=8, k=8, hw=6, dtype=torch.float32, channels_last=False, residual=True, grad=False, **opts):
+    x = torch.randn(n, c, hw, hw, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(k, c, 3, 3, dtype=dtype, requires_grad=grad)
+    b = torch.randn(k, dtype=dtype)
+    conv = {"scale": None, "stride": (1, 1), "padding": (1, 1), "dilation": (1, 1), "groups": 1, "relu": True}
+    conv.update(opts)
+    shape = conv_output_shape(x.shape, w.shape, conv["stride"], conv["padding"], conv["dilation"])
+    r = torch.randn(shape, dtype=dtype) if residual else None
+    return (x, w, b, r, conv["scale"], conv["stride"], conv["padding"], conv["dilation"], conv["groups"], conv["relu"])
+
+
+def choose(args, table, timer) -> str:
+    return select.choose(*args, table=table, timer=timer).backend
+
+
+def explain(args, table, timer, **kwargs) -> str:
+    x, w, b, r, scale, stride, padding, dilation, groups, relu = args
+    conv = {"scale": scale, "stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
+    return select.explain(x, w, b, r, **conv, relu=relu, table=table, timer=timer, **kwargs)
+
+
+def test_cpu_tensors_choose_cpu_in_the_real_table(monkeypatch):
+    monkeypatch.delenv(select.ENV_VAR, raising=False)
+    args = make_args()
+    assert select.choose(*args).backend == "cpu"
+    text = select.explain(*args[:4], scale=None, padding=1)
+    assert text.startswith("cpu: the only available backend for cpu tensors")
+    assert select.cached_choices() == {} or all(c.backend == "cpu" for c in select.cached_choices().values())
+
+
+def test_times_once_per_key_and_picks_the_fastest(setup):
+    table, timer, _ = setup
+    assert choose(make_args(), table, timer) == "fast"
+    assert sorted(timer.calls) == ["fast", "slow"]
+    # Same key, even with fresh tensors: no new timing.
+    timer.times = {"slow": 0.5, "fast": 9.0}
+    assert choose(make_args(), table, timer) == "fast"
+    assert len(timer.calls) == 2 and len(select.cached_choices()) == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"n": 3}, {"k": 16}, {"hw": 7}, {"dtype": torch.float64}, {"channels_last": True}, {"residual": False},
+     {"stride": (2, 2)}, {"padding": (0, 0)}, {"dilation": (2, 2)}, {"relu": False}, {"scale": torch.ones(8)},
+     {"grad": True}],
+    ids=lambda d: next(iter(d)),
+)  # fmt: skip
+def test_each_key_part_gets_its_own_timing(setup, change):
+    table, timer, _ = setup
+    assert choose(make_args(), table, timer) == "fast"
+    timer.times = {"slow": 0.5, "fast": 9.0}
+    assert choose(make_args(**change), table, timer) == "slow"
+    assert len(timer.calls) == 4 and len(select.cached_choices()) == 2
+
+
+def test_timing_runs_the_backward_when_inputs_require_grad(setup):
+    table, timer, log = setup
+    choose(make_args(), table, timer)
+    assert set(log.events) == {("forward", "slow"), ("forward", "fast")}
+    log.events.clear()
+    choose(make_args(grad=True), table, timer)
+    assert set(log.events) == {("forward", "slow"), ("forward", "fast"), ("backward", "slow"), ("backward", "fast")}
+    assert "fastest forward+backward" in explain(make_args(grad=True), table, timer)
+
+
+def test_timing_never_writes_into_the_callers_tensors(setup):
+    table, timer, _ = setup
+    args = make_args(grad=True)
+    choose(args, table, timer)
+    assert args[1].grad is None
+
+
+def test_explain_reports_timings_and_winner(setup):
+    table, timer, _ = setup
+    text = explain(make_args(), table, timer)
+    assert text.startswith("fast: fastest forward")
+    assert "fast 1.000 ms" in text and "slow 2.000 ms" in text
+    # explain and the call agree, and explain's timing is the call's: no second timing.
+    assert choose(make_args(), table, timer) == "fast" and len(timer.calls) == 2
+
+
+def test_explicit_backend_is_explained_without_timing(setup):
+    table, timer, _ = setup
+    args = make_args()
+    assert explain(args, table, timer, backend="slow") == "slow: requested explicitly with backend='slow'"
+    assert timer.calls == []
+    with pytest.raises(ValueError, match=r"backend: expected one of \('auto', 'slow', 'fast'\), got 'fastest'"):
+        explain(args, table, timer, backend="fastest")
+    assert select.resolve_backend("slow", *args, table=table, timer=timer) == "slow"
+
+
+def test_explicit_backend_that_cannot_run_raises_like_the_call():
+    x, w, b, r, scale, stride, padding, dilation, groups, relu = make_args()
+    for name in set(BACKENDS.names()) - set(resnet_fused.available_backends()):
+        kwargs = {"scale": scale, "stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
+        with pytest.raises(RuntimeError, match=f"backend: '{name}' is not available") as from_call:
+            resnet_fused.conv_bias_add_relu(x, w, b, r, **kwargs, relu=relu, backend=name)
+        with pytest.raises(RuntimeError) as from_explain:
+            select.explain(x, w, b, r, **kwargs, relu=relu, backend=name)
+        assert str(from_explain.value) == str(from_call.value)
+
+
+def test_env_var_forces_a_backend_without_timing(setup, monkeypatch):
+    table, timer, _ = setup
+    monkeypatch.setenv(select.ENV_VAR, "slow")
+    args = make_args()
+    assert choose(args, table, timer) == "slow"
+    assert "forced by RESNET_FUSED_BACKEND=slow" in explain(args, table, timer)
+    assert timer.calls == []
+    monkeypatch.setenv(select.ENV_VAR, " Fast ")
+    assert choose(args, table, timer) == "fast"
+    monkeypatch.setenv(select.ENV_VAR, "auto")
+    assert choose(args, table, timer) == "fast" and len(timer.calls) == 2
+
+
+def test_env_var_errors(setup, monkeypatch):
+    table, timer, log = setup
+    args = make_args()
+    monkeypatch.setenv(select.ENV_VAR, "gpu")
+    with pytest.raises(
+        ValueError, match=r"RESNET_FUSED_BACKEND: expected one of \('auto', 'slow', 'fast'\), got 'gpu'"
+    ):
+        choose(args, table, timer)
+    broken = Table([fake_row("slow", log, why="not built"), fake_row("fast", log)])
+    monkeypatch.setenv(select.ENV_VAR, "slow")
+    with pytest.raises(RuntimeError, match=r"RESNET_FUSED_BACKEND=slow: 'slow' is not available .*\(not built\)"):
+        choose(args, broken, timer)
+    gpu_only = Table([Backend("gpu", ("cuda",), ("cuda",), lambda: _reference_op, lambda: ""), fake_row("fast", log)])
+    monkeypatch.setenv(select.ENV_VAR, "gpu")
+    with pytest.raises(ValueError, match=r"RESNET_FUSED_BACKEND=gpu: 'gpu' runs on cuda tensors, got x on cpu"):
+        choose(args, gpu_only, timer)
+
+
+def test_single_available_candidate_is_not_timed(setup):
+    _, timer, log = setup
+    table = Table([fake_row("slow", log, why="no slow here"), fake_row("fast", log)])
+    args = make_args()
+    assert choose(args, table, timer) == "fast" and timer.calls == []
+    assert "the only available backend for cpu tensors (slow unavailable: no slow here)" in explain(args, table, timer)
+
+
+def test_no_available_candidate_raises(setup):
+    _, timer, log = setup
+    table = Table([fake_row("slow", log, why="not built"), fake_row("fast", log, why="no driver")])
+    with pytest.raises(RuntimeError, match=r"x: no fused backend can run on cpu \(slow: not built; fast: no driver\)"):
+        choose(make_args(), table, timer)
+
+
+def test_failing_backend_loses(setup):
+    table, timer, _ = setup
+    timer.fail = {"fast": RuntimeError("unsupported dilation\nmore")}
+    args = make_args()
+    assert choose(args, table, timer) == "slow"
+    assert "fast failed (RuntimeError: unsupported dilation)" in explain(args, table, timer)
+
+
+def test_all_backends_failing_raises(setup):
+    table, timer, _ = setup
+    timer.fail = {"fast": RuntimeError("bad"), "slow": ValueError("worse")}
+    with pytest.raises(RuntimeError, match="every candidate backend failed"):
+        choose(make_args(), table, timer)
+    assert select.cached_choices() == {}
+
+
+def test_deterministic_mode_never_times(setup):
+    table, timer, _ = setup
+    args = make_args(grad=True)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert choose(args, table, timer) == "slow"  # the table's first, however fast the other would be
+        assert "use_deterministic_algorithms(True)" in explain(args, table, timer)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert timer.calls == [] and select.cached_choices() == {}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="select.cache_key reads torch.backends.cudnn.conv.fp32_precision, which dynamo refuses to trace",
+)
+def test_choice_traces_under_torch_compile_fullgraph(setup):
+    """Inside torch.compile nothing is timed: the table's first until the case is timed eagerly, then the winner."""
+    table, timer, _ = setup
+    args = make_args()
+
+    def f(x):
+        chosen = select.choose(x, *args[1:], table=table, timer=timer).backend
+        return x * (2.0 if chosen == "slow" else 3.0)
+
+    x = args[0]
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(x), x * 2.0)
+    assert timer.calls == [] and select.cached_choices() == {}
+    assert f(x).equal(x * 3.0)  # eager: times, "fast" wins
+    assert sorted(timer.calls) == ["fast", "slow"]
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(x), x * 3.0)
+    assert len(timer.calls) == 2
+    torch._dynamo.reset()
+
+
+def test_the_default_timer_runs_the_call_on_cpu():
+    ran = []
+    row = BACKENDS["cpu"]
+    ms = select.default_timer(row, lambda: ran.append(1), torch.device("cpu"))
+    assert ms >= 0 and len(ran) == select.WARMUP_CALLS + select.TIMED_CALLS
