@@ -161,11 +161,24 @@ GEOMETRIES = [
     (4, 6, (3, 2), (10, 9), (1, 2), (2, 1), (2, 1), 2),
     (6, 6, (3, 3), (7, 7), (1, 1), (1, 1), (1, 1), 6),  # depthwise
 ]
-# Every (scale, bias, residual, relu) combination, each geometry in both layouts.
+
+# Every (scale, bias, residual, relu) combination once. Geometry and layout are spread so that each geometry meets
+# each flag on and off and both layouts, and each flag meets both layouts (test_cases_cover_every_pairing).
 CASES = [
-    Case(*GEOMETRIES[i % len(GEOMETRIES)], *flags, channels_last=bool((i // len(GEOMETRIES)) % 2))
+    Case(*GEOMETRIES[(i + i // 4) % len(GEOMETRIES)], *flags, channels_last=flags[0] != flags[3])
     for i, flags in enumerate(itertools.product((False, True), repeat=4))
 ]
+FLAGS = ("scale", "bias", "residual", "relu")
+
+
+def test_cases_cover_every_pairing():
+    geometries = {c[:8] for c in CASES}  # the fields before the flags
+    assert len(geometries) == len(GEOMETRIES)
+    names = (*FLAGS, "channels_last")
+    pairs = {(c[:8], f, getattr(c, f)) for c in CASES for f in names}
+    assert pairs == {(g, f, v) for g in geometries for f in names for v in (False, True)}
+    for f in FLAGS:
+        assert {(getattr(c, f), c.channels_last) for c in CASES} == set(itertools.product((False, True), repeat=2)), f
 
 
 def out_hw(case: Case) -> tuple[int, int]:
@@ -247,12 +260,16 @@ def test_op_grid_is_standard_onnx(grid_export):
 
 
 @pytest.mark.skipif(
-    not hasattr(torch.ops.resnet_fused, "conv_bias_add_relu_triton"),
-    reason="resnet_fused::conv_bias_add_relu_triton is not registered here (no GPU and TRITON_INTERPRET unset)",
+    "triton" not in resnet_fused.available_backends(),
+    reason="the Triton backend cannot run here (no GPU, and TRITON_INTERPRET=1 is not set)",
 )
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_triton_op_exports(exporter):
-    cases = [CASES[-1], CASES[5]]
+    # Every epilogue option with grouped dilation in NCHW, and a depthwise channels_last case without ReLU; small
+    # inputs, as the interpreter is slow on the CPU.
+    all_on = next(c for c in CASES if all(getattr(c, f) for f in FLAGS))
+    depthwise = next(c for c in CASES if c.groups == c.channels and c.channels_last and not c.relu)
+    cases = [all_on._replace(hw=(6, 5)), depthwise._replace(hw=(4, 5))]
     model = OpGrid(cases, op_name="conv_bias_add_relu_triton").eval()
     proto = export(model, grid_inputs(cases, EXPORT_BATCH, seed=1), exporter, len(cases), packed=True)
     assert custom_domain_nodes(proto) == []
