@@ -9,10 +9,11 @@ Importing this module registers the translations, so ``torch.onnx.export(model, 
 - ``dynamo=False`` (TorchScript exporter): ``torch.onnx.register_custom_op_symbolic``.
 - ``dynamo=True``: a trace-only ONNX Script function in ``onnxscript``'s torch_lib default registry
   (``onnxscript.function_libs.torch_lib.registration.torch_op``), which the exporter reads on every export to build
-  its op table. Skipped when ``onnxscript`` is not installed (the dynamo exporter needs it anyway).
+  its op table. Skipped when ``onnxscript`` is not installed, as the dynamo exporter needs it anyway.
+
+Each exported graph is built for any batch size: the per-channel vectors are reshaped to ``(K, 1, 1)`` and broadcast.
 """
 
-import importlib.util
 from collections.abc import Sequence
 from typing import Optional
 
@@ -22,14 +23,14 @@ from torch.onnx import symbolic_helper
 # The op and its Triton twin share one schema, so one translation serves both. The Triton op exists only where
 # Triton runs; registering by name is harmless when it does not.
 OPS = ("resnet_fused::conv_bias_add_relu", "resnet_fused::conv_bias_add_relu_triton")
-_SYMBOLIC_OPSET = 9  # the TorchScript exporter's oldest opset; Conv, Mul, Add, Relu are all older
+_SYMBOLIC_OPSET = 7  # the TorchScript exporter's oldest opset; Conv, Mul, Add, Relu and Reshape all hold from it on
 
 
 # ---- dynamo=False: TorchScript symbolic ----
 
 
 @symbolic_helper.parse_args("v", "v", "v", "v", "v", "is", "is", "is", "i", "b")
-def _symbolic(g, x, weight, bias, residual, scale, stride, padding, dilation, groups, relu):
+def _torchscript_symbolic(g, x, weight, bias, residual, scale, stride, padding, dilation, groups, relu):
     def present(v) -> bool:
         return not v.node().mustBeNone()
 
@@ -47,22 +48,24 @@ def _symbolic(g, x, weight, bias, residual, scale, stride, padding, dilation, gr
 
 def _register_symbolic() -> None:
     for name in OPS:
-        torch.onnx.register_custom_op_symbolic(name, _symbolic, _SYMBOLIC_OPSET)
+        torch.onnx.register_custom_op_symbolic(name, _torchscript_symbolic, _SYMBOLIC_OPSET)
 
 
 # ---- dynamo=True: ONNX Script translation ----
 
-_HAS_ONNXSCRIPT = importlib.util.find_spec("onnxscript") is not None
-
-if _HAS_ONNXSCRIPT:
-    # ONNX Script parses this function's source: annotations resolve in module globals, and it takes
+try:
+    # ONNX Script parses the translation's source: its annotations resolve in module globals, and it takes
     # Optional[...] but not `X | None`. The exporter reads them to tell inputs (tensors) from attributes.
     from onnxscript import opset18 as op
     from onnxscript.function_libs.torch_lib.registration import torch_op
     from onnxscript.onnx_types import TensorType
+except ImportError:  # without onnxscript the dynamo exporter cannot run at all: nothing to register
+    torch_op = None
+
+if torch_op is not None:
 
     @torch_op(OPS, trace_only=True)
-    def onnx_conv_bias_add_relu(
+    def _onnxscript_translation(
         x: TensorType,
         weight: TensorType,
         bias: Optional[TensorType] = None,  # noqa: UP045
