@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from resnet_fused.backends import check_name
 from resnet_fused.ops import conv_bias_add_relu
 
 try:
@@ -109,7 +110,7 @@ class FusedConv2d(nn.Conv2d):
             dtype,
         )
         self.relu = relu
-        self.backend = backend
+        self.backend = check_name(backend)
         self.register_buffer("scale", None)
         self.register_buffer("shift", None)
 
@@ -500,7 +501,11 @@ def zero_init_residual_(model: nn.Module) -> nn.Module:
 
 
 def set_backend(module: nn.Module, backend: str) -> nn.Module:
-    """Set ``backend`` on every :class:`FusedConv2d` inside ``module``; returns ``module``."""
+    """Set ``backend`` on every :class:`FusedConv2d` inside ``module``; returns ``module``.
+
+    Raises ``ValueError`` naming the allowed backends when ``backend`` is not one of them.
+    """
+    check_name(backend)
     for m in module.modules():
         if isinstance(m, FusedConv2d):
             m.backend = backend

@@ -19,6 +19,7 @@ from resnet_fused.nn import (
     PreActBlock,
     SkipBlock,
     projection,
+    set_backend,
     zero_init_residual_,
 )
 
@@ -247,6 +248,18 @@ def test_zero_init_residual_makes_blocks_identities(norm_layer):
     model(x).sum().backward()
     last = model[0].conv2 if norm_layer is nn.Identity else model[0].bn2
     assert last.weight.grad.abs().sum() > 0  # the zeroed layer still learns
+
+
+def test_set_backend_reaches_every_fused_conv_and_rejects_unknown_names():
+    model = nn.Sequential(FusedConv2d(3, 4, 3), BasicBlock(4, 4), nn.Linear(2, 2))
+    assert set_backend(model, "reference") is model
+    convs = [m for m in model.modules() if isinstance(m, FusedConv2d)]
+    assert len(convs) == 3 and all(m.backend == "reference" for m in convs)
+    with pytest.raises(ValueError, match=r"backend: expected one of .*'cpu'.*, got 'gpu'"):
+        set_backend(model, "gpu")
+    assert all(m.backend == "reference" for m in convs)  # nothing half-changed
+    with pytest.raises(ValueError, match=r"backend: expected one of .*, got 'gpu'"):
+        FusedConv2d(3, 4, 3, backend="gpu")
 
 
 # ---- other residual shapes built from FusedConv2d ----
