@@ -1,9 +1,18 @@
 """resnet_fused: a residual block's y = relu(conv2d(x, W) * scale + bias + residual) in one fused op."""
 
-from resnet_fused import nn, reference
+from resnet_fused import nn, onnx_export, reference  # importing onnx_export registers the exporters' translations
 from resnet_fused.convert import ConversionReport, convert
 from resnet_fused.ops import available_backends, conv_bias_add_relu
 from resnet_fused.select import explain
 
-__all__ = ["ConversionReport", "available_backends", "conv_bias_add_relu", "convert", "explain", "nn", "reference"]
+__all__ = [
+    "ConversionReport",
+    "available_backends",
+    "conv_bias_add_relu",
+    "convert",
+    "explain",
+    "nn",
+    "onnx_export",
+    "reference",
+]
 __version__ = "0.1.0"

@@ -395,7 +395,6 @@ def test_torchscript_exporter_opsets(opset):
 # ---- registration ----
 
 
-@pytest.mark.xfail(strict=True, reason="needs the package import line")
 def test_import_resnet_fused_alone_registers_exporters():
     """In a fresh interpreter, ``import resnet_fused`` alone is enough for both exporters."""
     code = (
