@@ -150,6 +150,8 @@ def test_pixel_count_past_int32_gets_a_covering_grid(launch, recorder):
         else:
             assert (dims[0] - 1) * args["BLOCK_M"] < m <= dims[0] * args["BLOCK_M"], f"{name}: grid {dims}"
             assert dims[0] <= INT32_MAX and dims[1] <= 65535 and dims[2] <= 65535
+        if name == "wgrad":
+            assert args["INT64_PIXELS"] is True
         # Strides fit int32 here; only the pixel count does not, and the kernels index pixels in int64.
         ints = {k: v for k, v in args.items() if isinstance(v, int) and not isinstance(v, bool)}
         assert {k for k, v in ints.items() if v > INT32_MAX} == {"M"}, ints
@@ -166,7 +168,8 @@ def test_kernels_index_pixels_in_int64(kernel):
 
     cfg = launch.shipped_configs(kernel)[0]
     compiled = triton.compile(
-        report._source(kernel, "3x3", "fp16", cfg),
+        # wgrad: the launcher asks for int64 pixels once N*P*Q nears 2^31 (checked above).
+        report._source(kernel, "3x3", "fp16", cfg, **({"INT64_PIXELS": True} if kernel == "wgrad" else {})),
         target=GPUTarget("cuda", 90, 32),
         options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
     )

@@ -301,6 +301,7 @@ def _wgrad_kernel(
     COMPUTE_W: tl.constexpr,
     COMPUTE_B: tl.constexpr,
     STORE_GRES: tl.constexpr,
+    INT64_PIXELS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     ACC: tl.constexpr,
@@ -313,6 +314,8 @@ def _wgrad_kernel(
     # The programs of column block 0 also produce gb and gres, so grad_out is read once for them.
     # Program (i, j, g * num_splits + sp) reduces slice sp of the m blocks into partial sp; the
     # partials are summed in a fixed order afterwards: deterministic, with no atomics.
+    # INT64_PIXELS: the pixel index m is int64 only when N*P*Q nears 2^31; in the loop, int64 index math
+    # made a shipped config spill on sm_80, so the launcher asks for it only where it is needed.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_z = tl.program_id(2)
@@ -341,13 +344,15 @@ def _wgrad_kernel(
     mb_start = sp * blocks_per_split
     mb_end = tl.minimum(mb_start + blocks_per_split, num_mb)
     for mb in tl.range(mb_start, mb_end):
-        # The pixel index is int64: N*P*Q may pass 2^31.
-        offs_m = tl.cast(mb, tl.int64) * BLOCK_K + offs_r
+        if INT64_PIXELS:
+            offs_m = tl.cast(mb, tl.int64) * BLOCK_K + offs_r
+        else:
+            offs_m = mb * BLOCK_K + offs_r
         mask_m = offs_m < M
         q = (offs_m % Q).to(tl.int32)
         t = offs_m // Q
         p = (t % P).to(tl.int32)
-        n = t // P
+        n = (t // P).to(tl.int64)
         mask_a = mask_ko[:, None] & mask_m[None, :]
         a = tl.load(go_col[:, None] + (n * sgn + p * sgh + q * sgw)[None, :], mask=mask_a, other=0.0)
         if RELU:

@@ -36,6 +36,8 @@ _INT32_MAX = 2**31 - 1
 # Enough programs to fill the largest GPU twice over; the wgrad split aims for this many.
 _TARGET_PROGRAMS = 264
 _MIN_ROWS_PER_SPLIT = 1024
+# Larger than any block size: an index below 2^31 - _MAX_BLOCK stays below 2^31 within its last block.
+_MAX_BLOCK = 1024
 
 
 def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
@@ -401,6 +403,7 @@ def backward(
             COMPUTE_W=need_w,
             COMPUTE_B=need_b,
             STORE_GRES=need_r,
+            INT64_PIXELS=m_out > _INT32_MAX - _MAX_BLOCK,
             **common,
         )
         if need_w and not direct_w:

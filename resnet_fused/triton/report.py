@@ -97,17 +97,17 @@ def _args(kernel: str, shape: str) -> dict:
         a.update(sgwn=k * c * r * s, sgwk=c * r * s, sgwj=1, sgbn=k)
         a.update(zip(("srn", "src", "srh", "srw"), ys, strict=True))
         a.update(conv, num_splits=launch.wgrad_splits(n * p * q, k, c * r * s, 1))
-        a.update(HAS_SCALE=True, RELU=True, COMPUTE_W=True, COMPUTE_B=True, STORE_GRES=True)
+        a.update(HAS_SCALE=True, RELU=True, COMPUTE_W=True, COMPUTE_B=True, STORE_GRES=True, INT64_PIXELS=False)
     a.update(R=r, S=s, UPCAST=False, ACC=tl.float32)
     return a
 
 
-def _source(kernel: str, shape: str, dtype: str, config: triton.Config) -> ASTSource:
-    """An ASTSource specialised the way the JIT would specialise the real launch."""
+def _source(kernel: str, shape: str, dtype: str, config: triton.Config, **overrides) -> ASTSource:
+    """An ASTSource specialised the way the JIT would specialise the real launch (``overrides``: argument values)."""
     from triton._C.libtriton import native_specialize_impl
 
     fn = KERNELS[kernel]
-    values = _args(kernel, shape)
+    values = {**_args(kernel, shape), **overrides}
     values.update(config.kwargs, DOT_PRECISION="tf32" if dtype == "fp32" else "ieee")
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
