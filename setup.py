@@ -88,12 +88,9 @@ def make_extension():
     )
 
 
+# Name, version and dependencies live in pyproject.toml; here, what is built.
 setup(
-    name="resnet_fused",
-    version="0.1.0",
     packages=find_packages(include=["resnet_fused", "resnet_fused.*"]),
     ext_modules=[make_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    install_requires=["torch==2.14.1"],
-    python_requires=">=3.10",
 )
