@@ -88,6 +88,7 @@ def _layout(t: Tensor | None) -> str:
     return "channels_last" if contract.memory_format(t) == torch.channels_last else "contiguous"
 
 
+@torch.compiler.assume_constant_result  # dynamo does not trace the precision flags; read them eagerly
 def _tf32() -> str:
     return torch.backends.cudnn.conv.fp32_precision if hasattr(torch.backends.cudnn, "conv") else "n/a"
 

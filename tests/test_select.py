@@ -249,10 +249,6 @@ def test_deterministic_mode_never_times(setup):
     assert timer.calls == [] and select.cached_choices() == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="select.cache_key reads torch.backends.cudnn.conv.fp32_precision, which dynamo refuses to trace",
-)
 def test_choice_traces_under_torch_compile_fullgraph(setup):
     """Inside torch.compile nothing is timed: the table's first until the case is timed eagerly, then the winner."""
     table, timer, _ = setup
