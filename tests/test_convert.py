@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 import torchvision.models.resnet as tv
-from conftest import assert_close
+from helpers import assert_close
 from test_nn import randomize_norms_
 from torch import nn
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.models.resnet as tv
-from conftest import TOL, assert_close
+from helpers import TOL, assert_close
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 

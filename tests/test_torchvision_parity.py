@@ -10,7 +10,7 @@ import functools
 import pytest
 import torch
 import torchvision.models.resnet as tv
-from conftest import assert_close
+from helpers import assert_close
 from test_nn import randomize_norms_
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
