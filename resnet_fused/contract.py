@@ -132,6 +132,8 @@ def check_inputs(
     if c < 1:
         # ATen's conv2d returns a (N, 0, P, Q) output for C = 0, so there is no reference to agree with.
         raise ValueError(f"x: expected at least 1 input channel, got C={c}")
+    if min(x.shape[2:]) < 1:
+        raise ValueError(f"x: expected a spatial size (H, W) >= 1, got {tuple(x.shape[2:])}")  # as conv2d refuses
     if c % groups:
         raise ValueError(f"x: expected channels divisible by groups={groups}, got C={c}")
     if weight.shape[1] * groups != c:
