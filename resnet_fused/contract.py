@@ -36,6 +36,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+# The oldest torch with every torch.library API used here (custom_op, register_fake/autograd, opcheck).
+MIN_TORCH = "2.6"
+if torch.__version__ < MIN_TORCH:
+    raise ImportError(f"resnet_fused needs torch>={MIN_TORCH}; found torch {torch.__version__}")
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 IntPair = int | tuple[int, int] | Sequence[int]
 
