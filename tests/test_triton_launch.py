@@ -247,3 +247,11 @@ def test_dot_precision_follows_the_per_op_tf32_setting(launch, tf32_settings, co
     assert launch.dot_precision(torch.float32) == want
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
         assert launch.dot_precision(dtype) == "ieee"
+
+
+@pytest.mark.parametrize("allow", [True, False])
+def test_dot_precision_on_a_torch_without_the_per_op_setting(launch, monkeypatch, allow):
+    """Older torch has only cudnn.allow_tf32; it is read there and only there."""
+    monkeypatch.setattr(torch.backends.cudnn, "conv", object(), raising=False)  # no fp32_precision there
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow)
+    assert launch.dot_precision(torch.float32) == ("tf32" if allow else "ieee")

@@ -130,6 +130,8 @@ def dot_precision(dtype: torch.dtype) -> str:
     """
     if dtype != torch.float32:
         return "ieee"
+    if not hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision"):  # a torch before the per-op API
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
     precision = "none"
     for level in (torch.backends.cudnn.conv, torch.backends.cudnn, torch.backends):
         precision = level.fp32_precision
