@@ -1,0 +1,182 @@
+"""Prepared CPU inference: each fused conv's weight packed once into oneDNN's blocked layout.
+
+    model, _ = resnet_fused.convert(torchvision.models.resnet50().eval())
+    model = resnet_fused.inference.optimize_for_inference(model.to(memory_format=torch.channels_last))
+    with torch.inference_mode():
+        y = model(x)
+
+Each :class:`~resnet_fused.nn.FusedConv2d` then runs as one oneDNN convolution (torch's own
+``mkldnn::_convolution_pointwise`` ops, the ones Inductor emits under freezing) on a weight that was
+scale-folded and reordered once per input shape, instead of on every call. Outputs equal the unpacked
+path's up to oneDNN's own rounding. channels_last inputs are the fast layout; NCHW works too.
+
+A packed weight is never used stale: it is rebuilt when the weight is replaced, changed in place
+(``load_state_dict``, an optimizer step, ``with torch.no_grad(): w.mul_(2)``; tracked by the tensor's
+version counter), moved or cast (``.to()``), or when the per-channel scale changes; ``.train()`` drops
+the packs and runs the ordinary op. Edits through ``weight.data`` bypass the version counter, as they
+bypass autograd's checks; call :func:`optimize_for_inference` again after such an edit.
+
+Calls that need autograd, autocast, a non-CPU device, a dtype oneDNN cannot run on this CPU, a
+non-zero padding mode or an empty batch take the ordinary op, so every call stays correct.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor, nn
+
+from resnet_fused import contract
+from resnet_fused.nn import FusedConv2d
+
+__all__ = ["PackedFusedConv2d", "optimize_for_inference"]
+
+# oneDNN's ReLU post-op turns a NaN pre-activation into 0, unlike torch.relu; only with this set to "fused" is
+# ReLU left to oneDNN (the C++ CPU kernel reads the same variable). Otherwise it runs in place after the conv.
+RELU_MODE_VAR = "RESNET_FUSED_ONEDNN_RELU"
+
+
+def _onednn_dtype_ok(dtype: torch.dtype) -> bool:
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    if dtype == torch.float32:
+        return True
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
+
+
+class PackedFusedConv2d(FusedConv2d):
+    """A :class:`FusedConv2d` whose eval-mode forward uses a prepacked oneDNN weight.
+
+    Made by :func:`optimize_for_inference` from an existing FusedConv2d (same parameters, buffers and
+    ``state_dict``); not constructed directly. Shapes as :class:`FusedConv2d`.
+    """
+
+    _packs: dict
+    _pack_source: tuple | None
+
+    def _drop_packs(self) -> None:
+        self._packs = {}
+        self._pack_source = None
+
+    def train(self, mode: bool = True) -> PackedFusedConv2d:
+        self._drop_packs()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        self._drop_packs()  # .to(), .half(), .cuda(), ...: the packed copies belong to the old tensors
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        self._drop_packs()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state = dict(state)
+        state["_packs"], state["_pack_source"] = {}, None  # opaque oneDNN tensors: rebuilt on first use
+        return state
+
+    def _packed_weight(self, x: Tensor, scale: Tensor | None, stride, padding, dilation) -> Tensor:
+        """The (scale-folded) weight reordered for ``x``'s shape; rebuilt when its source changed."""
+        w = self.weight
+        # Holding w keeps its storage alive, so an equal data_ptr means the same memory.
+        source = (w, w._version, w.data_ptr(), w.dtype, w.device)
+        old = self._pack_source
+        same = (
+            old is not None
+            and old[0] is w
+            and old[1:5] == source[1:]
+            and (old[5] is None) == (scale is None)
+            and (scale is None or torch.equal(old[5], scale))
+        )
+        if not same:
+            self._packs = {}
+            self._pack_source = (*source, None if scale is None else scale.detach().clone())
+        key = tuple(x.shape)
+        packed = self._packs.get(key)
+        if packed is None:
+            with torch.no_grad():
+                folded = w if scale is None else w * scale.reshape(-1, 1, 1, 1)
+                packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                    folded.contiguous().to_mkldnn(), list(padding), list(stride), list(dilation), self.groups, list(key)
+                )
+            self._packs[key] = packed
+        return packed
+
+    def _packed_path_ok(self, x: Tensor, residual: Tensor | None, scale: Tensor | None, bias: Tensor | None) -> bool:
+        if self.training or x.device.type != "cpu" or x.dim() != 4 or x.shape[0] == 0:
+            return False
+        if self._padding_plan()[0] is not None or torch.is_autocast_enabled("cpu"):
+            return False
+        tensors = [t for t in (x, self.weight, residual, scale, bias) if t is not None]
+        if any(t.dtype != x.dtype or t.device != x.device for t in tensors):
+            return False  # the ordinary op gives the error message
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return False
+        return _onednn_dtype_ok(x.dtype)
+
+    def conv_bias_add_relu(
+        self,
+        x: Tensor,
+        residual: Tensor | None = None,
+        *,
+        weight: Tensor | None = None,
+        scale: Tensor | None = None,
+        bias: Tensor | None = None,
+        relu: bool | None = None,
+    ) -> Tensor:
+        """As :meth:`FusedConv2d.conv_bias_add_relu`, on the prepacked weight when the call allows it."""
+        relu = self.relu if relu is None else relu
+        if weight is not None or not self._packed_path_ok(x, residual, scale, bias):
+            return super().conv_bias_add_relu(x, residual, weight=weight, scale=scale, bias=bias, relu=relu)
+        padding = self._padding_plan()[1]
+        stride, padding, dilation = contract.check_inputs(
+            x, self.weight, bias, residual, scale, self.stride, padding, self.dilation, self.groups, relu
+        )
+        packed = self._packed_weight(x, scale, stride, padding, dilation)
+        fmt = contract.memory_format(x)
+        x = x.contiguous(memory_format=fmt)
+        fused = relu and os.environ.get(RELU_MODE_VAR) == "fused"
+        conv = torch.ops.mkldnn._convolution_pointwise
+        geometry = (list(padding), list(stride), list(dilation), self.groups)
+        if residual is None:
+            y = conv(x, packed, bias, *geometry, "relu" if fused else "none", [], None)
+        else:
+            residual = residual.contiguous(memory_format=fmt)
+            y = conv.binary(x, residual, packed, bias, *geometry, "add", 1.0, "relu" if fused else None, [], None)
+        y = y.contiguous(memory_format=fmt)
+        return y.relu_() if relu and not fused else y
+
+
+def optimize_for_inference(model: nn.Module) -> nn.Module:
+    """Prepare a converted model for CPU inference: every ``FusedConv2d`` in it packs its weight once per input shape.
+
+    ``model`` (in eval mode, holding :class:`~resnet_fused.nn.FusedConv2d` modules, e.g. from
+    :func:`resnet_fused.convert`) is changed in place and returned; its parameters, buffers and
+    ``state_dict`` stay the same. Input and output shapes are the model's own.
+
+    Raises:
+        ValueError: ``model`` is in training mode, or holds no FusedConv2d.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize_for_inference: expected an nn.Module, got {type(model).__name__}")
+    if model.training:
+        raise ValueError("optimize_for_inference: expected a model in eval mode (call model.eval()), got training=True")
+    found = 0
+    for m in model.modules():
+        if type(m) is FusedConv2d:
+            m.__class__ = PackedFusedConv2d
+        if isinstance(m, PackedFusedConv2d):
+            m._drop_packs()
+            found += 1
+    if not found:
+        raise ValueError(
+            "optimize_for_inference: expected a model holding resnet_fused.nn.FusedConv2d modules, got none; "
+            "run resnet_fused.convert(model) first"
+        )
+    return model

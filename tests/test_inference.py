@@ -1,0 +1,197 @@
+"""optimize_for_inference: prepacked oneDNN weights give the unpacked path's outputs, and never a stale result."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import assert_close
+from torch import nn
+
+import resnet_fused
+from resnet_fused.inference import PackedFusedConv2d, optimize_for_inference
+from resnet_fused.nn import FusedConv2d
+
+tv = pytest.importorskip("torchvision")
+
+PACKED_OP = "mkldnn::_convolution_pointwise"
+
+
+def converted_resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    model = tv.models.resnet18(weights=None).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so the folded scales matter
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return resnet_fused.convert(model)[0]
+
+
+def small_net(**conv_kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(FusedConv2d(4, 8, 3, padding=1, **conv_kwargs), FusedConv2d(8, 8, 1, relu=False)).eval()
+    return net
+
+
+def packs(model: nn.Module) -> int:
+    return sum(len(m._packs) for m in model.modules() if isinstance(m, PackedFusedConv2d))
+
+
+def trace(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, set[str]]:
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = model(x)
+    return y, {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_resnet18_matches_unpacked_and_float64(batch, layout):
+    model = converted_resnet18()
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(batch, 3, 64, 64).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        unpacked = model(x)
+        expected = copy.deepcopy(model).double()(x.double())
+    prepared = optimize_for_inference(copy.deepcopy(model))
+    y, ops = trace(prepared, x)
+    assert PACKED_OP in ops and packs(prepared) == 20  # every conv of resnet18 packed once, for this shape
+    assert_close(y, expected, torch.float32, "packed y", reductions=4608)
+    assert_close(unpacked, expected, torch.float32, "unpacked y", reductions=4608)
+    torch.testing.assert_close(y, unpacked, rtol=1e-4, atol=1e-4)
+    y2, _ = trace(prepared, x)  # second call reuses the packs
+    assert packs(prepared) == 20 and torch.equal(y2, y)
+
+
+def test_packed_path_follows_each_input_shape():
+    net = optimize_for_inference(small_net())
+    for shape in [(2, 4, 9, 9), (1, 4, 5, 7), (2, 4, 9, 9)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            y = net(x)
+            expected = FusedConv2d.forward(net[1], FusedConv2d.forward(net[0], x))  # the unpacked op
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert packs(net) == 2 * 2
+
+
+def assert_fresh(net: nn.Module, x: torch.Tensor) -> None:
+    """The prepared net's output equals a plain copy's (same parameters, the unpacked op)."""
+    plain = copy.deepcopy(net)
+    for m in plain.modules():
+        if isinstance(m, PackedFusedConv2d):
+            m.__class__ = FusedConv2d
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_weight_change_repacks():
+    net = optimize_for_inference(small_net())
+    x = torch.randn(2, 4, 9, 9)
+    assert_fresh(net, x)
+    with torch.no_grad():
+        net[0].weight.mul_(-2.0)
+    assert_fresh(net, x)
+
+
+def test_replaced_weight_repacks():
+    net = optimize_for_inference(small_net())
+    x = torch.randn(2, 4, 9, 9)
+    assert_fresh(net, x)
+    net[0].weight = nn.Parameter(torch.randn_like(net[0].weight))
+    assert_fresh(net, x)
+
+
+def test_load_state_dict_repacks():
+    net = optimize_for_inference(small_net())
+    x = torch.randn(2, 4, 9, 9)
+    assert_fresh(net, x)
+    other = small_net()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.normal_()
+    net.load_state_dict(other.state_dict())
+    assert_fresh(net, x)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), other(x), rtol=1e-5, atol=1e-5)
+
+
+def test_to_dtype_repacks_and_to_float_again():
+    net = optimize_for_inference(small_net())
+    x = torch.randn(2, 4, 9, 9)
+    assert_fresh(net, x)
+    net.double()  # fp64: the ordinary op runs
+    assert packs(net) == 0
+    assert_fresh(net, x.double())
+    net.float()
+    assert_fresh(net, x)
+
+
+def test_scale_shift_change_repacks():
+    net = optimize_for_inference(small_net())
+    x = torch.randn(2, 4, 9, 9)
+    net[0].set_scale_shift(torch.rand(8) + 0.5, torch.randn(8))
+    assert_fresh(net, x)
+    with torch.no_grad():
+        net[0].scale.mul_(3.0)  # the packed weight holds the folded scale
+    assert_fresh(net, x)
+
+
+def test_train_mode_runs_the_ordinary_op_with_gradients():
+    net = optimize_for_inference(small_net())
+    x = torch.randn(2, 4, 9, 9)
+    trace(net, x)
+    net.train()
+    assert packs(net) == 0
+    y = net(x)
+    y.sum().backward()
+    assert net[0].weight.grad is not None
+    with torch.no_grad():
+        net[0].weight.sub_(0.1 * net[0].weight.grad)  # an optimizer step
+    net.eval()
+    assert_fresh(net, x)
+
+
+def test_grad_enabled_eval_call_keeps_autograd():
+    net = optimize_for_inference(small_net())
+    x = torch.randn(2, 4, 9, 9, requires_grad=True)
+    y = net(x)
+    (grad_x,) = torch.autograd.grad(y.sum(), x)
+    assert grad_x.abs().sum() > 0
+
+
+def test_nan_inf_like_the_unpacked_path():
+    net = optimize_for_inference(small_net())
+    x = torch.randn(2, 4, 9, 9)
+    x[0, 0, 1, 1] = float("nan")
+    x[1, 2, 3, 3] = float("inf")
+    y, ops = trace(net, x)
+    assert PACKED_OP in ops
+    plain = copy.deepcopy(net)
+    for m in plain.modules():
+        m.__class__ = FusedConv2d if isinstance(m, PackedFusedConv2d) else m.__class__
+    with torch.no_grad():
+        torch.testing.assert_close(y, plain(x), equal_nan=True)
+    assert y.isnan().any()
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match=r"expected a model in eval mode .* got training=True"):
+        optimize_for_inference(small_net().train())
+    with pytest.raises(ValueError, match=r"expected a model holding resnet_fused.nn.FusedConv2d modules, got none"):
+        optimize_for_inference(nn.Sequential(nn.Conv2d(3, 3, 1)).eval())
+    with pytest.raises(TypeError, match=r"expected an nn.Module, got int"):
+        optimize_for_inference(3)
+
+
+def test_state_dict_and_deepcopy_unchanged():
+    net = small_net()
+    keys = list(net.state_dict())
+    prepared = optimize_for_inference(copy.deepcopy(net))
+    trace(prepared, torch.randn(1, 4, 5, 5))
+    assert list(prepared.state_dict()) == keys
+    clone = copy.deepcopy(prepared)
+    assert packs(clone) == 0
+    assert_fresh(clone, torch.randn(1, 4, 5, 5))
