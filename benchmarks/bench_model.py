@@ -1,8 +1,18 @@
 """Model-level benchmark: whole ResNets, inference and a training step, fused against unfused.
 
-- **Inference** (``mode="inference"``): torchvision ``resnet18``/``resnet50`` in eval mode (``eager``), the same
-  model through ``resnet_fused.convert.convert`` (``fused``: BatchNorm folded, blocks and stem fused) and
-  ``torch.compile`` of the original (``compile``, compile time reported apart), under ``torch.no_grad()``.
+- **Inference** (``mode="inference"``), under ``torch.no_grad()``, at batch 1 and the training batch, each variant
+  checked against eager's output (``max_abs_diff_vs_eager``) before it is timed:
+
+  - ``eager``: torchvision ``resnet18``/``resnet50`` in eval mode;
+  - ``fused``: the same model through ``resnet_fused.convert.convert`` (BatchNorm folded, blocks and stem fused);
+  - ``prepared``: ``fused`` through ``resnet_fused.inference.optimize_for_inference`` (weights prepacked for oneDNN);
+    where this install has no such function, the row says "not available";
+  - ``compile``: ``torch.compile`` of the original;
+  - ``compile-freezing``: the same with Inductor freezing (weights folded as constants and prepacked), compiled
+    under ``torch.no_grad()``; compile times are reported apart;
+  - ``ort``: ONNX Runtime's CPU execution provider (fp32; intra-op threads = the benchmark's), on the original
+    model exported by ``torch.onnx.export`` (export and session set-up time reported apart). Without onnxruntime,
+    the row says "not installed"; its memory is not measured (it allocates outside torch's allocator).
 - **Training** (``mode="train"``), one SGD step (forward, cross-entropy, backward, optimizer step):
   - ``bn-free``: a BN-free ResNet built from ``resnet_fused.nn`` blocks (convs with biases; the last conv of each
     block scaled down so activations stay bounded), ``fused`` on the fused backend against the very same model with
@@ -10,7 +20,9 @@
   - ``frozen-bn``: torchvision's ResNet with ``FrozenBatchNorm2d`` (a detection backbone's setting), ``unfused``
     as torchvision runs it against ``fused``, its conversion (the frozen norm becomes the epilogue's scale/shift).
 
-Timing, ratios and peak memory as described in :mod:`benchmarks.timing`.
+Timing, ratios and peak memory as described in :mod:`benchmarks.timing`: every variant of a run is timed interleaved
+in one process; the reported memory is an allocator peak during one call (on CPU, torch's CPU allocator), not RSS;
+the output states the method.
 
     python -m benchmarks.bench_model --models resnet50 --json out.json
 """
@@ -18,11 +30,15 @@ Timing, ratios and peak memory as described in :mod:`benchmarks.timing`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +54,10 @@ ARCHS = {
     "resnet50": ("bottleneck", [3, 4, 6, 3]),
 }
 MODES = ("inference", "train")
+INFERENCE_IMPLS = ("eager", "fused", "prepared", "compile", "compile-freezing", "ort")
+INFERENCE_BASELINES = ("eager", "compile", "compile-freezing", "ort")  # ratios of every variant against these
+# Variants whose memory torch's CPU allocator does not see, so the allocator peak would read near zero.
+OUTSIDE_ALLOCATOR = {"ort": "not measured: ONNX Runtime allocates from its own arena, outside torch's allocator"}
 TRAIN_VARIANTS = ("bn-free", "frozen-bn")
 CLASSES = 1000
 
@@ -79,39 +99,139 @@ def _prepare(model: nn.Module, dtype: torch.dtype, fmt: torch.memory_format, dev
     return model.to(device=device, dtype=dtype, memory_format=fmt)
 
 
+@dataclass
+class InferenceSetup:
+    """The inference variants of one (model, dtype, layout, batch) run.
+
+    Attributes:
+        impls: name -> zero-argument callable running one forward pass under ``torch.no_grad()``.
+        setup: name -> one-off costs and facts (``compile_s``, ``export_s``, ``exporter``, ...), merged into the record.
+        skipped: name -> why that variant has no timing ("not installed: ...", "skipped: ...").
+    """
+
+    impls: dict[str, Callable[[], object]] = field(default_factory=dict)
+    setup: dict[str, dict] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        with torch.no_grad():
+            return fn()
+
+    return run
+
+
+def optimize_for_inference_hook() -> Callable[[nn.Module], nn.Module] | None:
+    """The package's ``resnet_fused.inference.optimize_for_inference``, or None where this install has none (then the
+    ``prepared`` row says so)."""
+    try:
+        from resnet_fused.inference import optimize_for_inference
+    except ImportError:
+        return None
+    return optimize_for_inference
+
+
+def export_onnx(model: nn.Module, x: Tensor) -> tuple[bytes, str]:
+    """``model`` as a serialized ONNX model for inputs shaped like ``x`` (static shapes), and the exporter used.
+
+    torch's dynamo-based exporter (the default and maintained one) first; the TorchScript exporter where it fails.
+    """
+    model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    x = x.detach().contiguous()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+        return program.model_proto.SerializeToString(), "dynamo"
+    except Exception as dynamo_error:  # any exporter failure: the older exporter still gives a comparable model
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x,), buf, dynamo=False, input_names=["x"], output_names=["y"])
+        return buf.getvalue(), f"torchscript (dynamo exporter failed: {type(dynamo_error).__name__})"
+
+
+def ort_impl(model: nn.Module, x: Tensor, threads: int) -> tuple[Callable[[], object], dict]:
+    """ONNX Runtime (CPU execution provider, ``threads`` intra-op threads) on ``model`` exported to ONNX, fed
+    ``x`` as a float32 NCHW array made once; and its setup facts. Raises ImportError without onnxruntime."""
+    import onnxruntime as ort
+
+    t0 = time.perf_counter()
+    onnx_bytes, exporter = export_onnx(model, x)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.detach().contiguous().numpy()}
+    session.run(None, feed)
+    facts = {"export_s": time.perf_counter() - t0, "exporter": exporter, "onnxruntime": ort.__version__}
+    return lambda: torch.from_numpy(session.run(None, feed)[0]), facts
+
+
 def inference_impls(
-    arch: str, dtype: torch.dtype, fmt: torch.memory_format, device: torch.device, with_compile: bool, x: Tensor
-) -> tuple[dict[str, Callable[[], object]], dict[str, float]]:
-    """eager / fused / compile inference callables, and compile seconds."""
+    arch: str,
+    dtype: torch.dtype,
+    fmt: torch.memory_format,
+    device: torch.device,
+    with_compile: bool,
+    x: Tensor,
+    threads: int,
+    with_ort: bool = True,
+) -> InferenceSetup:
+    """Every inference variant of torchvision's ``arch`` on input ``x``: ``eager``, ``fused`` (converted),
+    ``prepared`` (converted, then ``optimize_for_inference``), ``compile``, ``compile-freezing`` and ``ort``."""
     import torchvision
 
     from resnet_fused.convert import convert
 
     torch.manual_seed(0)
-    eager = getattr(torchvision.models, arch)().eval()
-    _randomize_bn(eager)
-    fused, _ = convert(eager)
-    eager = _prepare(eager, dtype, fmt, device)
-    fused = _prepare(fused.eval(), dtype, fmt, device)
-    impls: dict[str, Callable[[], object]] = {"eager": lambda: eager(x), "fused": lambda: fused(x)}
-    compile_s = {}
+    original = getattr(torchvision.models, arch)().eval()
+    _randomize_bn(original)
+    converted, _ = convert(original)
+    eager = _prepare(original, dtype, fmt, device)
+    fused = _prepare(converted.eval(), dtype, fmt, device)
+    out = InferenceSetup()
+    out.impls = {"eager": lambda: eager(x), "fused": lambda: fused(x)}
+
+    optimize = optimize_for_inference_hook()
+    if optimize is None:
+        out.skipped["prepared"] = "not available: this install has no resnet_fused.inference.optimize_for_inference"
+    else:
+        prepared = optimize(copy.deepcopy(fused))
+        out.impls["prepared"] = lambda: prepared(x)
+
     if with_compile:
         compiled = torch.compile(eager)
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            compiled(x)
-            timing.synchronize(device)
-            compile_s["compile"] = time.perf_counter() - t0
-        impls["compile"] = lambda: compiled(x)
+        # A copy, and the option given to torch.compile itself: dynamo serves a graph it already compiled for the same
+        # code and backend, so the frozen variant would otherwise run the plain compile's graph, unfrozen.
+        frozen = torch.compile(copy.deepcopy(eager), options={"freezing": True})
+        for name, fn in (("compile", compiled), ("compile-freezing", frozen)):
+            with torch.no_grad(), torch._inductor.config.patch(freezing=name == "compile-freezing"):
+                t0 = time.perf_counter()
+                fn(x)
+                timing.synchronize(device)
+                out.setup[name] = {"compile_s": time.perf_counter() - t0}
+            out.impls[name] = lambda fn=fn: fn(x)
 
-    def no_grad(fn: Callable[[], object]) -> Callable[[], object]:
-        def run() -> object:
-            with torch.no_grad():
-                return fn()
+    if not with_ort:
+        out.skipped["ort"] = "skipped: --no-ort"
+    elif device.type != "cpu" or dtype != torch.float32:
+        out.skipped["ort"] = "skipped: measured for CPU fp32 only (ONNX Runtime's CPU execution provider)"
+    else:
+        try:
+            out.impls["ort"], out.setup["ort"] = ort_impl(eager, x, threads)
+        except ImportError as e:
+            out.skipped["ort"] = f"not installed: {e}"
+        except Exception as e:  # a failed export or session is reported in its row; the other variants still run
+            out.skipped["ort"] = f"failed: {type(e).__name__}: {e}"
+    out.impls = {k: _no_grad(v) for k, v in out.impls.items()}
+    return out
 
-        return run
 
-    return {k: no_grad(v) for k, v in impls.items()}, compile_s
+def max_abs_diff(y: object, ref: Tensor) -> float:
+    """max |y - ref| in float64, ``y`` a model's output (a tensor, or ONNX Runtime's)."""
+    return (torch.as_tensor(y).double().cpu() - ref.double().cpu()).abs().max().item()
 
 
 def _randomize_bn(model: nn.Module) -> None:
@@ -174,9 +294,11 @@ def run(
     train_variants: Sequence[str] = TRAIN_VARIANTS,
     hw: int = 224,
     batch: int = 8,
+    inference_batches: Sequence[int] | None = None,
     dtypes: Sequence[str] = ("fp32",),
     layouts: Sequence[str] = ("channels_last",),
     with_compile: bool = True,
+    with_ort: bool = True,
     rounds: int = 10,
     warmup: int = 2,
     min_sample_ms: float = 20.0,
@@ -184,67 +306,79 @@ def run(
     device: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Run the model benchmark and return the JSON payload: ``machine``, ``config``, ``records``, ``targets``."""
+    """Run the model benchmark and return the JSON payload: ``machine``, ``config``, ``records``, ``targets``.
+
+    Training steps run at ``batch``; inference at each of ``inference_batches`` (default: 1 and ``batch``).
+    """
     from tqdm import tqdm
 
     dev, machine = timing.start(device, threads)
+    inference_batches = default_inference_batches(batch) if inference_batches is None else list(inference_batches)
     work = []
     for arch in models:
         for d in dtypes:
             for lay in layouts:
                 if "inference" in modes:
-                    work.append((arch, d, lay, "inference", "eval-bn"))
+                    work += [(arch, d, lay, "inference", "eval-bn", b) for b in inference_batches]
                 if "train" in modes:
-                    work += [(arch, d, lay, "train", v) for v in train_variants]
+                    work += [(arch, d, lay, "train", v, batch) for v in train_variants]
     records: list[dict] = []
     t0 = time.perf_counter()
     bar = tqdm(work, desc="models", unit="run", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    for arch, dtype_name, layout, mode, variant in bar:
-        bar.set_postfix_str(f"{arch} {mode} {variant} {dtype_name} {layout}", refresh=False)
+    for arch, dtype_name, layout, mode, variant, n in bar:
+        bar.set_postfix_str(f"{arch} {mode} {variant} {dtype_name} {layout} batch {n}", refresh=False)
         dtype, fmt = DTYPES[dtype_name], LAYOUTS[layout]
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, 3, hw, hw, generator=g).to(device=dev, dtype=dtype).contiguous(memory_format=fmt)
-        compile_s: dict[str, float] = {}
+        x = torch.randn(n, 3, hw, hw, generator=g).to(device=dev, dtype=dtype).contiguous(memory_format=fmt)
+        base = {"model": arch, "mode": mode, "variant": variant, "dtype": dtype_name, "layout": layout, "batch": n,
+                "input_hw": hw}  # fmt: skip
+        setup: dict[str, dict] = {}
+        diffs: dict[str, float] = {}
         if mode == "inference":
             torch._dynamo.reset()
-            impls, compile_s = inference_impls(arch, dtype, fmt, dev, with_compile, x)
-            baselines = ("eager", "compile")
+            inf = inference_impls(arch, dtype, fmt, dev, with_compile, x, machine["threads"], with_ort)
+            impls, setup = inf.impls, inf.setup
+            records += [{**base, "impl": name, "status": why} for name, why in inf.skipped.items()]
+            # Every variant must compute the same function: a wrong one would be timed for nothing.
+            ref = impls["eager"]()
+            diffs = {name: max_abs_diff(fn(), ref) for name, fn in impls.items()}
+            baselines = tuple(b for b in INFERENCE_BASELINES if b in impls)
         else:
-            y = torch.randint(0, CLASSES, (batch,), generator=g).to(dev)
+            y = torch.randint(0, CLASSES, (n,), generator=g).to(dev)
             impls = train_impls(arch, variant, dtype, fmt, dev, x, y)
             baselines = ("unfused",)
         stats = timing.time_interleaved(
             impls, rounds=rounds, warmup=warmup, min_sample_ms=min_sample_ms, baselines=baselines, device=dev
         )
         for name, st in stats.items():
-            rec = {
-                "model": arch,
-                "mode": mode,
-                "variant": variant,
-                "impl": name,
-                "dtype": dtype_name,
-                "layout": layout,
-                "batch": batch,
-                "input_hw": hw,
-                **timing.stats_record(st, baselines=baselines),
-                "peak_mem_bytes": timing.peak_memory_bytes(impls[name], dev),
-            }
-            if name in compile_s:
-                rec["compile_s"] = compile_s[name]
+            rec = {**base, "impl": name, **timing.stats_record(st, baselines=baselines), **setup.get(name, {})}
+            if name in diffs:
+                rec["max_abs_diff_vs_eager"] = diffs[name]
+            if name in OUTSIDE_ALLOCATOR:
+                rec["peak_mem_bytes"] = None
+                rec["peak_mem_note"] = OUTSIDE_ALLOCATOR[name]
+            else:
+                rec["peak_mem_bytes"] = timing.peak_memory_bytes(impls[name], dev)
             records.append(rec)
         del impls
         torch._dynamo.reset()
     config = timing.config_record(
-        t0, models=models, modes=modes, train_variants=train_variants, input_hw=hw, batch=batch, dtypes=dtypes,
-        layouts=layouts, compile=with_compile, rounds=rounds, warmup=warmup, min_sample_ms=min_sample_ms,
+        t0, models=models, modes=modes, train_variants=train_variants, input_hw=hw, batch=batch,
+        inference_batches=inference_batches, dtypes=dtypes, layouts=layouts, compile=with_compile, ort=with_ort,
+        rounds=rounds, warmup=warmup, min_sample_ms=min_sample_ms,
     )  # fmt: skip
     return {
         "benchmark": "model",
         "machine": machine,
         "config": config,
         "records": records,
-        "targets": targets(records) if timing.targets_apply(dev, batch, hw) else [],
+        "targets": targets(records) if dev.type == "cpu" and hw == 224 else [],
     }
+
+
+def default_inference_batches(batch: int) -> list[int]:
+    """Batch 1 (serving one request) and the training batch."""
+    return sorted({1, batch})
 
 
 def _find(records: Sequence[dict], **kw: object) -> dict | None:
@@ -255,78 +389,92 @@ def _find(records: Sequence[dict], **kw: object) -> dict | None:
 
 
 def _mib(rec: dict) -> str:
-    return f"{rec['peak_mem_bytes'] / 2**20:.1f}"
+    return "n/a" if rec.get("peak_mem_bytes") is None else f"{rec['peak_mem_bytes'] / 2**20:.1f}"
+
+
+# (peer, must reach, aim): the prepared model's inference speedup over each peer, at batch 1 and 8.
+PEER_TARGETS = (("compile-freezing", 1.05, 1.15), ("ort", 0.90, 1.0))
 
 
 def targets(records: Sequence[dict]) -> list[dict]:
-    """The model-level targets (CPU, fp32, channels_last, batch 8), met or missed, with the figures."""
+    """The model-level targets (CPU, fp32, channels_last, 224x224; batch 8, and batch 1 for the peers), met or
+    missed, with the figures."""
     out = []
-    base = {"dtype": "fp32", "layout": "channels_last"}
-    fused = _find(records, model="resnet50", mode="inference", impl="fused", **base)
-    eager = _find(records, model="resnet50", mode="inference", impl="eager", **base)
+    base = {"dtype": "fp32", "layout": "channels_last", "input_hw": 224}
+    inf = {"model": "resnet50", "mode": "inference", **base}
+    fused = _find(records, impl="fused", batch=8, **inf)
+    eager = _find(records, impl="eager", batch=8, **inf)
     if fused and "speedup_vs_eager" in fused:
         s = fused["speedup_vs_eager"]["median"]
-        out.append({"target": "resnet50 inference: converted >= 1.3x over eager torchvision", "measured": round(s, 3),
-                    "met": s >= 1.3})  # fmt: skip
+        out.append({"target": "resnet50 inference b8: converted >= 1.3x over eager torchvision",
+                    "measured": round(s, 3), "met": s >= 1.3})  # fmt: skip
     if fused and "speedup_vs_compile" in fused:
         s = fused["speedup_vs_compile"]["median"]
-        out.append({"target": "resnet50 inference: converted no slower than torch.compile of the original",
+        out.append({"target": "resnet50 inference b8: converted no slower than torch.compile of the original",
                     "measured": round(s, 3), "met": s >= 1.0})  # fmt: skip
-    if fused and eager:
-        out.append({"target": "resnet50 inference: peak memory not above eager's",
+    if fused and eager and fused.get("peak_mem_bytes") is not None and eager.get("peak_mem_bytes") is not None:
+        out.append({"target": "resnet50 inference b8: peak memory not above eager's",
                     "measured": f"{_mib(fused)} MiB vs {_mib(eager)} MiB",
                     "met": fused["peak_mem_bytes"] <= eager["peak_mem_bytes"]})  # fmt: skip
+    for n in (1, 8):
+        prepared = _find(records, impl="prepared", batch=n, **inf)
+        for peer, goal, aim in PEER_TARGETS:
+            key = f"speedup_vs_{peer}"
+            if prepared and key in prepared:
+                s = prepared[key]["median"]
+                out.append({"target": f"resnet50 inference b{n}: prepared >= {goal}x over {peer} (aim {aim}x)",
+                            "measured": round(s, 3), "met": s >= goal})  # fmt: skip
     for variant in TRAIN_VARIANTS:
-        f = _find(records, model="resnet50", mode="train", variant=variant, impl="fused", **base)
-        u = _find(records, model="resnet50", mode="train", variant=variant, impl="unfused", **base)
+        f = _find(records, model="resnet50", mode="train", variant=variant, impl="fused", batch=8, **base)
+        u = _find(records, model="resnet50", mode="train", variant=variant, impl="unfused", batch=8, **base)
         if f and "speedup_vs_unfused" in f:
             s = f["speedup_vs_unfused"]["median"]
-            out.append({"target": f"resnet50 train step ({variant}): fused >= 1.1x over unfused",
+            out.append({"target": f"resnet50 train step ({variant}) b8: fused >= 1.1x over unfused",
                         "measured": round(s, 3),
                         "met": s >= 1.1})  # fmt: skip
         if f and u:
-            out.append({"target": f"resnet50 train step ({variant}): peak memory not above unfused",
+            out.append({"target": f"resnet50 train step ({variant}) b8: peak memory not above unfused",
                         "measured": f"{_mib(f)} MiB vs {_mib(u)} MiB",
                         "met": f["peak_mem_bytes"] <= u["peak_mem_bytes"]})  # fmt: skip
     return out
 
 
-def table_markdown(records: Sequence[dict]) -> str:
-    """One markdown table of every model run."""
+def table_markdown(records: Sequence[dict], memory_method: str | None = None) -> str:
+    """One markdown table of every model run; ``memory_method`` (how peak memory was measured) is stated under it."""
     head = ["model", "mode", "variant", "dtype", "layout", "batch", "impl", "median ms", "p25-p75 ms", "speedup",
-            "peak MiB", "compile s"]  # fmt: skip
+            "peak MiB", "max abs diff vs eager", "compile/export s", "notes"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
+        key = [r["model"], r["mode"], r["variant"], r["dtype"], r["layout"], str(r["batch"]), r["impl"]]
+        if "median_ms" not in r:
+            lines.append("| " + " | ".join(key + ["-"] * (len(head) - len(key) - 1) + [r["status"]]) + " |")
+            continue
         sp = [f"{r[k]['median']:.2f}x vs {k[len('speedup_vs_') :]}" for k in r if k.startswith("speedup_vs_")]
         sp = [s for s in sp if not s.endswith(f"vs {r['impl']}")]
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    r["model"],
-                    r["mode"],
-                    r["variant"],
-                    r["dtype"],
-                    r["layout"],
-                    str(r["batch"]),
-                    r["impl"],
-                    f"{r['median_ms']:.1f}",
-                    f"{r['p25_ms']:.1f}-{r['p75_ms']:.1f}",
-                    ", ".join(sp) or "-",
-                    f"{r['peak_mem_bytes'] / 2**20:.1f}",
-                    f"{r['compile_s']:.1f}" if "compile_s" in r else "-",
-                ]
-            )
-            + " |"
-        )
-    return "\n".join(lines) + "\n"
+        setup_s = r.get("compile_s", r.get("export_s"))
+        notes = [f"{r['exporter']} export, onnxruntime {r['onnxruntime']}"] if "exporter" in r else []
+        notes += [r["peak_mem_note"]] if "peak_mem_note" in r else []
+        row = key + [
+            f"{r['median_ms']:.1f}",
+            f"{r['p25_ms']:.1f}-{r['p75_ms']:.1f}",
+            ", ".join(sp) or "-",
+            _mib(r),
+            f"{r['max_abs_diff_vs_eager']:.2g}" if "max_abs_diff_vs_eager" in r else "-",
+            f"{setup_s:.1f}" if setup_s is not None else "-",
+            "; ".join(notes) or "-",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    text = "\n".join(lines) + "\n"
+    if memory_method:
+        text += f"\npeak MiB: {memory_method}\n"
+    return text
 
 
 def targets_text(target_list: Sequence[dict]) -> str:
     """Plain-text lines of the target checks."""
     if not target_list:
         return ""
-    lines = ["targets (CPU, fp32, channels_last, batch 8):"]
+    lines = ["targets (CPU, fp32, channels_last, 224x224):"]
     lines += [f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['measured']}" for t in target_list]
     return "\n".join(lines)
 
@@ -337,7 +485,8 @@ def write_outputs(payload: dict, json_path: str | os.PathLike | None, md_path: s
     if json_path:
         written.append(timing.write_json(json_path, payload))
     if md_path:
-        text = table_markdown(payload["records"]) + f"\n```\n{targets_text(payload['targets'])}\n```\n"
+        table = table_markdown(payload["records"], payload["machine"]["memory_method"])
+        text = table + f"\n```\n{targets_text(payload['targets'])}\n```\n"
         written.append(timing.write_text(md_path, text))
     return written
 
@@ -348,6 +497,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", default="resnet18,resnet50", help=f"comma list of {','.join(ARCHS)}")
     parser.add_argument("--modes", default="inference,train")
     parser.add_argument("--train-variants", default=",".join(TRAIN_VARIANTS))
+    parser.add_argument(
+        "--inference-batches", default=None, help="comma list of inference batch sizes (default: 1 and --batch)"
+    )
+    parser.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime")
     parser.add_argument("--json", default=str(OUT_DIR / "model.json"))
     parser.add_argument("--md", default=str(OUT_DIR / "model.md"))
     add_common_args(parser)
@@ -358,9 +511,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_variants=_split(a.train_variants),
         hw=a.hw,
         batch=a.batch,
+        inference_batches=[int(b) for b in _split(a.inference_batches)] if a.inference_batches else None,
         dtypes=_split(a.dtypes),
         layouts=_split(a.layouts),
         with_compile=not a.no_compile,
+        with_ort=not a.no_ort,
         rounds=a.rounds,
         warmup=a.warmup,
         min_sample_ms=a.min_sample_ms,
@@ -368,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=a.device,
         progress=not a.no_progress,
     )
-    print(table_markdown(payload["records"]))
+    print(table_markdown(payload["records"], payload["machine"]["memory_method"]))
     print(targets_text(payload["targets"]))
     for p in write_outputs(payload, a.json, a.md):
         print(f"wrote {p}")

@@ -2,11 +2,14 @@
 
 1. Equivalence: each available backend's output and gradients against a float64 reference, max error per dtype
    (see :mod:`benchmarks.equivalence`); a failure is printed and makes the exit status 1, after the timings.
-2. Op benchmark (see :mod:`benchmarks.bench_ops`). The default suite is short (a few minutes on 2 cores): the distinct
-   convs of ResNet-50 at batch 8, fp32, channels_last, forward and forward+backward, every implementation.
-   ``--full`` runs everything: ResNet-18 and ResNet-50 convs, fp32 and bf16, channels_last and NCHW, then the model
-   benchmark (:mod:`benchmarks.bench_model`); ``--with-model`` adds only the ResNet-50 model benchmark (fp32,
-   channels_last) to the default suite.
+2. Op benchmark (see :mod:`benchmarks.bench_ops`): the distinct convs of ResNet-50 at batch 8, fp32, channels_last,
+   forward (with the prepacked inference rows) and forward+backward, every implementation.
+3. Model benchmark (see :mod:`benchmarks.bench_model`): ResNet-50 inference at batch 1 and 8, fp32, channels_last,
+   against its peers (``torch.compile``, with and without Inductor freezing, and ONNX Runtime).
+
+``--with-model`` adds the ResNet-50 training steps to the model benchmark. ``--full`` runs everything: ResNet-18 and
+ResNet-50 convs, fp32 and bf16, channels_last and NCHW, and the model benchmark of both models, inference and
+training, in fp32 and bf16. ``--no-model`` leaves the model benchmark out.
 
 Writes ``ops.json``, ``ops.md``, ``ops.png``, ``summary.md`` (and ``model.json``, ``model.md`` with a model run) to
 ``--out`` (default ``benchmarks/out/``), and everything in one JSON to ``--json`` (default ``<out>/bench.json``).
@@ -29,6 +32,8 @@ import torch
 from benchmarks import bench_model, bench_ops, equivalence, timing
 
 TINY = {"hw": 32, "batch": 2, "rounds": 2, "warmup": 1, "min_sample_ms": 1.0, "max_cases": 1}
+TINY_MODEL = {"models": ("resnet18",), "modes": ("inference",), "inference_batches": (2,), "with_compile": False,
+              "hw": 32, "batch": 2, "rounds": 2, "warmup": 1, "min_sample_ms": 1.0}  # fmt: skip
 
 
 def _header(device: torch.device, threads: int) -> str:
@@ -51,7 +56,8 @@ def _write_summary(path: Path, header: str, combined: dict) -> Path:
     ops = combined["ops"]
     parts += ["", "```", bench_ops.summary_text(ops["summary"], ops["targets"]), "```"]
     if "model" in combined:
-        parts += ["", bench_model.table_markdown(combined["model"]["records"])]
+        model = combined["model"]
+        parts += ["", bench_model.table_markdown(model["records"], model["machine"]["memory_method"])]
         parts += ["```", bench_model.targets_text(combined["model"]["targets"]), "```"]
     parts.append(f"\nwall time {combined['wall_s']:.0f} s\n")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="every shape, dtype, layout and pass, plus the models")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests)")
-    parser.add_argument("--with-model", action="store_true", help="also the resnet50 model benchmark (fp32, NHWC)")
+    parser.add_argument("--with-model", action="store_true", help="also the resnet50 train steps (fp32, NHWC)")
+    parser.add_argument("--no-model", action="store_true", help="leave the model benchmark out")
     parser.add_argument("--out", default=str(bench_ops.OUT_DIR), help="directory for json/md/png")
     parser.add_argument("--json", default=None, help="combined JSON (default: <out>/bench.json)")
     parser.add_argument("--batch", type=int, default=8)
@@ -108,14 +115,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     combined["ops"] = ops
     written = bench_ops.write_outputs(ops, out / "ops.json", out / "ops.png", out / "ops.md")
 
-    # 3. models (--full, --with-model)
-    if a.full or a.with_model:
-        model_kw: dict = {"models": ("resnet50",), "dtypes": ("fp32",), "rounds": a.rounds or 7}
-        if a.full:
+    # 3. models: resnet50 inference against its peers; the train steps with --with-model; everything with --full
+    if not a.no_model:
+        if a.tiny:
+            model_kw: dict = dict(TINY_MODEL)
+        elif a.full:
             model_kw = {"models": ("resnet18", "resnet50"), "dtypes": ("fp32", "bf16"), "rounds": a.rounds or 10}
-        model = bench_model.run(batch=a.batch, threads=threads, progress=progress, **model_kw)
+        else:
+            modes = ("inference", "train") if a.with_model else ("inference",)
+            model_kw = {"models": ("resnet50",), "modes": modes, "dtypes": ("fp32",), "rounds": a.rounds or 7}
+        if not a.tiny:
+            model_kw["batch"] = a.batch
+        model = bench_model.run(threads=threads, progress=progress, **model_kw)
         print(f"\nmodel benchmark ({model['config']['wall_s']:.0f} s)\n")
-        print(bench_model.table_markdown(model["records"]))
+        print(bench_model.table_markdown(model["records"], model["machine"]["memory_method"]))
         print(bench_model.targets_text(model["targets"]), flush=True)
         combined["model"] = model
         written += bench_model.write_outputs(model, out / "model.json", out / "model.md")

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 
 import resnet_fused
 from resnet_fused.backends import BACKENDS
@@ -53,11 +55,28 @@ def _backend_impls() -> set[str]:
     return {row.name for row in BACKENDS if "cpu" in row.auto_devices and not row.unavailable()}
 
 
+def _prepacked_impl() -> str:
+    """The label of the prepacked fused row: the package's where it offers one, else torch's oneDNN post-ops."""
+    try:
+        from resnet_fused.inference import optimize_for_inference  # noqa: F401
+    except ImportError:
+        return "onednn_prepacked"
+    return "prepacked"
+
+
+def _timed(records: list[dict]) -> list[dict]:
+    """The records with timings (a variant that could not run has a ``status`` instead)."""
+    return [r for r in records if "status" not in r]
+
+
 def _check_record(rec: dict) -> None:
     for key in ("median_ms", "p25_ms", "p75_ms"):
         assert isinstance(rec[key], float) and math.isfinite(rec[key]) and rec[key] > 0, (key, rec)
     assert rec["p25_ms"] <= rec["median_ms"] <= rec["p75_ms"]
-    assert isinstance(rec["peak_mem_bytes"], int) and rec["peak_mem_bytes"] >= 0
+    if rec["impl"] == "ort":
+        assert rec["peak_mem_bytes"] is None and "own arena" in rec["peak_mem_note"]
+    else:
+        assert isinstance(rec["peak_mem_bytes"], int) and rec["peak_mem_bytes"] >= 0
     assert len(rec["samples_ms"]) == rec["rounds"] == 2
 
 
@@ -89,36 +108,84 @@ def test_bench_ops_tiny(tmp_path):
     payload = json.loads(path.read_text())
     _check_machine(payload["machine"], threads=1)
     records = payload["records"]
-    expected = _backend_impls() | set(bench_ops.BASE_IMPLS)
-    assert "cpu" in expected
+    prepacked = _prepacked_impl()
+    training = _backend_impls() | {"eager", "compile", "conv_alone"}
+    expected = {"fwd": training | {prepacked, "conv_prepacked"}, "fwd+bwd": training}
+    assert "cpu" in training
     seen: dict[tuple, set] = {}
     for rec in records:
         _check_record(rec)
         seen.setdefault((rec["case"], rec["pass"], rec["dtype"], rec["layout"]), set()).add(rec["impl"])
         assert rec["speedup_vs_eager"]["median"] > 0 and rec["speedup_vs_conv_alone"]["median"] > 0
+        if rec["pass"] == "fwd":
+            assert rec["speedup_vs_conv_prepacked"]["median"] > 0
     assert len(seen) == 2 * 2  # 2 cases x (fwd, fwd+bwd)
-    assert all(impls == expected for impls in seen.values()), seen
+    assert all(impls == expected[key[1]] for key, impls in seen.items()), seen
     assert all(r["compile_s"] > 0 for r in records if r["impl"] == "compile")
-    assert {s["impl"] for s in payload["summary"]} == (_backend_impls() | {"compile"})
+    summary = {(s["pass"], s["impl"]): s for s in payload["summary"] if s["model_shapes"] == "all"}
+    assert set(summary) == {("fwd", prepacked)} | {(p, i) for p in expected for i in _backend_impls() | {"compile"}}
+    # Each fused row is held against the conv alone with its own weight handling.
+    assert summary[("fwd", prepacked)]["floor"] == "conv_prepacked"
+    assert all(s["floor"] == "conv_alone" for key, s in summary.items() if key[1] != prepacked)
     assert (tmp_path / "ops.png").stat().st_size > 0
-    assert "speedup" in (tmp_path / "ops.md").read_text()
+    md = (tmp_path / "ops.md").read_text()
+    assert "speedup" in md and f"{prepacked} / conv_prepacked" in md and "cpu / conv_alone" in md
 
 
-def test_bench_model_tiny(tmp_path):
+def test_bench_model_tiny(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import torch._inductor.freezing
+
+    froze = []
+    freeze = torch._inductor.freezing.freeze
+    monkeypatch.setattr(torch._inductor.freezing, "freeze", lambda *a, **k: froze.append(1) or freeze(*a, **k))
     path = tmp_path / "model.json"
     argv = ["--models", "resnet18", "--json", str(path), "--md", str(tmp_path / "model.md"), *TINY]
-    assert bench_model.main(argv) == 0
+    assert bench_model.main([*argv, "--inference-batches", "2"]) == 0
     payload = json.loads(path.read_text())
     _check_machine(payload["machine"])
+    assert [r for r in payload["records"] if "status" in r] == []
     impls: dict[tuple, set] = {}
     for rec in payload["records"]:
         _check_record(rec)
+        assert rec["batch"] == 2
         impls.setdefault((rec["mode"], rec["variant"]), set()).add(rec["impl"])
     assert impls == {
-        ("inference", "eval-bn"): {"eager", "fused", "compile"},
+        ("inference", "eval-bn"): set(bench_model.INFERENCE_IMPLS),
         ("train", "bn-free"): {"fused", "unfused"},
         ("train", "frozen-bn"): {"fused", "unfused"},
     }
+    assert froze, "the compile-freezing variant was never frozen by Inductor"
+    inference = {r["impl"]: r for r in payload["records"] if r["mode"] == "inference"}
+    for name, rec in inference.items():
+        # Each variant computed the eager model's function (fp32 logits of order 1).
+        assert rec["max_abs_diff_vs_eager"] <= 1e-3, (name, rec["max_abs_diff_vs_eager"])
+        assert {f"speedup_vs_{b}" for b in bench_model.INFERENCE_BASELINES} - {f"speedup_vs_{name}"} <= rec.keys()
+    assert inference["compile-freezing"]["compile_s"] > 0 and inference["ort"]["export_s"] > 0
+    assert inference["ort"]["exporter"] in ("dynamo",) or inference["ort"]["exporter"].startswith("torchscript")
+    md = (tmp_path / "model.md").read_text()
+    assert "peak MiB: torch.profiler" in md and "own arena" in md
+
+
+def test_bench_model_rows_say_why_a_peer_is_missing(tmp_path, monkeypatch):
+    """Without onnxruntime, or without the package's prepare step, the row says so and the rest still runs; the
+    inference runs cover batch 1 and the training batch."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` raise ImportError
+    monkeypatch.setattr(bench_model, "optimize_for_inference_hook", lambda: None)
+    path = tmp_path / "model.json"
+    argv = ["--models", "resnet18", "--modes", "inference", "--no-compile", "--json", str(path)]
+    assert bench_model.main([*argv, "--md", str(tmp_path / "model.md"), *TINY]) == 0
+    records = json.loads(path.read_text())["records"]
+    status = {(r["impl"], r["batch"]): r["status"] for r in records if "status" in r}
+    assert set(status) == {(impl, b) for impl in ("ort", "prepared") for b in (1, 2)}
+    assert all(status[("ort", b)].startswith("not installed") for b in (1, 2))
+    assert all(status[("prepared", b)].startswith("not available") for b in (1, 2))
+    timed = {(r["impl"], r["batch"]) for r in _timed(records)}
+    assert timed == {(impl, b) for impl in ("eager", "fused") for b in (1, 2)}
+    for rec in _timed(records):
+        _check_record(rec)
+    md = (tmp_path / "model.md").read_text()
+    assert md.count("not installed") == 2 and md.count("not available") == 2
 
 
 def test_main_tiny(tmp_path, capsys):
@@ -135,7 +202,11 @@ def test_main_tiny(tmp_path, capsys):
     _check_machine(payload["ops"]["machine"])
     for rec in payload["ops"]["records"]:
         _check_record(rec)
-    for name in ("ops.json", "ops.png", "ops.md", "equivalence.json"):
+    model = payload["model"]["records"]
+    for rec in _timed(model):
+        _check_record(rec)
+    assert {r["impl"] for r in model} == set(bench_model.INFERENCE_IMPLS) - {"compile", "compile-freezing"}
+    for name in ("ops.json", "ops.png", "ops.md", "model.json", "model.md", "equivalence.json"):
         assert (tmp_path / name).stat().st_size > 0
 
 
@@ -150,3 +221,31 @@ def test_dilated_case_geometry_matches_conv2d():
     assert "cpu" in impls
     for name, fn in impls.items():
         assert fn().shape == expected, name
+
+
+@pytest.mark.parametrize("package", [True, False], ids=["package", "onednn-fallback"])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("epilogue", bench_ops.EPILOGUES)
+def test_prepacked_rows_compute_the_case(epilogue, layout, package, monkeypatch):
+    """The inference path's rows compute what they claim: the fused row the case's epilogue, its floor the bare conv
+    (float64 reference, fp32 tolerance), on the package's prepacked op or on torch's oneDNN post-ops."""
+    if bench_ops.prepack_unsupported(torch.device("cpu"), torch.float32):
+        pytest.skip(bench_ops.prepack_unsupported(torch.device("cpu"), torch.float32))
+    if package and _prepacked_impl() != "prepacked":
+        pytest.skip("this install has no resnet_fused.inference.optimize_for_inference")
+    if not package:
+        monkeypatch.setattr(bench_ops, "_package_prepacked", lambda case, inp: None)
+    case = bench_ops.ConvCase(c=4, k=6, r=3, s=3, stride=2, padding=1, dilation=2, h=11, w=8, epilogue=epilogue)
+    inp = bench_ops.make_inputs(case, 2, torch.float32, bench_ops.LAYOUTS[layout], torch.device("cpu"), False)
+    impls = bench_ops.prepacked_impls(case, inp)
+    fused_name = "prepacked" if package else "onednn_prepacked"
+    assert set(impls) == {fused_name, "conv_prepacked"}
+    f64 = [None if t is None else t.double() for t in (inp.x, inp.weight, inp.bias, inp.residual)]
+    want = resnet_fused.reference.conv_bias_add_relu(*f64, **case.conv_args, relu=epilogue != "bias")
+    want_floor = F.conv2d(f64[0], f64[1], None, **case.conv_args)
+    reductions = case.c * case.r * case.s
+    for call in range(2):  # the second call runs on the weight packed by the first
+        with torch.no_grad():
+            fused, floor = impls[fused_name](), impls["conv_prepacked"]()
+        assert_close(fused, want, torch.float32, f"{fused_name}, {epilogue}, {layout}, call {call}", reductions)
+        assert_close(floor, want_floor, torch.float32, f"conv_prepacked, {layout}, call {call}", reductions)
