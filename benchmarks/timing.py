@@ -36,7 +36,8 @@ import torch
 
 CPU_MEMORY_METHOD = (
     "torch.profiler(profile_memory=True): peak of the running sum of c10 CPU allocator alloc/free events during "
-    "one call, relative to the start (tensor storage only; memory a library mallocs itself is not seen)"
+    "one call, relative to the start: an allocator peak, not RSS (tensor storage only; memory a library mallocs "
+    "itself, such as ONNX Runtime's arena, is not seen)"
 )
 CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated() during one call minus memory_allocated() before it"
 
