@@ -61,5 +61,11 @@ gpu-bench:
 gpu-check:
 	$(GPU_PYTHON) scripts/gpu_check.py all
 
+# The CPU extension built out of tree with AddressSanitizer + UBSan, and the CPU correctness suite run against it
+# (scripts/sanitize.py; CI runs its --quick selection from tests/test_sanitize.py). The first build takes minutes.
+.PHONY: sanitize
+sanitize: $(VENV)/.installed
+	$(PY) scripts/sanitize.py
+
 clean:
 	rm -rf build *.egg-info resnet_fused/*.so $(VENV)/.built
