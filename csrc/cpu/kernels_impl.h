@@ -1,5 +1,5 @@
 // The CPU passes, written once with at::vec and compiled once per CPU
-// capability (kernels_default.cpp, kernels_avx2.cpp): ATen's CPU_CAPABILITY
+// capability (kernels_default.cpp, kernels_vec_avx2.cpp): ATen's CPU_CAPABILITY
 // macro selects the at::vec implementation, as in ATen's own kernels.
 #pragma once
 

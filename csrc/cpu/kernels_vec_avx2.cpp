@@ -2,7 +2,6 @@
 // every file with one set of flags, so this file turns AVX2 on for itself;
 // it runs only after a run-time check (cpu::use_avx2).
 #if defined(__x86_64__) && defined(__GNUC__)
-#define RESNET_FUSED_HAVE_AVX2 1
 #pragma GCC target("avx2,fma,f16c")
 #pragma GCC diagnostic ignored "-Wpsabi"
 // The target pragma does not define these; sleef's and ATen's headers test them.

@@ -1,95 +1,45 @@
-// CUDA backend of resnet_fused::conv_bias_add_relu and its backward.
+// The CUDA kernels and their launchers.
 //
-// Forward: cuDNN's fused conv+bias+add+relu graph when it can run the case
-// (relu=True; a per-channel scale is folded into the weights), else ATen's
-// conv followed by one vectorized epilogue pass over the conv's own output.
+// Forward: one vectorized epilogue pass, in place over the conv's own output.
 // Backward: one pass over grad_out and the saved output gives the masked
 // gradient g (= grad_residual) and per-block partial sums of g per channel; a
 // second kernel adds the partials in a fixed order (no atomics), so grad_bias
-// is deterministic. ATen's convolution_backward then gives dx and dw, only if
-// they are asked for.
+// is deterministic.
 #include <ATen/ATen.h>
-#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAConfig.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/detail/CUDAHooksInterface.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/util/accumulate.h>
-#include <torch/library.h>
+#include <c10/util/StringUtil.h>
 
 #include <algorithm>
-#include <array>
 #include <cstdint>
 #include <limits>
-#include <mutex>
-#include <set>
-#include <tuple>
-#include <vector>
+#include <string>
+#include <type_traits>
 
-#include "conv_bias_add_relu.h"
+#include "cuda/kernels.h"
+#include "cuda/vec_io.cuh"
 #include "epilogue.h"
 
-namespace resnet_fused {
+// The archs setup.py builds SASS for, e.g. sm_80/sm_90 (PTX for the newest).
+#ifndef RESNET_FUSED_CUDA_ARCHS
+#define RESNET_FUSED_CUDA_ARCHS unknown
+#endif
+#define RESNET_FUSED_STRINGIFY(x) #x
+#define RESNET_FUSED_STR(x) RESNET_FUSED_STRINGIFY(x)
+
+namespace resnet_fused::cuda {
 
 namespace {
 
-constexpr int kVecBytes = 16;
 constexpr int kThreads = 256;
 // 2-D blocks of the channels-last kernels: 32 lanes along K, 8 rows.
 constexpr int kLanes = 32;
 constexpr int kRows = 8;
 constexpr int64_t kMaxGridY = 65535;
-
-template <typename scalar_t>
-constexpr int vec_size() {
-  return kVecBytes / static_cast<int>(sizeof(scalar_t));
-}
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
-// One 16-byte load/store of a Vec. The store is an explicit st.global.v4
-// (as CUTLASS does): a struct or int4 assignment was split by NVVM into four
-// 32-bit stores in the backward kernels, and __stwb compiles to a strong
-// (STG.E.128.STRONG.SM) store.
-template <typename V>
-__device__ __forceinline__ V load_vec(const void* p) {
-  if constexpr (sizeof(V) == kVecBytes) {
-    union {
-      int4 raw;
-      V vec;
-    } u;
-    u.raw = *reinterpret_cast<const int4*>(p);
-    return u.vec;
-  } else {
-    return *reinterpret_cast<const V*>(p);
-  }
-}
-
-template <typename V>
-__device__ __forceinline__ void store_vec(void* p, const V& v) {
-  if constexpr (sizeof(V) == kVecBytes) {
-    union {
-      V vec;
-      int4 raw;
-    } u;
-    u.vec = v;
-    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p),
-                 "r"(u.raw.x), "r"(u.raw.y), "r"(u.raw.z), "r"(u.raw.w)
-                 : "memory");
-  } else {
-    *reinterpret_cast<V*>(p) = v;
-  }
-}
-
-bool is_aligned(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0;
-}
 
 int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
@@ -383,152 +333,69 @@ __global__ void __launch_bounds__(kLanes * kRows) reduce_partials_kernel(
   }
 }
 
-// ---------------------------------------------------------------------------
-// Host side.
-// ---------------------------------------------------------------------------
-
-
-void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(
-      t.is_cuda(), name, ": expected a CUDA tensor for the cuda backend, got device ",
-      t.device());
-}
-
-// Launch shape of the NCHW kernels: 32..kThreads threads sized to the plane
-// (7x7 and 14x14 planes get small blocks, not idle threads), and chunks of
-// the plane so that gridDim.y <= 65535.
-struct PlaneConfig {
-  int threads;
-  int64_t chunk;
-  int64_t chunks;
+// Launch shape of one pass over a (rows, k, inner) tensor.
+//  - NCHW (inner > 1): grid (N*K planes, chunks of each plane), 32..kThreads
+//    threads sized to the plane (7x7 and 14x14 planes get small blocks, not
+//    idle threads), chunks so that gridDim.y <= 65535.
+//  - channels-last (inner == 1): blocks (kLanes, kRows) over kLanes * VEC
+//    channels of `span` rows; VEC > 1 needs k % VEC == 0 so rows stay aligned.
+struct LaunchShape {
+  dim3 grid, block;
+  bool vec;             // use the VEC > 1 kernel
+  int64_t span;         // elements per chunk (NCHW) or rows per block (NHWC)
+  int64_t partial_rows; // rows of the (partial_rows, k) partial sums
 };
 
-PlaneConfig plane_config(int64_t inner, int64_t step) {
-  PlaneConfig cfg;
-  cfg.threads = static_cast<int>(std::clamp<int64_t>(
-      ceil_div(ceil_div(inner, step), C10_WARP_SIZE) * C10_WARP_SIZE,
-      C10_WARP_SIZE, kThreads));
-  cfg.chunk = std::max<int64_t>(
-      cfg.threads * step * 4, ceil_div(ceil_div(inner, kMaxGridY), step) * step);
-  cfg.chunks = ceil_div(inner, cfg.chunk);
-  return cfg;
-}
-
-// Rows per block of the channels-last kernels, so that gridDim.y <= 65535.
-int64_t rows_per_block_for(int64_t rows) {
-  return std::max<int64_t>(kRows * 16, ceil_div(rows, kMaxGridY));
-}
-
-dim3 planes_grid(int64_t planes, int64_t chunks) {
-  TORCH_CHECK(
-      planes <= std::numeric_limits<int32_t>::max(),
-      "conv_bias_add_relu: expected N*K <= 2^31-1 (n, c) planes, got ", planes);
-  return dim3(static_cast<unsigned>(planes), static_cast<unsigned>(chunks));
-}
-
-dim3 rows_grid(int64_t k, int64_t step, int64_t rows_per_block, int64_t rows) {
-  const int64_t col_blocks = ceil_div(k, kLanes * step);
+LaunchShape launch_shape(
+    int64_t rows,
+    int64_t k,
+    int64_t inner,
+    bool aligned,
+    int vec_size) {
+  LaunchShape s;
+  if (inner != 1) {
+    const int64_t step = aligned ? vec_size : 1;
+    const int threads = static_cast<int>(std::clamp<int64_t>(
+        ceil_div(ceil_div(inner, step), C10_WARP_SIZE) * C10_WARP_SIZE,
+        C10_WARP_SIZE, kThreads));
+    s.span = std::max<int64_t>(
+        threads * step * 4, ceil_div(ceil_div(inner, kMaxGridY), step) * step);
+    const int64_t chunks = ceil_div(inner, s.span);
+    const int64_t planes = rows * k;
+    TORCH_CHECK(
+        planes <= std::numeric_limits<int32_t>::max(),
+        "conv_bias_add_relu: expected N*K <= 2^31-1 (n, c) planes, got ", planes);
+    s.grid = dim3(static_cast<unsigned>(planes), static_cast<unsigned>(chunks));
+    s.block = dim3(threads);
+    s.vec = aligned;
+    s.partial_rows = rows * chunks;
+    return s;
+  }
+  s.vec = aligned && k % vec_size == 0;
+  s.span = std::max<int64_t>(kRows * 16, ceil_div(rows, kMaxGridY));
+  const int64_t col_blocks = ceil_div(k, kLanes * (s.vec ? vec_size : 1));
   TORCH_CHECK(
       col_blocks <= std::numeric_limits<int32_t>::max(),
       "conv_bias_add_relu: too many channels, got K=", k);
-  return dim3(
-      static_cast<unsigned>(col_blocks),
-      static_cast<unsigned>(ceil_div(rows, rows_per_block)));
+  s.partial_rows = ceil_div(rows, s.span);
+  s.grid = dim3(
+      static_cast<unsigned>(col_blocks), static_cast<unsigned>(s.partial_rows));
+  s.block = dim3(kLanes, kRows);
+  return s;
 }
 
-// Cases (shapes, layouts, dtype, options) where cuDNN found no engine for the
-// fused graph; they go straight to conv + epilogue afterwards.
-std::mutex cudnn_failed_mutex;
-std::set<std::vector<int64_t>> cudnn_failed;
-
-std::vector<int64_t> cudnn_case_key(
-    const at::Tensor& x,
-    const at::Tensor& w,
-    const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& residual,
-    at::IntArrayRef stride,
-    at::IntArrayRef padding,
-    at::IntArrayRef dilation,
-    int64_t groups) {
-  std::vector<int64_t> key{
-      static_cast<int64_t>(x.scalar_type()), x.device().index(), groups,
-      bias.has_value(), residual.has_value()};
-  for (const at::Tensor* t : {&x, &w}) {
-    key.insert(key.end(), t->sizes().begin(), t->sizes().end());
-    key.insert(key.end(), t->strides().begin(), t->strides().end());
-  }
-  if (residual.has_value()) {
-    key.insert(key.end(), residual->strides().begin(), residual->strides().end());
-  }
-  for (auto a : {stride, padding, dilation}) {
-    key.insert(key.end(), a.begin(), a.end());
-  }
-  return key;
-}
-
-// Whether to try cuDNN's fused conv+bias+add+relu for this call. It fuses
-// only ReLU; it has no double runtime-fusion engines; it offers no
-// deterministic mode for the fused graph.
-bool cudnn_may_fuse(const at::Tensor& x, bool relu) {
-#if AT_CUDNN_ENABLED()
-  const auto& ctx = at::globalContext();
-  const auto dtype = x.scalar_type();
-  return relu &&
-      (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) &&
-      ctx.userEnabledCuDNN() && at::detail::getCUDAHooks().hasCuDNN() &&
-      !ctx.deterministicCuDNN() && !ctx.deterministicAlgorithms();
-#else
-  (void)x;
-  (void)relu;
-  return false;
-#endif
-}
-
-// relu(conv(x, weight * scale) + bias + residual) through cuDNN's fused
-// graph, or an undefined tensor when cuDNN has no engine for the case.
-// Folding the scale into the weights is exact in real arithmetic; in floating
-// point it rounds each folded weight once in the dtype, the same folding
-// conv2d_backward uses for grad_x.
-at::Tensor try_cudnn_fused(
-    const at::Tensor& x,
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& residual,
-    const std::optional<at::Tensor>& scale,
-    at::IntArrayRef stride,
-    at::IntArrayRef padding,
-    at::IntArrayRef dilation,
-    int64_t groups) {
-  const auto key =
-      cudnn_case_key(x, weight, bias, residual, stride, padding, dilation, groups);
-  {
-    std::lock_guard<std::mutex> lock(cudnn_failed_mutex);
-    if (cudnn_failed.count(key)) {
-      return at::Tensor();
-    }
-  }
-  const at::Tensor w =
-      scale.has_value() ? weight * scale->view({-1, 1, 1, 1}) : weight;
-  // The failure cache does not key on the bias's strides: give cuDNN a dense one.
-  const std::optional<at::Tensor> b = bias.has_value()
-      ? std::optional<at::Tensor>(bias->contiguous())
-      : std::nullopt;
-  try {
-    return residual.has_value()
-        ? at::cudnn_convolution_add_relu(
-              x, w, *residual, /*alpha=*/std::nullopt, b, stride, padding,
-              dilation, groups)
-        : at::cudnn_convolution_relu(x, w, b, stride, padding, dilation, groups);
-  } catch (const c10::OutOfMemoryError&) {
-    throw;
-  } catch (const c10::Error&) {
-    // "unable to find an engine": cuDNN's runtime fusion does not cover every
-    // dtype/layout/arch. Remember it and use conv + epilogue.
-    std::lock_guard<std::mutex> lock(cudnn_failed_mutex);
-    cudnn_failed.insert(key);
-    return at::Tensor();
+// Calls launch(std::integral_constant<int, VEC>) with VEC = kVec when vec,
+// else 1 (the scalar kernels for unaligned tensors).
+template <int kVec, typename Launch>
+void with_vec(bool vec, const Launch& launch) {
+  if (vec) {
+    launch(std::integral_constant<int, kVec>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
   }
 }
+
+} // namespace
 
 void launch_epilogue(
     const at::Tensor& y,
@@ -548,74 +415,23 @@ void launch_epilogue(
         const scalar_t* s_ptr = s.defined() ? s.const_data_ptr<scalar_t>() : nullptr;
         const scalar_t* b_ptr = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
         constexpr int kVec = vec_size<scalar_t>();
-        const bool ptrs_aligned = is_aligned(y_ptr) && (!r_ptr || is_aligned(r_ptr));
+        const bool aligned = is_aligned(y_ptr) && (!r_ptr || is_aligned(r_ptr));
+        const LaunchShape ls = launch_shape(rows, k, inner, aligned, kVec);
         const auto stream = at::cuda::getCurrentCUDAStream();
-        if (inner != 1) {
-          const int64_t step = ptrs_aligned ? kVec : 1;
-          const PlaneConfig cfg = plane_config(inner, step);
-          const dim3 grid = planes_grid(rows * k, cfg.chunks);
-          if (ptrs_aligned) {
-            epilogue_planes_kernel<scalar_t, kVec><<<grid, cfg.threads, 0, stream>>>(
-                y_ptr, r_ptr, s_ptr, b_ptr, k, inner, cfg.chunk, relu);
+        with_vec<kVec>(ls.vec, [&](auto v) {
+          constexpr int VEC = decltype(v)::value;
+          if (inner != 1) {
+            epilogue_planes_kernel<scalar_t, VEC><<<ls.grid, ls.block, 0, stream>>>(
+                y_ptr, r_ptr, s_ptr, b_ptr, k, inner, ls.span, relu);
           } else {
-            epilogue_planes_kernel<scalar_t, 1><<<grid, cfg.threads, 0, stream>>>(
-                y_ptr, r_ptr, s_ptr, b_ptr, k, inner, cfg.chunk, relu);
+            epilogue_rows_kernel<scalar_t, VEC><<<ls.grid, ls.block, 0, stream>>>(
+                y_ptr, r_ptr, s_ptr, b_ptr, rows, k, ls.span, relu);
           }
-        } else {
-          const bool vec = ptrs_aligned && k % kVec == 0;
-          const int64_t rpb = rows_per_block_for(rows);
-          const dim3 block(kLanes, kRows);
-          if (vec) {
-            epilogue_rows_kernel<scalar_t, kVec>
-                <<<rows_grid(k, kVec, rpb, rows), block, 0, stream>>>(
-                    y_ptr, r_ptr, s_ptr, b_ptr, rows, k, rpb, relu);
-          } else {
-            epilogue_rows_kernel<scalar_t, 1>
-                <<<rows_grid(k, 1, rpb, rows), block, 0, stream>>>(
-                    y_ptr, r_ptr, s_ptr, b_ptr, rows, k, rpb, relu);
-          }
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       });
 }
 
-at::Tensor conv_bias_add_relu_cuda(
-    const at::Tensor& x,
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& residual,
-    const std::optional<at::Tensor>& scale,
-    at::IntArrayRef stride,
-    at::IntArrayRef padding,
-    at::IntArrayRef dilation,
-    int64_t groups,
-    bool relu) {
-  check_cuda(x, "x");
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  if (cudnn_may_fuse(x, relu)) {
-    check_conv_bias_add_relu_args(
-        x, weight, bias, residual, scale, stride, padding, dilation, groups);
-    const auto fmt = output_memory_format(x);
-    const auto shape = conv_output_shape(x, weight, stride, padding, dilation);
-    if (c10::multiply_integers(shape) > 0) {
-      const at::Tensor res =
-          residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
-      at::Tensor y = try_cudnn_fused(
-          x, weight, bias,
-          res.defined() ? std::optional<at::Tensor>(res) : std::nullopt, scale,
-          stride, padding, dilation, groups);
-      if (y.defined()) {
-        return y.is_contiguous(fmt) ? y : y.contiguous(fmt);
-      }
-    }
-  }
-  return run_conv_bias_add_relu(
-      x, weight, bias, residual, scale, stride, padding, dilation, groups, relu,
-      &launch_epilogue);
-}
-
-// Stage 1 + stage 2 of the backward's elementwise part. g_ptr/grad_bias may
-// be null (not needed).
 void launch_backward(
     const at::Tensor& grad,
     const at::Tensor& out,
@@ -632,88 +448,66 @@ void launch_backward(
         const scalar_t* grad_ptr = grad.const_data_ptr<scalar_t>();
         const scalar_t* out_ptr = relu ? out.const_data_ptr<scalar_t>() : nullptr;
         scalar_t* g_ptr = g.defined() ? g.mutable_data_ptr<scalar_t>() : nullptr;
-        const bool ptrs_aligned = is_aligned(grad_ptr) &&
+        const bool aligned = is_aligned(grad_ptr) &&
             (!out_ptr || is_aligned(out_ptr)) && (!g_ptr || is_aligned(g_ptr));
+        const LaunchShape ls = launch_shape(rows, k, inner, aligned, kVec);
         const auto stream = at::cuda::getCurrentCUDAStream();
-        const auto acc_options = grad.options().dtype(
-            c10::CppTypeToScalarType<opmath_t>::value);
-        at::Tensor partial;
-        int64_t partial_rows = 0;
-        if (inner != 1) {
-          // NCHW: one block per (n, c) plane and chunk of the plane.
-          const int64_t step = ptrs_aligned ? kVec : 1;
-          const PlaneConfig cfg = plane_config(inner, step);
-          const dim3 grid = planes_grid(rows * k, cfg.chunks);
-          partial_rows = rows * cfg.chunks;
-          if (grad_bias.defined()) {
-            partial = at::empty({partial_rows, k}, acc_options);
-          }
-          opmath_t* p_ptr = partial.defined() ? partial.mutable_data_ptr<opmath_t>() : nullptr;
-          if (ptrs_aligned) {
-            backward_planes_kernel<scalar_t, kVec><<<grid, cfg.threads, 0, stream>>>(
-                grad_ptr, out_ptr, g_ptr, p_ptr, k, inner, cfg.chunk, relu);
+        // Stage 1 writes (ls.partial_rows, k) partial sums; stage 2 adds them.
+        const at::Tensor partial = grad_bias.defined()
+            ? at::empty(
+                  {ls.partial_rows, k},
+                  grad.options().dtype(c10::CppTypeToScalarType<opmath_t>::value))
+            : at::Tensor();
+        opmath_t* p_ptr =
+            partial.defined() ? partial.mutable_data_ptr<opmath_t>() : nullptr;
+        with_vec<kVec>(ls.vec, [&](auto v) {
+          constexpr int VEC = decltype(v)::value;
+          if (inner != 1) {
+            backward_planes_kernel<scalar_t, VEC><<<ls.grid, ls.block, 0, stream>>>(
+                grad_ptr, out_ptr, g_ptr, p_ptr, k, inner, ls.span, relu);
           } else {
-            backward_planes_kernel<scalar_t, 1><<<grid, cfg.threads, 0, stream>>>(
-                grad_ptr, out_ptr, g_ptr, p_ptr, k, inner, cfg.chunk, relu);
+            backward_rows_kernel<scalar_t, VEC><<<ls.grid, ls.block, 0, stream>>>(
+                grad_ptr, out_ptr, g_ptr, p_ptr, rows, k, ls.span, relu);
           }
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-        } else {
-          // Channels-last: rows of K channels, tiles of rows_per_block rows.
-          const bool vec = ptrs_aligned && k % kVec == 0;
-          const int64_t rpb = rows_per_block_for(rows);
-          partial_rows = ceil_div(rows, rpb);
-          if (grad_bias.defined()) {
-            partial = at::empty({partial_rows, k}, acc_options);
-          }
-          opmath_t* p_ptr = partial.defined() ? partial.mutable_data_ptr<opmath_t>() : nullptr;
-          const dim3 block(kLanes, kRows);
-          if (vec) {
-            backward_rows_kernel<scalar_t, kVec>
-                <<<rows_grid(k, kVec, rpb, rows), block, 0, stream>>>(
-                    grad_ptr, out_ptr, g_ptr, p_ptr, rows, k, rpb, relu);
-          } else {
-            backward_rows_kernel<scalar_t, 1>
-                <<<rows_grid(k, 1, rpb, rows), block, 0, stream>>>(
-                    grad_ptr, out_ptr, g_ptr, p_ptr, rows, k, rpb, relu);
-          }
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
+        });
         if (grad_bias.defined()) {
           const dim3 grid(static_cast<unsigned>(ceil_div(k, kLanes)));
           const dim3 block(kLanes, kRows);
           reduce_partials_kernel<scalar_t><<<grid, block, 0, stream>>>(
-              partial.const_data_ptr<opmath_t>(),
-              grad_bias.mutable_data_ptr<scalar_t>(), partial_rows, k);
+              p_ptr, grad_bias.mutable_data_ptr<scalar_t>(), ls.partial_rows, k);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-conv_bias_add_relu_backward_cuda(
-    const at::Tensor& grad_out,
-    const at::Tensor& out,
-    const at::Tensor& x,
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& scale,
-    at::IntArrayRef stride,
-    at::IntArrayRef padding,
-    at::IntArrayRef dilation,
-    int64_t groups,
-    bool relu,
-    std::array<bool, 4> output_mask) {
-  check_cuda(x, "x");
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  return run_conv_bias_add_relu_backward(
-      grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu,
-      output_mask, &launch_backward);
+std::string kernel_image_status(int64_t device) {
+  const int64_t count = c10::cuda::device_count();
+  if (count == 0) {
+    return "no CUDA device is visible";
+  }
+  TORCH_CHECK_VALUE(
+      device >= 0 && device < count, "device: expected an index in [0, ",
+      count, "), got ", device);
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  // Fails with cudaErrorNoKernelImageForDevice (or InvalidDeviceFunction)
+  // when the build has neither SASS nor JIT-able PTX for this device.
+  cudaFuncAttributes attr;
+  const cudaError_t err =
+      cudaFuncGetAttributes(&attr, reduce_partials_kernel<float>);
+  if (err == cudaSuccess) {
+    return "";
+  }
+  (void)cudaGetLastError(); // clear it, so the next launch check is not blamed
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
+  return c10::str(
+      "resnet_fused's CUDA kernels cannot run on cuda:", device, " (",
+      prop->name, ", compute capability ", prop->major, ".", prop->minor,
+      "): this build has SASS for ",
+      RESNET_FUSED_STR(RESNET_FUSED_CUDA_ARCHS),
+      " and PTX for the newest of them (", cudaGetErrorString(err),
+      "); rebuild with RESNET_FUSED_CUDA_ARCHS=\"", prop->major, prop->minor,
+      "\"");
 }
 
-} // namespace
-
-TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
-  m.impl("conv_bias_add_relu", &conv_bias_add_relu_cuda);
-  m.impl("conv_bias_add_relu_backward", &conv_bias_add_relu_backward_cuda);
-}
-
-} // namespace resnet_fused
+} // namespace resnet_fused::cuda
