@@ -54,7 +54,6 @@ def make_extension():
         "-std=c++20",
         "-fopenmp",
         "-Wno-unknown-pragmas",
-        "-DRESNET_FUSED_CPU_ONLY" if not use_cuda else "-DRESNET_FUSED_WITH_CUDA",
     ]
     extra = {"cxx": cxx}
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -78,11 +77,19 @@ def make_extension():
         if os.path.isdir(wheel_inc):
             include_dirs.append(wheel_inc)
             break
-    archs = os.environ.get("RESNET_FUSED_CUDA_ARCHS", "80;90").split(";")
+    archs = [a for a in os.environ.get("RESNET_FUSED_CUDA_ARCHS", "80;90").split(";") if a]
+    # SASS for each arch, plus PTX for the newest, which the driver JIT-compiles on GPUs newer than every arch built.
+    newest = max(archs, key=lambda a: int("".join(c for c in a if c.isdigit())))
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-Xptxas=-v,-warn-spills", "-lineinfo"]
     nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    nvcc += [f"-gencode=arch=compute_{newest},code=compute_{newest}"]
+    # Named in the error when a GPU has no image (cuda_kernel_status).
+    nvcc += [f"-DRESNET_FUSED_CUDA_ARCHS={'/'.join('sm_' + a for a in archs)}"]  # nvcc splits -D values at commas
     extra["nvcc"] = nvcc
-    print(f"resnet_fused: building the CPU+CUDA extension (CUDAExtension) with {cuda_home}, sm_{archs}", flush=True)
+    print(
+        f"resnet_fused: building the CPU+CUDA extension (CUDAExtension) with {cuda_home}, sm_{archs} + PTX {newest}",
+        flush=True,
+    )
     return CUDAExtension(
         "resnet_fused._C", sources, include_dirs=include_dirs, extra_compile_args=extra, extra_link_args=["-fopenmp"]
     )

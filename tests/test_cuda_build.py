@@ -1,5 +1,6 @@
 """The CUDA backend's build, proven without a GPU: the extension loads, the CUDA kernels are registered when
-the build has CUDA code, and ptxas reports no register spills for our kernels on sm_80 and sm_90."""
+the build has CUDA code, the .so carries SASS for every arch built plus PTX for the newest (so newer GPUs JIT it),
+the kernel-image check is registered, and ptxas reports no register spills for our kernels on sm_80 and sm_90."""
 
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ import pytest
 import torch
 
 import resnet_fused
-from resnet_fused import _C, select
+from resnet_fused import _C
+from resnet_fused.backends import BACKENDS
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 OPS = ("resnet_fused::conv_bias_add_relu", "resnet_fused::conv_bias_add_relu_backward")
 # The archs setup.py builds for (RESNET_FUSED_CUDA_ARCHS, default "80;90").
 ARCHS = tuple(f"sm_{a}" for a in os.environ.get("RESNET_FUSED_CUDA_ARCHS", "80;90").split(";") if a)
+# setup.py embeds PTX for the newest of them.
+NEWEST = max((a[3:] for a in ARCHS), key=lambda a: int("".join(c for c in a if c.isdigit())))
 # Every __global__ of csrc/cuda, as it appears in mangled names.
 VECTOR_KERNELS = ("epilogue_planes_kernel", "epilogue_rows_kernel", "backward_planes_kernel", "backward_rows_kernel")
 KERNELS = (*VECTOR_KERNELS, "reduce_partials_kernel")
@@ -70,7 +74,8 @@ def test_cuda_kernels_registered_iff_built_with_cuda():
     has_code = so_has_device_code()
     for op in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA") == has_code, (op, has_code)
-    ok, why = select.cuda_available()
+    why = BACKENDS["cuda"].unavailable()
+    ok = not why
     if not has_code:
         assert not ok
         assert "built without CUDA kernels" in why
@@ -88,8 +93,42 @@ def test_cpu_only_build_reports_reason():
             "this build has CUDA code; the CPU-only reason is checked on CPU-only builds "
             "(e.g. RESNET_FUSED_BUILD_CUDA=0)"
         )
-    ok, why = select.cuda_available()
-    assert not ok and "RESNET_FUSED_BUILD_CUDA=0" in why
+    why = BACKENDS["cuda"].unavailable()
+    assert why and "RESNET_FUSED_BUILD_CUDA=0" in why
+
+
+def cuobjdump_or_skip() -> str:
+    if not so_has_device_code():
+        pytest.skip("the extension was built without CUDA (CPU-only build)")
+    cuobjdump = find_cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or triton's copy) found")
+    return cuobjdump
+
+
+def test_so_has_sass_for_each_arch_and_ptx_for_the_newest():
+    """Without PTX, a GPU newer than every arch built (B200, RTX 50xx) gets "no kernel image" at the first launch."""
+    cuobjdump = cuobjdump_or_skip()
+    ptx = subprocess.run([cuobjdump, "--list-ptx", str(so_path())], capture_output=True, text=True, check=True).stdout
+    elf = subprocess.run([cuobjdump, "--list-elf", str(so_path())], capture_output=True, text=True, check=True).stdout
+    ptx_archs = set(re.findall(r"\.(sm_\d+a?)\.ptx", ptx))
+    elf_archs = set(re.findall(r"\.(sm_\d+a?)\.cubin", elf))
+    assert ptx_archs == {f"sm_{NEWEST}"}, ptx
+    assert elf_archs == set(ARCHS), elf
+
+
+def test_kernel_status_op_registered_iff_built_with_cuda():
+    """resnet_fused::cuda_kernel_status(int device) -> str exists only in CUDA builds; without a device it says so."""
+    has_op = hasattr(torch.ops.resnet_fused, "cuda_kernel_status")
+    assert has_op == so_has_device_code()
+    if not has_op:
+        pytest.skip("CPU-only build: no kernel-image check to call")
+    status = torch.ops.resnet_fused.cuda_kernel_status
+    if torch.cuda.device_count() == 0:
+        assert status(0) == "no CUDA device is visible"
+    else:
+        with pytest.raises(ValueError, match=r"device: expected an index in \[0, "):
+            status(torch.cuda.device_count())
 
 
 def parse_resource_usage(text: str) -> dict[tuple[str, str], dict[str, int]]:
