@@ -65,6 +65,12 @@ void check_conv_bias_add_relu_args(
       at::isFloatingType(x.scalar_type()),
       "x: expected a floating dtype (float32, float16, bfloat16, float64), got ",
       x.scalar_type());
+  TORCH_CHECK_VALUE(
+      x.size(1) >= 1, "x: expected at least 1 input channel, got C=", x.size(1));
+  TORCH_CHECK_VALUE(
+      weight.size(2) >= 1 && weight.size(3) >= 1,
+      "weight: expected a kernel size (R, S) >= 1, got (", weight.size(2), ", ",
+      weight.size(3), ")");
   check_like_x(weight, "weight", x);
   check_like_x(bias, "bias", x);
   check_like_x(residual, "residual", x);
