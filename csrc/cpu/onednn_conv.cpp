@@ -1,0 +1,152 @@
+// See onednn_conv.h. The ops are the ones Inductor emits for frozen CPU
+// convolutions (torch/_inductor/fx_passes/mkldnn_fusion.py).
+#include "cpu/onednn_conv.h"
+
+#include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string_view>
+
+#include "conv_bias_add_relu.h"
+
+namespace resnet_fused::cpu {
+
+namespace {
+
+using ScalarList = c10::List<std::optional<at::Scalar>>;
+
+// mkldnn::_convolution_pointwise(X, W, B, padding, stride, dilation, groups,
+// attr, scalars, algorithm): conv + bias + one unary post-op.
+using UnaryOp = at::Tensor(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
+    std::string_view, ScalarList, std::optional<std::string_view>);
+
+// mkldnn::_convolution_pointwise.binary(X, other, W, B, padding, stride,
+// dilation, groups, binary_attr, alpha, unary_attr, unary_scalars,
+// unary_algorithm): conv + bias, `other` added, then an optional unary.
+using BinaryOp = at::Tensor(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
+    at::IntArrayRef, int64_t, std::string_view, std::optional<at::Scalar>,
+    std::optional<std::string_view>, ScalarList,
+    std::optional<std::string_view>);
+
+// Looked up (and signature-checked) outside the try below, so that a
+// mismatch is an error rather than a silent fallback.
+const c10::TypedOperatorHandle<UnaryOp>& unary_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_convolution_pointwise", "")
+          .typed<UnaryOp>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<BinaryOp>& binary_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary")
+          .typed<BinaryOp>();
+  return op;
+}
+
+bool mkldnn_flag(const char* name) {
+  auto op = c10::Dispatcher::singleton()
+                .findSchemaOrThrow(name, "")
+                .typed<bool()>();
+  return op.call();
+}
+
+// fp32 always; bf16 and fp16 only where torch's oneDNN has kernels for this
+// CPU (it refuses them on plain AVX2 rather than emulating).
+bool onednn_takes(at::ScalarType dtype) {
+  if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) {
+    return false;
+  }
+  switch (dtype) {
+    case at::kFloat:
+      return true;
+    case at::kBFloat16: {
+      static const bool ok = mkldnn_flag("mkldnn::_is_mkldnn_bf16_supported");
+      return ok;
+    }
+    case at::kHalf: {
+      static const bool ok = mkldnn_flag("mkldnn::_is_mkldnn_fp16_supported");
+      return ok;
+    }
+    default:
+      return false;
+  }
+}
+
+// oneDNN's ReLU post-op is max(v, 0) with v first, so a NaN pre-activation
+// becomes 0 (and its NCHW binary kernel turns +inf into FLT_MAX), unlike
+// torch.relu. Unless RESNET_FUSED_ONEDNN_RELU=fused, ReLU runs as an
+// in-place pass after the primitive so NaN/Inf match the reference.
+bool fuse_relu() {
+  const char* mode = std::getenv("RESNET_FUSED_ONEDNN_RELU");
+  return mode != nullptr && std::strcmp(mode, "fused") == 0;
+}
+
+} // namespace
+
+at::Tensor onednn_conv_bias_add_relu(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& scale,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    bool relu) {
+  if (!onednn_takes(x.scalar_type())) {
+    return at::Tensor();
+  }
+  const auto fmt = output_memory_format(x);
+  // torch's binary (residual-add) op fuses only channels_last; for NCHW it
+  // runs conv, add and ReLU as three ATen ops, worse than conv + our pass.
+  if (residual.has_value() && fmt != at::MemoryFormat::ChannelsLast) {
+    return at::Tensor();
+  }
+  // conv(x, w) * s + b == conv(x, w * s) + b: the scale rides in the weight.
+  const at::Tensor w = scale.has_value()
+      ? weight * scale->view({-1, 1, 1, 1})
+      : weight.contiguous(weight.suggest_memory_format());
+  const at::Tensor xc = x.contiguous(fmt);
+  const bool fused = relu && fuse_relu();
+  const auto& unary = unary_op();
+  const auto& binary = binary_op();
+  at::Tensor y;
+  try {
+    if (residual.has_value()) {
+      y = binary.call(
+          xc, residual->contiguous(fmt), w, bias, padding, stride, dilation,
+          groups, "add", at::Scalar(1.0),
+          fused ? std::optional<std::string_view>("relu") : std::nullopt,
+          ScalarList(), std::nullopt);
+    } else {
+      y = unary.call(
+          xc, w, bias, padding, stride, dilation, groups,
+          fused ? "relu" : "none", ScalarList(), std::nullopt);
+    }
+  } catch (const c10::OutOfMemoryError&) {
+    throw;
+  } catch (const c10::Error&) {
+    return at::Tensor(); // refused by oneDNN: the conv + epilogue pass runs
+  }
+  if (!y.is_contiguous(fmt)) {
+    y = y.contiguous(fmt);
+  }
+  if (relu && !fused) {
+    y.relu_();
+  }
+  return y;
+}
+
+} // namespace resnet_fused::cpu
+

@@ -1,0 +1,180 @@
+"""The CPU forward's routes: one oneDNN convolution with post-ops (fp32, and bf16/fp16 where this CPU has oneDNN
+kernels for them), and the conv + epilogue pass for the rest. Each is compared with a float64 reference, and each
+test checks, from profiler events, which route ran."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, to_layout
+
+import resnet_fused
+from resnet_fused import reference
+
+ONEDNN_OP = "mkldnn::_convolution_pointwise"
+RELU_VAR = "RESNET_FUSED_ONEDNN_RELU"
+
+
+def onednn_takes(dtype: torch.dtype) -> bool:
+    if dtype == torch.float32:
+        return True
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
+
+
+def run_and_trace(**kwargs) -> tuple[torch.Tensor, set[str]]:
+    """y from the cpu backend, and the names of the ops the profiler saw during the call."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = resnet_fused.conv_bias_add_relu(**kwargs, backend="cpu")
+    return y, {e.name for e in prof.events()}
+
+
+def case(dtype, layout, *, bias=True, residual=True, scale=True, n=2, c=8, hw=(9, 10), k=12, r=3, stride=1, pad=1,
+         dilation=1, groups=1, seed=0):  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    x = to_layout(rand(n, c, *hw), layout)
+    weight = rand(k, c // groups, r, r)
+    p, q = ((s + 2 * pad - dilation * (r - 1) - 1) // stride + 1 for s in hw)
+    return dict(
+        x=x,
+        weight=weight,
+        bias=rand(k) if bias else None,
+        residual=to_layout(rand(n, k, p, q), layout) if residual else None,
+        scale=(torch.rand(k, generator=gen) + 0.5).to(dtype) if scale else None,
+        stride=stride,
+        padding=pad,
+        dilation=dilation,
+        groups=groups,
+    )
+
+
+def reductions(kw) -> int:
+    w = kw["weight"]
+    return w.shape[1] * w.shape[2] * w.shape[3]
+
+
+GEOMETRIES = {
+    "3x3": {},
+    "1x1": dict(r=1, pad=0),
+    "strided_dilated_grouped": dict(stride=2, pad=2, dilation=2, groups=4),
+    "depthwise": dict(groups=8, k=8),
+    "odd": dict(n=3, c=5, k=7, hw=(7, 11), r=1, pad=0),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("residual", [True, False])
+def test_route_matches_float64(dtype, layout, geometry, relu, residual):
+    kw = case(dtype, layout, residual=residual, **GEOMETRIES[geometry])
+    y, ops = run_and_trace(**kw, relu=relu)
+    # One oneDNN primitive where oneDNN takes the dtype, except a residual add with an NCHW x (torch's binary op
+    # fuses only channels_last); else ATen's conv and the epilogue pass.
+    onednn = onednn_takes(dtype) and (layout == "channels_last" or not residual)
+    assert (ONEDNN_OP in ops) == onednn, sorted(ops)
+    # torch's binary op itself runs grouped/dilated convs unfused (ATen conv, add_, relu); the result is the same.
+    if not (residual and geometry in ("strided_dilated_grouped", "depthwise")):
+        assert ("aten::convolution" in ops) == (not onednn), sorted(ops)
+    expected = reference.conv_bias_add_relu(**{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()},
+                                            relu=relu)  # fmt: skip
+    assert_close(y, expected, dtype, "y", reductions(kw))
+    assert y.dtype == dtype
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("epilogue", range(8))
+def test_every_epilogue_on_the_onednn_route(epilogue):
+    bias, residual, scale = (bool(epilogue & b) for b in (1, 2, 4))
+    for relu in (True, False):
+        kw = case(torch.float32, "channels_last", bias=bias, residual=residual, scale=scale)
+        y, ops = run_and_trace(**kw, relu=relu)
+        assert ONEDNN_OP in ops
+        expected = reference.conv_bias_add_relu(
+            **{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()}, relu=relu
+        )
+        assert_close(y, expected, torch.float32, f"y (bias={bias}, residual={residual}, scale={scale}, relu={relu})",
+                     reductions(kw))  # fmt: skip
+
+
+def test_mkldnn_disabled_takes_the_pass():
+    kw = case(torch.float32, "channels_last")
+    with torch.backends.mkldnn.flags(enabled=False):
+        y, ops = run_and_trace(**kw)
+    assert ONEDNN_OP not in ops
+    expected = reference.conv_bias_add_relu(**{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()})
+    assert_close(y, expected, torch.float32, "y", reductions(kw))
+
+
+def test_equals_eager_conv_bias_add_relu():
+    # Without scale the primitive is the one eager conv2d runs, with the add and ReLU on its accumulator.
+    kw = case(torch.float32, "channels_last", scale=False)
+    y, _ = run_and_trace(**kw)
+    x, w, b, r = kw["x"], kw["weight"], kw["bias"], kw["residual"]
+    eager = torch.relu(torch.nn.functional.conv2d(x, w, b, 1, 1) + r)
+    torch.testing.assert_close(y, eager, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout, residual", [("channels_last", True), ("channels_last", False), ("nchw", False)])
+@pytest.mark.parametrize("relu", [True, False])
+def test_nan_inf_like_the_reference(layout, residual, relu):
+    kw = case(torch.float32, layout, residual=residual)
+    with torch.no_grad():
+        kw["x"][0, 0, 2, 3] = float("nan")
+        kw["x"][1, 1, 5, 5] = float("inf")
+        if residual:
+            kw["residual"][0, 3, 0, 0] = float("-inf")
+            kw["residual"][1, 2, 7, 7] = float("nan")
+            kw["residual"][1, 4, 4, 1] = float("inf")
+    y, ops = run_and_trace(**kw, relu=relu)
+    assert ONEDNN_OP in ops
+    expected = reference.conv_bias_add_relu(**kw, relu=relu)
+    assert y.isnan().any() and (y.isinf().any() or not relu)
+    assert_close(y, expected.double(), torch.float32, "y", reductions(kw))
+
+
+@pytest.mark.parametrize("layout, residual", [("channels_last", True), ("channels_last", False), ("nchw", False)])
+def test_fused_relu_mode_runs_relu_inside_onednn(layout, residual, monkeypatch):
+    # With RESNET_FUSED_ONEDNN_RELU=fused no separate ReLU runs; finite values are unchanged.
+    kw = case(torch.float32, layout, residual=residual)
+    y_exact, ops_exact = run_and_trace(**kw)
+    assert "aten::relu_" in ops_exact
+    monkeypatch.setenv(RELU_VAR, "fused")
+    y_fused, ops_fused = run_and_trace(**kw)
+    assert ONEDNN_OP in ops_fused and "aten::relu_" not in ops_fused
+    torch.testing.assert_close(y_fused, y_exact, rtol=0, atol=0)
+
+
+def test_batch_zero_and_inputs_untouched():
+    kw = case(torch.float32, "channels_last", n=0)
+    y = resnet_fused.conv_bias_add_relu(**kw, backend="cpu")
+    assert y.shape == (0, 12, 9, 10)
+    kw = case(torch.float32, "channels_last")
+    before = {k: v.clone() for k, v in kw.items() if torch.is_tensor(v)}
+    resnet_fused.conv_bias_add_relu(**kw, backend="cpu")
+    for k, v in before.items():
+        assert torch.equal(kw[k], v), k
+
+
+def test_autograd_through_the_onednn_route():
+    kw = case(torch.float32, "channels_last", scale=False)
+    leaves = {k: kw[k].detach().requires_grad_() for k in ("x", "weight", "bias", "residual")}
+    kw.update(leaves)
+    y, ops = run_and_trace(**kw)
+    assert ONEDNN_OP in ops
+    grad_out = torch.randn_like(y)
+    grads = torch.autograd.grad(y, list(leaves.values()), grad_out)
+    ref_leaves = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
+    y_ref = reference.conv_bias_add_relu(**{**kw, **ref_leaves})
+    ref_grads = torch.autograd.grad(y_ref, list(ref_leaves.values()), grad_out.double())
+    for name, g, gr in zip(leaves, grads, ref_grads, strict=True):
+        assert_close(g, gr, torch.float32, f"grad_{name}", 8 * 9 * 10 * 2)
