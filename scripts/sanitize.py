@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             for line in reports[:20]:
                 print("  ", line)
         return 1
-    print(f"sanitize: clean under ASan+UBSan ({'quick' if args.quick else 'full'} selection, {elapsed:.0f}s in all)")
+    selection = "custom" if args.pytest_args else "quick" if args.quick else "full"
+    print(f"sanitize: clean under ASan+UBSan ({selection} selection, {elapsed:.0f}s in all)")
     return 0
 
 
