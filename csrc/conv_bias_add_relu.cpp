@@ -19,12 +19,27 @@ namespace resnet_fused {
 
 namespace {
 
+// Shapes and dtypes as Python prints them, so the C++ op's messages match the
+// Python contract's word for word: (2, 6) and torch.float32.
+std::string py_shape(at::IntArrayRef v) {
+  std::string s = "(";
+  for (size_t i = 0; i < v.size(); ++i) {
+    s += (i ? ", " : "") + std::to_string(v[i]);
+  }
+  return s + (v.size() == 1 ? ",)" : ")");
+}
+
+std::string py_dtype(at::ScalarType t) {
+  return "torch." + std::string(c10::getDtypeNames(t).first);
+}
+
 void check_pair(at::IntArrayRef v, const char* name, int64_t min_value) {
   TORCH_CHECK_VALUE(
       v.size() == 2, name, ": expected 2 values, got ", v.size());
   for (auto e : v) {
     TORCH_CHECK_VALUE(
-        e >= min_value, name, ": expected values >= ", min_value, ", got ", v);
+        e >= min_value, name, ": expected values >= ", min_value, ", got ",
+        py_shape(v));
   }
 }
 
@@ -40,7 +55,7 @@ void check_like_x(
       " (x's), got ", t->device());
   TORCH_CHECK_TYPE(
       t->scalar_type() == x.scalar_type(), name, ": expected dtype ",
-      x.scalar_type(), " (x's), got ", t->scalar_type());
+      py_dtype(x.scalar_type()), " (x's), got ", py_dtype(t->scalar_type()));
 }
 
 } // namespace
@@ -57,14 +72,14 @@ void check_conv_bias_add_relu_args(
     int64_t groups) {
   TORCH_CHECK_VALUE(
       x.dim() == 4, "x: expected a 4-D tensor (N, C, H, W), got ", x.dim(),
-      "-D with shape ", x.sizes());
+      "-D with shape ", py_shape(x.sizes()));
   TORCH_CHECK_VALUE(
       weight.dim() == 4, "weight: expected a 4-D tensor (K, C/groups, R, S), got ",
-      weight.dim(), "-D with shape ", weight.sizes());
+      weight.dim(), "-D with shape ", py_shape(weight.sizes()));
   TORCH_CHECK_TYPE(
       at::isFloatingType(x.scalar_type()),
       "x: expected a floating dtype (float32, float16, bfloat16, float64), got ",
-      x.scalar_type());
+      py_dtype(x.scalar_type()));
   TORCH_CHECK_VALUE(
       x.size(1) >= 1, "x: expected at least 1 input channel, got C=", x.size(1));
   TORCH_CHECK_VALUE(
@@ -103,7 +118,7 @@ void check_conv_bias_add_relu_args(
     if (t->has_value()) {
       TORCH_CHECK_VALUE(
           (*t)->dim() == 1 && (*t)->size(0) == k, name, ": expected shape (",
-          k, ",), got ", (*t)->sizes());
+          k, ",), got ", py_shape((*t)->sizes()));
     }
   }
   if (residual.has_value()) {
@@ -111,8 +126,8 @@ void check_conv_bias_add_relu_args(
         conv_output_shape(x, weight, stride, padding, dilation);
     TORCH_CHECK_VALUE(
         residual->sizes() == at::IntArrayRef(out_shape),
-        "residual: expected the output's shape ", at::IntArrayRef(out_shape),
-        ", got ", residual->sizes());
+        "residual: expected the output's shape ", py_shape(out_shape),
+        ", got ", py_shape(residual->sizes()));
   }
 }
 
@@ -140,8 +155,8 @@ void check_conv_bias_add_relu_backward_args(
   for (const auto& [t, name] : grads) {
     TORCH_CHECK_VALUE(
         t->sizes() == at::IntArrayRef(shape), name,
-        ": expected the output's shape ", at::IntArrayRef(shape), ", got ",
-        t->sizes());
+        ": expected the output's shape ", py_shape(shape), ", got ",
+        py_shape(t->sizes()));
     check_like_x(*t, name, x);
   }
   TORCH_CHECK_VALUE(

@@ -2,6 +2,7 @@
 
 from resnet_fused import nn, onnx_export, reference  # importing onnx_export registers the exporters' translations
 from resnet_fused.convert import ConversionReport, convert
+from resnet_fused.inference import optimize_for_inference
 from resnet_fused.ops import available_backends, conv_bias_add_relu
 from resnet_fused.select import explain
 
@@ -13,6 +14,7 @@ __all__ = [
     "explain",
     "nn",
     "onnx_export",
+    "optimize_for_inference",
     "reference",
 ]
 __version__ = "0.1.0"

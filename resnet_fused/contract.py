@@ -184,7 +184,7 @@ def check_backward_inputs(
     for name, t in (("grad_out", grad_out), ("out", out))[: 2 if relu else 1]:
         _check_tensor(name, t, x, optional=False)
         if list(t.shape) != shape:
-            raise ValueError(f"{name}: expected the output's shape {shape}, got {list(t.shape)}")
+            raise ValueError(f"{name}: expected the output's shape {tuple(shape)}, got {tuple(t.shape)}")
     if len(output_mask) != 4:
         raise ValueError(f"output_mask: expected 4 bools (x, weight, bias, residual), got {list(output_mask)}")
     if not relu and output_mask[3]:
