@@ -32,9 +32,16 @@ STEP_TIMEOUT_S = 540
 
 # The GPU suite: the shared correctness suite on both GPU backends, then the backend-specific GPU tests.
 SUITE = ["tests/test_conv_bias_add_relu.py"]
-GPU_TESTS = ["tests/test_cuda_runtime.py", "tests/test_triton_kernels.py", "tests/test_select.py"]
+GPU_TESTS = [
+    "tests/test_cuda_runtime.py",
+    "tests/test_gpu_devices.py",
+    "tests/test_triton_kernels.py",
+    "tests/test_triton_launch.py",
+    "tests/test_select.py",
+    "tests/test_large_index.py",
+]
 # compute-sanitizer runs a trimmed set: every kernel once, small shapes.
-SANITIZE_K = "batch_zero or nan or every_epilogue and float32"
+SANITIZE_K = "batch_zero or nan_inf or (every_epilogue and float32)"
 
 
 def _python_info() -> dict:
