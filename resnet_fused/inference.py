@@ -37,7 +37,8 @@ __all__ = ["PackedFusedConv2d", "optimize_for_inference"]
 RELU_MODE_VAR = "RESNET_FUSED_ONEDNN_RELU"
 
 
-def _onednn_dtype_ok(dtype: torch.dtype) -> bool:
+def onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether torch's oneDNN runs convolutions of ``dtype`` on this CPU (fp32 always; bf16/fp16 by CPU support)."""
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False
     if dtype == torch.float32:
@@ -118,7 +119,7 @@ class PackedFusedConv2d(FusedConv2d):
             return False  # the ordinary op gives the error message
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return False
-        return _onednn_dtype_ok(x.dtype)
+        return onednn_supports(x.dtype)
 
     def conv_bias_add_relu(
         self,

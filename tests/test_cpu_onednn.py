@@ -10,19 +10,9 @@ from helpers import assert_close, to_layout
 
 import resnet_fused
 from resnet_fused import reference
+from resnet_fused.inference import RELU_MODE_VAR, onednn_supports
 
 ONEDNN_OP = "mkldnn::_convolution_pointwise"
-RELU_VAR = "RESNET_FUSED_ONEDNN_RELU"
-
-
-def onednn_takes(dtype: torch.dtype) -> bool:
-    if dtype == torch.float32:
-        return True
-    if dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if dtype == torch.float16:
-        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
-    return False
 
 
 def run_and_trace(**kwargs) -> tuple[torch.Tensor, set[str]]:
@@ -79,7 +69,7 @@ def test_route_matches_float64(dtype, layout, geometry, relu, residual):
     y, ops = run_and_trace(**kw, relu=relu)
     # One oneDNN primitive where oneDNN takes the dtype, except a residual add with an NCHW x (torch's binary op
     # fuses only channels_last); else ATen's conv and the epilogue pass.
-    onednn = onednn_takes(dtype) and (layout == "channels_last" or not residual)
+    onednn = onednn_supports(dtype) and (layout == "channels_last" or not residual)
     assert (ONEDNN_OP in ops) == onednn, sorted(ops)
     # torch's binary op itself runs grouped/dilated convs unfused (ATen conv, add_, relu); the result is the same.
     if not (residual and geometry in ("strided_dilated_grouped", "depthwise")):
@@ -148,7 +138,7 @@ def test_fused_relu_mode_runs_relu_inside_onednn(layout, residual, monkeypatch):
     kw = case(torch.float32, layout, residual=residual)
     y_exact, ops_exact = run_and_trace(**kw)
     assert "aten::relu_" in ops_exact
-    monkeypatch.setenv(RELU_VAR, "fused")
+    monkeypatch.setenv(RELU_MODE_VAR, "fused")
     y_fused, ops_fused = run_and_trace(**kw)
     assert ONEDNN_OP in ops_fused and "aten::relu_" not in ops_fused
     torch.testing.assert_close(y_fused, y_exact, rtol=0, atol=0)
