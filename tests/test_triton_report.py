@@ -62,7 +62,7 @@ def test_tensor_cores_and_pipelining(rows):
             assert r.mma > 0, f"{where}: no HMMA"
         else:
             assert r.hgmma + r.mma > 0, f"{where}: no HGMMA/HMMA"
-        # The naive baseline of the shared notes had no LDGSTS: these kernels are pipelined.
+        # A naive implicit-GEMM conv kernel compiles with no LDGSTS: these kernels are pipelined.
         assert r.ldgsts > 0, f"{where}: no cp.async (LDGSTS)"
 
 
