@@ -6,6 +6,7 @@ Building never needs a GPU.
 
 import glob
 import os
+import platform
 import shutil
 import sys
 
@@ -45,6 +46,12 @@ def want_cuda(cuda_home: str | None) -> bool:
     return True
 
 
+# -lstdc++ names the shared C++ runtime before the driver's own libraries. Some toolchains' g++ is a wrapper that
+# adds -static-libstdc++ (seen on a CUDA image whose /opt/gcc/bin/g++ does); a private libstdc++ inside the extension
+# has no initialised locale, so formatting a number into an error message breaks it (GCC 12) or crashes (GCC 13).
+LINK_ARGS = ["-fopenmp", "-lstdc++"]
+
+
 def make_extension():
     cuda_home = find_cuda_home()
     use_cuda = want_cuda(cuda_home)
@@ -64,7 +71,7 @@ def make_extension():
             sources,
             include_dirs=include_dirs,
             extra_compile_args=extra,
-            extra_link_args=["-fopenmp"],
+            extra_link_args=LINK_ARGS,
         )
     os.environ["CUDA_HOME"] = cuda_home
     import torch.utils.cpp_extension as ext
@@ -91,13 +98,39 @@ def make_extension():
         flush=True,
     )
     return CUDAExtension(
-        "resnet_fused._C", sources, include_dirs=include_dirs, extra_compile_args=extra, extra_link_args=["-fopenmp"]
+        "resnet_fused._C", sources, include_dirs=include_dirs, extra_compile_args=extra, extra_link_args=LINK_ARGS
     )
+
+
+# Sources compiled with their own ISA flags, as ATen compiles its per-capability kernels; they run only after a
+# run-time CPU check. x86-64 only: elsewhere these files build their portable stubs.
+ISA_SOURCES = {"csrc/cpu/kernels_vec_avx2.cpp": ["-mavx2", "-mfma", "-mf16c", "-Wno-psabi"]}
+
+
+class Build(BuildExtension):
+    """torch's BuildExtension (ninja), plus a first compile of ISA_SOURCES with their own flags."""
+
+    def build_extension(self, ext) -> None:
+        if platform.machine().lower() in ("x86_64", "amd64"):
+            for source, flags in ISA_SOURCES.items():
+                if source not in ext.sources:
+                    continue
+                ext.sources = [s for s in ext.sources if s != source]
+                args = ext.extra_compile_args
+                post = {**args, "cxx": [*args["cxx"], *flags]} if isinstance(args, dict) else [*args, *flags]
+                ext.extra_objects = [
+                    *ext.extra_objects,
+                    *self.compiler.compile(
+                        [source], output_dir=self.build_temp, include_dirs=ext.include_dirs, extra_postargs=post,
+                        depends=ext.depends,
+                    ),
+                ]  # fmt: skip
+        super().build_extension(ext)
 
 
 # Name, version and dependencies live in pyproject.toml; here, what is built.
 setup(
     packages=find_packages(include=["resnet_fused", "resnet_fused.*"]),
     ext_modules=[make_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": Build.with_options(use_ninja=True)},
 )

@@ -38,8 +38,22 @@ SO_VAR = "RESNET_FUSED_SANITIZED_SO"
 # -O1 after -O3 wins: ASan's usual level, fast enough to run the suite, with frames the stack traces can name.
 SETUP_CFLAGS = ["-O3", "-std=c++20", "-fopenmp", "-Wno-unknown-pragmas"]
 SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
-CFLAGS = [*SETUP_CFLAGS, "-O1", *SANITIZE_FLAGS]
-LDFLAGS = ["-fopenmp", "-fsanitize=address,undefined"]
+
+
+def _host_has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return {"avx2", "fma", "f16c"} <= set(flags)
+
+
+# load() has no per-file flags, so on an AVX2 host every file gets setup.py's AVX2 flags for its AVX2 file: the
+# sanitized build runs here only, and so reaches the AVX2 passes as well as the portable ones.
+ISA_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-Wno-psabi"] if _host_has_avx2() else []
+CFLAGS = [*SETUP_CFLAGS, *ISA_FLAGS, "-O1", *SANITIZE_FLAGS]
+LDFLAGS = ["-fopenmp", "-lstdc++", "-fsanitize=address,undefined"]
 
 SUITE = "tests/test_conv_bias_add_relu.py"
 ONEDNN_SUITE = "tests/test_cpu_onednn.py"

@@ -1,4 +1,4 @@
-"""The CUDA backend's build, proven without a GPU: the extension loads, the CUDA kernels are registered when
+"""The extension's build, proven without a GPU: it links the shared C++ runtime, loads, registers the CUDA kernels when
 the build has CUDA code, the .so carries SASS for every arch built plus PTX for the newest (so newer GPUs JIT it),
 the kernel-image check is registered, and ptxas reports no register spills for our kernels on sm_80 and sm_90."""
 
@@ -61,6 +61,17 @@ def test_extension_loads_and_registers_cpu_kernels():
     for op in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
     assert "cpu" in resnet_fused.available_backends()
+
+
+def test_extension_links_the_shared_cxx_runtime():
+    """The .so needs libstdc++.so, the process's (torch's), even where the compiler wrapper links it statically: a
+    private copy has no initialised locale, and a C++ error message with a number in it then comes out cut short
+    or crashes the process (seen with GCC 13 on a CUDA image)."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf not found")
+    needed = subprocess.run([readelf, "-d", str(so_path())], capture_output=True, text=True, check=True).stdout
+    assert re.search(r"NEEDED.*\[libstdc\+\+\.so", needed), needed
 
 
 def test_forced_cuda_build_has_device_code():

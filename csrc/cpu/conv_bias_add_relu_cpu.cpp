@@ -21,7 +21,7 @@ bool use_avx2() {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool avx2 = [] {
     const std::string cap = at::get_cpu_capability(); // "DEFAULT", "AVX2", ...
-    return (cap == "AVX2" || cap == "AVX512") && __builtin_cpu_supports("avx2") &&
+    return avx2_built() && (cap == "AVX2" || cap == "AVX512") && __builtin_cpu_supports("avx2") &&
         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   }();
   return avx2;

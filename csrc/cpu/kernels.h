@@ -44,6 +44,10 @@ void epilogue_pass(const EpilogueArgs& args);
 void backward_pass(const BackwardArgs& args);
 } // namespace AVX2
 
+// True when kernels_vec_avx2.cpp was compiled with AVX2 (setup.py's per-file
+// flags on x86-64).
+bool avx2_built();
+
 // True when this build has the AVX2 passes and ATen's CPU capability (which
 // honours ATEN_CPU_CAPABILITY) allows them.
 bool use_avx2();

@@ -1,38 +1,36 @@
 // The CPU passes with ATen's AVX2 at::vec implementation. setup.py compiles
-// every file with one set of flags, so this file turns AVX2 on for itself;
-// it runs only after a run-time check (cpu::use_avx2).
-#if defined(__x86_64__) && defined(__GNUC__)
-#pragma GCC target("avx2,fma,f16c")
-#pragma GCC diagnostic ignored "-Wpsabi"
-// The target pragma does not define these; sleef's and ATen's headers test them.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
+// this file alone with -mavx2 -mfma -mf16c, as ATen compiles its per-capability
+// files (a `#pragma GCC target` breaks libstdc++'s always_inline functions on
+// GCC 13); the passes run only after a run-time check (cpu::use_avx2).
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 
 #include "cpu/kernels_impl.h"
 
+namespace resnet_fused::cpu {
+bool avx2_built() {
+  return true;
+}
+} // namespace resnet_fused::cpu
+
 #else
 
 #include "cpu/kernels.h"
 
-namespace resnet_fused::cpu::AVX2 {
+namespace resnet_fused::cpu {
+bool avx2_built() {
+  return false;
+}
+namespace AVX2 {
 void epilogue_pass(const EpilogueArgs&) {
   TORCH_CHECK(false, "resnet_fused: built without AVX2 kernels");
 }
 void backward_pass(const BackwardArgs&) {
   TORCH_CHECK(false, "resnet_fused: built without AVX2 kernels");
 }
-} // namespace resnet_fused::cpu::AVX2
+} // namespace AVX2
+} // namespace resnet_fused::cpu
 
 #endif
