@@ -118,7 +118,7 @@ def _forward_kernel(
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
 
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + k_glob, mask=mask_n, other=0.0).to(ACC)[None, :]
@@ -244,7 +244,7 @@ def _dgrad_kernel(
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
 
     gx_ptrs = gx_ptr + (n * sxn + hi * sxh + wi * sxw)[:, None] + ((g * CG + offs_n).to(tl.int64) * sxc)[None, :]
     tl.store(gx_ptrs, acc.to(gx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -374,7 +374,7 @@ def _wgrad_kernel(
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
 
     if COMPUTE_W:
         if HAS_SCALE:
