@@ -14,7 +14,13 @@ def _fp32_without_tf32():
     if not torch.cuda.is_available():
         yield
         return
-    conv = torch.backends.cudnn.conv
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if not hasattr(conv, "fp32_precision"):  # a torch without the per-op settings
+        old = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        yield
+        torch.backends.cudnn.allow_tf32 = old
+        return
     old = conv.fp32_precision
     conv.fp32_precision = "ieee"
     yield

@@ -18,6 +18,7 @@ import re
 
 import pytest
 import torch
+from torch._subclasses import fake_tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
@@ -110,7 +111,9 @@ def _run_op(launch, x, w, b, pad=1):
 
 
 @pytest.mark.parametrize("det", [False, True], ids=["autotuned", "pinned"])
-def test_every_launch_and_tuning_runs_on_x_device(launch, recorder, not_capturing, det):
+def test_every_launch_and_tuning_runs_on_x_device(launch, recorder, not_capturing, det, monkeypatch):
+    # FakeTensorMode initialises a real context on each CUDA device it sees; cuda:1 need not exist here.
+    monkeypatch.setattr(fake_tensor, "init_gpu_context", lambda device: None)
     with FakeTensorMode(), deterministic(det):
         x, w, b = _problem("cuda:1")
         _run_op(launch, x, w, b)
@@ -249,8 +252,22 @@ def test_dot_precision_follows_the_per_op_tf32_setting(launch, tf32_settings, co
         assert launch.dot_precision(dtype) == "ieee"
 
 
+@pytest.fixture
+def legacy_tf32_readable():
+    """torch refuses to read the legacy cudnn.allow_tf32 once conv and rnn have different per-op settings (the
+    GPU conftest sets conv's): make them agree for the test, then restore conv's."""
+    cudnn = torch.backends.cudnn
+    per_op = hasattr(getattr(cudnn, "conv", None), "fp32_precision")
+    saved = cudnn.conv.fp32_precision if per_op else None
+    if per_op:
+        cudnn.conv.fp32_precision = cudnn.rnn.fp32_precision
+    yield
+    if per_op:
+        cudnn.conv.fp32_precision = saved
+
+
 @pytest.mark.parametrize("allow", [True, False])
-def test_dot_precision_on_a_torch_without_the_per_op_setting(launch, monkeypatch, allow):
+def test_dot_precision_on_a_torch_without_the_per_op_setting(launch, legacy_tf32_readable, monkeypatch, allow):
     """Older torch has only cudnn.allow_tf32; it is read there and only there."""
     monkeypatch.setattr(torch.backends.cudnn, "conv", object(), raising=False)  # no fp32_precision there
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow)
