@@ -29,6 +29,7 @@ OUT = ROOT / "benchmarks" / "results" / "gpu"
 # The oldest torch whose torch.library APIs the package uses (custom_op, register_fake/autograd, opcheck).
 MIN_TORCH = (2, 6)
 STEP_TIMEOUT_S = 540
+GPU_TEST_WORKERS = int(os.environ.get("RESNET_FUSED_GPU_WORKERS", "8"))
 
 # The GPU suite: the shared correctness suite on both GPU backends, then the backend-specific GPU tests.
 SUITE = ["tests/test_conv_bias_add_relu.py"]
@@ -100,6 +101,10 @@ def _run(name: str, cmd: list[str], log: Path, env: dict | None = None) -> dict:
             "tail": tail}  # fmt: skip
 
 
+def _has_module(name: str) -> bool:
+    return subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True).returncode == 0
+
+
 def _skipped(name: str, why: str) -> dict:
     return {"name": name, "status": f"skipped: {why}", "seconds": 0.0, "log": None, "tail": []}
 
@@ -123,9 +128,17 @@ def step_test(info: dict, out: Path) -> list[dict]:
         return [_skipped(name, "no GPU") for name in ("suite", "gpu-tests", "memcheck", "racecheck")]
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
     gpu = {"RESNET_FUSED_TEST_BACKENDS": "cuda,triton"}
+    # Triton compiles each new specialisation on the host: spread the suite over worker processes that share
+    # the one GPU (and Triton's on-disk cache), when pytest-xdist is installed.
+    workers = ["-n", str(GPU_TEST_WORKERS)] if _has_module("xdist") else []
     results = [
-        _run("suite", [*pytest, f"--junitxml={out / 'suite.xml'}", *SUITE], out / "suite.log", gpu),
-        _run("gpu-tests", [*pytest, f"--junitxml={out / 'gpu_tests.xml'}", *GPU_TESTS], out / "gpu_tests.log", gpu),
+        _run("suite", [*pytest, *workers, f"--junitxml={out / 'suite.xml'}", *SUITE], out / "suite.log", gpu),
+        _run(
+            "gpu-tests",
+            [*pytest, *workers, f"--junitxml={out / 'gpu_tests.xml'}", *GPU_TESTS],
+            out / "gpu_tests.log",
+            gpu,
+        ),
     ]
     sanitizer = info.get("sanitizer")
     for tool in ("memcheck", "racecheck"):
