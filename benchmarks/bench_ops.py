@@ -25,6 +25,8 @@ by its name:
   - ``prepacked``: a ``FusedConv2d`` prepared by ``resnet_fused.inference.optimize_for_inference``; where that is not
     importable, ``onednn_prepacked`` instead: torch's own ``mkldnn::_convolution_pointwise(.binary)`` with the bias,
     residual add and ReLU as oneDNN post-ops (the ops Inductor emits under freezing), so the comparison still exists;
+  - ``prepacked-fuse-relu``: ``prepacked`` with ``fuse_relu=True`` (the ReLU as a oneDNN post-op too: one pass, but
+    a NaN pre-activation becomes 0);
   - ``conv_prepacked``: ``mkldnn::_convolution_pointwise`` on the same packed weight without bias or post-ops, the
     inference path's floor.
 
@@ -62,7 +64,7 @@ PASSES = ("fwd", "fwd+bwd")
 EPILOGUES = ("bias+relu", "bias+res+relu", "bias")
 FLOORS = ("conv_alone", "conv_prepacked")
 BASE_IMPLS = ("eager", "compile", *FLOORS)  # every other implementation is a fused op: a backend or a prepacked row
-PREPACKED_IMPLS = ("prepacked", "onednn_prepacked")
+PREPACKED_IMPLS = ("prepacked", "prepacked-fuse-relu", "onednn_prepacked")
 OUT_DIR = Path(__file__).resolve().parent / "out"
 
 
@@ -253,7 +255,7 @@ def prepack_unsupported(device: torch.device, dtype: torch.dtype) -> str:
     return ""
 
 
-def _package_prepacked(case: ConvCase, inp: CaseInputs) -> Callable[[], Tensor] | None:
+def _package_prepacked(case: ConvCase, inp: CaseInputs, fuse_relu: bool = False) -> Callable[[], Tensor] | None:
     """The package's prepacked fused conv on the case's tensors, or None where the package does not offer one."""
     try:
         from resnet_fused.inference import optimize_for_inference
@@ -268,7 +270,7 @@ def _package_prepacked(case: ConvCase, inp: CaseInputs) -> Callable[[], Tensor] 
     # Parameters that share the case's tensors, as a converted model's convs do.
     module.weight = nn.Parameter(inp.weight.detach(), requires_grad=False)
     module.bias = nn.Parameter(inp.bias.detach(), requires_grad=False)
-    module = optimize_for_inference(module.eval())
+    module = optimize_for_inference(module.eval(), fuse_relu=fuse_relu)
     return lambda: module(inp.x, inp.residual)
 
 
@@ -286,6 +288,7 @@ def prepacked_impls(case: ConvCase, inp: CaseInputs) -> dict[str, Callable[[], T
     package = _package_prepacked(case, inp)
     if package is not None:
         impls["prepacked"] = package
+        impls["prepacked-fuse-relu"] = _package_prepacked(case, inp, fuse_relu=True)
     else:
         relu = case.epilogue != "bias"
 

@@ -59,6 +59,8 @@ class PackedFusedConv2d(FusedConv2d):
 
     _packs: dict
     _pack_source: tuple | None
+    # True: ReLU inside the oneDNN primitive (see optimize_for_inference's fuse_relu).
+    _fuse_relu: bool = False
 
     def _drop_packs(self) -> None:
         self._packs = {}
@@ -142,7 +144,7 @@ class PackedFusedConv2d(FusedConv2d):
         packed = self._packed_weight(x, scale, stride, padding, dilation)
         fmt = contract.memory_format(x)
         x = x.contiguous(memory_format=fmt)
-        fused = relu and os.environ.get(RELU_MODE_VAR) == "fused"
+        fused = relu and (self._fuse_relu or os.environ.get(RELU_MODE_VAR) == "fused")
         conv = torch.ops.mkldnn._convolution_pointwise
         geometry = (list(padding), list(stride), list(dilation), self.groups)
         if residual is None:
@@ -154,18 +156,26 @@ class PackedFusedConv2d(FusedConv2d):
         return y.relu_() if relu and not fused else y
 
 
-def optimize_for_inference(model: nn.Module) -> nn.Module:
+def optimize_for_inference(model: nn.Module, *, fuse_relu: bool = False) -> nn.Module:
     """Prepare a converted model for CPU inference: every ``FusedConv2d`` in it packs its weight once per input shape.
 
     ``model`` (in eval mode, holding :class:`~resnet_fused.nn.FusedConv2d` modules, e.g. from
     :func:`resnet_fused.convert`) is changed in place and returned; its parameters, buffers and
     ``state_dict`` stay the same. Input and output shapes are the model's own.
 
+    ``fuse_relu=False`` (the default) keeps ``torch.relu``'s exact semantics: the ReLU runs as an in-place pass
+    after the oneDNN convolution, so a NaN pre-activation stays NaN. ``fuse_relu=True`` hands the ReLU to oneDNN's
+    post-op, so the convolution writes the final output in one pass, but a NaN pre-activation then comes out as 0,
+    as it does under Inductor's freezing and in ONNX Runtime. Finite outputs are the same either way.
+
     Raises:
         ValueError: ``model`` is in training mode, or holds no FusedConv2d.
+        TypeError: ``fuse_relu`` is not a bool.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize_for_inference: expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(fuse_relu, bool):
+        raise TypeError(f"optimize_for_inference: fuse_relu: expected a bool, got {type(fuse_relu).__name__}")
     if model.training:
         raise ValueError("optimize_for_inference: expected a model in eval mode (call model.eval()), got training=True")
     found = 0
@@ -174,6 +184,7 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
             m.__class__ = PackedFusedConv2d
         if isinstance(m, PackedFusedConv2d):
             m._drop_packs()
+            m._fuse_relu = fuse_relu
             found += 1
     if not found:
         raise ValueError(

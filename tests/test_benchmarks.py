@@ -55,13 +55,14 @@ def _backend_impls() -> set[str]:
     return {row.name for row in BACKENDS if "cpu" in row.auto_devices and not row.unavailable()}
 
 
-def _prepacked_impl() -> str:
-    """The label of the prepacked fused row: the package's where it offers one, else torch's oneDNN post-ops."""
+def _prepacked_impls() -> set[str]:
+    """The labels of the prepacked fused rows: the package's two (exact and fused ReLU) where it offers them, else
+    torch's oneDNN post-ops."""
     try:
         from resnet_fused.inference import optimize_for_inference  # noqa: F401
     except ImportError:
-        return "onednn_prepacked"
-    return "prepacked"
+        return {"onednn_prepacked"}
+    return {"prepacked", "prepacked-fuse-relu"}
 
 
 def _timed(records: list[dict]) -> list[dict]:
@@ -108,9 +109,9 @@ def test_bench_ops_tiny(tmp_path):
     payload = json.loads(path.read_text())
     _check_machine(payload["machine"], threads=1)
     records = payload["records"]
-    prepacked = _prepacked_impl()
+    prepacked = _prepacked_impls()
     training = _backend_impls() | {"eager", "compile", "conv_alone"}
-    expected = {"fwd": training | {prepacked, "conv_prepacked"}, "fwd+bwd": training}
+    expected = {"fwd": training | prepacked | {"conv_prepacked"}, "fwd+bwd": training}
     assert "cpu" in training
     seen: dict[tuple, set] = {}
     for rec in records:
@@ -123,13 +124,15 @@ def test_bench_ops_tiny(tmp_path):
     assert all(impls == expected[key[1]] for key, impls in seen.items()), seen
     assert all(r["compile_s"] > 0 for r in records if r["impl"] == "compile")
     summary = {(s["pass"], s["impl"]): s for s in payload["summary"] if s["model_shapes"] == "all"}
-    assert set(summary) == {("fwd", prepacked)} | {(p, i) for p in expected for i in _backend_impls() | {"compile"}}
+    assert set(summary) == {("fwd", p) for p in prepacked} | {
+        (p, i) for p in expected for i in _backend_impls() | {"compile"}
+    }
     # Each fused row is held against the conv alone with its own weight handling.
-    assert summary[("fwd", prepacked)]["floor"] == "conv_prepacked"
-    assert all(s["floor"] == "conv_alone" for key, s in summary.items() if key[1] != prepacked)
+    assert all(summary[("fwd", p)]["floor"] == "conv_prepacked" for p in prepacked)
+    assert all(s["floor"] == "conv_alone" for key, s in summary.items() if key[1] not in prepacked)
     assert (tmp_path / "ops.png").stat().st_size > 0
     md = (tmp_path / "ops.md").read_text()
-    assert "speedup" in md and f"{prepacked} / conv_prepacked" in md and "cpu / conv_alone" in md
+    assert "speedup" in md and all(f"{p} / conv_prepacked" in md for p in prepacked) and "cpu / conv_alone" in md
 
 
 def test_bench_model_tiny(tmp_path, monkeypatch):
@@ -177,15 +180,15 @@ def test_bench_model_rows_say_why_a_peer_is_missing(tmp_path, monkeypatch):
     assert bench_model.main([*argv, "--md", str(tmp_path / "model.md"), *TINY]) == 0
     records = json.loads(path.read_text())["records"]
     status = {(r["impl"], r["batch"]): r["status"] for r in records if "status" in r}
-    assert set(status) == {(impl, b) for impl in ("ort", "prepared") for b in (1, 2)}
+    assert set(status) == {(impl, b) for impl in ("ort", "prepared", "prepared-fuse-relu") for b in (1, 2)}
     assert all(status[("ort", b)].startswith("not installed") for b in (1, 2))
-    assert all(status[("prepared", b)].startswith("not available") for b in (1, 2))
+    assert all(status[(p, b)].startswith("not available") for p in ("prepared", "prepared-fuse-relu") for b in (1, 2))
     timed = {(r["impl"], r["batch"]) for r in _timed(records)}
     assert timed == {(impl, b) for impl in ("eager", "fused") for b in (1, 2)}
     for rec in _timed(records):
         _check_record(rec)
     md = (tmp_path / "model.md").read_text()
-    assert md.count("not installed") == 2 and md.count("not available") == 2
+    assert md.count("not installed") == 2 and md.count("not available") == 4
 
 
 def test_main_tiny(tmp_path, capsys):
@@ -231,21 +234,24 @@ def test_prepacked_rows_compute_the_case(epilogue, layout, package, monkeypatch)
     (float64 reference, fp32 tolerance), on the package's prepacked op or on torch's oneDNN post-ops."""
     if bench_ops.prepack_unsupported(torch.device("cpu"), torch.float32):
         pytest.skip(bench_ops.prepack_unsupported(torch.device("cpu"), torch.float32))
-    if package and _prepacked_impl() != "prepacked":
+    if package and "prepacked" not in _prepacked_impls():
         pytest.skip("this install has no resnet_fused.inference.optimize_for_inference")
     if not package:
-        monkeypatch.setattr(bench_ops, "_package_prepacked", lambda case, inp: None)
+        monkeypatch.setattr(bench_ops, "_package_prepacked", lambda case, inp, fuse_relu=False: None)
     case = bench_ops.ConvCase(c=4, k=6, r=3, s=3, stride=2, padding=1, dilation=2, h=11, w=8, epilogue=epilogue)
     inp = bench_ops.make_inputs(case, 2, torch.float32, bench_ops.LAYOUTS[layout], torch.device("cpu"), False)
     impls = bench_ops.prepacked_impls(case, inp)
-    fused_name = "prepacked" if package else "onednn_prepacked"
-    assert set(impls) == {fused_name, "conv_prepacked"}
+    fused_names = ["prepacked", "prepacked-fuse-relu"] if package else ["onednn_prepacked"]
+    assert set(impls) == {*fused_names, "conv_prepacked"}
     f64 = [None if t is None else t.double() for t in (inp.x, inp.weight, inp.bias, inp.residual)]
     want = resnet_fused.reference.conv_bias_add_relu(*f64, **case.conv_args, relu=epilogue != "bias")
     want_floor = F.conv2d(f64[0], f64[1], None, **case.conv_args)
     reductions = case.c * case.r * case.s
     for call in range(2):  # the second call runs on the weight packed by the first
         with torch.no_grad():
-            fused, floor = impls[fused_name](), impls["conv_prepacked"]()
-        assert_close(fused, want, torch.float32, f"{fused_name}, {epilogue}, {layout}, call {call}", reductions)
+            floor = impls["conv_prepacked"]()
+            for name in fused_names:
+                assert_close(
+                    impls[name](), want, torch.float32, f"{name}, {epilogue}, {layout}, call {call}", reductions
+                )
         assert_close(floor, want_floor, torch.float32, f"conv_prepacked, {layout}, call {call}", reductions)

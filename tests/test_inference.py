@@ -177,6 +177,35 @@ def test_nan_inf_like_the_unpacked_path():
     assert y.isnan().any()
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_fuse_relu_is_one_pass_and_equal_on_finite_inputs(layout):
+    model = converted_resnet18()
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=fmt)
+    exact = optimize_for_inference(copy.deepcopy(model))
+    fused = optimize_for_inference(copy.deepcopy(model), fuse_relu=True)
+    y_exact, ops_exact = trace(exact, x)
+    y_fused, ops_fused = trace(fused, x)
+    assert "aten::relu_" in ops_exact
+    # Every ReLU of resnet18 follows a FusedConv2d (the stem's too), so with fuse_relu no ReLU pass runs at all.
+    assert "aten::relu_" not in ops_fused
+    torch.testing.assert_close(y_fused, y_exact, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_relu_turns_a_nan_pre_activation_into_zero():
+    """The documented cost of fuse_relu=True: where the exact path gives NaN, oneDNN's ReLU gives 0."""
+    x = torch.randn(2, 4, 9, 9).contiguous(memory_format=torch.channels_last)
+    x[0, 0, 1, 1] = float("nan")
+    exact = optimize_for_inference(nn.Sequential(small_net()[0]).eval())
+    fused = optimize_for_inference(copy.deepcopy(exact), fuse_relu=True)
+    with torch.no_grad():
+        y_exact, y_fused = exact(x), fused(x)
+    nan = y_exact.isnan()
+    assert nan.any()
+    assert (y_fused[nan] == 0).all()
+    torch.testing.assert_close(y_fused[~nan], y_exact[~nan], rtol=1e-5, atol=1e-5)
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match=r"expected a model in eval mode .* got training=True"):
         optimize_for_inference(small_net().train())
@@ -184,6 +213,8 @@ def test_clear_errors():
         optimize_for_inference(nn.Sequential(nn.Conv2d(3, 3, 1)).eval())
     with pytest.raises(TypeError, match=r"expected an nn.Module, got int"):
         optimize_for_inference(3)
+    with pytest.raises(TypeError, match=r"fuse_relu: expected a bool, got str"):
+        optimize_for_inference(small_net(), fuse_relu="yes")
 
 
 def test_state_dict_and_deepcopy_unchanged():
