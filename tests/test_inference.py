@@ -206,6 +206,57 @@ def test_fuse_relu_turns_a_nan_pre_activation_into_zero():
     torch.testing.assert_close(y_fused[~nan], y_exact[~nan], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("frozen_bn", [True, False], ids=["scale-shift", "bias"])
+def test_repeated_calls_skip_the_checks_and_still_see_every_change(monkeypatch, frozen_bn):
+    """Serving's steady state skips the argument checks; a changed input, parameter, buffer or setting still gets
+    the checked path and a fresh result."""
+    checks = []
+    real = resnet_fused.contract.check_inputs
+    monkeypatch.setattr(resnet_fused.contract, "check_inputs", lambda *a: checks.append(1) or real(*a))
+    torch.manual_seed(0)
+    conv = FusedConv2d(4, 6, 3, padding=1, bias=not frozen_bn)
+    if frozen_bn:  # a converted conv: a frozen BatchNorm's buffers, no bias
+        conv.scale, conv.shift = torch.rand(6) + 0.5, torch.randn(6)
+    optimize_for_inference(nn.Sequential(conv).eval())
+    x = torch.randn(2, 4, 7, 7).contiguous(memory_format=torch.channels_last)
+    res = torch.randn(2, 6, 7, 7).contiguous(memory_format=torch.channels_last)
+
+    def call(*args) -> tuple[torch.Tensor, int]:
+        """The prepared conv's output, and how many times it ran the checks."""
+        before = len(checks)
+        with torch.no_grad():
+            y = conv(*args)
+        return y, len(checks) - before
+
+    def fresh(*args) -> torch.Tensor:
+        scale, bias = conv.scale_shift()
+        with torch.no_grad():
+            return FusedConv2d.conv_bias_add_relu(conv, *args, weight=conv.weight.clone(), scale=scale, bias=bias)
+
+    call(x)
+    for _ in range(3):
+        y, checked = call(x)
+        torch.testing.assert_close(y, fresh(x))
+        assert checked == 0, "a repeated call ran the checks"
+    changes = [lambda: conv.weight.mul_(-1), lambda: setattr(conv, "relu", False)]
+    if frozen_bn:
+        changes += [lambda: conv.scale.mul_(2), lambda: conv.shift.sub_(3)]
+    else:
+        changes += [lambda: conv.bias.add_(1)]
+    for change in changes:
+        with torch.no_grad():
+            change()
+        y, checked = call(x)
+        torch.testing.assert_close(y, fresh(x))
+        assert checked == 1, "a change did not get the checked path"
+    for args in [(x, res), (x[:1],)]:  # a residual, a new shape: new signatures
+        y, checked = call(*args)
+        torch.testing.assert_close(y, fresh(*args))
+        assert checked == 1
+    with pytest.raises(ValueError, match="residual: expected the output's shape"):
+        call(x, res[:, :, :6])  # a bad residual after good calls still gets the error
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match=r"expected a model in eval mode .* got training=True"):
         optimize_for_inference(small_net().train())
