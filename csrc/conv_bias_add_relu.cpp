@@ -257,13 +257,22 @@ at::Tensor run_conv_bias_add_relu(
     at::IntArrayRef dilation,
     int64_t groups,
     bool relu,
-    EpiloguePass epilogue_pass) {
+    EpiloguePass epilogue_pass,
+    FusedForward fused_forward) {
   check_conv_bias_add_relu_args(
       x, weight, bias, residual, scale, stride, padding, dilation, groups);
   const auto fmt = output_memory_format(x);
   const auto shape = conv_output_shape(x, weight, stride, padding, dilation);
   if (c10::multiply_integers(shape) == 0) {
     return at::empty(shape, x.options().memory_format(fmt));
+  }
+  if (fused_forward != nullptr) {
+    at::Tensor y = fused_forward(
+        x, weight, bias, residual, scale, stride, padding, dilation, groups,
+        relu);
+    if (y.defined()) {
+      return y;
+    }
   }
   at::Tensor y = conv2d_no_bias(x, weight, stride, padding, dilation, groups);
   if (bias.has_value() || residual.has_value() || scale.has_value() || relu) {

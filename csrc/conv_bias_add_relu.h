@@ -103,8 +103,24 @@ using BackwardPass = void (*)(
     bool relu,
     at::MemoryFormat fmt);
 
-// The forward every backend shares: checks, then ATen's conv and the
-// backend's epilogue pass (skipped when there is nothing to apply).
+// A backend's one-primitive forward (oneDNN or cuDNN post-ops), given
+// checked arguments and an output with numel() > 0: returns y, or an
+// undefined tensor to decline (then the conv + epilogue pass runs).
+using FusedForward = at::Tensor (*)(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& scale,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups,
+    bool relu);
+
+// The forward every backend shares: checks, the backend's fused forward if it
+// has one and takes the call, else ATen's conv and the backend's epilogue pass
+// (skipped when there is nothing to apply).
 // x: (N, C, H, W); weight: (K, C/groups, R, S); bias, scale: (K,);
 // residual: (N, K, P, Q). Returns y: (N, K, P, Q) in x's memory format.
 at::Tensor run_conv_bias_add_relu(
@@ -118,7 +134,8 @@ at::Tensor run_conv_bias_add_relu(
     at::IntArrayRef dilation,
     int64_t groups,
     bool relu,
-    EpiloguePass epilogue_pass);
+    EpiloguePass epilogue_pass,
+    FusedForward fused_forward = nullptr);
 
 // The backward every backend shares: checks, the masked gradient g and
 // grad_bias from the backend's pass, then conv2d_backward. Returns

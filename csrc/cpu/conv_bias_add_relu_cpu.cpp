@@ -139,19 +139,9 @@ at::Tensor conv_bias_add_relu_cpu(
     bool relu) {
   // One oneDNN primitive with post-ops where oneDNN takes the dtype; else
   // (fp64, bf16/fp16 on CPUs without those kernels, refused) conv + pass.
-  check_conv_bias_add_relu_args(
-      x, weight, bias, residual, scale, stride, padding, dilation, groups);
-  if (x.numel() > 0 && weight.numel() > 0) {
-    at::Tensor y = cpu::onednn_conv_bias_add_relu(
-        x, weight, bias, residual, scale, stride, padding, dilation, groups,
-        relu);
-    if (y.defined()) {
-      return y;
-    }
-  }
   return run_conv_bias_add_relu(
       x, weight, bias, residual, scale, stride, padding, dilation, groups, relu,
-      &epilogue_pass);
+      &epilogue_pass, &cpu::onednn_conv_bias_add_relu);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>

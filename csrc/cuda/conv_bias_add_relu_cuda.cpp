@@ -37,14 +37,9 @@ at::Tensor conv_bias_add_relu_cuda(
     bool relu) {
   check_cuda(x, "x");
   const c10::cuda::CUDAGuard device_guard(x.device());
-  at::Tensor y = cuda::try_cudnn_fused(
-      x, weight, bias, residual, scale, stride, padding, dilation, groups, relu);
-  if (y.defined()) {
-    return y;
-  }
   return run_conv_bias_add_relu(
       x, weight, bias, residual, scale, stride, padding, dilation, groups, relu,
-      &cuda::launch_epilogue);
+      &cuda::launch_epilogue, &cuda::try_cudnn_fused);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>

@@ -107,13 +107,8 @@ at::Tensor try_cudnn_fused(
   if (!opted_in() || !cudnn_may_fuse(x, relu)) {
     return at::Tensor();
   }
-  check_conv_bias_add_relu_args(
-      x, weight, bias, residual, scale, stride, padding, dilation, groups);
   const auto fmt = output_memory_format(x);
   const auto shape = conv_output_shape(x, weight, stride, padding, dilation);
-  if (c10::multiply_integers(shape) == 0) {
-    return at::Tensor();
-  }
   // Folding the scale into the weights rounds each folded weight once, the
   // same folding conv2d_backward uses for grad_x.
   const at::Tensor w =

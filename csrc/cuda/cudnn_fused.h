@@ -12,7 +12,7 @@ inline constexpr const char* kCudnnFusedEnv = "RESNET_FUSED_CUDNN_FUSED";
 
 // relu(conv(x, weight * scale) + bias + residual) through cuDNN's fused graph
 // when opted in and cuDNN can run the case, else an undefined tensor (use
-// conv + epilogue). Same arguments and result as conv_bias_add_relu.
+// conv + epilogue). A FusedForward: checked arguments, a non-empty output.
 at::Tensor try_cudnn_fused(
     const at::Tensor& x,
     const at::Tensor& weight,
