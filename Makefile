@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
 
-.PHONY: all venv build test lint format bench bench-full clean gpu-build gpu-test gpu-bench gpu-check
+.PHONY: all venv build test lint format bench bench-full clean gpu-build gpu-test gpu-sanitize gpu-bench gpu-check
 
 all: build
 
@@ -56,6 +56,8 @@ gpu-build:
 	$(GPU_PYTHON) scripts/gpu_check.py build
 gpu-test:
 	$(GPU_PYTHON) scripts/gpu_check.py test
+gpu-sanitize:
+	$(GPU_PYTHON) scripts/gpu_check.py sanitize
 gpu-bench:
 	$(GPU_PYTHON) scripts/gpu_check.py bench
 gpu-check:
