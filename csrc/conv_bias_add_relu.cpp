@@ -214,15 +214,21 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(
     bool need_grad_weight) {
   at::Tensor grad_x, grad_weight;
   if (need_grad_x || need_grad_weight) {
-    // d(conv(x, w) * s)/dx = conv_transpose(g, w * s); wgrad scales by s after.
-    const at::Tensor w = scale.has_value() && need_grad_x
+    // d(conv(x, w) * s) is the conv backward of g * s, or equally dgrad with
+    // w * s and wgrad scaled by s after. The scaled copy is a temporary beside
+    // every saved activation, so scale the smaller of g and w: g in late
+    // layers, where a 3x3 512-channel weight is 9 MB and g under 1 MB.
+    const bool scale_g = scale.has_value() && g.numel() <= weight.numel();
+    const bool scale_w = scale.has_value() && !scale_g;
+    const at::Tensor gs = scale_g ? g * scale->view({1, -1, 1, 1}) : g;
+    const at::Tensor w = scale_w && need_grad_x
         ? weight * scale->view({-1, 1, 1, 1})
         : weight;
     std::tie(grad_x, grad_weight, std::ignore) = at::convolution_backward(
-        g, x, w, /*bias_sizes=*/std::nullopt, stride, padding, dilation,
+        gs, x, w, /*bias_sizes=*/std::nullopt, stride, padding, dilation,
         /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
         {need_grad_x, need_grad_weight, false});
-    if (need_grad_weight && scale.has_value()) {
+    if (need_grad_weight && scale_w) {
       grad_weight.mul_(scale->view({-1, 1, 1, 1}));
     }
   }
