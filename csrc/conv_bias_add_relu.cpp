@@ -211,16 +211,20 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(
     at::IntArrayRef dilation,
     int64_t groups,
     bool need_grad_x,
-    bool need_grad_weight) {
+    bool need_grad_weight,
+    bool g_is_scratch) {
   at::Tensor grad_x, grad_weight;
   if (need_grad_x || need_grad_weight) {
     // d(conv(x, w) * s) is the conv backward of g * s, or equally dgrad with
     // w * s and wgrad scaled by s after. The scaled copy is a temporary beside
     // every saved activation, so scale the smaller of g and w: g in late
-    // layers, where a 3x3 512-channel weight is 9 MB and g under 1 MB.
+    // layers, where a 3x3 512-channel weight is 9 MB and g under 1 MB. A
+    // scratch g is scaled in place, so the peak holds no copy at all.
     const bool scale_g = scale.has_value() && g.numel() <= weight.numel();
     const bool scale_w = scale.has_value() && !scale_g;
-    const at::Tensor gs = scale_g ? g * scale->view({1, -1, 1, 1}) : g;
+    const at::Tensor gs = !scale_g ? g
+        : g_is_scratch             ? g.mul_(scale->view({1, -1, 1, 1}))
+                                   : g * scale->view({1, -1, 1, 1});
     const at::Tensor w = scale_w && need_grad_x
         ? weight * scale->view({-1, 1, 1, 1})
         : weight;
@@ -330,8 +334,10 @@ run_conv_bias_add_relu_backward(
         grad, relu ? out.contiguous(fmt) : at::Tensor(),
         need_g ? g : at::Tensor(), grad_bias, relu, fmt);
   }
+  // g is ours to overwrite unless it is grad_out itself or returned.
   auto [grad_x, grad_weight] = conv2d_backward(
-      g, x, weight, scale, stride, padding, dilation, groups, need_x, need_w);
+      g, x, weight, scale, stride, padding, dilation, groups, need_x, need_w,
+      /*g_is_scratch=*/need_g && !need_r);
   return {
       grad_x, grad_weight, need_b ? grad_bias : empty(), need_r ? g : empty()};
 }

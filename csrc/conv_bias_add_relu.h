@@ -59,9 +59,10 @@ at::Tensor conv2d_no_bias(
     int64_t groups);
 
 // grad_x and grad_weight of conv(x, weight) * scale from the masked gradient g,
-// computing only what output_mask asks for. The per-channel scale is folded
-// into the weight for grad_x and applied to grad_weight, so no scaled copy of
-// g is ever made. Unrequested results are empty tensors.
+// computing only what need_grad_x / need_grad_weight ask for (the others are
+// empty tensors). The per-channel scale goes on the smaller of g and weight:
+// in place on g when g_is_scratch (the caller's own buffer, not returned),
+// else on a temporary copy.
 std::tuple<at::Tensor, at::Tensor> conv2d_backward(
     const at::Tensor& g,
     const at::Tensor& x,
@@ -72,7 +73,8 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(
     at::IntArrayRef dilation,
     int64_t groups,
     bool need_grad_x,
-    bool need_grad_weight);
+    bool need_grad_weight,
+    bool g_is_scratch);
 
 // (rows, k, inner) of a 4-D tensor contiguous in fmt: NCHW is (N, K, H*W),
 // channels-last (N*H*W, K, 1). The CPU and CUDA passes index by this view.

@@ -378,9 +378,10 @@ class BasicBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = _shortcut(self.downsample, x)
         out = conv_norm(self.conv1, self.bn1, x)
-        return conv_norm(self.conv2, self.bn2, out, identity)
+        # The shortcut last, as torchvision: autograd then runs its backward first and frees its input gradient
+        # before the main branch's backward allocates (a lower training peak).
+        return conv_norm(self.conv2, self.bn2, out, _shortcut(self.downsample, x))
 
 
 class Bottleneck(nn.Module):
@@ -424,10 +425,11 @@ class Bottleneck(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = _shortcut(self.downsample, x)
         out = conv_norm(self.conv1, self.bn1, x)
         out = conv_norm(self.conv2, self.bn2, out)
-        return conv_norm(self.conv3, self.bn3, out, identity)
+        # The shortcut last, as torchvision: autograd then runs its backward first and frees its input gradient
+        # before the main branch's backward allocates (a lower training peak).
+        return conv_norm(self.conv3, self.bn3, out, _shortcut(self.downsample, x))
 
 
 class SkipBlock(nn.Module):

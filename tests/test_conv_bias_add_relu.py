@@ -234,6 +234,24 @@ def test_inputs_never_modified(target):
     assert torch.equal(inputs.kwargs["scale"], scale) and torch.equal(inputs.grad_out, grad_saved)
 
 
+def scale_route_variants(t: Target) -> list:
+    # The backward puts the frozen scale on the smaller of g and the weight ("3x3": the weight; "odd_strided": g),
+    # and scales g in place when it is the op's own buffer (ReLU on, no gradient returned for the residual).
+    routes = [(case, res) for case in ("3x3", "odd_strided") for res in ("none", "constant", "grad")]
+    return routes[3:5] if t.slow else [(c, r, d) for c, r in routes for d in (F32, BF16)]
+
+
+@pytest.mark.parametrize("target,variant", target_params(scale_route_variants))
+def test_scale_backward_routes_match_float64(target, variant):
+    case, residual, dtype = (*variant, F32)[:3]
+    inputs = make_inputs(CASES[case], dtype, CL, Epilogue(True, True, residual != "none", True), device=target.device)
+    if residual == "constant":
+        inputs.tensors["residual"].requires_grad_(False)
+    grad_saved = inputs.grad_out.clone()
+    check_call(run(target, inputs), inputs, dtype, f"{target} {case} residual={residual}")
+    assert torch.equal(inputs.grad_out, grad_saved), "grad_out was modified"
+
+
 @pytest.mark.parametrize("target", target_params())
 @pytest.mark.parametrize("layout", ["nchw", CL])
 def test_batch_zero(target, layout):
