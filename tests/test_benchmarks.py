@@ -255,3 +255,45 @@ def test_prepacked_rows_compute_the_case(epilogue, layout, package, monkeypatch)
                     impls[name](), want, torch.float32, f"{name}, {epilogue}, {layout}, call {call}", reductions
                 )
         assert_close(floor, want_floor, torch.float32, f"conv_prepacked, {layout}, call {call}", reductions)
+
+
+def test_diagnose_parses_onednn_verbose():
+    from benchmarks.diagnose import onednn_conv_ms
+
+    text = "\n".join(
+        [
+            "onednn_verbose,v1,info,oneDNN v3.12.0",
+            "onednn_verbose,v1,primitive,exec,cpu,convolution,brgconv_1x1:avx2,forward_inference,src:f32,,mb1_ic64,0.5",
+            "onednn_verbose,v1,primitive,exec,cpu,reorder,simple:any,undef,src:f32,,2x3,0.25",
+            "onednn_verbose,v1,primitive,exec,cpu,convolution,brg_conv_fwd:avx2,forward_inference,src:f32,,mb1_ic3,1.25",
+            "unrelated output",
+        ]
+    )
+    assert onednn_conv_ms(text) == (1.75, 2)
+
+
+def test_diagnose_runs_on_a_tiny_model():
+    """Both diagnostics see every conv of resnet18 and an allocator peak in each train step."""
+    from benchmarks import diagnose
+
+    times = diagnose.conv_time(batch=1, hw=32, rounds=2, threads=1, arch="resnet18")
+    assert set(times) == {"prepared-fuse-relu", "compile-freezing"}
+    for name, r in times.items():
+        assert r["convs"] == 20, f"{name}: {r['convs']} oneDNN convolutions seen, resnet18 has 20"
+        assert 0 < r["conv_ms"] < r["wall_ms"], name
+    peaks = diagnose.train_peak(variant="frozen-bn", batch=2, hw=32, threads=1, arch="resnet18")
+    assert set(peaks) == {"fused", "unfused"}
+    for name, r in peaks.items():
+        assert r["peak_mib"] > 0 and r["at_peak"] and r["live_mib_by_op"], name
+        # Live blocks cover the peak (more when a block from before the trace was freed during it).
+        assert sum(r["live_mib_by_op"].values()) >= r["peak_mib"] - 1e-6, name
+
+
+def test_diagnose_train_ops_sees_the_convolutions():
+    from benchmarks import diagnose
+
+    ops = diagnose.train_ops(variant="bn-free", batch=2, hw=32, threads=1, arch="resnet18")
+    assert set(ops) == {"fused", "unfused"}
+    for name, own in ops.items():
+        assert own.get("aten::convolution_backward", 0) > 0, name
+    assert ops["fused"].get("resnet_fused::conv_bias_add_relu_backward", 0) > 0

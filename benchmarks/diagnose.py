@@ -1,0 +1,254 @@
+"""Diagnostics behind the README's "what limits the misses": where time and memory go, measured, not timed targets.
+
+    python -m benchmarks.diagnose conv-time [--batch 1] [--rounds 8]    # oneDNN conv time: prepared vs freezing
+    python -m benchmarks.diagnose train-peak [--variant frozen-bn]     # what the train step's allocator peak holds
+    python -m benchmarks.diagnose train-ops [--variant frozen-bn]      # where a train step's CPU time goes
+
+``conv-time`` runs resnet50 prepared with ``optimize_for_inference(fuse_relu=True)`` and under ``torch.compile`` with
+Inductor freezing, alternating forwards in one process, and sums the execution times oneDNN's verbose mode reports
+for its convolution primitives in each forward: what is left of the wall time is everything else (pooling,
+classifier, Python, allocation). The verbose printing itself slows both alike.
+
+``train-peak`` traces one fused and one unfused resnet50 train step (``bench_model``'s) with
+``torch.profiler(profile_memory=True)``, finds each step's allocator peak and lists the op running at that moment and
+the live blocks grouped by the op that allocated them. ``train-ops`` profiles two steps of each and lists the ops by
+their own CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import copy
+import ctypes
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_model import train_impls
+from benchmarks.timing import _quiet_profiler_stderr
+
+
+@contextlib.contextmanager
+def _captured_stdout(path: Path) -> Iterator[None]:
+    """Send the process's C-level stdout (where oneDNN's verbose lines go) to ``path`` for the block."""
+    libc = ctypes.CDLL(None)
+    libc.fflush(None)
+    saved = os.dup(1)
+    with open(path, "wb") as f:
+        os.dup2(f.fileno(), 1)
+        try:
+            yield
+        finally:
+            libc.fflush(None)
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def onednn_conv_ms(verbose_text: str) -> tuple[float, int]:
+    """(total ms, count) of the convolution executions in oneDNN verbose output (``onednn_verbose,...,exec,cpu,
+    convolution,...,<ms>`` lines)."""
+    total, count = 0.0, 0
+    for line in verbose_text.splitlines():
+        fields = line.split(",")
+        if line.startswith("onednn_verbose") and "exec" in fields and "convolution" in fields:
+            total += float(fields[-1])
+            count += 1
+    return total, count
+
+
+def conv_time(*, batch: int = 1, hw: int = 224, rounds: int = 8, threads: int = 2, arch: str = "resnet50") -> dict:
+    """Per impl: median wall ms per forward, median oneDNN convolution ms, and the number of convolutions."""
+    import torch._inductor.config as inductor_config
+    import torchvision
+
+    import resnet_fused
+    from resnet_fused.inference import optimize_for_inference
+
+    torch.set_num_threads(threads)
+    model = getattr(torchvision.models, arch)().eval().to(memory_format=torch.channels_last)
+    fused, _ = resnet_fused.convert(copy.deepcopy(model))
+    prepared = optimize_for_inference(fused.to(memory_format=torch.channels_last), fuse_relu=True)
+    x = torch.randn(batch, 3, hw, hw).to(memory_format=torch.channels_last)
+    with torch.no_grad(), _freezing(inductor_config):
+        frozen = torch.compile(model)
+        impls = {"prepared-fuse-relu": prepared, "compile-freezing": frozen}
+        for fn in impls.values():
+            for _ in range(3):
+                fn(x)
+        samples: dict[str, dict[str, list[float]]] = {k: {"wall": [], "conv": [], "n": []} for k in impls}
+        with tempfile.TemporaryDirectory() as tmp:
+            log = Path(tmp) / "verbose.txt"
+            for r in range(rounds):
+                for name in list(impls)[:: 1 if r % 2 == 0 else -1]:
+                    with _captured_stdout(log), torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                        start = time.perf_counter()
+                        impls[name](x)
+                        wall = (time.perf_counter() - start) * 1e3
+                    conv, n = onednn_conv_ms(log.read_text(errors="replace"))
+                    samples[name]["wall"].append(wall)
+                    samples[name]["conv"].append(conv)
+                    samples[name]["n"].append(n)
+    return {
+        name: {
+            "wall_ms": statistics.median(s["wall"]),
+            "conv_ms": statistics.median(s["conv"]),
+            "other_ms": statistics.median(w - c for w, c in zip(s["wall"], s["conv"], strict=True)),
+            "convs": int(statistics.median(s["n"])),
+        }
+        for name, s in samples.items()
+    }
+
+
+@contextlib.contextmanager
+def _freezing(config) -> Iterator[None]:
+    old = config.freezing
+    config.freezing = True
+    try:
+        yield
+    finally:
+        config.freezing = old
+
+
+def _trace_step(step) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with (
+        _quiet_profiler_stderr(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof,
+    ):
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text()).get("traceEvents", [])
+    mem = sorted(
+        (e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0),
+        key=lambda e: (e.get("ts", 0), e["args"].get("Ev Idx", 0)),
+    )
+    ops = [e for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op"]
+
+    def stack(ts: float) -> list[dict]:
+        return sorted((o for o in ops if o["ts"] <= ts <= o["ts"] + o["dur"]), key=lambda o: -o["dur"])
+
+    running = peak = 0
+    peak_i = -1
+    for i, e in enumerate(mem):
+        running += int(e["args"].get("Bytes", 0))
+        if running > peak:
+            peak, peak_i = running, i
+    live: dict[int, dict] = {}
+    for e in mem[: peak_i + 1]:
+        if int(e["args"]["Bytes"]) > 0:
+            live[e["args"]["Addr"]] = e
+        else:
+            live.pop(e["args"]["Addr"], None)
+    by_op: collections.Counter = collections.Counter()
+    for e in live.values():
+        names = [o["name"] for o in stack(e["ts"])]
+        by_op[" > ".join(names[-2:]) or "?"] += int(e["args"]["Bytes"])
+    at_peak = [
+        {"op": o["name"], "input_dims": o.get("args", {}).get("Input Dims")}
+        for o in (stack(mem[peak_i]["ts"]) if peak_i >= 0 else [])
+    ]
+    return {
+        "peak_mib": peak / 2**20,
+        "at_peak": at_peak,
+        "live_mib_by_op": {k: v / 2**20 for k, v in by_op.most_common()},
+    }
+
+
+def train_peak(
+    *, variant: str = "frozen-bn", batch: int = 8, hw: int = 224, threads: int = 2, arch: str = "resnet50"
+) -> dict:
+    """Per impl (fused, unfused): the allocator peak of one train step, the ops running at it, the live blocks."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, hw, hw).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,))
+    steps = train_impls(arch, variant, torch.float32, torch.channels_last, torch.device("cpu"), x, y)
+    out = {}
+    for name, step in steps.items():
+        step()
+        step()  # optimizer state exists, as in the timed steps
+        out[name] = _trace_step(step)
+    return out
+
+
+def train_ops(
+    *, variant: str = "frozen-bn", batch: int = 8, hw: int = 224, threads: int = 2, arch: str = "resnet50"
+) -> dict:
+    """Per impl (fused, unfused): {op name: own CPU ms per step}, from torch.profiler over two steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, hw, hw).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,))
+    steps = train_impls(arch, variant, torch.float32, torch.channels_last, torch.device("cpu"), x, y)
+    out = {}
+    for name, step in steps.items():
+        step()
+        with _quiet_profiler_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+            step()
+        own = {e.key: e.self_cpu_time_total / 1e3 / 2 for e in prof.key_averages()}
+        out[name] = dict(sorted(own.items(), key=lambda kv: -kv[1]))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    ct = sub.add_parser("conv-time", help="oneDNN conv time per forward: prepared vs compile + freezing")
+    ct.add_argument("--batch", type=int, default=1)
+    ct.add_argument("--rounds", type=int, default=8)
+    tp = sub.add_parser("train-peak", help="what a train step's allocator peak holds, fused vs unfused")
+    tp.add_argument("--variant", default="frozen-bn", choices=["frozen-bn", "bn-free"])
+    tp.add_argument("--batch", type=int, default=8)
+    to = sub.add_parser("train-ops", help="a train step's ops by their own CPU time, fused vs unfused")
+    to.add_argument("--variant", default="frozen-bn", choices=["frozen-bn", "bn-free"])
+    to.add_argument("--batch", type=int, default=8)
+    to.add_argument("--top", type=int, default=12)
+    for p in (ct, tp, to):
+        p.add_argument("--hw", type=int, default=224)
+        p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--model", default="resnet50")
+    a = parser.parse_args(argv)
+    if a.what == "conv-time":
+        res = conv_time(batch=a.batch, hw=a.hw, rounds=a.rounds, threads=a.threads, arch=a.model)
+        print(f"{a.model}, batch {a.batch}, {a.hw}x{a.hw}, {a.threads} threads, {a.rounds} alternating forwards each")
+        for name, r in res.items():
+            print(
+                f"  {name:20s} wall {r['wall_ms']:8.2f} ms  oneDNN convs {r['conv_ms']:8.2f} ms ({r['convs']})"
+                f"  other {r['other_ms']:7.2f} ms   (medians, verbose on)"
+            )
+    elif a.what == "train-ops":
+        res = train_ops(variant=a.variant, batch=a.batch, hw=a.hw, threads=a.threads, arch=a.model)
+        for name, own in res.items():
+            print(
+                f"== {name}: {sum(own.values()):.1f} ms per step in ops (each op's own time, wall clock on the calling thread)"
+            )
+            for op, ms in list(own.items())[: a.top]:
+                print(f"     {ms:9.1f} ms  {op}")
+    else:
+        res = train_peak(variant=a.variant, batch=a.batch, hw=a.hw, threads=a.threads, arch=a.model)
+        for name, r in res.items():
+            print(f"== {name}: allocator peak {r['peak_mib']:.1f} MiB, during:")
+            for frame in r["at_peak"]:
+                print(f"     {frame['op']} {frame['input_dims'] or ''}")
+            print("   live at the peak, by allocating op:")
+            for op, mib in r["live_mib_by_op"].items():
+                print(f"     {mib:8.2f} MiB  {op}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
