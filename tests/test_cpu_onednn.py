@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import assert_close, to_layout
 
 import resnet_fused
@@ -142,6 +143,28 @@ def test_fused_relu_mode_runs_relu_inside_onednn(layout, residual, monkeypatch):
     y_fused, ops_fused = run_and_trace(**kw)
     assert ONEDNN_OP in ops_fused and "aten::relu_" not in ops_fused
     torch.testing.assert_close(y_fused, y_exact, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not onednn_supports(torch.float32), reason="torch's oneDNN is not available here")
+def test_no_post_op_torch_exposes_keeps_nan_through_relu():
+    """Why the exact ReLU is a pass after the primitive (docs/design.md): each ReLU-like post-op torch's oneDNN ops
+    take turns a NaN pre-activation into 0, and the residual op takes no other unary post-op. Should this fail on a
+    newer torch, the ReLU could move into the primitive."""
+    op = torch.ops.mkldnn._convolution_pointwise
+    x = torch.randn(1, 4, 3, 3).to(memory_format=torch.channels_last)
+    x[0, 0, 1, 1] = float("nan")
+    w, geometry = torch.randn(4, 4, 1, 1), ([0, 0], [1, 1], [1, 1], 1)
+    assert F.conv2d(x, w).relu().isnan().sum() == 4  # the reference keeps the NaN pixel's 4 channels
+    for attr, scalars in [
+        ("relu", []),
+        ("hardtanh", [0.0, float("inf")]),
+        ("leaky_relu", [0.0]),
+        ("leaky_relu", [-0.0]),
+    ]:
+        y = op(x, w, None, *geometry, attr, scalars, None)
+        assert not y.isnan().any() and y[0, :, 1, 1].eq(0).all(), f"{attr}{scalars}"
+    with pytest.raises(RuntimeError):
+        op.binary(x, x.clone(), w, None, *geometry, "add", 1.0, "leaky_relu", [0.0], None)
 
 
 def test_batch_zero_and_inputs_untouched():
