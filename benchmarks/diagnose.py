@@ -22,7 +22,6 @@ import collections
 import contextlib
 import copy
 import ctypes
-import json
 import os
 import statistics
 import tempfile
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_model import train_impls
-from benchmarks.timing import _quiet_profiler_stderr
+from benchmarks.timing import _quiet_profiler_stderr, cpu_memory_trace
 
 
 @contextlib.contextmanager
@@ -118,21 +117,7 @@ def _freezing(config) -> Iterator[None]:
 
 
 def _trace_step(step) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
-    with (
-        _quiet_profiler_stderr(),
-        profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof,
-    ):
-        step()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(path))
-        events = json.loads(path.read_text()).get("traceEvents", [])
-    mem = sorted(
-        (e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0),
-        key=lambda e: (e.get("ts", 0), e["args"].get("Ev Idx", 0)),
-    )
+    mem, events = cpu_memory_trace(step, record_shapes=True)
     ops = [e for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op"]
 
     def stack(ts: float) -> list[dict]:
@@ -165,21 +150,23 @@ def _trace_step(step) -> dict:
     }
 
 
-def train_peak(
-    *, variant: str = "frozen-bn", batch: int = 8, hw: int = 224, threads: int = 2, arch: str = "resnet50"
-) -> dict:
-    """Per impl (fused, unfused): the allocator peak of one train step, the ops running at it, the live blocks."""
+def _train_steps(variant: str, batch: int, hw: int, threads: int, arch: str) -> dict:
+    """``bench_model``'s fused and unfused train steps, each run once so that optimizer state exists."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     x = torch.randn(batch, 3, hw, hw).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,))
     steps = train_impls(arch, variant, torch.float32, torch.channels_last, torch.device("cpu"), x, y)
-    out = {}
-    for name, step in steps.items():
+    for step in steps.values():
         step()
-        step()  # optimizer state exists, as in the timed steps
-        out[name] = _trace_step(step)
-    return out
+    return steps
+
+
+def train_peak(
+    *, variant: str = "frozen-bn", batch: int = 8, hw: int = 224, threads: int = 2, arch: str = "resnet50"
+) -> dict:
+    """Per impl (fused, unfused): the allocator peak of one train step, the ops running at it, the live blocks."""
+    return {name: _trace_step(step) for name, step in _train_steps(variant, batch, hw, threads, arch).items()}
 
 
 def train_ops(
@@ -188,14 +175,8 @@ def train_ops(
     """Per impl (fused, unfused): {op name: own CPU ms per step}, from torch.profiler over two steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    x = torch.randn(batch, 3, hw, hw).to(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch,))
-    steps = train_impls(arch, variant, torch.float32, torch.channels_last, torch.device("cpu"), x, y)
     out = {}
-    for name, step in steps.items():
-        step()
+    for name, step in _train_steps(variant, batch, hw, threads, arch).items():
         with _quiet_profiler_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
             step()

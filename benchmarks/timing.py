@@ -234,10 +234,21 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str = "cp
         fn()
         torch.cuda.synchronize(device)
         return max(0, torch.cuda.max_memory_allocated(device) - before)
+    mem, _ = cpu_memory_trace(fn)
+    running = peak = 0
+    for e in mem:
+        running += int(e["args"].get("Bytes", 0))
+        peak = max(peak, running)
+    return peak
+
+
+def cpu_memory_trace(fn: Callable[[], object], *, record_shapes: bool = False) -> tuple[list[dict], list[dict]]:
+    """One call of ``fn`` under ``torch.profiler(profile_memory=True)``: (the CPU allocator's alloc/free events in
+    order, each with ``args["Bytes"]`` (negative for a free) and ``args["Addr"]``; every chrome-trace event)."""
     from torch.profiler import ProfilerActivity, profile
 
     with _quiet_profiler_stderr():
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=record_shapes) as prof:
             fn()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.json"
@@ -247,11 +258,7 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str = "cp
         (e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0),
         key=lambda e: (e.get("ts", 0), e["args"].get("Ev Idx", 0)),
     )
-    running = peak = 0
-    for e in mem:
-        running += int(e["args"].get("Bytes", 0))
-        peak = max(peak, running)
-    return peak
+    return mem, events
 
 
 def memory_method(device: torch.device | str = "cpu") -> str:
