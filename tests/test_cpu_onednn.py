@@ -46,6 +46,13 @@ def case(dtype, layout, *, bias=True, residual=True, scale=True, n=2, c=8, hw=(9
     )
 
 
+def aten_picks_onednn(kw) -> bool:
+    """Whether ATen itself would run this conv on oneDNN: the cpu backend's post-ops ride only there."""
+    pair = [kw[k] if isinstance(kw[k], (list, tuple)) else [kw[k]] * 2 for k in ("stride", "padding", "dilation")]
+    choice = torch._C._select_conv_backend(kw["x"], kw["weight"], None, *pair, False, [0, 0], kw["groups"], None)
+    return choice == torch._C._ConvBackend.Mkldnn
+
+
 def reductions(kw) -> int:
     w = kw["weight"]
     return w.shape[1] * w.shape[2] * w.shape[3]
@@ -68,9 +75,9 @@ GEOMETRIES = {
 def test_route_matches_float64(dtype, layout, geometry, relu, residual):
     kw = case(dtype, layout, residual=residual, **GEOMETRIES[geometry])
     y, ops = run_and_trace(**kw, relu=relu)
-    # One oneDNN primitive where oneDNN takes the dtype, except a residual add with an NCHW x (torch's binary op
-    # fuses only channels_last); else ATen's conv and the epilogue pass.
-    onednn = onednn_supports(dtype) and (layout == "channels_last" or not residual)
+    # One oneDNN primitive where oneDNN takes the dtype and ATen would run the conv on oneDNN, except a residual add
+    # with an NCHW x (torch's binary op fuses only channels_last); else ATen's conv and the epilogue pass.
+    onednn = onednn_supports(dtype) and (layout == "channels_last" or not residual) and aten_picks_onednn(kw)
     assert (ONEDNN_OP in ops) == onednn, sorted(ops)
     # torch's binary op itself runs grouped/dilated convs unfused (ATen conv, add_, relu); the result is the same.
     if not (residual and geometry in ("strided_dilated_grouped", "depthwise")):
@@ -95,6 +102,21 @@ def test_every_epilogue_on_the_onednn_route(epilogue):
         )
         assert_close(y, expected, torch.float32, f"y (bias={bias}, residual={residual}, scale={scale}, relu={relu})",
                      reductions(kw))  # fmt: skip
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_small_batch_one_conv_takes_atens_native_conv(residual):
+    # ATen runs small batch-1 convs on its native kernel, several times faster than a oneDNN primitive's setup;
+    # the cpu backend follows it there (conv + epilogue pass) and takes oneDNN where ATen does.
+    small = case(torch.float32, "channels_last", residual=residual, n=1, c=8, hw=(6, 7), k=8)
+    large = case(torch.float32, "channels_last", residual=residual, n=1, c=64, hw=(20, 20), k=8)
+    assert not aten_picks_onednn(small) and aten_picks_onednn(large)
+    for kw, onednn in ((small, False), (large, True)):
+        y, ops = run_and_trace(**kw)
+        assert (ONEDNN_OP in ops) == onednn and ("aten::convolution" in ops) == (not onednn), sorted(ops)
+        expected = reference.conv_bias_add_relu(**{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()})
+        assert_close(y, expected, torch.float32, "y", reductions(kw))
+        assert y.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_mkldnn_disabled_takes_the_pass():

@@ -4,6 +4,7 @@
 
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/native/ConvUtils.h>
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
@@ -82,6 +83,26 @@ bool onednn_takes(at::ScalarType dtype) {
   }
 }
 
+// Whether ATen itself would run this conv on oneDNN. For small convs (batch 1,
+// few elements) it picks its native kernel instead, several times faster than
+// any oneDNN primitive, whose setup alone costs tens of microseconds; there
+// the conv + epilogue pass wins, so post-ops ride only where ATen goes.
+bool aten_picks_onednn(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups) {
+  const int64_t no_output_padding[2] = {0, 0};
+  return at::native::select_conv_backend(
+             x, weight, std::nullopt, c10::fromIntArrayRefSlow(stride),
+             c10::fromIntArrayRefSlow(padding),
+             c10::fromIntArrayRefSlow(dilation), /*transposed=*/false,
+             c10::fromIntArrayRefSlow(no_output_padding), groups,
+             std::nullopt) == at::native::ConvBackend::Mkldnn;
+}
+
 // oneDNN's ReLU post-op is max(v, 0) with v first, so a NaN pre-activation
 // becomes 0 (and its NCHW binary kernel turns +inf into FLT_MAX), unlike
 // torch.relu. Unless RESNET_FUSED_ONEDNN_RELU=fused, ReLU runs as an
@@ -111,6 +132,9 @@ at::Tensor onednn_conv_bias_add_relu(
   // torch's binary (residual-add) op fuses only channels_last; for NCHW it
   // runs conv, add and ReLU as three ATen ops, worse than conv + our pass.
   if (residual.has_value() && fmt != at::MemoryFormat::ChannelsLast) {
+    return at::Tensor();
+  }
+  if (!aten_picks_onednn(x, weight, stride, padding, dilation, groups)) {
     return at::Tensor();
   }
   // conv(x, w) * s + b == conv(x, w * s) + b: the scale rides in the weight.
