@@ -76,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="combined JSON (default: <out>/bench.json)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7, or 10 with --full)")
+    parser.add_argument("--train-rounds", type=int, default=30,
+                        help="timed rounds of the train steps, whose ratios scatter most (default 30)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all usable CPUs)")
     parser.add_argument("--skip-equivalence", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
@@ -120,10 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.tiny:
             model_kw: dict = dict(TINY_MODEL)
         elif a.full:
-            model_kw = {"models": ("resnet18", "resnet50"), "dtypes": ("fp32", "bf16"), "rounds": a.rounds or 10}
+            model_kw = {"models": ("resnet18", "resnet50"), "dtypes": ("fp32", "bf16"), "rounds": a.rounds or 10,
+                        "train_rounds": a.train_rounds}  # fmt: skip
         else:
             modes = ("inference", "train") if a.with_model else ("inference",)
-            model_kw = {"models": ("resnet50",), "modes": modes, "dtypes": ("fp32",), "rounds": a.rounds or 7}
+            model_kw = {"models": ("resnet50",), "modes": modes, "dtypes": ("fp32",), "rounds": a.rounds or 7,
+                        "train_rounds": a.train_rounds}  # fmt: skip
         if not a.tiny:
             model_kw["batch"] = a.batch
         model = bench_model.run(threads=threads, progress=progress, **model_kw)

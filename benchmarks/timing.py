@@ -7,7 +7,8 @@ Method (the same for every script):
 - one sample is ``inner`` back-to-back calls, with ``inner`` calibrated during warmup so a sample lasts at least
   ``min_sample_ms``; the time per call is the sample divided by ``inner``;
 - we report the median and the 25th/75th percentiles of the per-call times, and ratios taken *within each round*
-  (``baseline time / impl time`` of the same round), summarised by their median and quartiles;
+  (``baseline time / impl time`` of the same round), summarised by their median, quartiles and a 95 % bootstrap
+  confidence interval of the median (how far a rerun's median may land);
 - on CPU, the wall clock (``time.perf_counter``); on a GPU, CUDA events around the sample;
 - peak memory is measured in a separate, untimed call: on a GPU ``torch.cuda.max_memory_allocated`` minus what was
   allocated before; on CPU the running sum of the allocation/free events that ``torch.profiler(profile_memory=True)``
@@ -24,6 +25,7 @@ import logging
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import tempfile
@@ -63,11 +65,14 @@ class Stats:
         return quantile(self.times_ms, 0.75)
 
     def ratio_summary(self, baseline: str) -> dict[str, float] | None:
-        """Median and quartiles of the per-round ``baseline / self`` time ratios (> 1: faster than the baseline)."""
+        """Median, quartiles and the median's 95 % bootstrap interval (``ci_lo``, ``ci_hi``) of the per-round
+        ``baseline / self`` time ratios (> 1: faster than the baseline)."""
         r = self.ratios.get(baseline)
         if not r:
             return None
-        return {"median": statistics.median(r), "p25": quantile(r, 0.25), "p75": quantile(r, 0.75)}
+        lo, hi = median_ci(r)
+        return {"median": statistics.median(r), "p25": quantile(r, 0.25), "p75": quantile(r, 0.75), "ci_lo": lo,
+                "ci_hi": hi}  # fmt: skip
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -79,6 +84,16 @@ def quantile(values: Sequence[float], q: float) -> float:
     lo = math.floor(pos)
     hi = min(lo + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def median_ci(values: Sequence[float], level: float = 0.95, resamples: int = 2000) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the median of ``values`` (seeded, so a result file reproduces)."""
+    if not values:
+        return float("nan"), float("nan")
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return quantile(medians, tail), quantile(medians, 1 - tail)
 
 
 def geomean(values: Sequence[float]) -> float:

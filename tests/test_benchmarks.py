@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import statistics
 import sys
 
 import pytest
@@ -22,7 +24,7 @@ pytest.importorskip("torchvision")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from benchmarks import bench_model, bench_ops, main
+from benchmarks import bench_model, bench_ops, main, timing
 
 TINY = [
     "--hw",
@@ -70,7 +72,7 @@ def _timed(records: list[dict]) -> list[dict]:
     return [r for r in records if "status" not in r]
 
 
-def _check_record(rec: dict) -> None:
+def _check_record(rec: dict, rounds: int = 2) -> None:
     for key in ("median_ms", "p25_ms", "p75_ms"):
         assert isinstance(rec[key], float) and math.isfinite(rec[key]) and rec[key] > 0, (key, rec)
     assert rec["p25_ms"] <= rec["median_ms"] <= rec["p75_ms"]
@@ -78,7 +80,7 @@ def _check_record(rec: dict) -> None:
         assert rec["peak_mem_bytes"] is None and "own arena" in rec["peak_mem_note"]
     else:
         assert isinstance(rec["peak_mem_bytes"], int) and rec["peak_mem_bytes"] >= 0
-    assert len(rec["samples_ms"]) == rec["rounds"] == 2
+    assert len(rec["samples_ms"]) == rec["rounds"] == rounds
 
 
 def _check_machine(machine: dict, threads: int | None = None) -> None:
@@ -86,6 +88,19 @@ def _check_machine(machine: dict, threads: int | None = None) -> None:
     assert machine["threads"] >= 1
     if threads is not None:
         assert machine["threads"] == threads
+
+
+def test_median_ci_brackets_the_median_and_narrows_with_rounds():
+    rng = random.Random(1)
+    few = [1.0 + rng.gauss(0, 0.05) for _ in range(8)]
+    many = [1.0 + rng.gauss(0, 0.05) for _ in range(200)]
+    for values in (few, many):
+        lo, hi = timing.median_ci(values)
+        assert lo <= statistics.median(values) <= hi
+    assert timing.median_ci(many)[1] - timing.median_ci(many)[0] < timing.median_ci(few)[1] - timing.median_ci(few)[0]
+    assert timing.median_ci([2.0] * 5) == (2.0, 2.0)
+    summary = timing.Stats(times_ms=[1.0] * 8, inner=1, ratios={"eager": few}).ratio_summary("eager")
+    assert (summary["ci_lo"], summary["ci_hi"]) == timing.median_ci(few)
 
 
 def test_shapes_are_traced_from_torchvision():
@@ -144,13 +159,13 @@ def test_bench_model_tiny(tmp_path, monkeypatch):
     monkeypatch.setattr(torch._inductor.freezing, "freeze", lambda *a, **k: froze.append(1) or freeze(*a, **k))
     path = tmp_path / "model.json"
     argv = ["--models", "resnet18", "--json", str(path), "--md", str(tmp_path / "model.md"), *TINY]
-    assert bench_model.main([*argv, "--inference-batches", "2"]) == 0
+    assert bench_model.main([*argv, "--inference-batches", "2", "--train-rounds", "3"]) == 0
     payload = json.loads(path.read_text())
     _check_machine(payload["machine"])
     assert [r for r in payload["records"] if "status" in r] == []
     impls: dict[tuple, set] = {}
     for rec in payload["records"]:
-        _check_record(rec)
+        _check_record(rec, rounds=3 if rec["mode"] == "train" else 2)
         assert rec["batch"] == 2
         impls.setdefault((rec["mode"], rec["variant"]), set()).add(rec["impl"])
     assert impls == {
