@@ -103,6 +103,19 @@ def test_median_ci_brackets_the_median_and_narrows_with_rounds():
     assert (summary["ci_lo"], summary["ci_hi"]) == timing.median_ci(few)
 
 
+@pytest.mark.parametrize(
+    ("ci", "verdict"), [((1.06, 1.12), "met"), ((1.01, 1.07), "undecided"), ((0.97, 1.04), "MISSED")]
+)
+def test_train_target_is_decided_by_the_interval(ci, verdict):
+    base = {"model": "resnet50", "mode": "train", "variant": "bn-free", "dtype": "fp32", "layout": "channels_last",
+            "input_hw": 224, "batch": 8, "rounds": 30, "peak_mem_bytes": 1}  # fmt: skip
+    ratio = {"median": sum(ci) / 2, "p25": ci[0], "p75": ci[1], "ci_lo": ci[0], "ci_hi": ci[1]}
+    records = [{**base, "impl": "fused", "speedup_vs_unfused": ratio}, {**base, "impl": "unfused"}]
+    lines = bench_model.targets_text(bench_model.targets(records)).splitlines()
+    speed = next(line for line in lines if "fused >=" in line)
+    assert speed.startswith(f"  [{verdict}]") and f"95% CI {ci[0]:.3f}-{ci[1]:.3f}, 30 rounds" in speed
+
+
 def test_shapes_are_traced_from_torchvision():
     cases = bench_ops.trace_conv_cases(("resnet18", "resnet50"))
     names = {c.name for c in cases}
