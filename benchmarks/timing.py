@@ -8,7 +8,7 @@ Method (the same for every script):
   ``min_sample_ms``; the time per call is the sample divided by ``inner``;
 - we report the median and the 25th/75th percentiles of the per-call times, and ratios taken *within each round*
   (``baseline time / impl time`` of the same round), summarised by their median, quartiles and a 95 % bootstrap
-  confidence interval of the median (how far a rerun's median may land);
+  confidence interval of the median (this run's uncertainty; a rerun on a drifting machine can land outside it);
 - on CPU, the wall clock (``time.perf_counter``); on a GPU, CUDA events around the sample;
 - peak memory is measured in a separate, untimed call: on a GPU ``torch.cuda.max_memory_allocated`` minus what was
   allocated before; on CPU the running sum of the allocation/free events that ``torch.profiler(profile_memory=True)``

@@ -116,6 +116,23 @@ def test_train_target_is_decided_by_the_interval(ci, verdict):
     assert speed.startswith(f"  [{verdict}]") and f"95% CI {ci[0]:.3f}-{ci[1]:.3f}, 30 rounds" in speed
 
 
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+def test_op_targets_allow_shapes_down_to_098_of_eager(pass_):
+    summary = {"dtype": "fp32", "layout": "channels_last", "model_shapes": "resnet50", "impl": "cpu", "pass": pass_,
+               "n_shapes": 3, "geomean_speedup_vs_eager": 1.09, "min_speedup_vs_eager": 0.97, "min_speedup_case": "c",
+               "slower_than_eager": {"b": 0.985, "c": 0.97}, "floor": "conv_alone", "geomean_over_floor": 1.0,
+               "max_over_floor": 1.0, "max_over_floor_case": "a", "mem_above_eager": {}}  # fmt: skip
+    verdicts = {t["target"].split(": ", 1)[1]: t["met"] for t in bench_ops.targets([summary])}
+    assert verdicts["no shape below 0.98x of eager"] is False
+    relaxed = {**summary, "slower_than_eager": {"b": 0.985}, "min_speedup_vs_eager": 0.985}
+    assert {t["target"].split(": ", 1)[1]: t["met"] for t in bench_ops.targets([relaxed])}[
+        "no shape below 0.98x of eager"
+    ]
+    geomean = verdicts["geomean speedup over eager >= 1.08 (aim 1.15)" if pass_ == "fwd+bwd" else
+                       "geomean speedup over eager >= 1.1 (aim)"]  # fmt: skip
+    assert geomean is (pass_ == "fwd+bwd")  # 1.09 reaches 1.08, not the forward's 1.10 aim
+
+
 def test_shapes_are_traced_from_torchvision():
     cases = bench_ops.trace_conv_cases(("resnet18", "resnet50"))
     names = {c.name for c in cases}

@@ -84,9 +84,10 @@ bool onednn_takes(at::ScalarType dtype) {
 }
 
 // Whether ATen itself would run this conv on oneDNN. For small convs (batch 1,
-// few elements) it picks its native kernel instead, several times faster than
-// any oneDNN primitive, whose setup alone costs tens of microseconds; there
-// the conv + epilogue pass wins, so post-ops ride only where ATen goes.
+// few elements; single-threaded 1x1 below batch 16) it picks its native
+// kernel instead, faster than a oneDNN primitive on unpacked weights, whose
+// setup alone costs tens of microseconds; there the conv + epilogue pass
+// wins, so post-ops ride only where ATen goes.
 bool aten_picks_onednn(
     const at::Tensor& x,
     const at::Tensor& weight,
