@@ -106,8 +106,8 @@ def test_every_epilogue_on_the_onednn_route(epilogue):
 
 @pytest.mark.parametrize("residual", [True, False])
 def test_small_batch_one_conv_takes_atens_native_conv(residual):
-    # ATen runs small batch-1 convs on its native kernel, several times faster than a oneDNN primitive's setup;
-    # the cpu backend follows it there (conv + epilogue pass) and takes oneDNN where ATen does.
+    # ATen runs small batch-1 convs on its native kernel, faster there than a oneDNN primitive on unpacked weights;
+    # the cpu backend follows it (conv + epilogue pass) and takes oneDNN where ATen does.
     small = case(torch.float32, "channels_last", residual=residual, n=1, c=8, hw=(6, 7), k=8)
     large = case(torch.float32, "channels_last", residual=residual, n=1, c=64, hw=(20, 20), k=8)
     assert not aten_picks_onednn(small) and aten_picks_onednn(large)
