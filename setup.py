@@ -46,10 +46,27 @@ def want_cuda(cuda_home: str | None) -> bool:
     return True
 
 
-# -lstdc++ names the shared C++ runtime before the driver's own libraries. Some toolchains' g++ is a wrapper that
-# adds -static-libstdc++ (seen on a CUDA image whose /opt/gcc/bin/g++ does); a private libstdc++ inside the extension
-# has no initialised locale, so formatting a number into an error message breaks it (GCC 12) or crashes (GCC 13).
-LINK_ARGS = ["-fopenmp", "-lstdc++"]
+def shared_cxx_runtime() -> str:
+    """The C++ runtime to link: the very libstdc++.so this process (torch) has loaded, by path, else -lstdc++.
+
+    Some toolchains link libstdc++ statically (seen on a CUDA image whose /opt/gcc/bin/g++ adds -static-libstdc++
+    and whose own lib folder holds only libstdc++.a, so even an explicit -lstdc++ found the archive). A private copy
+    inside the extension shares the process's locale data but not its code, and formatting a number into an error
+    message then comes out cut short (GCC 12) or crashes the process (GCC 13). A .so named by path links
+    dynamically whatever the driver adds, and every C++ symbol resolves from it, so the archive adds nothing.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so") and os.path.exists(path):
+                    return path
+    except OSError:
+        pass
+    return "-lstdc++"
+
+
+LINK_ARGS = ["-fopenmp", shared_cxx_runtime()]
 
 
 def make_extension():

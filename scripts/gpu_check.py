@@ -124,7 +124,13 @@ def step_build(info: dict, out: Path) -> list[dict]:
         return [_skipped("build", "no GPU (the CUDA build itself is covered by tests/test_cuda_build.py)")]
     cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-v", "-e", "."]
     # The default archs plus embedded PTX cover this GPU and newer ones.
-    return [_run("build", cmd, out / "build.log", {"RESNET_FUSED_BUILD_CUDA": "1"})]
+    build = _run("build", cmd, out / "build.log", {"RESNET_FUSED_BUILD_CUDA": "1"})
+    if build["status"] != "passed":
+        return [build]
+    # A toolchain that links libstdc++ statically makes every C++ error message crash the process; say so here,
+    # before the suite's workers start dying of it.
+    check = [*PYTEST, "tests/test_cuda_build.py", "-k", "shared_cxx_runtime or loads_and_registers"]
+    return [build, _run("link-check", check, out / "link_check.log")]
 
 
 def step_test(info: dict, out: Path) -> list[dict]:
@@ -204,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     info = _python_info()
     results = []
     for name in STEPS if args.step == "all" else [args.step]:
-        results += STEPS[name](info, out)
-        if name == "build" and results[-1]["status"].startswith("failed"):
+        step = STEPS[name](info, out)
+        results += step
+        if name == "build" and step[0]["status"].startswith("failed"):  # a failed link check still lets tests run
             break
     _write(out, info, results)
     for r in results:

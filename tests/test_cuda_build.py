@@ -4,6 +4,7 @@ the kernel-image check is registered, and ptxas reports no register spills for o
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
@@ -63,15 +64,91 @@ def test_extension_loads_and_registers_cpu_kernels():
     assert "cpu" in resnet_fused.available_backends()
 
 
-def test_extension_links_the_shared_cxx_runtime():
-    """The .so needs libstdc++.so, the process's (torch's), even where the compiler wrapper links it statically: a
-    private copy has no initialised locale, and a C++ error message with a number in it then comes out cut short
-    or crashes the process (seen with GCC 13 on a CUDA image)."""
+# Symbols only libstdc++ itself defines (no header emits them inline): std::locale::classic(), the
+# ostream::_M_insert<long> that formats an integer, and ios_base::Init's constructor.
+CXX_RUNTIME_SYMBOLS = ("_ZNSt6locale7classicEv", "_ZNSo9_M_insertIlEERSoT_", "_ZNSt8ios_base4InitC1Ev")
+
+
+def linked_cxx_runtime(so: Path) -> tuple[bool, list[str]]:
+    """(whether the .so needs libstdc++.so, the libstdc++ symbols it defines itself: a static copy)."""
     readelf = shutil.which("readelf")
     if readelf is None:
         pytest.skip("readelf not found")
-    needed = subprocess.run([readelf, "-d", str(so_path())], capture_output=True, text=True, check=True).stdout
-    assert re.search(r"NEEDED.*\[libstdc\+\+\.so", needed), needed
+    dynamic = subprocess.run([readelf, "-d", str(so)], capture_output=True, text=True, check=True).stdout
+    syms = subprocess.run([readelf, "--dyn-syms", "-W", str(so)], capture_output=True, text=True, check=True).stdout
+    # Rows: Num Value Size Type Bind Vis Ndx Name[@version]; Ndx UND marks a symbol the .so only uses.
+    rows = [line.split() for line in syms.splitlines()]
+    defined = {r[7].split("@")[0] for r in rows if len(r) >= 8 and r[0].endswith(":") and r[6] != "UND"}
+    return bool(re.search(r"NEEDED.*\[libstdc\+\+\.so", dynamic)), [s for s in CXX_RUNTIME_SYMBOLS if s in defined]
+
+
+def test_extension_links_the_shared_cxx_runtime():
+    """The .so uses the process's libstdc++.so (torch's) and holds no copy of its own, even where the compiler
+    wrapper links it statically: a private copy shares the process's locale data but not its code, and a C++ error
+    message with a number in it then comes out cut short or crashes the process (seen with GCC 13 on a CUDA
+    image)."""
+    needs_shared, own_copy = linked_cxx_runtime(so_path())
+    assert needs_shared and not own_copy, f"needs libstdc++.so: {needs_shared}; defines {own_copy}"
+
+
+def setup_link_args() -> list[str]:
+    """setup.py's LINK_ARGS, computed by its own code in this process (torch loaded), without running setup()."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    keep = [
+        n for n in tree.body
+        if (isinstance(n, ast.FunctionDef) and n.name == "shared_cxx_runtime")
+        or (isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "LINK_ARGS" for t in n.targets))
+    ]  # fmt: skip
+    namespace: dict = {"os": os}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), "setup.py", "exec"), namespace)
+    return namespace["LINK_ARGS"]
+
+
+FORMAT_A_NUMBER = """
+#include <cstring>
+#include <sstream>
+extern "C" int format_number(long v, char* out, int n) {
+  std::ostringstream s;
+  s << "got " << v;
+  std::strncpy(out, s.str().c_str(), n);
+  return 0;
+}
+"""
+
+
+def test_link_args_keep_the_shared_cxx_runtime_under_a_static_toolchain(tmp_path):
+    """setup.py's link arguments against a toolchain like the CUDA image's: a g++ that adds -static-libstdc++ and
+    whose own lib folder holds only libstdc++.a. Plain -lstdc++ picks up the archive there (the control); setup.py's
+    arguments must leave the library dynamic, with no copy of its own, and a number must format."""
+    import ctypes
+
+    gxx = shutil.which("g++")
+    if gxx is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs g++ on Linux")
+    archive = subprocess.run([gxx, "-print-file-name=libstdc++.a"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(archive) or not os.path.exists(archive):
+        pytest.skip("this g++ has no libstdc++.a")
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libstdc++.a").symlink_to(archive)
+    wrapper = tmp_path / "g++"
+    wrapper.write_text(f'#!/bin/sh\nexec {gxx} -L{tmp_path / "lib"} "$@" -static-libstdc++\n')
+    wrapper.chmod(0o755)
+    source = tmp_path / "format_number.cpp"
+    source.write_text(FORMAT_A_NUMBER)
+
+    def link(name: str, args: list[str]) -> Path:
+        so = tmp_path / name
+        subprocess.run([str(wrapper), "-shared", "-fPIC", "-O1", str(source), "-o", str(so), *args], check=True)
+        return so
+
+    control = link("control.so", ["-fopenmp", "-lstdc++"])
+    assert linked_cxx_runtime(control)[1], "the wrapper did not reproduce a static libstdc++ (the test proves nothing)"
+    fixed = link("fixed.so", setup_link_args())
+    needs_shared, own_copy = linked_cxx_runtime(fixed)
+    assert needs_shared and not own_copy, f"needs libstdc++.so: {needs_shared}; defines {own_copy}"
+    buf = ctypes.create_string_buffer(64)
+    assert ctypes.CDLL(str(fixed)).format_number(ctypes.c_long(-1234567890123), buf, 64) == 0
+    assert buf.value == b"got -1234567890123"
 
 
 def test_forced_cuda_build_has_device_code():
