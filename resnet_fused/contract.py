@@ -115,15 +115,15 @@ def check_inputs(
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """Validate the forward's arguments; returns ``(stride, padding, dilation)`` as pairs."""
     _check_tensor("x", x, None, optional=False)
-    if x.dim() != 4:
-        raise ValueError(f"x: expected a 4-D tensor (N, C, H, W), got {x.dim()}-D with shape {tuple(x.shape)}")
+    xs = x.shape  # read once: every .shape builds a new torch.Size
+    if len(xs) != 4:
+        raise ValueError(f"x: expected a 4-D tensor (N, C, H, W), got {len(xs)}-D with shape {tuple(xs)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x: expected a floating dtype (float32, float16, bfloat16, float64), got {x.dtype}")
     _check_tensor("weight", weight, x, optional=False)
-    if weight.dim() != 4:
-        raise ValueError(
-            f"weight: expected a 4-D tensor (K, C/groups, R, S), got {weight.dim()}-D with shape {tuple(weight.shape)}"
-        )
+    ws = weight.shape
+    if len(ws) != 4:
+        raise ValueError(f"weight: expected a 4-D tensor (K, C/groups, R, S), got {len(ws)}-D with shape {tuple(ws)}")
     for name, t in (("bias", bias), ("residual", residual), ("scale", scale)):
         _check_tensor(name, t, x, optional=True)
     stride = pair(stride, "stride", 1)
@@ -133,33 +133,33 @@ def check_inputs(
         raise ValueError(f"groups: expected an int >= 1, got {groups!r}")
     if not isinstance(relu, bool):
         raise TypeError(f"relu: expected a bool, got {relu!r}")
-    c, k = x.shape[1], weight.shape[0]
+    c, k = xs[1], ws[0]
     if c < 1:
         # ATen's conv2d returns a (N, 0, P, Q) output for C = 0, so there is no reference to agree with.
         raise ValueError(f"x: expected at least 1 input channel, got C={c}")
-    if min(x.shape[2:]) < 1:
-        raise ValueError(f"x: expected a spatial size (H, W) >= 1, got {tuple(x.shape[2:])}")  # as conv2d refuses
+    if xs[2] < 1 or xs[3] < 1:
+        raise ValueError(f"x: expected a spatial size (H, W) >= 1, got {tuple(xs[2:])}")  # as conv2d refuses
     if c % groups:
         raise ValueError(f"x: expected channels divisible by groups={groups}, got C={c}")
-    if weight.shape[1] * groups != c:
-        raise ValueError(f"weight: expected shape[1] == C/groups = {c // groups}, got {weight.shape[1]}")
+    if ws[1] * groups != c:
+        raise ValueError(f"weight: expected shape[1] == C/groups = {c // groups}, got {ws[1]}")
     if k % groups:
         raise ValueError(f"weight: expected out channels divisible by groups={groups}, got K={k}")
-    if min(weight.shape[2:]) < 1:
-        raise ValueError(f"weight: expected a kernel size (R, S) >= 1, got {tuple(weight.shape[2:])}")
+    if ws[2] < 1 or ws[3] < 1:
+        raise ValueError(f"weight: expected a kernel size (R, S) >= 1, got {tuple(ws[2:])}")
     for d in range(2):
-        padded = x.shape[2 + d] + 2 * padding[d]
-        extent = dilation[d] * (weight.shape[2 + d] - 1) + 1
+        padded = xs[2 + d] + 2 * padding[d]
+        extent = dilation[d] * (ws[2 + d] - 1) + 1
         if extent > padded:
             raise ValueError(
                 f"weight: expected a (dilated) kernel no larger than the padded input, got kernel extent {extent} "
                 f"> padded input {padded} in dim {2 + d}"
             )
     for name, t in (("bias", bias), ("scale", scale)):
-        if t is not None and tuple(t.shape) != (k,):
+        if t is not None and t.shape != (k,):
             raise ValueError(f"{name}: expected shape ({k},), got {tuple(t.shape)}")
     if residual is not None:
-        out_shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
+        out_shape = conv_output_shape(xs, ws, stride, padding, dilation)
         if list(residual.shape) != out_shape:
             raise ValueError(f"residual: expected the output's shape {tuple(out_shape)}, got {tuple(residual.shape)}")
     return stride, padding, dilation

@@ -102,7 +102,8 @@ def cache_key(x, weight, bias, residual, scale, stride, padding, dilation, group
     )  # fmt: skip
 
 
-def _needs_backward(*tensors: Tensor | None) -> bool:
+def needs_backward(*tensors: Tensor | None) -> bool:
+    """Whether autograd will record this call: grad mode is on and one of ``tensors`` requires grad."""
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
@@ -187,7 +188,7 @@ def choose(x, weight, bias, residual, scale, stride, padding, dilation, groups, 
             names[0],
             f"torch.use_deterministic_algorithms(True): the first of {names} in the backend table, never by timing",
         )
-    backward = _needs_backward(x, weight, bias, residual)
+    backward = needs_backward(x, weight, bias, residual)
     args = (x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
     key = (id(table), *cache_key(*args, backward=backward))
     hit = _CACHE.get(key)
@@ -228,6 +229,10 @@ def resolve_backend(backend: str, x: Tensor, *args, table: Table = BACKENDS, tim
     """The concrete backend a call with ``backend`` runs. ``args`` are the op's other (checked) arguments."""
     check_name(backend, table)
     if backend == "auto":
+        if _forced(table) is None:  # the common case without building choose()'s explanation
+            candidates = table.auto_candidates(x.device.type)
+            if len(candidates) == 1:
+                return candidates[0].name
         return choose(x, *args, table=table, timer=timer).backend
     check_runs(table, backend, x)
     return backend

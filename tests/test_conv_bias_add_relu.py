@@ -532,6 +532,24 @@ def test_auto_on_cpu_runs_the_cpu_kernels():
     assert torch.equal(y_auto, y_cpu)
 
 
+@pytest.mark.parametrize("target", target_params())
+def test_calls_without_autograd_match_recorded_calls(target):
+    """Without a gradient to record (no_grad, or no input requiring one) the public function bypasses torch.library's
+    autograd layer; its y must equal, bit for bit, the y of a call autograd records, and nothing gets a grad_fn."""
+    inputs = make_inputs(CASES["3x3"], F32, CL, FULL, device=target.device)
+    assert inputs.tensors["x"].requires_grad
+    recorded = run(target, inputs)
+    assert recorded.grad_fn is not None
+    with torch.no_grad():
+        y_no_grad = run(target, inputs)
+    detached = dict(inputs.tensors, **{k: t.detach() for k, t in inputs.tensors.items() if t is not None})
+    y_constants = resnet_fused.conv_bias_add_relu(**detached, **inputs.kwargs, backend=target.backend)
+    for y in (y_no_grad, y_constants):
+        assert y.grad_fn is None and not y.requires_grad
+        assert torch.equal(y, recorded.detach())
+    assert_close(y_no_grad, reference_forward(inputs), F32, "y", 72)
+
+
 def test_inference_mode_matches_reference():
     inputs = make_inputs(CASES["3x3"], F32, CL, FULL, requires_grad=False)
     with torch.inference_mode():
