@@ -49,11 +49,11 @@ def want_cuda(cuda_home: str | None) -> bool:
 def shared_cxx_runtime() -> str:
     """The C++ runtime to link: the very libstdc++.so this process (torch) has loaded, by path, else -lstdc++.
 
-    Some toolchains link libstdc++ statically (seen on a CUDA image whose /opt/gcc/bin/g++ adds -static-libstdc++
-    and whose own lib folder holds only libstdc++.a, so even an explicit -lstdc++ found the archive). A private copy
-    inside the extension shares the process's locale data but not its code, and formatting a number into an error
-    message then comes out cut short (GCC 12) or crashes the process (GCC 13). A .so named by path links
-    dynamically whatever the driver adds, and every C++ symbol resolves from it, so the archive adds nothing.
+    Some toolchains link libstdc++ statically (a CUDA image's /opt/gcc/bin/g++ does, and there even an explicit
+    -lstdc++ ended up with a private copy: the linker takes libstdc++.a from the first folder that has one). A
+    private copy inside the extension beside the process's own breaks number formatting: an error message comes
+    out cut short (GCC 12) or crashes the process (GCC 13). A .so named by path links dynamically whatever the
+    driver adds, and every C++ symbol resolves from it, so the archive adds nothing.
     """
     try:
         with open("/proc/self/maps") as maps:

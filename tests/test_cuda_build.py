@@ -84,9 +84,8 @@ def linked_cxx_runtime(so: Path) -> tuple[bool, list[str]]:
 
 def test_extension_links_the_shared_cxx_runtime():
     """The .so uses the process's libstdc++.so (torch's) and holds no copy of its own, even where the compiler
-    wrapper links it statically: a private copy shares the process's locale data but not its code, and a C++ error
-    message with a number in it then comes out cut short or crashes the process (seen with GCC 13 on a CUDA
-    image)."""
+    wrapper links it statically: with a private copy beside the process's own, a C++ error message with a number
+    in it comes out cut short or crashes the process (seen with GCC 13 on a CUDA image)."""
     needs_shared, own_copy = linked_cxx_runtime(so_path())
     assert needs_shared and not own_copy, f"needs libstdc++.so: {needs_shared}; defines {own_copy}"
 
@@ -117,9 +116,10 @@ extern "C" int format_number(long v, char* out, int n) {
 
 
 def test_link_args_keep_the_shared_cxx_runtime_under_a_static_toolchain(tmp_path):
-    """setup.py's link arguments against a toolchain like the CUDA image's: a g++ that adds -static-libstdc++ and
-    whose own lib folder holds only libstdc++.a. Plain -lstdc++ picks up the archive there (the control); setup.py's
-    arguments must leave the library dynamic, with no copy of its own, and a number must format."""
+    """setup.py's link arguments against a toolchain that behaves as the CUDA image's did: a g++ that adds
+    -static-libstdc++ and searches a folder holding only libstdc++.a first. Plain -lstdc++ picks up the archive
+    there (the control); setup.py's arguments must leave the library dynamic, with no copy of its own, and a number
+    must format."""
     import ctypes
 
     gxx = shutil.which("g++")
