@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
 
-.PHONY: all venv build test lint format bench bench-full clean gpu-build gpu-test gpu-sanitize gpu-bench gpu-check
+.PHONY: all venv build test lint format bench bench-full clean gpu-build gpu-test gpu-sanitize gpu-equivalence gpu-bench gpu-check
 
 all: build
 
@@ -49,7 +49,7 @@ bench: build
 bench-full: build
 	$(PY) -m benchmarks.main --full
 
-# On a machine with a CUDA GPU and its own torch (offline; torch is never installed): three steps of < 10 minutes
+# On a machine with a CUDA GPU and its own torch (offline; torch is never installed): five steps of < 10 minutes
 # each, results in benchmarks/results/gpu/. Without a GPU each step reports "skipped: no GPU".
 GPU_PYTHON ?= python3
 gpu-build:
@@ -58,6 +58,8 @@ gpu-test:
 	$(GPU_PYTHON) scripts/gpu_check.py test
 gpu-sanitize:
 	$(GPU_PYTHON) scripts/gpu_check.py sanitize
+gpu-equivalence:
+	$(GPU_PYTHON) scripts/gpu_check.py equivalence
 gpu-bench:
 	$(GPU_PYTHON) scripts/gpu_check.py bench
 gpu-check:

@@ -19,12 +19,16 @@ while any error of the backward itself still is.
 
 from __future__ import annotations
 
+import argparse
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 import resnet_fused
+from benchmarks import timing
 from benchmarks.bench_ops import DTYPES, LAYOUTS, ConvCase, trace_conv_cases
 from resnet_fused.backends import BACKENDS, INTERPRET
 
@@ -219,3 +223,21 @@ def format_table(result: dict) -> str:
         for f in r["failures"][:5]:
             lines.append(f"    {f}")
     return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m benchmarks.equivalence [--json PATH]``: the check alone; exit status 1 when a backend fails."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", default=None, help="also write the result as JSON")
+    parser.add_argument("--max-cases", type=int, default=None, help="only the first N distinct convs")
+    parser.add_argument("--no-progress", action="store_true")
+    a = parser.parse_args(argv)
+    result = run(max_cases=a.max_cases, progress=not a.no_progress)
+    print(format_table(result))
+    if a.json:
+        timing.write_json(Path(a.json), result)
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

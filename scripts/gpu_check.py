@@ -3,11 +3,12 @@
     python3 scripts/gpu_check.py build   # the extension against this python's torch (never installs torch)
     python3 scripts/gpu_check.py test    # correctness suite on cuda and triton, GPU runtime tests
     python3 scripts/gpu_check.py sanitize  # compute-sanitizer memcheck and racecheck on a trimmed suite
-    python3 scripts/gpu_check.py bench   # equivalence check, op and model benchmarks (CUDA events)
-    python3 scripts/gpu_check.py all     # the four, in order
+    python3 scripts/gpu_check.py equivalence  # every backend against float64 (about 9 minutes on an H200)
+    python3 scripts/gpu_check.py bench   # op and model benchmarks (CUDA events)
+    python3 scripts/gpu_check.py all     # the five, in order
 
 Each step is meant to fit a 10-minute slot and can run alone (``make gpu-build``, ``make gpu-test``,
-``make gpu-sanitize``, ``make gpu-bench``; ``make gpu-check`` runs all). Results go to benchmarks/results/gpu/:
+``make gpu-sanitize``, ``make gpu-equivalence``, ``make gpu-bench``; ``make gpu-check`` runs all). Results go to benchmarks/results/gpu/:
 ``gpu_check.json`` and ``gpu_check.md`` (every step passed, failed or skipped, with its log tail), ``environment.json`` (GPU, driver and versions), the test logs
 and the benchmark JSON/markdown/PNG. Without a GPU every step reports "skipped: no GPU", so the command dry-runs on
 any machine. Uses the standard library only, so it runs before anything is built.
@@ -167,14 +168,28 @@ def step_sanitize(info: dict, out: Path) -> list[dict]:
     return results
 
 
+def step_equivalence(info: dict, out: Path) -> list[dict]:
+    """Its own step: Triton compiles every case, about 4 s each on an H200, so it fills a slot alone."""
+    if not info.get("gpu"):
+        return [_skipped("equivalence", "no GPU")]
+    cmd = [sys.executable, "-m", "benchmarks.equivalence", "--no-progress", "--json", str(out / "equivalence.json")]
+    return [_run("equivalence", cmd, out / "equivalence.log")]
+
+
 def step_bench(info: dict, out: Path) -> list[dict]:
     if not info.get("gpu"):
         return [_skipped("bench", "no GPU")]
-    cmd = [sys.executable, "-m", "benchmarks.main", "--with-model", "--no-progress", "--out", str(out)]
-    return [_run("bench", cmd, out / "bench.log")]
+    cmd = [sys.executable, "-m", "benchmarks.main", "--skip-equivalence", "--with-model", "--no-progress"]
+    return [_run("bench", [*cmd, "--out", str(out)], out / "bench.log")]
 
 
-STEPS = {"build": step_build, "test": step_test, "sanitize": step_sanitize, "bench": step_bench}
+STEPS = {
+    "build": step_build,
+    "test": step_test,
+    "sanitize": step_sanitize,
+    "equivalence": step_equivalence,
+    "bench": step_bench,
+}
 
 
 def _write(out: Path, info: dict, results: list[dict]) -> None:

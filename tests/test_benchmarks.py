@@ -258,6 +258,18 @@ def test_main_tiny(tmp_path, capsys):
         assert (tmp_path / name).stat().st_size > 0
 
 
+def test_equivalence_alone(tmp_path, capsys):
+    """``python -m benchmarks.equivalence``, the GPU check's own step: the table, the JSON, and the exit status."""
+    from benchmarks import equivalence
+
+    path = tmp_path / "equivalence.json"
+    assert equivalence.main(["--max-cases", "1", "--no-progress", "--json", str(path)]) == 0
+    assert "equivalence vs float64 reference" in capsys.readouterr().out
+    result = json.loads(path.read_text())
+    assert result["passed"] and result["config"]["n_cases"] == 1
+    assert {r["backend"] for r in result["results"]} == set(resnet_fused.available_backends())
+
+
 def test_dilated_case_geometry_matches_conv2d():
     """A dilated case's output size, inputs and every implementation agree with F.conv2d's shape."""
     case = bench_ops.ConvCase(c=4, k=6, r=3, s=3, stride=2, padding=1, dilation=2, h=11, w=8, epilogue="bias+res+relu")

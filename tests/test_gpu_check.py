@@ -23,7 +23,7 @@ def test_gpu_check_dry_runs_without_a_gpu(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = {s["name"]: s["status"] for s in summary["steps"]}
-    assert set(steps) == {"build", "suite", "gpu-tests", "memcheck", "racecheck", "bench"}
+    assert set(steps) == {"build", "suite", "gpu-tests", "memcheck", "racecheck", "equivalence", "bench"}
     assert all(status.startswith("skipped: no GPU") for status in steps.values()), steps
     assert summary["environment"]["torch"] == torch.__version__
     assert summary["environment"]["gpu"] is None
