@@ -15,13 +15,21 @@ pre-activation ("mask flips", counted), the float64 value must lie within the dt
 (in bf16 a few hundred such elements are normal, for the eager op too). The gradients are then compared with the
 float64 backward *through the backend's own mask*, so a legitimate flip near zero is not counted as a gradient error
 while any error of the backward itself still is.
+
+On a CUDA device "fp32" runs with TF32 off for convolutions (every backend follows that setting, ``triton`` too), so it
+is held to the fp32 tolerance; "tf32" runs the same fp32 tensors with TF32 on, torch's default for cuDNN convolutions,
+at a tolerance for TF32's 10 mantissa bits. On CPU tensors "tf32" has no cases.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -29,11 +37,20 @@ from torch import Tensor
 
 import resnet_fused
 from benchmarks import timing
-from benchmarks.bench_ops import DTYPES, LAYOUTS, ConvCase, trace_conv_cases
+from benchmarks.bench_ops import LAYOUTS, ConvCase, trace_conv_cases
 from resnet_fused.backends import BACKENDS, INTERPRET
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# Per checked dtype: the tensors' dtype, the conv fp32 precision on CUDA (None: left as set) and the tolerance.
+# TF32 keeps 10 mantissa bits (unit roundoff 2^-11); bf16 keeps 7.
+CHECKED = {
+    "fp64": (torch.float64, None, 1e-10),
+    "fp32": (torch.float32, "ieee", 1e-5),
+    "tf32": (torch.float32, "tf32", 2e-3),
+    "fp16": (torch.float16, None, 2e-3),
+    "bf16": (torch.bfloat16, None, 1.6e-2),
+}
 TENSORS = ("out", "grad_x", "grad_weight", "grad_bias", "grad_residual")
+ROOT = Path(__file__).resolve().parent.parent
 INTERPRETER_MAX_CASES = 3  # the Triton interpreter is slow; it gets the smallest few convs
 
 
@@ -47,6 +64,28 @@ def _interpreted(backend: str) -> bool:
     """A GPU row (``auto`` picks it on CUDA only) run on CPU tensors: that is the Triton interpreter."""
     auto = BACKENDS[backend].auto_devices
     return INTERPRET and _device(backend).type == "cpu" and "cuda" in auto and "cpu" not in auto
+
+
+@contextlib.contextmanager
+def conv_fp32_precision(precision: str | None) -> Iterator[None]:
+    """cuDNN convolutions' fp32 precision ("ieee" or "tf32") for the block; ``triton`` reads the same setting."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if precision is None or not torch.cuda.is_available():
+        yield
+    elif not hasattr(conv, "fp32_precision"):  # a torch before the per-op settings
+        old = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = precision == "tf32"
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = old
+    else:
+        old = conv.fp32_precision
+        conv.fp32_precision = precision
+        try:
+            yield
+        finally:
+            conv.fp32_precision = old
 
 
 def _run(backend: str | None, case: ConvCase, leaves: dict[str, Tensor | None], grad_out: Tensor) -> dict[str, Tensor]:
@@ -94,9 +133,13 @@ def _reductions(case: ConvCase, batch: int) -> dict[str, int]:
 
 
 def check_case(
-    case: ConvCase, backends: Sequence[str], dtype: torch.dtype, layout: str, batch: int, seed: int = 0
+    case: ConvCase, backends: Sequence[str], checked: str, layout: str, batch: int, seed: int = 0
 ) -> dict[str, dict]:
-    """backend -> {tensor -> (normalized max error, passed)} plus mask-flip counts, for one case."""
+    """backend -> {tensor -> (normalized max error, passed)} plus mask-flip counts, for one case.
+
+    ``checked`` is a key of ``CHECKED`` (the tensors' dtype, TF32 on or off, the tolerance).
+    """
+    dtype, precision, base_tol = CHECKED[checked]
     g = torch.Generator().manual_seed(seed)
     fmt = LAYOUTS[layout]
     p, q = case.out_hw()
@@ -124,11 +167,12 @@ def check_case(
     red = _reductions(case, batch)
     results: dict[str, dict] = {}
     for backend in backends:
-        got = _run(backend, case, leaves, grad_out)
+        with conv_fp32_precision(precision):
+            got = _run(backend, case, leaves, grad_out)
         row: dict = {"mask_flips": 0, "mask_flips_outside_band": 0}
         expected = ref
         if relu:
-            tol_out = TOL[dtype] * max(1.0, red["out"] ** 0.5 / 4)
+            tol_out = base_tol * max(1.0, red["out"] ** 0.5 / 4)
             band = 4 * tol_out * max(pre.abs().max().item(), 1.0)
             flips = (got["out"] > 0) != (pre > 0)
             row["mask_flips"] = int(flips.sum())
@@ -140,7 +184,7 @@ def check_case(
             if name not in expected:
                 continue
             a, e = got[name].double(), expected[name]
-            tol = TOL[dtype] * max(1.0, red[name] ** 0.5 / 4)
+            tol = base_tol * max(1.0, red[name] ** 0.5 / 4)
             mag = max(e.abs().max().item() if e.numel() else 0.0, 1.0)
             diff = (a - e).abs()
             err = diff.max().item() / mag if diff.numel() else 0.0
@@ -155,13 +199,18 @@ def run(
     models: Sequence[str] = ("resnet18", "resnet50"),
     hw: int = 32,
     batch: int = 2,
-    dtypes: Sequence[str] = ("fp32", "bf16"),
+    dtypes: Sequence[str] = ("fp32", "tf32", "bf16"),
     layouts: Sequence[str] = ("channels_last", "nchw"),
     backends: Sequence[str] | None = None,
     max_cases: int | None = None,
+    shard: tuple[int, int] = (0, 1),
     progress: bool = True,
 ) -> dict:
-    """Check every backend on every case; returns per (backend, dtype) the max error per tensor and pass/fail."""
+    """Check every backend on every case; returns per (backend, dtype) the max error per tensor and pass/fail.
+
+    ``dtypes`` are keys of ``CHECKED``; "tf32" checks only backends that run on a CUDA device. ``shard=(i, n)``
+    checks every n-th (case, dtype, layout) from the i-th, for :func:`merge` to combine.
+    """
     from tqdm import tqdm
 
     backends = list(backends or BACKENDS.available())
@@ -170,10 +219,14 @@ def run(
         cases = cases[:max_cases]
     small = sorted(cases, key=lambda c: c.c * c.k * c.r * c.s)[:INTERPRETER_MAX_CASES]
     table: dict[tuple[str, str], dict] = {}
-    work = [(c, d, lay) for d in dtypes for lay in layouts for c in cases]
+    work = [(c, d, lay) for d in dtypes for lay in layouts for c in cases][shard[0] :: shard[1]]
     for case, dtype_name, layout in tqdm(work, desc="equivalence", unit="case", disable=not progress, leave=False):
         todo = [b for b in backends if case in small or not _interpreted(b)]
-        res = check_case(case, todo, DTYPES[dtype_name], layout, batch)
+        if CHECKED[dtype_name][1] == "tf32":  # TF32 exists on CUDA devices only
+            todo = [b for b in todo if _device(b).type == "cuda"]
+        if not todo:
+            continue
+        res = check_case(case, todo, dtype_name, layout, batch)
         for backend, row in res.items():
             agg = table.setdefault(
                 (backend, dtype_name), {"cases": 0, "passed": True, "mask_flips": 0, "failures": [], "errors": {}}
@@ -206,6 +259,46 @@ def run(
     }
 
 
+def merge(parts: Sequence[dict]) -> dict:
+    """One result from the results of ``run`` over all shards of the same work."""
+    config = parts[0]["config"]
+    table: dict[tuple[str, str], dict] = {}
+    for part in parts:
+        for r in part["results"]:
+            agg = table.setdefault(
+                (r["backend"], r["dtype"]), {"cases": 0, "passed": True, "mask_flips": 0, "failures": [], "errors": {}}
+            )
+            agg["cases"] += r["cases"]
+            agg["passed"] &= r["passed"]
+            agg["mask_flips"] += r["mask_flips"]
+            agg["failures"] += r["failures"]
+            for name, err in r["errors"].items():
+                agg["errors"][name] = max(agg["errors"].get(name, 0.0), err)
+    order = sorted(table, key=lambda k: (config["dtypes"].index(k[1]), config["backends"].index(k[0])))
+    return {
+        "config": config,
+        "results": [{"backend": b, "dtype": d, **table[(b, d)]} for b, d in order],
+        "passed": all(p["passed"] for p in parts),
+    }
+
+
+def _run_jobs(argv: Sequence[str], jobs: int, tmp: Path) -> dict:
+    """The same check in ``jobs`` processes (Triton compiles each case on one host core), merged."""
+    procs = []
+    for i in range(jobs):
+        cmd = [sys.executable, "-m", "benchmarks.equivalence", *argv, "--shard", f"{i}/{jobs}"]
+        cmd += ["--no-progress", "--json", str(tmp / f"shard{i}.json")]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate()[0] for p in procs]
+    parts = []
+    for i, (proc, out) in enumerate(zip(procs, outputs, strict=True)):
+        path = tmp / f"shard{i}.json"
+        if proc.returncode not in (0, 1) or not path.exists():
+            raise RuntimeError(f"equivalence shard {i}/{jobs} exited with {proc.returncode}:\n{out}")
+        parts.append(json.loads(path.read_text()))
+    return merge(parts)
+
+
 def format_table(result: dict) -> str:
     """Console table: max normalized error per tensor for each (backend, dtype)."""
     head = f"{'backend':10s} {'dtype':5s} {'cases':>5s} " + " ".join(f"{t:>13s}" for t in TENSORS) + "  flips  result"
@@ -230,9 +323,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=None, help="also write the result as JSON")
     parser.add_argument("--max-cases", type=int, default=None, help="only the first N distinct convs")
+    parser.add_argument("--backends", default=None, help="comma list (default: every available backend)")
+    parser.add_argument("--dtypes", default="fp32,tf32,bf16", help=f"comma list of {','.join(CHECKED)}")
+    parser.add_argument("--layouts", default="channels_last,nchw", help=f"comma list of {','.join(LAYOUTS)}")
+    parser.add_argument("--jobs", type=int, default=1, help="processes to spread the cases over (default 1)")
+    parser.add_argument("--shard", default="0/1", help="i/n: every n-th case from the i-th (what --jobs runs)")
     parser.add_argument("--no-progress", action="store_true")
     a = parser.parse_args(argv)
-    result = run(max_cases=a.max_cases, progress=not a.no_progress)
+    split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    if a.jobs < 1:
+        parser.error(f"--jobs: expected a positive number, got {a.jobs}")
+    if a.jobs > 1:
+        keep = ["--dtypes", a.dtypes, "--layouts", a.layouts]
+        keep += ["--backends", a.backends] if a.backends else []
+        keep += ["--max-cases", str(a.max_cases)] if a.max_cases is not None else []
+        with tempfile.TemporaryDirectory() as tmp:
+            result = _run_jobs(keep, a.jobs, Path(tmp))
+    else:
+        i, _, n = a.shard.partition("/")
+        i, n = (int(v) if v.isdigit() else -1 for v in (i, n))
+        if not 0 <= i < n:
+            parser.error(f"--shard: expected i/n with 0 <= i < n, got {a.shard}")
+        result = run(
+            backends=split(a.backends) if a.backends else None,
+            dtypes=split(a.dtypes),
+            layouts=split(a.layouts),
+            max_cases=a.max_cases,
+            shard=(i, n),
+            progress=not a.no_progress,
+        )
     print(format_table(result))
     if a.json:
         timing.write_json(Path(a.json), result)

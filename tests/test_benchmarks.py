@@ -270,6 +270,64 @@ def test_equivalence_alone(tmp_path, capsys):
     assert {r["backend"] for r in result["results"]} == set(resnet_fused.available_backends())
 
 
+def test_equivalence_alone_splits_by_backend_dtype_and_layout(tmp_path, capsys):
+    """The GPU check runs the slow Triton cases in several processes: one per dtype, layout or backend."""
+    from benchmarks import equivalence
+
+    path = tmp_path / "equivalence.json"
+    args = ["--max-cases", "1", "--backends", "reference", "--dtypes", "fp32", "--layouts", "nchw", "--no-progress"]
+    assert equivalence.main([*args, "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["config"]["layouts"] == ["nchw"] and result["config"]["backends"] == ["reference"]
+    assert [(r["backend"], r["dtype"], r["cases"]) for r in result["results"]] == [("reference", "fp32", 1)]
+
+
+def test_equivalence_in_several_processes_equals_one(tmp_path, capsys):
+    """``--jobs 2`` shards the cases over two processes; the merged result is the one-process result."""
+    from benchmarks import equivalence
+
+    args = ["--max-cases", "2", "--backends", "cpu,reference", "--dtypes", "fp32", "--layouts", "nchw,channels_last"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert equivalence.main([*args, "--no-progress", "--json", str(one)]) == 0
+    assert equivalence.main([*args, "--jobs", "2", "--no-progress", "--json", str(two)]) == 0
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert a["results"] == b["results"] and a["passed"] and b["passed"]
+    assert [r["cases"] for r in b["results"]] == [4, 4]
+    half = equivalence.run(backends=["reference"], dtypes=["fp32"], layouts=["nchw"], max_cases=2, shard=(1, 2))
+    assert [r["cases"] for r in half["results"]] == [1]
+    with pytest.raises(SystemExit):
+        equivalence.main([*args, "--shard", "2/2"])
+    assert "--shard: expected i/n with 0 <= i < n, got 2/2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_equivalence_sets_the_conv_fp32_precision_and_restores_it(monkeypatch, precision):
+    """On CUDA "fp32" is checked with TF32 off and "tf32" with it on (torch's default turns it on for convs)."""
+    from benchmarks import equivalence
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    with equivalence.conv_fp32_precision(precision):
+        assert conv.fp32_precision == precision
+    assert conv.fp32_precision == before
+    with pytest.raises(RuntimeError), equivalence.conv_fp32_precision(precision):
+        raise RuntimeError("a failing case still restores the setting")
+    assert conv.fp32_precision == before
+
+
+def test_equivalence_has_no_tf32_cases_on_cpu_tensors():
+    from benchmarks import equivalence
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    result = equivalence.run(dtypes=("tf32",), max_cases=1, progress=False)
+    assert result["results"] == []
+    assert [r["dtype"] for r in equivalence.run(dtypes=("fp32",), max_cases=1, progress=False)["results"]] == [
+        "fp32"
+    ] * len(resnet_fused.available_backends())
+
+
 def test_dilated_case_geometry_matches_conv2d():
     """A dilated case's output size, inputs and every implementation agree with F.conv2d's shape."""
     case = bench_ops.ConvCase(c=4, k=6, r=3, s=3, stride=2, padding=1, dilation=2, h=11, w=8, epilogue="bias+res+relu")
