@@ -58,6 +58,17 @@ void check_like_x(
       py_dtype(x.scalar_type()), " (x's), got ", py_dtype(t->scalar_type()));
 }
 
+// The op has no forward-mode (jvp) rule, and torch.library would drop a dual
+// tensor's tangent without a word; refuse it instead. Forward AD has one
+// level, 0 (torch refuses nested levels).
+void check_no_tangent(const std::optional<at::Tensor>& t, const char* name) {
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !t.has_value() || !t->_fw_grad(/*level=*/0).defined(), name,
+      ": expected a tensor without a forward-mode tangent (the fused op has no "
+      "jvp rule), got a dual tensor. resnet_fused.conv_bias_add_relu(..., "
+      "backend='auto') computes forward-mode AD through the unfused ops.");
+}
+
 } // namespace
 
 void check_conv_bias_add_relu_args(
@@ -271,6 +282,11 @@ at::Tensor run_conv_bias_add_relu(
     FusedForward fused_forward) {
   check_conv_bias_add_relu_args(
       x, weight, bias, residual, scale, stride, padding, dilation, groups);
+  check_no_tangent(x, "x");
+  check_no_tangent(weight, "weight");
+  check_no_tangent(bias, "bias");
+  check_no_tangent(residual, "residual");
+  check_no_tangent(scale, "scale");
   const auto fmt = output_memory_format(x);
   const auto shape = conv_output_shape(x, weight, stride, padding, dilation);
   if (c10::multiply_integers(shape) == 0) {

@@ -203,6 +203,38 @@ def check_scale_constant(scale: Tensor | None) -> None:
         )
 
 
+def _tangent(t: Tensor | None) -> bool:
+    return t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+
+
+def check_no_tangent(**tensors: Tensor | None) -> None:
+    """The fused ops have no forward-mode (jvp) rule, and torch.library would drop a dual tensor's tangent without a
+    word; refuse it instead. :func:`resnet_fused.conv_bias_add_relu` routes such calls to the unfused ops."""
+    if torch.autograd.forward_ad._current_level < 0:  # no dual level entered: no tangents anywhere
+        return
+    for name, t in tensors.items():
+        if _tangent(t):
+            raise NotImplementedError(
+                f"{name}: expected a tensor without a forward-mode tangent (the fused op has no jvp rule), got a "
+                "dual tensor. resnet_fused.conv_bias_add_relu(..., backend='auto') computes forward-mode AD through "
+                "the unfused ops."
+            )
+
+
+def differentiated_by_transform(*tensors: Tensor | None) -> bool:
+    """Whether this call runs under forward-mode AD with a dual input, or under a ``torch.func`` transform that
+    differentiates (grad, vjp, jvp, jacrev, jacfwd, hessian). torch.library custom ops support neither: ``jvp`` would
+    silently give zero tangents, ``grad`` raises from inside torch. ``vmap`` alone works and is not counted."""
+    if torch.autograd.forward_ad._current_level >= 0 and any(_tangent(t) for t in tensors):
+        return True
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters())
+
+
 # ---- autocast: the op runs in the dtype autocast gives F.conv2d ----
 
 AUTOCAST_DEVICES = ("cpu", "cuda")

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from resnet_fused import contract
-from resnet_fused.backends import BACKENDS, available_backends
+from resnet_fused import contract, reference
+from resnet_fused.backends import BACKENDS, available_backends, check_name
 from resnet_fused.select import needs_backward, resolve_backend
 
 __all__ = ["available_backends", "conv_bias_add_relu"]
@@ -51,6 +51,10 @@ def conv_bias_add_relu(
         x, weight, bias, residual, scale, stride, padding, dilation, groups, relu
     )
     contract.check_scale_constant(scale)
+    if not torch.compiler.is_compiling() and contract.differentiated_by_transform(x, weight, bias, residual, scale):
+        return _unfused_for_transform(
+            x, weight, bias, residual, scale, stride, padding, dilation, groups, relu, backend
+        )
     args = (weight, bias, residual, scale, stride, padding, dilation, groups, relu)
     op = BACKENDS[resolve_backend(backend, x, *args)].op
     if torch.compiler.is_compiling() or needs_backward(x, weight, bias, residual):
@@ -59,3 +63,21 @@ def conv_bias_add_relu(
     # costs ~20 us a call even under no_grad (as much as a small conv itself).
     with torch._C._AutoDispatchBelowAutograd():
         return op(x, *args)
+
+
+def _unfused_for_transform(
+    x, weight, bias, residual, scale, stride, padding, dilation, groups, relu, backend
+) -> Tensor:
+    """Forward-mode AD and ``torch.func``'s differentiating transforms, which no fused op supports: ``auto`` and
+    ``reference`` compute through the unfused ops (exact derivatives, unfused speed); a named fused backend refuses."""
+    check_name(backend, BACKENDS)
+    if backend not in ("auto", "reference"):
+        raise NotImplementedError(
+            f"backend: expected 'auto' or 'reference' under forward-mode AD (dual tensors) or torch.func.grad/jvp/"
+            f"vjp/jacrev/jacfwd, which the fused ops do not support, got {backend!r}"
+        )
+    contract.check_no_tangent(scale=scale)  # a constant, as under reverse mode
+    return reference.conv_bias_add_relu(
+        x, weight, bias, residual, scale=scale, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        relu=relu,
+    )  # fmt: skip

@@ -550,6 +550,98 @@ def test_calls_without_autograd_match_recorded_calls(target):
     assert_close(y_no_grad, reference_forward(inputs), F32, "y", 72)
 
 
+def _with_tangents(inputs):
+    """Float64 tensors of ``inputs`` (scale left constant) and a tangent for each, drawn from a fixed seed."""
+    gen = torch.Generator().manual_seed(1)
+    primals = {k: t.detach() for k, t in inputs.tensors.items() if t is not None}
+    tangents = {k: torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for k, t in primals.items()}
+    return primals, tangents
+
+
+def _expected_jvp(inputs, primals, tangents):
+    def f(*ts):
+        return reference.conv_bias_add_relu(**dict(zip(primals, ts, strict=True)), **inputs.kwargs)
+
+    return torch.func.jvp(f, tuple(primals.values()), tuple(tangents.values()))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_forward_mode_ad_goes_through_the_unfused_ops(backend):
+    """No fused op has a jvp rule (torch.library would drop the tangent without a word), so under forward-mode AD
+    ``auto`` and ``reference`` compute through the unfused ops: the tangent equals the float64 reference's, from dual
+    tensors and from torch.func.jvp alike."""
+    inputs = make_inputs(CASES["3x3"], F64, CL, FULL)
+    primals, tangents = _with_tangents(inputs)
+    y_ref, ty_ref = _expected_jvp(inputs, primals, tangents)
+    assert ty_ref.abs().sum() > 0
+    with torch.autograd.forward_ad.dual_level():
+        duals = {k: torch.autograd.forward_ad.make_dual(primals[k], tangents[k]) for k in primals}
+        y = resnet_fused.conv_bias_add_relu(**duals, **inputs.kwargs, backend=backend)
+        y, ty = torch.autograd.forward_ad.unpack_dual(y)
+    assert_close(y, y_ref, F64, "y", 72)
+    assert_close(ty, ty_ref, F64, "tangent", 72)
+
+    def f(*ts):
+        return resnet_fused.conv_bias_add_relu(**dict(zip(primals, ts, strict=True)), **inputs.kwargs, backend=backend)
+
+    _, ty = torch.func.jvp(f, tuple(primals.values()), tuple(tangents.values()))
+    assert_close(ty, ty_ref, F64, "torch.func.jvp tangent", 72)
+
+
+def test_torch_func_grad_goes_through_the_unfused_ops():
+    """torch.func.grad cannot run torch.library's autograd; ``auto`` takes the unfused ops, with float64's gradients."""
+    inputs = make_inputs(CASES["3x3"], F64, CL, FULL)
+    primals = {k: t.detach() for k, t in inputs.tensors.items() if t is not None}
+
+    def loss(fn, *ts):
+        return (fn(**dict(zip(primals, ts, strict=True)), **inputs.kwargs) * inputs.grad_out).sum()
+
+    argnums = tuple(range(len(primals)))
+    got = torch.func.grad(lambda *ts: loss(resnet_fused.conv_bias_add_relu, *ts), argnums)(*primals.values())
+    expected = torch.func.grad(lambda *ts: loss(reference.conv_bias_add_relu, *ts), argnums)(*primals.values())
+    for name, g, e in zip(primals, got, expected, strict=True):
+        assert_close(g, e, F64, f"grad_{name}", 72)
+
+
+@pytest.mark.parametrize("target", target_params())
+def test_forward_mode_ad_refused_by_a_named_fused_backend(target):
+    inputs = make_inputs(CASES["3x3"], F32, CL, FULL, device=target.device)
+    primals, tangents = _with_tangents(inputs)
+    with torch.autograd.forward_ad.dual_level():
+        x = torch.autograd.forward_ad.make_dual(primals["x"], tangents["x"])
+        args = dict(primals, x=x)
+        with pytest.raises(
+            NotImplementedError, match=rf"backend: expected 'auto' or 'reference' .* got '{target.backend}'"
+        ):
+            resnet_fused.conv_bias_add_relu(**args, **inputs.kwargs, backend=target.backend)
+    with pytest.raises(NotImplementedError, match="backend: expected 'auto' or 'reference'"):
+        torch.func.jvp(
+            lambda x: resnet_fused.conv_bias_add_relu(x, primals["weight"], backend=target.backend),
+            (primals["x"],),
+            (tangents["x"],),
+        )
+
+
+@pytest.mark.parametrize("name", ["x", "weight", "bias", "residual", "scale"])
+@pytest.mark.parametrize("target", target_params())
+def test_dual_tensor_refused_by_every_forward_op(target, name):
+    """A direct op call with a dual tensor raises, naming the argument, instead of losing its tangent."""
+    backend = target.backend
+    inputs = make_inputs(CASES["3x3"], F32, CL, FULL, device=target.device)
+    args = dict(inputs.tensors, scale=inputs.kwargs["scale"])
+    args = {k: t.detach() for k, t in args.items()}
+    with torch.autograd.forward_ad.dual_level():
+        args[name] = torch.autograd.forward_ad.make_dual(args[name], torch.ones_like(args[name]))
+        call = Inputs(
+            {k: args[k] for k in ("x", "weight", "bias", "residual")}, dict(inputs.kwargs, scale=args["scale"]), None
+        )
+        with pytest.raises(NotImplementedError, match=f"{name}: expected a tensor without a forward-mode tangent"):
+            forward_op(backend)(*call.op_args())
+        if name == "scale":  # a constant for the public function too
+            with pytest.raises(NotImplementedError, match="scale: expected a tensor without a forward-mode tangent"):
+                resnet_fused.conv_bias_add_relu(**call.tensors, **call.kwargs)
+
+
 def test_inference_mode_matches_reference():
     inputs = make_inputs(CASES["3x3"], F32, CL, FULL, requires_grad=False)
     with torch.inference_mode():

@@ -257,6 +257,26 @@ def test_repeated_calls_skip_the_checks_and_still_see_every_change(monkeypatch, 
         call(x, res[:, :, :6])  # a bad residual after good calls still gets the error
 
 
+@pytest.mark.parametrize("grad_mode", ["no_grad", "grad"])
+def test_forward_mode_ad_matches_float64(grad_mode):
+    """Forward AD runs even under no_grad, where the packed path would drop the tangent: a prepared model (and a
+    converted one) takes the unfused ops for dual inputs and torch.func.jvp, with float64's tangent."""
+    model = converted_resnet18()
+    x, tx = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    _, expected = torch.func.jvp(copy.deepcopy(model).double(), (x.double(),), (tx.double(),))
+    prepared = optimize_for_inference(copy.deepcopy(model))
+    with torch.no_grad() if grad_mode == "no_grad" else torch.enable_grad():
+        prepared(x)  # packs, and remembers this call's signature
+        for net in (model, prepared):
+            _, t = torch.func.jvp(net, (x,), (tx,))
+            assert_close(t, expected, torch.float32, "torch.func.jvp tangent", reductions=4608)
+            with torch.autograd.forward_ad.dual_level():
+                y = net(torch.autograd.forward_ad.make_dual(x, tx))
+                t = torch.autograd.forward_ad.unpack_dual(y).tangent
+            assert t is not None
+            assert_close(t, expected, torch.float32, "dual tangent", reductions=4608)
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match=r"expected a model in eval mode .* got training=True"):
         optimize_for_inference(small_net().train())

@@ -44,6 +44,7 @@ def conv_bias_add_relu_triton(
     stride, padding, dilation = contract.check_inputs(
         x, weight, bias, residual, scale, stride, padding, dilation, groups, relu
     )
+    contract.check_no_tangent(x=x, weight=weight, bias=bias, residual=residual, scale=scale)
     _check_groups(groups)
     return launch.forward(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
 
