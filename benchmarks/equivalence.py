@@ -253,9 +253,11 @@ def run(
             "layouts": list(layouts),
             "n_cases": len(cases),
             "backends": backends,
+            "shard": list(shard),
         },
         "results": [{"backend": b, "dtype": d, **v} for (b, d), v in table.items()],
-        "passed": all(v["passed"] for v in table.values()),
+        # Nothing checked (say "tf32" alone on CPU tensors) is no pass.
+        "passed": bool(table) and all(v["passed"] for v in table.values()),
     }
 
 
@@ -276,25 +278,34 @@ def merge(parts: Sequence[dict]) -> dict:
                 agg["errors"][name] = max(agg["errors"].get(name, 0.0), err)
     order = sorted(table, key=lambda k: (config["dtypes"].index(k[1]), config["backends"].index(k[0])))
     return {
-        "config": config,
+        "config": {**config, "shard": [0, 1]},
         "results": [{"backend": b, "dtype": d, **table[(b, d)]} for b, d in order],
-        "passed": all(p["passed"] for p in parts),
+        "passed": bool(table) and all(v["passed"] for v in table.values()),
     }
 
 
 def _run_jobs(argv: Sequence[str], jobs: int, tmp: Path) -> dict:
     """The same check in ``jobs`` processes (Triton compiles each case on one host core), merged."""
     procs = []
-    for i in range(jobs):
-        cmd = [sys.executable, "-m", "benchmarks.equivalence", *argv, "--shard", f"{i}/{jobs}"]
-        cmd += ["--no-progress", "--json", str(tmp / f"shard{i}.json")]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate()[0] for p in procs]
+    try:
+        for i in range(jobs):
+            cmd = [sys.executable, "-m", "benchmarks.equivalence", *argv, "--shard", f"{i}/{jobs}"]
+            cmd += ["--no-progress", "--json", str(tmp / f"shard{i}.json")]
+            with (tmp / f"shard{i}.log").open("w") as log:  # a file, not a pipe: no shard waits on a full pipe
+                procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+        for proc in procs:
+            proc.wait()
+    finally:  # interrupted or timed out: no shard outlives the check
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     parts = []
-    for i, (proc, out) in enumerate(zip(procs, outputs, strict=True)):
+    for i, proc in enumerate(procs):
         path = tmp / f"shard{i}.json"
         if proc.returncode not in (0, 1) or not path.exists():
-            raise RuntimeError(f"equivalence shard {i}/{jobs} exited with {proc.returncode}:\n{out}")
+            out = (tmp / f"shard{i}.log").read_text()
+            raise RuntimeError(f"equivalence shard {i}/{jobs} exited with {proc.returncode}:\n{out[-4000:]}")
         parts.append(json.loads(path.read_text()))
     return merge(parts)
 
@@ -333,6 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     if a.jobs < 1:
         parser.error(f"--jobs: expected a positive number, got {a.jobs}")
+    for option, given, known in (("--dtypes", a.dtypes, CHECKED), ("--layouts", a.layouts, LAYOUTS)):
+        unknown = [v for v in split(given) if v not in known]
+        if unknown or not split(given):
+            parser.error(f"{option}: expected a comma list of {','.join(known)}, got {given!r}")
     if a.jobs > 1:
         keep = ["--dtypes", a.dtypes, "--layouts", a.layouts]
         keep += ["--backends", a.backends] if a.backends else []

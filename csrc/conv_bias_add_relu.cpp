@@ -5,6 +5,8 @@
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
+#include <string_view>
+
 #include "conv_bias_add_relu.h"
 
 extern "C" {
@@ -62,6 +64,14 @@ void check_like_x(
 // tensor's tangent without a word; refuse it instead. Forward AD has one
 // level, 0 (torch refuses nested levels).
 void check_no_tangent(const std::optional<at::Tensor>& t, const char* name) {
+  if (std::string_view(name) == "scale") {
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        !t.has_value() || !t->_fw_grad(/*level=*/0).defined(),
+        "scale: expected a constant without a forward-mode tangent (like a "
+        "frozen BatchNorm's, it gets no derivative), got a dual tensor. Detach "
+        "it or keep it as a buffer.");
+    return;
+  }
   TORCH_CHECK_NOT_IMPLEMENTED(
       !t.has_value() || !t->_fw_grad(/*level=*/0).defined(), name,
       ": expected a tensor without a forward-mode tangent (the fused op has no "

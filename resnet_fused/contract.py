@@ -213,6 +213,11 @@ def check_no_tangent(**tensors: Tensor | None) -> None:
     if torch.autograd.forward_ad._current_level < 0:  # no dual level entered: no tangents anywhere
         return
     for name, t in tensors.items():
+        if name == "scale" and _tangent(t):
+            raise NotImplementedError(
+                "scale: expected a constant without a forward-mode tangent (like a frozen BatchNorm's, it gets no "
+                "derivative), got a dual tensor. Detach it or keep it as a buffer."
+            )
         if _tangent(t):
             raise NotImplementedError(
                 f"{name}: expected a tensor without a forward-mode tangent (the fused op has no jvp rule), got a "
@@ -224,7 +229,11 @@ def check_no_tangent(**tensors: Tensor | None) -> None:
 def differentiated_by_transform(*tensors: Tensor | None) -> bool:
     """Whether this call runs under forward-mode AD with a dual input, or under a ``torch.func`` transform that
     differentiates (grad, vjp, jvp, jacrev, jacfwd, hessian). torch.library custom ops support neither: ``jvp`` would
-    silently give zero tangents, ``grad`` raises from inside torch. ``vmap`` alone works and is not counted."""
+    silently give zero tangents, ``grad`` raises from inside torch. ``vmap`` alone works and is not counted, except
+    while ``torch.compile`` traces: dynamo cannot read functorch's interpreter stack but folds whether any transform
+    is active, so there every transform counts (the unfused ops are exact under all of them)."""
+    if torch.compiler.is_compiling():
+        return torch._C._are_functorch_transforms_active()
     if torch.autograd.forward_ad._current_level >= 0 and any(_tangent(t) for t in tensors):
         return True
     if torch._C._functorch.peek_interpreter_stack() is None:

@@ -155,7 +155,8 @@ class PackedFusedConv2d(FusedConv2d):
     ) -> Tensor:
         """As :meth:`FusedConv2d.conv_bias_add_relu`, on the prepacked weight when the call allows it."""
         relu = self.relu if relu is None else relu
-        if contract.differentiated_by_transform(x, residual, scale, bias):  # forward AD runs even under no_grad
+        # Forward AD runs even under no_grad, where the packed path would drop a tangent (the weight's too).
+        if contract.differentiated_by_transform(x, self.weight if weight is None else weight, residual, scale, bias):
             return super().conv_bias_add_relu(x, residual, weight=weight, scale=scale, bias=bias, relu=relu)
         # Without autograd, a call like the last checked one skips the checks (their inputs are all in the
         # signature) and the pack lookup. With autograd, every call is checked.

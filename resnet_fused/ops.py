@@ -51,7 +51,7 @@ def conv_bias_add_relu(
         x, weight, bias, residual, scale, stride, padding, dilation, groups, relu
     )
     contract.check_scale_constant(scale)
-    if not torch.compiler.is_compiling() and contract.differentiated_by_transform(x, weight, bias, residual, scale):
+    if contract.differentiated_by_transform(x, weight, bias, residual, scale):
         return _unfused_for_transform(
             x, weight, bias, residual, scale, stride, padding, dilation, groups, relu, backend
         )

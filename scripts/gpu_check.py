@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -92,13 +93,17 @@ def _run(name: str, cmd: list[str], log: Path, env: dict | None = None) -> dict:
     with log.open("w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
+        # A session of its own, so that a timeout ends the step's whole process group (pytest-xdist workers,
+        # equivalence shards), not only its first process: nothing may run on into the next step's timings.
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )  # fmt: skip
         try:
-            proc = subprocess.run(
-                cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                timeout=STEP_TIMEOUT_S,
-            )  # fmt: skip
-            rc = proc.returncode
+            rc = proc.wait(timeout=STEP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             rc = 124
     tail = log.read_text().splitlines()[-15:]
     status = "passed" if rc == 0 else ("failed (timed out)" if rc == 124 else f"failed (exit {rc})")

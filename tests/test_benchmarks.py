@@ -271,7 +271,7 @@ def test_equivalence_alone(tmp_path, capsys):
 
 
 def test_equivalence_alone_splits_by_backend_dtype_and_layout(tmp_path, capsys):
-    """The GPU check runs the slow Triton cases in several processes: one per dtype, layout or backend."""
+    """The check can be narrowed to some backends, dtypes and layouts (a GPU run splits its slow Triton cases so)."""
     from benchmarks import equivalence
 
     path = tmp_path / "equivalence.json"
@@ -300,6 +300,22 @@ def test_equivalence_in_several_processes_equals_one(tmp_path, capsys):
     assert "--shard: expected i/n with 0 <= i < n, got 2/2" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--dtypes", "fp33"], "--dtypes: expected a comma list of fp64,fp32,tf32,fp16,bf16, got 'fp33'"),
+        (["--layouts", "nhwc"], "--layouts: expected a comma list of channels_last,nchw, got 'nhwc'"),
+        (["--jobs", "0"], "--jobs: expected a positive number, got 0"),
+    ],
+)
+def test_equivalence_refuses_unknown_options(args, message, capsys):
+    from benchmarks import equivalence
+
+    with pytest.raises(SystemExit):
+        equivalence.main([*args, "--max-cases", "1"])
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("precision", ["ieee", "tf32"])
 def test_equivalence_sets_the_conv_fp32_precision_and_restores_it(monkeypatch, precision):
     """On CUDA "fp32" is checked with TF32 off and "tf32" with it on (torch's default turns it on for convs)."""
@@ -322,7 +338,7 @@ def test_equivalence_has_no_tf32_cases_on_cpu_tensors():
     if torch.cuda.is_available():
         pytest.skip("CPU-only behaviour")
     result = equivalence.run(dtypes=("tf32",), max_cases=1, progress=False)
-    assert result["results"] == []
+    assert result["results"] == [] and not result["passed"]  # nothing checked is no pass
     assert [r["dtype"] for r in equivalence.run(dtypes=("fp32",), max_cases=1, progress=False)["results"]] == [
         "fp32"
     ] * len(resnet_fused.available_backends())

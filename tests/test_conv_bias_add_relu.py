@@ -603,6 +603,32 @@ def test_torch_func_grad_goes_through_the_unfused_ops():
         assert_close(g, e, F64, f"grad_{name}", 72)
 
 
+def test_torch_func_transforms_under_torch_compile():
+    """Dynamo cannot read functorch's interpreter stack; under compile the routing reads whether any transform is
+    active, so compile(jvp(f)) and compile(grad(f)) still get float64's derivatives, and a plain fullgraph compile
+    keeps the fused op."""
+    inputs = make_inputs(CASES["3x3"], F64, CL, FULL)
+    primals, tangents = _with_tangents(inputs)
+    rest = {k: v for k, v in primals.items() if k != "x"}
+
+    def fused(x):
+        return resnet_fused.conv_bias_add_relu(x, **rest, **inputs.kwargs)
+
+    def unfused(x):
+        return reference.conv_bias_add_relu(x, **rest, **inputs.kwargs)
+
+    x, tx = primals["x"], tangents["x"]
+    jvp = torch.compile(lambda a, t: torch.func.jvp(fused, (a,), (t,))[1], backend="eager")
+    assert_close(jvp(x, tx), torch.func.jvp(unfused, (x,), (tx,))[1], F64, "compiled jvp tangent", 72)
+    grad = torch.compile(lambda a: torch.func.grad(lambda z: (fused(z) * inputs.grad_out).sum())(a), backend="eager")
+    expected = torch.func.grad(lambda z: (unfused(z) * inputs.grad_out).sum())(x)
+    assert_close(grad(x), expected, F64, "compiled grad_x", 72)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = torch.compile(fused, backend="eager", fullgraph=True)(x)
+    assert any(e.name.startswith("resnet_fused::") for e in prof.events())
+    assert_close(y, unfused(x), F64, "compiled y", 72)
+
+
 @pytest.mark.parametrize("target", target_params())
 def test_forward_mode_ad_refused_by_a_named_fused_backend(target):
     inputs = make_inputs(CASES["3x3"], F32, CL, FULL, device=target.device)
@@ -635,10 +661,11 @@ def test_dual_tensor_refused_by_every_forward_op(target, name):
         call = Inputs(
             {k: args[k] for k in ("x", "weight", "bias", "residual")}, dict(inputs.kwargs, scale=args["scale"]), None
         )
-        with pytest.raises(NotImplementedError, match=f"{name}: expected a tensor without a forward-mode tangent"):
+        expected = "a constant" if name == "scale" else "a tensor"
+        with pytest.raises(NotImplementedError, match=f"{name}: expected {expected} without a forward-mode tangent"):
             forward_op(backend)(*call.op_args())
         if name == "scale":  # a constant for the public function too
-            with pytest.raises(NotImplementedError, match="scale: expected a tensor without a forward-mode tangent"):
+            with pytest.raises(NotImplementedError, match="scale: expected a constant without a forward-mode tangent"):
                 resnet_fused.conv_bias_add_relu(**call.tensors, **call.kwargs)
 
 

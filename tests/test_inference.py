@@ -277,6 +277,27 @@ def test_forward_mode_ad_matches_float64(grad_mode):
             assert_close(t, expected, torch.float32, "dual tangent", reductions=4608)
 
 
+def test_forward_mode_ad_in_a_weight_matches_float64():
+    """A tangent on a weight (forward AD over parameters, via functional_call) is not lost on the packed path."""
+    net = small_net()
+    x = torch.randn(2, 4, 8, 8)
+    w = net[0].weight.detach()
+    tw = torch.randn_like(w)
+    ref = copy.deepcopy(net).double()
+    _, expected = torch.func.jvp(
+        lambda v: torch.func.functional_call(ref, {"0.weight": v}, (x.double(),)), (w.double(),), (tw.double(),)
+    )
+    prepared = optimize_for_inference(copy.deepcopy(net))
+    with torch.no_grad():
+        prepared(x)
+        with torch.autograd.forward_ad.dual_level():
+            dual = torch.autograd.forward_ad.make_dual(w, tw)
+            y = torch.func.functional_call(prepared, {"0.weight": dual}, (x,))
+            t = torch.autograd.forward_ad.unpack_dual(y).tangent
+    assert t is not None
+    assert_close(t, expected, torch.float32, "dual weight tangent", reductions=72)
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match=r"expected a model in eval mode .* got training=True"):
         optimize_for_inference(small_net().train())
