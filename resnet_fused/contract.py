@@ -338,12 +338,53 @@ def _make_backward(backward_op: Callable) -> Callable:
     return backward
 
 
+# ---- vmap: one fused call for the whole batch, as functorch batches conv2d ----
+
+
+def _make_vmap(op: Callable) -> Callable:
+    """A vmap rule for a forward op: without it torch runs the op once per sample (BatchedFallback).
+
+    Batched x or residual only: the vmapped dim folds into N. A batched weight, bias or scale (a model ensemble,
+    ``torch.func.stack_module_state``): the members become conv groups, x (N, B*C, H, W), weight (B*K, C/g, R, S),
+    y (N, B*K, P, Q), as functorch's conv2d rule does."""
+
+    def rule(info, in_dims, x, weight, bias, residual, scale, stride, padding, dilation, groups, relu):
+        b = info.batch_size
+        xd, wd, bd, rd, sd = in_dims[:5]
+
+        def front(t: Tensor | None, d: int | None) -> Tensor | None:
+            """The vmapped dim first; an unbatched tensor is expanded (a view) to the batch."""
+            if t is None:
+                return None
+            return t.movedim(d, 0) if d is not None else t.expand(b, *t.shape)
+
+        if wd is None and bd is None and sd is None:
+            xs = front(x, xd)
+            rs = front(residual, rd) if residual is not None else None
+            n = xs.shape[1]
+            y = op(
+                xs.flatten(0, 1), weight, bias, None if rs is None else rs.flatten(0, 1), scale, stride, padding,
+                dilation, groups, relu,
+            )  # fmt: skip
+            return y.unflatten(0, (b, n)), 0
+        xs = front(x, xd).movedim(0, 1)  # (N, B, C, H, W)
+        n = xs.shape[0]
+        ws = front(weight, wd)
+        k = ws.shape[1]
+        flat = [None if t is None else t.flatten(0, 1) for t in (front(bias, bd), front(scale, sd))]
+        rs = None if residual is None else front(residual, rd).movedim(0, 1).flatten(1, 2)
+        y = op(xs.flatten(1, 2), ws.flatten(0, 1), flat[0], rs, flat[1], stride, padding, dilation, groups * b, relu)
+        return y.unflatten(1, (b, k)), 1
+
+    return rule
+
+
 _LIBS: list[torch.library.Library] = []
 
 
 def register_op(forward: str, backward: str) -> None:
     """Give one backend's op pair (qualified names, e.g. ``"resnet_fused::conv_bias_add_relu"``) the contract:
-    fake kernels, the shared autograd and the autocast rule."""
+    fake kernels, the shared autograd, the vmap rule and the autocast rule."""
     torch.library.register_fake(forward)(forward_fake)
     torch.library.register_fake(backward)(backward_fake)
     namespace, name = backward.split("::")
@@ -351,4 +392,6 @@ def register_op(forward: str, backward: str) -> None:
     torch.library.register_autograd(forward, _make_backward(backward_op), setup_context=_setup_context)
     lib = torch.library.Library(namespace, "FRAGMENT")
     _LIBS.append(lib)  # a Library deregisters its kernels when collected
+    forward_op = getattr(getattr(torch.ops, namespace), forward.split("::")[1]).default
+    torch.library.register_vmap(forward, _make_vmap(forward_op), lib=lib)
     _register_autocast(lib, forward)

@@ -57,12 +57,16 @@ def conv_bias_add_relu(
         )
     args = (weight, bias, residual, scale, stride, padding, dilation, groups, relu)
     op = BACKENDS[resolve_backend(backend, x, *args)].op
-    if torch.compiler.is_compiling() or needs_backward(x, weight, bias, residual):
+    # Under vmap the inputs are batched wrappers whose requires_grad says nothing of what they wrap: keep autograd.
+    if torch.compiler.is_compiling() or needs_backward(x, weight, bias, residual) or _functorch_active():
         return op(x, *args)
     # Nothing for autograd to record: skip torch.library's autograd layer, a C++ -> Python -> C++ round trip that
     # costs ~20 us a call even under no_grad (as much as a small conv itself).
     with torch._C._AutoDispatchBelowAutograd():
         return op(x, *args)
+
+
+_functorch_active = torch._C._are_functorch_transforms_active
 
 
 def _unfused_for_transform(

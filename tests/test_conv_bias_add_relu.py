@@ -603,6 +603,56 @@ def test_torch_func_grad_goes_through_the_unfused_ops():
         assert_close(g, e, F64, f"grad_{name}", 72)
 
 
+VMAP_DIMS = {  # in_dims of (x, weight, bias, residual, scale)
+    "x": (0, None, None, None, None),
+    "x-residual": (0, None, None, 0, None),
+    "residual-only": (None, None, None, 0, None),
+    "ensemble": (0, 0, 0, 0, 0),
+    "weight-only": (None, 0, None, None, None),
+    "moved-dims": (1, 0, None, 2, None),
+    "scale-only": (None, None, None, None, 0),
+}
+
+
+@pytest.mark.parametrize("dims", list(VMAP_DIMS), ids=list(VMAP_DIMS))
+@pytest.mark.parametrize("target", target_params())
+def test_vmap_is_one_fused_call_matching_float64(target, dims):
+    """vmap over samples folds into N; over weights (an ensemble) into conv groups: one op call, not one per sample,
+    and y and the gradients of the batched inputs match float64."""
+    in_dims = VMAP_DIMS[dims]
+    b, n, c, k, groups = 3, 2, 4, 6, 2
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, d, scale=1.0):
+        t = torch.randn(b, *shape, generator=gen, dtype=F64) * scale
+        t = t.movedim(0, d) if d is not None else t[0]
+        return t.to(target.device)
+
+    full = [
+        rand(n, c, 7, 7, d=in_dims[0]), rand(k, c // groups, 3, 3, d=in_dims[1], scale=0.4),
+        rand(k, d=in_dims[2]), rand(n, k, 7, 7, d=in_dims[3]), rand(k, d=in_dims[4]).abs() + 0.5,
+    ]  # fmt: skip
+    leaves = [t.float().requires_grad_(i != 4) for i, t in enumerate(full)]
+
+    def call(fn, **kw):
+        return lambda x, w, bias, r, s: fn(x, w, bias, r, scale=s, padding=1, groups=groups, **kw)
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = torch.func.vmap(call(resnet_fused.conv_bias_add_relu, backend=target.backend), in_dims=in_dims)(*leaves)
+    # The batched call, then the rule's one call on the whole batch; torch's per-sample fallback makes it 1 + b.
+    calls = [e.name for e in prof.events() if e.name.startswith("resnet_fused::conv_bias_add_relu")]
+    assert len(set(calls)) == 1 and len(calls) == 2, calls
+    ref_leaves = [t.detach().double().requires_grad_(i != 4) for i, t in enumerate(leaves)]
+    expected = torch.func.vmap(call(reference.conv_bias_add_relu), in_dims=in_dims)(*ref_leaves)
+    assert y.shape == expected.shape == (b, n, k, 7, 7)
+    assert_close(y, expected, F32, "vmapped y", c // groups * 9)
+    g = torch.randn(expected.shape, generator=gen, dtype=F64)
+    y.backward(g.float().to(y.device))
+    expected.backward(g.to(expected.device))
+    for name, t, r in zip(("x", "weight", "bias", "residual"), leaves, ref_leaves, strict=False):
+        assert_close(t.grad, r.grad, F32, f"vmapped grad_{name}", 72 * b)
+
+
 def test_torch_func_transforms_under_torch_compile():
     """Dynamo cannot read functorch's interpreter stack; under compile the routing reads whether any transform is
     active, so compile(jvp(f)) and compile(grad(f)) still get float64's derivatives, and a plain fullgraph compile

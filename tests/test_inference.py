@@ -298,6 +298,16 @@ def test_forward_mode_ad_in_a_weight_matches_float64():
     assert_close(t, expected, torch.float32, "dual weight tangent", reductions=72)
 
 
+def test_vmap_over_a_prepared_model_matches_per_sample_calls():
+    """vmap leaves the packed path (it has no batching rule) for the ordinary op's, which batches in one call."""
+    prepared = optimize_for_inference(small_net())
+    xb = torch.randn(3, 2, 4, 8, 8)
+    with torch.no_grad():
+        y = torch.func.vmap(prepared)(xb)
+        expected = torch.stack([prepared(x) for x in xb])
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match=r"expected a model in eval mode .* got training=True"):
         optimize_for_inference(small_net().train())
