@@ -346,9 +346,12 @@ def _make_vmap(op: Callable) -> Callable:
 
     Batched x or residual only: the vmapped dim folds into N. A batched weight, bias or scale (a model ensemble,
     ``torch.func.stack_module_state``): the members become conv groups, x (N, B*C, H, W), weight (B*K, C/g, R, S),
-    y (N, B*K, P, Q), as functorch's conv2d rule does."""
+    y (N, B*K, P, Q), as functorch's conv2d rule does when both x and weight are batched (an unbatched x is copied
+    B times; functorch would fold the members into K instead)."""
 
     def rule(info, in_dims, x, weight, bias, residual, scale, stride, padding, dilation, groups, relu):
+        # Unwrapped here, scale shows requires_grad; the batched wrapper the public function saw did not.
+        check_scale_constant(scale)
         b = info.batch_size
         xd, wd, bd, rd, sd = in_dims[:5]
 

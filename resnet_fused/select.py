@@ -108,8 +108,10 @@ def needs_backward(*tensors: Tensor | None) -> bool:
 
 
 def _can_time() -> bool:
-    """Timing runs kernels and synchronizes: impossible while tracing or capturing a CUDA graph."""
-    if torch.compiler.is_compiling():
+    """Timing runs kernels and synchronizes: impossible while tracing or capturing a CUDA graph. Under a torch.func
+    transform (vmap) the call is not the per-sample one its shapes describe, nor does ``requires_grad`` tell whether
+    autograd records it: a timing there would be cached for the wrong case."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
@@ -197,7 +199,8 @@ def choose(x, weight, bias, residual, scale, stride, padding, dilation, groups, 
     if not _can_time():
         return Choice(
             names[0],
-            "this case is not timed yet and cannot be timed inside torch.compile tracing or CUDA graph capture; "
+            "this case is not timed yet and cannot be timed inside torch.compile tracing, CUDA graph capture or a "
+            "torch.func transform; "
             f"{names[0]!r} (first in the backend table) until a call outside them times it",
         )
     with _LOCK:

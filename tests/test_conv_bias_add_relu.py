@@ -653,6 +653,38 @@ def test_vmap_is_one_fused_call_matching_float64(target, dims):
         assert_close(t.grad, r.grad, F32, f"vmapped grad_{name}", 72 * b)
 
 
+def test_vmap_refuses_a_batched_scale_that_requires_grad():
+    """Under vmap the public function sees a batched wrapper whose requires_grad reads False; the rule checks the
+    unwrapped scale, so its gradient is refused, as without vmap, instead of dropped."""
+    x = torch.randn(3, 2, 4, 7, 7, requires_grad=True)
+    w, s = torch.randn(6, 4, 3, 3), (torch.rand(3, 6) + 0.5).requires_grad_()
+    with pytest.raises(ValueError, match=r"scale: expected a constant \(requires_grad=False\)"):
+        torch.func.vmap(lambda xi, si: resnet_fused.conv_bias_add_relu(xi, w, scale=si, padding=1))(x, s)
+
+
+def test_auto_does_not_time_under_vmap(monkeypatch):
+    """A timing under vmap would measure the batched call and cache it for the per-sample shape."""
+    from resnet_fused import select
+    from resnet_fused.backends import Backend, Table
+
+    rows = [Backend(name, ("cpu",), ("cpu",), lambda: BACKENDS["cpu"].op, lambda: "") for name in ("cpu", "reference")]
+    table = Table(rows)
+
+    def timer(*_):
+        raise AssertionError("timed under vmap")
+
+    x, w = torch.randn(3, 2, 4, 7, 7), torch.randn(6, 4, 3, 3)
+
+    def pick(xi):
+        args = (w, None, None, None, (1, 1), (1, 1), (1, 1), 1, True)
+        return select.choose(xi, *args, table=table, timer=timer)
+
+    choices = []
+    torch.func.vmap(lambda xi: choices.append(pick(xi)) or xi)(x)
+    assert choices[0].backend == "cpu" and "torch.func transform" in choices[0].reason
+    assert not any(k[0] == id(table) for k in select._CACHE)
+
+
 def test_torch_func_transforms_under_torch_compile():
     """Dynamo cannot read functorch's interpreter stack; under compile the routing reads whether any transform is
     active, so compile(jvp(f)) and compile(grad(f)) still get float64's derivatives, and a plain fullgraph compile

@@ -302,8 +302,10 @@ def test_vmap_over_a_prepared_model_matches_per_sample_calls():
     """vmap leaves the packed path (it has no batching rule) for the ordinary op's, which batches in one call."""
     prepared = optimize_for_inference(small_net())
     xb = torch.randn(3, 2, 4, 8, 8)
-    with torch.no_grad():
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         y = torch.func.vmap(prepared)(xb)
+    assert "resnet_fused::conv_bias_add_relu" in {e.name for e in prof.events()}  # the packed path never calls it
+    with torch.no_grad():
         expected = torch.stack([prepared(x) for x in xb])
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
