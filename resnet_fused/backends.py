@@ -41,6 +41,9 @@ class Backend:
             timing; several candidates are timed).
         load: returns the forward callable, with the contract's positional argument list. Called once.
         probe: returns "" when the backend can run in this process, else the reason. Called once.
+        load_backward: returns the backward op, given when eager training records a call as two autograd nodes
+            (:func:`resnet_fused.contract.record_split_graph`), which frees the incoming gradient and the saved
+            output before the conv backward allocates; None keeps the op's own single node.
     """
 
     name: str
@@ -48,6 +51,7 @@ class Backend:
     auto_devices: tuple[str, ...]
     load: Callable[[], Callable[..., Tensor]]
     probe: Callable[[], str]
+    load_backward: Callable[[], Callable[..., tuple[Tensor, ...]]] | None = None
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def unavailable(self) -> str:
@@ -62,6 +66,15 @@ class Backend:
         if "op" not in self._cache:
             self._cache["op"] = self.load()
         return self._cache["op"]
+
+    @property
+    def split_backward(self) -> Callable[..., tuple[Tensor, ...]] | None:
+        """The backward op for :func:`resnet_fused.contract.record_split_graph`, or None (see ``load_backward``)."""
+        if self.load_backward is None:
+            return None
+        if "backward" not in self._cache:
+            self._cache["backward"] = self.load_backward()
+        return self._cache["backward"]
 
 
 class Table:
@@ -112,6 +125,10 @@ def _cpp_op() -> Callable[..., Tensor]:
     return torch.ops.resnet_fused.conv_bias_add_relu.default
 
 
+def _cpp_backward_op() -> Callable[..., tuple[Tensor, ...]]:
+    return torch.ops.resnet_fused.conv_bias_add_relu_backward.default
+
+
 def _cuda_probe() -> str:
     if not torch._C._dispatch_has_kernel_for_dispatch_key(FORWARD, "CUDA"):
         return (
@@ -149,7 +166,8 @@ def _triton_op() -> Callable[..., Tensor]:
 
 BACKENDS = Table(
     [
-        Backend("cpu", ("cpu",), ("cpu",), _cpp_op, lambda: ""),
+        # Two nodes in eager training: the train step's allocator peak is then no higher than the unfused graph's.
+        Backend("cpu", ("cpu",), ("cpu",), _cpp_op, lambda: "", load_backward=_cpp_backward_op),
         Backend("cuda", ("cuda",), ("cuda",), _cpp_op, _cuda_probe),
         # Under the interpreter Triton runs on CPU tensors; auto never picks it there.
         Backend("triton", ("cuda", "cpu") if INTERPRET else ("cuda",), ("cuda",), _triton_op, _triton_probe),

@@ -338,6 +338,109 @@ def _make_backward(backward_op: Callable) -> Callable:
     return backward
 
 
+# ---- eager training: the same backward as two autograd nodes ----
+#
+# A custom op's incoming gradient and saved output live until its whole backward returns, so the conv backward would
+# allocate beside two output-sized buffers that the unfused graph has freed by then (its ReLU node finishes first).
+# Recorded as two nodes, the epilogue's backward (mask, grad_bias, grad_residual) returns and frees both before the
+# conv's backward runs. The forward stays one fused call.
+
+
+class _SplitPlan:
+    """What the two nodes of one call share: the backward op, the conv settings and where the scale goes."""
+
+    __slots__ = ("backward_op", "conv_args", "relu", "scale", "scale_in_epilogue", "weight", "x", "y")
+
+    def __init__(self, backward_op, x, weight, y, scale, conv_args, relu) -> None:
+        self.backward_op = backward_op
+        self.conv_args = conv_args
+        self.relu = relu
+        self.scale = scale
+        # The scale goes on the smaller of g and the weight (as the one-node backward does): g in late layers,
+        # where the conv then gets the scaled g; otherwise the conv backward scales the weight.
+        self.scale_in_epilogue = scale is not None and y.numel() <= weight.numel()
+        self.x, self.weight, self.y = x, weight, y
+
+
+class _SplitConv(torch.autograd.Function):
+    """The conv part: an input of the epilogue node standing for ``conv(x, weight)``; backward gives dgrad/wgrad."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, plan: _SplitPlan) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.plan = plan
+        # One element, zero strides: the graph edge needs the output's shape, dtype and device, not its memory.
+        return torch.empty_strided(plan.y.shape, (0,) * plan.y.dim(), dtype=x.dtype, device=x.device)
+
+    @staticmethod
+    def backward(ctx, grad_conv: Tensor):
+        x, weight = ctx.saved_tensors
+        plan = ctx.plan
+        need_x, need_w = ctx.needs_input_grad[:2]
+        scale = None if plan.scale_in_epilogue else plan.scale
+        mask = [need_x, need_w, False, False]
+        grad_x, grad_w, _, _ = plan.backward_op(grad_conv, grad_conv, x, weight, scale, *plan.conv_args, False, mask)
+        return (grad_x if need_x else None, grad_w if need_w else None, None)
+
+
+class _SplitEpilogue(torch.autograd.Function):
+    """The epilogue part: y from the conv node's output, bias and residual; backward gives the mask, grad_bias and
+    grad_residual in one pass, and the conv node's gradient."""
+
+    @staticmethod
+    def forward(ctx, conv: Tensor, bias: Tensor | None, residual: Tensor | None, plan: _SplitPlan) -> Tensor:
+        y = plan.y
+        # x and weight only give the backward op its checks and layout; the conv node keeps them alive anyway.
+        ctx.save_for_backward(y if plan.relu else None, plan.x, plan.weight)
+        plan.x = plan.weight = plan.y = None
+        ctx.plan = plan
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        out, x, weight = ctx.saved_tensors
+        plan = ctx.plan
+        need_conv, need_b, need_r = ctx.needs_input_grad[:3]
+        if plan.relu:
+            mask = [False, False, need_b, need_conv or need_r]
+            _, _, grad_b, g = plan.backward_op(grad_out, out, x, weight, None, *plan.conv_args, True, mask)
+        else:  # the identity mask: g is grad_out, and only grad_bias needs the pass
+            mask = [False, False, need_b, False]
+            grad_b = plan.backward_op(grad_out, grad_out, x, weight, None, *plan.conv_args, False, mask)[2]
+            g = grad_out
+        grad_conv = g
+        if need_conv and plan.scale_in_epilogue:
+            s = plan.scale.view(1, -1, 1, 1)
+            # g is this node's own buffer when masked and not returned for the residual: scaled in place, no copy.
+            grad_conv = g.mul_(s) if plan.relu and not need_r else g * s
+        return (grad_conv if need_conv else None, grad_b if need_b else None, g if need_r else None, None)
+
+
+def record_split_graph(
+    backward_op: Callable,
+    y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    scale: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    relu: bool,
+) -> Tensor:
+    """Attach autograd to ``y``, the fused forward's output computed without autograd, as two nodes: the conv
+    (x, weight) and the epilogue (bias, residual, the mask). ``backward_op`` is the backend's backward op; its
+    output_mask runs each half alone. Gradients equal the one-node op's; saved: x, weight and (with ReLU) y."""
+    plan = _SplitPlan(backward_op, x, weight, y, scale, (stride, padding, dilation, groups), relu)
+    if x.requires_grad or weight.requires_grad:
+        conv = _SplitConv.apply(x, weight, plan)
+    else:  # nothing flows into the conv: the epilogue node alone, with a placeholder input
+        conv = torch.empty_strided(y.shape, (0,) * y.dim(), dtype=y.dtype, device=y.device)
+    return _SplitEpilogue.apply(conv, bias, residual, plan)
+
+
 # ---- vmap: one fused call for the whole batch, as functorch batches conv2d ----
 
 

@@ -56,10 +56,18 @@ def conv_bias_add_relu(
             x, weight, bias, residual, scale, stride, padding, dilation, groups, relu, backend
         )
     args = (weight, bias, residual, scale, stride, padding, dilation, groups, relu)
-    op = BACKENDS[resolve_backend(backend, x, *args)].op
+    row = BACKENDS[resolve_backend(backend, x, *args)]
+    op = row.op
     # Under vmap the inputs are batched wrappers whose requires_grad says nothing of what they wrap: keep autograd.
-    if torch.compiler.is_compiling() or needs_backward(x, weight, bias, residual) or _functorch_active():
+    if torch.compiler.is_compiling() or _functorch_active():
         return op(x, *args)
+    if needs_backward(x, weight, bias, residual):
+        split_backward = row.split_backward
+        if split_backward is None:
+            return op(x, *args)
+        with torch._C._AutoDispatchBelowAutograd():
+            y = op(x, *args)
+        return contract.record_split_graph(split_backward, y, x, *args)
     # Nothing for autograd to record: skip torch.library's autograd layer, a C++ -> Python -> C++ round trip that
     # costs ~20 us a call even under no_grad (as much as a small conv itself).
     with torch._C._AutoDispatchBelowAutograd():

@@ -1,0 +1,145 @@
+"""Eager training on CPU records a fused call as two autograd nodes, the epilogue's then the conv's, from one fused
+forward. Checked here: which graph each route records, gradients of both graphs against float64 for every epilogue
+and every subset of inputs that require grad (both places the scale can go), and that the incoming gradient is
+freed before the conv backward runs, which keeps a train step's allocator peak at the unfused graph's."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import weakref
+
+import pytest
+import torch
+from helpers import ALL_EPILOGUES, Case, Epilogue, check_call, forward_op, make_inputs, variant_id
+
+import resnet_fused
+from resnet_fused import contract
+
+# The scale goes on the smaller of g and the weight: y (1, 16, 3, 3) has fewer elements than the 3x3 weight, so the
+# epilogue node scales g; y (2, 8, 6, 6) has more than the 1x1 weight, so the conv node scales the weight.
+SCALE_ON_G = Case(1, 16, 3, 3, 16, 3, 3, 1, 1)
+SCALE_ON_WEIGHT = Case(2, 4, 6, 6, 8, 1, 1)
+# Each gradient alone, and the combinations that change a node's work: the residual sharing g with the conv (no
+# in-place scale), only epilogue gradients (no conv node), all four.
+GRAD_SETS = [("x",), ("weight",), ("bias",), ("residual",), ("x", "residual"), ("bias", "residual"),
+             ("x", "weight", "bias", "residual")]  # fmt: skip
+
+
+def _node_names(y: torch.Tensor) -> list[str]:
+    names, stack = [], [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or type(node).__name__ == "AccumulateGrad":
+            continue
+        names.append(type(node).__name__)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+def _inputs(case: Case, dtype, layout: str, epilogue: Epilogue, wanted: tuple[str, ...]):
+    inputs = make_inputs(case, dtype, layout, epilogue, requires_grad=False)
+    for name in wanted:
+        t = inputs.tensors[name]
+        if t is not None:
+            t.requires_grad_()
+    return inputs
+
+
+@pytest.mark.parametrize("case", [SCALE_ON_G, SCALE_ON_WEIGHT], ids=["scale_on_g", "scale_on_weight"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=variant_id)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("epilogue", ALL_EPILOGUES, ids=variant_id)
+@pytest.mark.parametrize("graph", ["two_nodes", "one_node"])
+def test_gradients_of_each_graph_match_float64(graph, epilogue, layout, dtype, case):
+    op = forward_op("cpu")
+    for wanted in GRAD_SETS:
+        inputs = _inputs(case, dtype, layout, epilogue, wanted)
+        if not any(t.requires_grad for t in inputs.leaves().values()):
+            continue
+        if graph == "two_nodes":
+            y = resnet_fused.conv_bias_add_relu(**inputs.tensors, **inputs.kwargs, backend="cpu")
+            names = _node_names(y)
+            assert names[0] == "_SplitEpilogueBackward", names
+            assert ("_SplitConvBackward" in names) == any(inputs.tensors[k].requires_grad for k in ("x", "weight"))
+        else:
+            y = op(*inputs.op_args())
+            assert _node_names(y)[0].startswith("GeneratedBackwardFor_resnet_fused_conv_bias_add_relu"), _node_names(y)
+        check_call(y, inputs, dtype, f"{graph} grads of {wanted}")
+
+
+def test_graphs_give_the_same_gradients_bit_for_bit():
+    """The two nodes run the one-node backward's own passes, split by output_mask."""
+    op = forward_op("cpu")
+    for case, epilogue in itertools.product([SCALE_ON_G, SCALE_ON_WEIGHT], ALL_EPILOGUES):
+        inputs = _inputs(case, torch.float32, "channels_last", epilogue, ("x", "weight", "bias", "residual"))
+        leaves = list(inputs.leaves().values())
+        split = torch.autograd.grad(
+            resnet_fused.conv_bias_add_relu(**inputs.tensors, **inputs.kwargs), leaves, inputs.grad_out
+        )
+        one = torch.autograd.grad(op(*inputs.op_args()), leaves, inputs.grad_out)
+        for a, b in zip(split, one, strict=True):
+            assert torch.equal(a, b), (case, epilogue)
+
+
+def test_which_route_records_which_graph():
+    inputs = make_inputs(SCALE_ON_WEIGHT, torch.float32, "nchw")
+    call = lambda: resnet_fused.conv_bias_add_relu(**inputs.tensors, **inputs.kwargs)  # noqa: E731
+    assert _node_names(call())[:2] == ["_SplitEpilogueBackward", "_SplitConvBackward"]
+    # The reference backend is the unfused ops; the table's other rows keep the op's single node.
+    y = resnet_fused.conv_bias_add_relu(**inputs.tensors, **inputs.kwargs, backend="reference")
+    assert "_SplitEpilogueBackward" not in _node_names(y)
+    # torch.compile traces the op and its registered autograd.
+    compiled = torch.compile(lambda: resnet_fused.conv_bias_add_relu(**inputs.tensors, **inputs.kwargs), fullgraph=True)
+    y = compiled()
+    assert "_SplitEpilogueBackward" not in _node_names(y)
+    check_call(y, inputs, torch.float32, "compiled")
+    with torch.no_grad():
+        assert call().grad_fn is None
+
+
+def test_incoming_gradient_is_freed_before_the_conv_backward():
+    """The one-node op keeps grad_out alive through its conv backward; the split frees it when the epilogue's node
+    returns. Seen from the conv backward's unpacking of x (a saved-tensor hook), with grad_out made by the graph
+    downstream so that nothing else holds it."""
+    inputs = make_inputs(SCALE_ON_G, torch.float32, "channels_last", Epilogue(True, True, False, True))
+    x, weight, bias = (inputs.tensors[k] for k in ("x", "weight", "bias"))
+    kw = {k: v for k, v in inputs.kwargs.items() if k != "relu"}
+    op = forward_op("cpu")
+
+    def alive_at_x_unpacks(make) -> list[bool]:
+        grad_ref: list[weakref.ref] = []
+        seen: list[bool] = []
+
+        def unpack(t):
+            if t.shape == x.shape and t.data_ptr() == x.data_ptr():
+                seen.append(grad_ref[0]() is not None)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
+            y = make()
+        y.register_hook(lambda g: grad_ref.append(weakref.ref(g)))
+        loss = (y * 2).sum()
+        del y
+        gc.collect()
+        loss.backward()
+        return seen
+
+    split = alive_at_x_unpacks(lambda: resnet_fused.conv_bias_add_relu(x, weight, bias, **kw))
+    one = alive_at_x_unpacks(lambda: op(x, weight, bias, None, kw["scale"], [1, 1], [1, 1], [1, 1], 1, True))
+    assert one == [True], one  # the single node's only unpack: grad_out still held
+    # The epilogue node unpacks x for the backward op's checks while grad_out is its input; the conv node after it.
+    assert split == [True, False], split
+
+
+def test_record_split_graph_saves_x_weight_and_the_output_only():
+    inputs = make_inputs(SCALE_ON_WEIGHT, torch.float32, "nchw")
+    y = resnet_fused.conv_bias_add_relu(**inputs.tensors, **inputs.kwargs)
+    epilogue_node = y.grad_fn
+    conv_node = epilogue_node.next_functions[0][0]
+    saved = [t for t in epilogue_node.saved_tensors if t is not None]
+    x, weight = inputs.tensors["x"], inputs.tensors["weight"]
+    assert [t.data_ptr() for t in saved] == [y.data_ptr(), x.data_ptr(), weight.data_ptr()]
+    assert [t.data_ptr() for t in conv_node.saved_tensors] == [x.data_ptr(), weight.data_ptr()]
+    # The conv node's output is a placeholder of one element: the edge's shape, not a buffer.
+    assert contract._SplitConv.__name__ in type(conv_node).__name__
