@@ -63,7 +63,7 @@ def conv_bias_add_relu(
         return op(x, *args)
     if needs_backward(x, weight, bias, residual):
         split_backward = row.split_backward
-        if split_backward is None:
+        if split_backward is None or not _plain_eager(x):
             return op(x, *args)
         with torch._C._AutoDispatchBelowAutograd():
             y = op(x, *args)
@@ -75,6 +75,13 @@ def conv_bias_add_relu(
 
 
 _functorch_active = torch._C._are_functorch_transforms_active
+
+
+def _plain_eager(x: Tensor) -> bool:
+    """No tracer is watching: the jit tracer (the TorchScript ONNX exporter), a dispatch mode (make_fx, non-strict
+    export) or a tensor subclass. Tracers must record the op itself, which they (and the ONNX translations) know;
+    the two-node graph is for eager autograd only."""
+    return type(x) is Tensor and not torch.jit.is_tracing() and torch._C._len_torch_dispatch_stack() == 0
 
 
 def _unfused_for_transform(

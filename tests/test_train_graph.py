@@ -96,6 +96,14 @@ def test_which_route_records_which_graph():
     check_call(y, inputs, torch.float32, "compiled")
     with torch.no_grad():
         assert call().grad_fn is None
+    # Tracers record the op itself (the ONNX exporters translate it): the jit tracer and make_fx.
+    x, weight = inputs.tensors["x"], inputs.tensors["weight"]
+    traced = torch.jit.trace(lambda t, w: resnet_fused.conv_bias_add_relu(t, w), (x, weight), check_trace=False)
+    assert "resnet_fused::conv_bias_add_relu" in str(traced.graph)
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    graph = make_fx(lambda t, w: resnet_fused.conv_bias_add_relu(t, w))(x, weight).graph
+    assert any("resnet_fused.conv_bias_add_relu" in str(n.target) for n in graph.nodes), graph
 
 
 def test_incoming_gradient_is_freed_before_the_conv_backward():
