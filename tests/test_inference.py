@@ -330,3 +330,45 @@ def test_state_dict_and_deepcopy_unchanged():
     clone = copy.deepcopy(prepared)
     assert packs(clone) == 0
     assert_fresh(clone, torch.randn(1, 4, 5, 5))
+
+
+IN_PLACE_OP = "mkldnn::_convolution_pointwise_"
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("fuse_relu", [False, True])
+def test_projection_blocks_sum_into_their_shortcut_output(monkeypatch, layout, fuse_relu):
+    """A block with a fused projection owns the shortcut's output: its last conv sums into it in place, bit for bit
+    what the out-of-place sum gives; blocks whose residual is their input never write into it."""
+    model = optimize_for_inference(converted_resnet18(), fuse_relu=fuse_relu)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=fmt)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = model(x)
+    in_place = [e for e in prof.events() if e.name == IN_PLACE_OP]
+    assert len(in_place) == 3  # resnet18's projection blocks: layer2.0, layer3.0, layer4.0
+    from resnet_fused import nn as fused_nn
+
+    shortcut = fused_nn._shortcut
+    monkeypatch.setattr(fused_nn, "_shortcut", lambda ds, t: (shortcut(ds, t)[0], False))
+    y_out_of_place, ops = trace(model, x)
+    assert IN_PLACE_OP not in ops
+    assert torch.equal(y, y_out_of_place)
+
+
+def test_consume_residual_never_writes_into_x_or_a_caller_tensor():
+    conv = optimize_for_inference(nn.Sequential(FusedConv2d(8, 8, 1)).eval())[0]
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    x0, r0 = x.clone(), r.clone()
+    with torch.no_grad():
+        expected = conv(x, r)
+        assert torch.equal(r, r0)  # the default: the residual is the caller's
+        y = conv.conv_bias_add_relu(x, x, consume_residual=True, scale=None, bias=conv.bias)  # residual is x itself
+        assert torch.equal(x, x0) and y.data_ptr() != x.data_ptr()
+        y = conv.conv_bias_add_relu(x, r, consume_residual=True, scale=None, bias=conv.bias)  # consent given
+        assert y.data_ptr() == r.data_ptr() and torch.equal(y, expected)
+    with torch.enable_grad():  # autograd records the call: the ordinary op, which never writes in place
+        r1 = r0.clone()
+        conv.conv_bias_add_relu(x.requires_grad_(), r1, consume_residual=True, scale=None, bias=conv.bias)
+        assert torch.equal(r1, r0)
