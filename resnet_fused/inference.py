@@ -152,10 +152,8 @@ class PackedFusedConv2d(FusedConv2d):
         scale: Tensor | None = None,
         bias: Tensor | None = None,
         relu: bool | None = None,
-        consume_residual: bool = False,
     ) -> Tensor:
-        """As :meth:`FusedConv2d.conv_bias_add_relu`, on the prepacked weight when the call allows it; there, with
-        ``consume_residual=True``, the convolution sums into the residual's memory and returns it."""
+        """As :meth:`FusedConv2d.conv_bias_add_relu`, on the prepacked weight when the call allows it."""
         relu = self.relu if relu is None else relu
         # Forward AD runs even under no_grad, where the packed path would drop a tangent (the weight's too); under
         # vmap the ordinary op batches in one call, while the packed path has no batching rule.
@@ -171,7 +169,7 @@ class PackedFusedConv2d(FusedConv2d):
             signature = self._signature(x, residual, scale, bias, relu)
             last = self._last_call
             if last is not None and last[0] == signature:
-                return _launch(x, residual, bias, relu, *last[2], consume_residual)
+                return _launch(x, residual, bias, relu, *last[2])
         if weight is not None or not self._packed_path_ok(x, residual, scale, bias):
             return super().conv_bias_add_relu(x, residual, weight=weight, scale=scale, bias=bias, relu=relu)
         padding = self._padding_plan()[1]
@@ -183,7 +181,7 @@ class PackedFusedConv2d(FusedConv2d):
         launch = (packed, (list(padding), list(stride), list(dilation), self.groups), contract.memory_format(x), fused)
         if signature is not None:
             self._last_call = (signature, (self.weight, scale, bias), launch)  # holding them keeps their ids unique
-        return _launch(x, residual, bias, relu, *launch, consume_residual)
+        return _launch(x, residual, bias, relu, *launch)
 
 
 def _launch(
@@ -195,23 +193,12 @@ def _launch(
     geometry: tuple,
     fmt: torch.memory_format,
     fused: bool,
-    consume_residual: bool = False,
 ) -> Tensor:
-    """One oneDNN convolution on the packed weight, bias and residual as post-ops; ReLU fused or as an exact pass.
-    With ``consume_residual`` (the caller's own temporary, in ``fmt``), the sum goes into the residual's memory: no
-    fresh output (its allocation and first-touch page faults are what the in-place form saves)."""
+    """One oneDNN convolution on the packed weight, bias and residual as post-ops; ReLU fused or as an exact pass."""
     conv = torch.ops.mkldnn._convolution_pointwise
     x = x.contiguous(memory_format=fmt)
     if residual is None:
         y = conv(x, packed, bias, *geometry, "relu" if fused else "none", [], None)
-    elif (
-        consume_residual
-        and residual.is_contiguous(memory_format=fmt)
-        and residual.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()  # the conv reads x while writing
-    ):
-        y = torch.ops.mkldnn._convolution_pointwise_.binary(
-            residual, x, packed, bias, *geometry, "add", 1.0, "relu" if fused else None, [], None
-        )
     else:
         residual = residual.contiguous(memory_format=fmt)
         y = conv.binary(x, residual, packed, bias, *geometry, "add", 1.0, "relu" if fused else None, [], None)

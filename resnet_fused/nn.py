@@ -202,18 +202,12 @@ class FusedConv2d(nn.Conv2d):
         scale: Tensor | None = None,
         bias: Tensor | None = None,
         relu: bool | None = None,
-        consume_residual: bool = False,
     ) -> Tensor:
         """``conv_bias_add_relu`` with this conv's geometry; ``weight``/``relu`` default to the module's.
 
         Unlike :meth:`forward`, ``scale`` and ``bias`` are taken as given (``None`` = absent).
-        ``consume_residual=True`` says that ``residual`` is the caller's own temporary, which nothing else holds or
-        reads again (as a block's projection shortcut output): a prepared module
-        (:func:`resnet_fused.inference.optimize_for_inference`) may then sum into its memory and return it as the
-        result. This module ignores it.
         Shapes: ``x`` ``(N, C_in, H, W)``; ``residual`` and the result ``(N, C_out, H_out, W_out)``.
         """
-        del consume_residual  # only the prepared path writes in place
         pad, padding = self._padding_plan()
         if pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
@@ -262,22 +256,14 @@ def norm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor] | None:
     return None
 
 
-def conv_norm(
-    conv: FusedConv2d,
-    norm: nn.Module | None,
-    x: Tensor,
-    residual: Tensor | None = None,
-    *,
-    consume_residual: bool = False,
-) -> Tensor:
+def conv_norm(conv: FusedConv2d, norm: nn.Module | None, x: Tensor, residual: Tensor | None = None) -> Tensor:
     """``act(norm(conv(x)) + residual)``, fused as far as ``norm`` allows (act: ``conv.relu``).
 
-    ``consume_residual``: see :meth:`FusedConv2d.conv_bias_add_relu`.
     Shapes: ``x`` ``(N, C_in, H, W)``; ``residual`` and the result ``(N, C_out, H_out, W_out)``.
     """
     conv_scale, conv_bias = conv.scale_shift()
     if norm is None or isinstance(norm, nn.Identity):
-        return conv.conv_bias_add_relu(x, residual, scale=conv_scale, bias=conv_bias, consume_residual=consume_residual)
+        return conv.conv_bias_add_relu(x, residual, scale=conv_scale, bias=conv_bias)
     affine = norm_scale_shift(norm)
     if affine is None:  # batch statistics: the norm must see the whole conv output first
         y = norm(conv.conv_bias_add_relu(x, scale=conv_scale, bias=conv_bias, relu=False))
@@ -292,7 +278,7 @@ def conv_norm(
         # The op's scale is a constant; fold a trainable one into the weight so it gets its grad.
         weight = conv.weight * scale.reshape(-1, 1, 1, 1)
         return conv.conv_bias_add_relu(x, residual, weight=weight, bias=bias)
-    return conv.conv_bias_add_relu(x, residual, scale=scale, bias=bias, consume_residual=consume_residual)
+    return conv.conv_bias_add_relu(x, residual, scale=scale, bias=bias)
 
 
 def _conv3x3(
@@ -342,14 +328,12 @@ def check_residual(
         )
 
 
-def _shortcut(downsample: nn.Module | None, x: Tensor) -> tuple[Tensor, bool]:
-    """The shortcut's output, and whether it is this block's own temporary (a fused projection's fresh output, which
-    the last conv may consume)."""
+def _shortcut(downsample: nn.Module | None, x: Tensor) -> Tensor:
     if downsample is None:
-        return x, False
+        return x
     if isinstance(downsample, nn.Sequential) and len(downsample) in (1, 2) and isinstance(downsample[0], FusedConv2d):
-        return conv_norm(downsample[0], downsample[1] if len(downsample) == 2 else None, x), True
-    return downsample(x), False  # any other shortcut module runs as it is, and may return what it holds
+        return conv_norm(downsample[0], downsample[1] if len(downsample) == 2 else None, x)
+    return downsample(x)  # any other shortcut module runs as it is
 
 
 class BasicBlock(nn.Module):
@@ -397,8 +381,7 @@ class BasicBlock(nn.Module):
         out = conv_norm(self.conv1, self.bn1, x)
         # The shortcut last, as torchvision: autograd then runs its backward first and frees its input gradient
         # before the main branch's backward allocates (a lower training peak).
-        identity, owned = _shortcut(self.downsample, x)
-        return conv_norm(self.conv2, self.bn2, out, identity, consume_residual=owned)
+        return conv_norm(self.conv2, self.bn2, out, _shortcut(self.downsample, x))
 
 
 class Bottleneck(nn.Module):
@@ -446,8 +429,7 @@ class Bottleneck(nn.Module):
         out = conv_norm(self.conv2, self.bn2, out)
         # The shortcut last, as torchvision: autograd then runs its backward first and frees its input gradient
         # before the main branch's backward allocates (a lower training peak).
-        identity, owned = _shortcut(self.downsample, x)
-        return conv_norm(self.conv3, self.bn3, out, identity, consume_residual=owned)
+        return conv_norm(self.conv3, self.bn3, out, _shortcut(self.downsample, x))
 
 
 class SkipBlock(nn.Module):
