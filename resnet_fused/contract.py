@@ -226,6 +226,10 @@ def check_no_tangent(**tensors: Tensor | None) -> None:
             )
 
 
+# Whether any torch.func transform (vmap, grad, jvp, ...) is running; dynamo folds it while tracing.
+functorch_active: Callable[[], bool] = torch._C._are_functorch_transforms_active
+
+
 def differentiated_by_transform(*tensors: Tensor | None) -> bool:
     """Whether this call runs under forward-mode AD with a dual input, or under a ``torch.func`` transform that
     differentiates (grad, vjp, jvp, jacrev, jacfwd, hessian). torch.library custom ops support neither: ``jvp`` would
@@ -233,7 +237,7 @@ def differentiated_by_transform(*tensors: Tensor | None) -> bool:
     while ``torch.compile`` traces: dynamo cannot read functorch's interpreter stack but folds whether any transform
     is active, so there every transform counts (the unfused ops are exact under all of them)."""
     if torch.compiler.is_compiling():
-        return torch._C._are_functorch_transforms_active()
+        return functorch_active()
     if torch.autograd.forward_ad._current_level >= 0 and any(_tangent(t) for t in tensors):
         return True
     if torch._C._functorch.peek_interpreter_stack() is None:

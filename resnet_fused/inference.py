@@ -158,9 +158,7 @@ class PackedFusedConv2d(FusedConv2d):
         # Forward AD runs even under no_grad, where the packed path would drop a tangent (the weight's too); under
         # vmap the ordinary op batches in one call, while the packed path has no batching rule.
         w = self.weight if weight is None else weight
-        if torch._C._are_functorch_transforms_active() or contract.differentiated_by_transform(
-            x, w, residual, scale, bias
-        ):
+        if contract.functorch_active() or contract.differentiated_by_transform(x, w, residual, scale, bias):
             return super().conv_bias_add_relu(x, residual, weight=weight, scale=scale, bias=bias, relu=relu)
         # Without autograd, a call like the last checked one skips the checks (their inputs are all in the
         # signature) and the pack lookup. With autograd, every call is checked.

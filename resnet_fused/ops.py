@@ -59,7 +59,7 @@ def conv_bias_add_relu(
     row = BACKENDS[resolve_backend(backend, x, *args)]
     op = row.op
     # Under vmap the inputs are batched wrappers whose requires_grad says nothing of what they wrap: keep autograd.
-    if torch.compiler.is_compiling() or _functorch_active():
+    if torch.compiler.is_compiling() or contract.functorch_active():
         return op(x, *args)
     if needs_backward(x, weight, bias, residual):
         split_backward = row.split_backward
@@ -72,9 +72,6 @@ def conv_bias_add_relu(
     # costs ~20 us a call even under no_grad (as much as a small conv itself).
     with torch._C._AutoDispatchBelowAutograd():
         return op(x, *args)
-
-
-_functorch_active = torch._C._are_functorch_transforms_active
 
 
 def _plain_eager(x: Tensor) -> bool:

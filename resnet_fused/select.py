@@ -111,7 +111,7 @@ def _can_time() -> bool:
     """Timing runs kernels and synchronizes: impossible while tracing or capturing a CUDA graph. Under a torch.func
     transform (vmap) the call is not the per-sample one its shapes describe, nor does ``requires_grad`` tell whether
     autograd records it: a timing there would be cached for the wrong case."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_compiling() or contract.functorch_active():
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
