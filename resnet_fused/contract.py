@@ -461,6 +461,12 @@ def _make_vmap(op: Callable) -> Callable:
         check_scale_constant(scale)
         b = info.batch_size
         xd, wd, bd, rd, sd = in_dims[:5]
+        if b > 0:  # errors name one sample's shapes, not the flattened ones the op below would see
+            ins = [
+                t if t is None or d is None else t.select(d, 0)
+                for t, d in zip((x, weight, bias, residual, scale), in_dims[:5], strict=True)
+            ]
+            check_inputs(*ins, stride, padding, dilation, groups, relu)
 
         def front(t: Tensor | None, d: int | None) -> Tensor | None:
             """The vmapped dim first; an unbatched tensor is expanded (a view) to the batch."""

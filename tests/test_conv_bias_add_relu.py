@@ -662,6 +662,21 @@ def test_vmap_refuses_a_batched_scale_that_requires_grad():
         torch.func.vmap(lambda xi, si: resnet_fused.conv_bias_add_relu(xi, w, scale=si, padding=1))(x, s)
 
 
+@pytest.mark.parametrize("backend", registered_forward_ops())
+def test_bare_op_under_vmap_names_one_samples_shapes(backend):
+    """The rule checks one sample before it flattens the members into groups or the batch: an error gives the
+    per-sample shapes the caller wrote, not the flattened ones."""
+    op = forward_op(backend)
+    x, w = torch.randn(2, 4, 8, 8), torch.randn(3, 6, 4, 3, 3)
+    conv = ([1, 1], [1, 1], [1, 1], 1, True)
+    with pytest.raises(ValueError, match=re.escape("bias: expected shape (6,), got (5,)")):
+        torch.func.vmap(lambda wi, bi: op(x, wi, bi, None, None, *conv))(w, torch.randn(3, 5))
+    with pytest.raises(
+        ValueError, match=re.escape("residual: expected the output's shape (2, 6, 8, 8), got (2, 6, 7, 8)")
+    ):
+        torch.func.vmap(lambda wi, ri: op(x, wi, None, ri, None, *conv))(w, torch.randn(3, 2, 6, 7, 8))
+
+
 def test_auto_does_not_time_under_vmap(monkeypatch):
     """A timing under vmap would measure the batched call and cache it for the per-sample shape."""
     from resnet_fused import select
