@@ -351,7 +351,8 @@ def _make_backward(backward_op: Callable) -> Callable:
 
 
 class _SplitPlan:
-    """What the two nodes of one call share: the backward op, the conv settings and where the scale goes."""
+    """What the two nodes of one call share: the backward op, the conv settings and where the scale goes; the
+    tensors only until the nodes have saved them (saved, they get autograd's version checks and hooks)."""
 
     __slots__ = ("backward_op", "conv_args", "relu", "scale", "scale_in_epilogue", "weight", "x", "y")
 
@@ -359,11 +360,10 @@ class _SplitPlan:
         self.backward_op = backward_op
         self.conv_args = conv_args
         self.relu = relu
-        self.scale = scale
         # The scale goes on the smaller of g and the weight (as the one-node backward does): g in late layers,
         # where the conv then gets the scaled g; otherwise the conv backward scales the weight.
         self.scale_in_epilogue = scale is not None and y.numel() <= weight.numel()
-        self.x, self.weight, self.y = x, weight, y
+        self.x, self.weight, self.y, self.scale = x, weight, y, scale
 
 
 class _SplitConv(torch.autograd.Function):
@@ -371,17 +371,16 @@ class _SplitConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, plan: _SplitPlan) -> Tensor:
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, weight, None if plan.scale_in_epilogue else plan.scale)
         ctx.plan = plan
         # One element, zero strides: the graph edge needs the output's shape, dtype and device, not its memory.
         return torch.empty_strided(plan.y.shape, (0,) * plan.y.dim(), dtype=x.dtype, device=x.device)
 
     @staticmethod
     def backward(ctx, grad_conv: Tensor):
-        x, weight = ctx.saved_tensors
+        x, weight, scale = ctx.saved_tensors
         plan = ctx.plan
         need_x, need_w = ctx.needs_input_grad[:2]
-        scale = None if plan.scale_in_epilogue else plan.scale
         mask = [need_x, need_w, False, False]
         grad_x, grad_w, _, _ = plan.backward_op(grad_conv, grad_conv, x, weight, scale, *plan.conv_args, False, mask)
         return (grad_x if need_x else None, grad_w if need_w else None, None)
@@ -394,27 +393,34 @@ class _SplitEpilogue(torch.autograd.Function):
     @staticmethod
     def forward(ctx, conv: Tensor, bias: Tensor | None, residual: Tensor | None, plan: _SplitPlan) -> Tensor:
         y = plan.y
-        # x and weight only give the backward op its checks and layout; the conv node keeps them alive anyway.
-        ctx.save_for_backward(y if plan.relu else None, plan.x, plan.weight)
-        plan.x = plan.weight = plan.y = None
+        scale = plan.scale if plan.scale_in_epilogue else None
+        # x and weight only give the backward op its checks and layout. With a conv node, read them from its saved
+        # tensors: saved twice, a copying saved-tensor hook (offload, compression) would hold them twice.
+        ctx.conv_node = conv.grad_fn
+        if ctx.conv_node is None:
+            ctx.save_for_backward(y if plan.relu else None, scale, plan.x, plan.weight)
+        else:
+            ctx.save_for_backward(y if plan.relu else None, scale)
+        plan.x = plan.weight = plan.y = plan.scale = None
         ctx.plan = plan
         return y
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        out, x, weight = ctx.saved_tensors
+        out, scale, *xw = ctx.saved_tensors
+        x, weight = xw if xw else ctx.conv_node.saved_tensors[:2]
         plan = ctx.plan
         need_conv, need_b, need_r = ctx.needs_input_grad[:3]
         if plan.relu:
             mask = [False, False, need_b, need_conv or need_r]
             _, _, grad_b, g = plan.backward_op(grad_out, out, x, weight, None, *plan.conv_args, True, mask)
-        else:  # the identity mask: g is grad_out, and only grad_bias needs the pass
-            mask = [False, False, need_b, False]
-            grad_b = plan.backward_op(grad_out, grad_out, x, weight, None, *plan.conv_args, False, mask)[2]
-            g = grad_out
+        else:  # the identity mask: g is grad_out in x's layout (copied once for both nodes), grad_bias its sums
+            g = grad_out.contiguous(memory_format=memory_format(x))
+            mask = [False, False, True, False]
+            grad_b = plan.backward_op(g, g, x, weight, None, *plan.conv_args, False, mask)[2] if need_b else None
         grad_conv = g
-        if need_conv and plan.scale_in_epilogue:
-            s = plan.scale.view(1, -1, 1, 1)
+        if need_conv and scale is not None:
+            s = scale.view(1, -1, 1, 1)
             # g is this node's own buffer when masked and not returned for the residual: scaled in place, no copy.
             grad_conv = g.mul_(s) if plan.relu and not need_r else g * s
         return (grad_conv if need_conv else None, grad_b if need_b else None, g if need_r else None, None)

@@ -11,10 +11,9 @@ import weakref
 
 import pytest
 import torch
-from helpers import ALL_EPILOGUES, Case, Epilogue, check_call, forward_op, make_inputs, variant_id
+from helpers import ALL_EPILOGUES, FULL, Case, Epilogue, check_call, forward_op, make_inputs, variant_id
 
 import resnet_fused
-from resnet_fused import contract
 
 # The scale goes on the smaller of g and the weight: y (1, 16, 3, 3) has fewer elements than the 3x3 weight, so the
 # epilogue node scales g; y (2, 8, 6, 6) has more than the 1x1 weight, so the conv node scales the weight.
@@ -140,14 +139,58 @@ def test_incoming_gradient_is_freed_before_the_conv_backward():
     assert split == [True, False], split
 
 
-def test_record_split_graph_saves_x_weight_and_the_output_only():
-    inputs = make_inputs(SCALE_ON_WEIGHT, torch.float32, "nchw")
-    y = resnet_fused.conv_bias_add_relu(**inputs.tensors, **inputs.kwargs)
-    epilogue_node = y.grad_fn
-    conv_node = epilogue_node.next_functions[0][0]
-    saved = [t for t in epilogue_node.saved_tensors if t is not None]
-    x, weight = inputs.tensors["x"], inputs.tensors["weight"]
-    assert [t.data_ptr() for t in saved] == [y.data_ptr(), x.data_ptr(), weight.data_ptr()]
-    assert [t.data_ptr() for t in conv_node.saved_tensors] == [x.data_ptr(), weight.data_ptr()]
-    # The conv node's output is a placeholder of one element: the edge's shape, not a buffer.
-    assert contract._SplitConv.__name__ in type(conv_node).__name__
+@pytest.mark.parametrize("case", [SCALE_ON_G, SCALE_ON_WEIGHT], ids=["scale_on_g", "scale_on_weight"])
+def test_saved_tensors_are_the_one_node_ones(case):
+    """x, weight, the output and the scale, each saved once (a copying saved-tensor hook holds each once), and under
+    autograd's version checks: a scale changed in place after the forward is an error, never a wrong gradient."""
+    op = forward_op("cpu")
+    for graph in ("two_nodes", "one_node"):
+        inputs = _inputs(case, torch.float32, "channels_last", FULL, ("x", "weight", "bias"))
+        packed: list[torch.Tensor] = []
+
+        def pack(t, packed=packed):
+            packed.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if graph == "two_nodes":
+                y = resnet_fused.conv_bias_add_relu(**inputs.tensors, **inputs.kwargs)
+            else:
+                y = op(*inputs.op_args())
+        x, weight, scale = inputs.tensors["x"], inputs.tensors["weight"], inputs.kwargs["scale"]
+        want = sorted(t.data_ptr() for t in (x, weight, y, scale))
+        assert sorted(t.data_ptr() for t in packed) == want, graph
+        # Without hooks (with them, autograd leaves the version checks to the hooks).
+        y = (
+            resnet_fused.conv_bias_add_relu(**inputs.tensors, **inputs.kwargs)
+            if graph == "two_nodes"
+            else op(*inputs.op_args())
+        )
+        with torch.no_grad():
+            scale.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward(inputs.grad_out)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_no_extra_copy_of_a_gradient_in_another_layout(bias):
+    """relu=False: the epilogue node puts grad_out into x's layout once, for both nodes, and runs no pass at all
+    without a bias gradient; the backward makes as many copies as the one-node backward."""
+    epilogue = Epilogue(bias, False, False, False)
+    op = forward_op("cpu")
+
+    def copies(graph: str) -> tuple[int, int]:
+        inputs = _inputs(SCALE_ON_WEIGHT, torch.float32, "channels_last", epilogue, ("x", "weight", "bias"))
+        if graph == "two_nodes":
+            y = resnet_fused.conv_bias_add_relu(**inputs.tensors, **inputs.kwargs)
+        else:
+            y = op(*inputs.op_args())
+        grad = torch.randn(y.shape)  # NCHW, while y is channels_last
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y.backward(grad)
+        names = [e.name for e in prof.events()]
+        return names.count("aten::clone"), names.count("resnet_fused::conv_bias_add_relu_backward")
+
+    (split_clones, split_calls), (one_clones, _) = copies("two_nodes"), copies("one_node")
+    assert split_clones == one_clones, (split_clones, one_clones)
+    assert split_calls == (2 if bias else 1)
