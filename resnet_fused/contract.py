@@ -458,9 +458,9 @@ def _make_vmap(op: Callable) -> Callable:
     """A vmap rule for a forward op: without it torch runs the op once per sample (BatchedFallback).
 
     Batched x or residual only: the vmapped dim folds into N. A batched weight, bias or scale (a model ensemble,
-    ``torch.func.stack_module_state``): the members become conv groups, x (N, B*C, H, W), weight (B*K, C/g, R, S),
-    y (N, B*K, P, Q), as functorch's conv2d rule does when both x and weight are batched (an unbatched x is copied
-    B times; functorch would fold the members into K instead)."""
+    ``torch.func.stack_module_state``): with an unbatched x and groups=1, the members join the output channels,
+    weight (B*K, C, R, S), y (N, B*K, P, Q); otherwise they become conv groups, x (N, B*C, H, W), weight
+    (B*K, C/g, R, S), y (N, B*K, P, Q), as functorch's conv2d rule does (there an unbatched x is copied B times)."""
 
     def rule(info, in_dims, x, weight, bias, residual, scale, stride, padding, dilation, groups, relu):
         # Unwrapped here, scale shows requires_grad; the batched wrapper the public function saw did not.
@@ -489,13 +489,16 @@ def _make_vmap(op: Callable) -> Callable:
                 dilation, groups, relu,
             )  # fmt: skip
             return y.unflatten(0, (b, n)), 0
-        xs = front(x, xd).movedim(0, 1)  # (N, B, C, H, W)
-        n = xs.shape[0]
         ws = front(weight, wd)
         k = ws.shape[1]
         flat = [None if t is None else t.flatten(0, 1) for t in (front(bias, bd), front(scale, sd))]
         rs = None if residual is None else front(residual, rd).movedim(0, 1).flatten(1, 2)
-        y = op(xs.flatten(1, 2), ws.flatten(0, 1), flat[0], rs, flat[1], stride, padding, dilation, groups * b, relu)
+        if xd is None and groups == 1:
+            # Every member reads the same x (an ensemble on one batch): the members join K, x is read as it is.
+            y = op(x, ws.flatten(0, 1), flat[0], rs, flat[1], stride, padding, dilation, 1, relu)
+        else:  # each member its own x: the members become conv groups
+            xs = front(x, xd).movedim(0, 1).flatten(1, 2)  # (N, B*C, H, W)
+            y = op(xs, ws.flatten(0, 1), flat[0], rs, flat[1], stride, padding, dilation, groups * b, relu)
         return y.unflatten(1, (b, k)), 1
 
     return rule

@@ -611,16 +611,19 @@ VMAP_DIMS = {  # in_dims of (x, weight, bias, residual, scale)
     "weight-only": (None, 0, None, None, None),
     "moved-dims": (1, 0, None, 2, None),
     "scale-only": (None, None, None, None, 0),
+    "ensemble-shared-x": (None, 0, 0, 0, 0),
 }
 
 
+@pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("dims", list(VMAP_DIMS), ids=list(VMAP_DIMS))
 @pytest.mark.parametrize("target", target_params())
-def test_vmap_is_one_fused_call_matching_float64(target, dims):
-    """vmap over samples folds into N; over weights (an ensemble) into conv groups: one op call, not one per sample,
-    and y and the gradients of the batched inputs match float64."""
+def test_vmap_is_one_fused_call_matching_float64(target, dims, groups):
+    """vmap over samples folds into N; over weights (an ensemble) into the output channels when x is shared and
+    groups=1, else into conv groups: one op call, not one per sample, and y and the gradients of the batched inputs
+    match float64."""
     in_dims = VMAP_DIMS[dims]
-    b, n, c, k, groups = 3, 2, 4, 6, 2
+    b, n, c, k = 3, 2, 4, 6
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape, d, scale=1.0):
@@ -637,11 +640,14 @@ def test_vmap_is_one_fused_call_matching_float64(target, dims):
     def call(fn, **kw):
         return lambda x, w, bias, r, s: fn(x, w, bias, r, scale=s, padding=1, groups=groups, **kw)
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
         y = torch.func.vmap(call(resnet_fused.conv_bias_add_relu, backend=target.backend), in_dims=in_dims)(*leaves)
     # The batched call, then the rule's one call on the whole batch; torch's per-sample fallback makes it 1 + b.
-    calls = [e.name for e in prof.events() if e.name.startswith("resnet_fused::conv_bias_add_relu")]
+    events = [e for e in prof.events() if e.name.startswith("resnet_fused::conv_bias_add_relu")]
+    calls = [e.name for e in events]
     assert len(set(calls)) == 1 and len(calls) == 2, calls
+    if in_dims[0] is None and in_dims[1] is not None and groups == 1:  # x read as it is, not copied per member
+        assert [list(e.input_shapes[0]) for e in events] == [[n, c, 7, 7]] * 2, [e.input_shapes for e in events]
     ref_leaves = [t.detach().double().requires_grad_(i != 4) for i, t in enumerate(leaves)]
     expected = torch.func.vmap(call(reference.conv_bias_add_relu), in_dims=in_dims)(*ref_leaves)
     assert y.shape == expected.shape == (b, n, k, 7, 7)
