@@ -166,7 +166,11 @@ def train_peak(
     *, variant: str = "frozen-bn", batch: int = 8, hw: int = 224, threads: int = 2, arch: str = "resnet50"
 ) -> dict:
     """Per impl (fused, unfused): the allocator peak of one train step, the ops running at it, the live blocks."""
-    return {name: _trace_step(step) for name, step in _train_steps(variant, batch, hw, threads, arch).items()}
+    out = {}
+    for name, step in _train_steps(variant, batch, hw, threads, arch).items():
+        step.before_memory_trace()
+        out[name] = _trace_step(step)
+    return out
 
 
 def train_ops(
