@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_model import train_impls
-from benchmarks.timing import _quiet_profiler_stderr, cpu_memory_trace
+from benchmarks.timing import _quiet_profiler_stderr, cpu_memory_trace, running_peak
 
 
 @contextlib.contextmanager
@@ -123,12 +123,7 @@ def _trace_step(step) -> dict:
     def stack(ts: float) -> list[dict]:
         return sorted((o for o in ops if o["ts"] <= ts <= o["ts"] + o["dur"]), key=lambda o: -o["dur"])
 
-    running = peak = 0
-    peak_i = -1
-    for i, e in enumerate(mem):
-        running += int(e["args"].get("Bytes", 0))
-        if running > peak:
-            peak, peak_i = running, i
+    peak, peak_i = running_peak(mem)
     live: dict[int, dict] = {}
     for e in mem[: peak_i + 1]:
         if int(e["args"]["Bytes"]) > 0:

@@ -38,8 +38,8 @@ import torch
 
 CPU_MEMORY_METHOD = (
     "torch.profiler(profile_memory=True): peak of the running sum of c10 CPU allocator alloc/free events during "
-    "one call, relative to the start: an allocator peak, not RSS (tensor storage only; memory a library mallocs "
-    "itself, such as ONNX Runtime's arena, is not seen)"
+    "one call, relative to the start (frees of blocks allocated before the call left out): an allocator peak, not "
+    "RSS (tensor storage only; memory a library mallocs itself, such as ONNX Runtime's arena, is not seen)"
 )
 CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated() during one call minus memory_allocated() before it"
 
@@ -250,11 +250,28 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str = "cp
         torch.cuda.synchronize(device)
         return max(0, torch.cuda.max_memory_allocated(device) - before)
     mem, _ = cpu_memory_trace(fn)
+    return running_peak(mem)[0]
+
+
+def running_peak(mem: Sequence[dict]) -> tuple[int, int]:
+    """(peak bytes, index of the event reaching it) of the running sum of a trace's alloc/free events. Frees of
+    blocks allocated before the trace are left out: the profiler reports only some of them (those allocated while an
+    earlier trace recorded), which would make the peak depend on what earlier traces saw."""
     running = peak = 0
-    for e in mem:
-        running += int(e["args"].get("Bytes", 0))
-        peak = max(peak, running)
-    return peak
+    peak_i = -1
+    allocated: set = set()
+    for i, e in enumerate(mem):
+        size, addr = int(e["args"].get("Bytes", 0)), e["args"].get("Addr")
+        if size > 0:
+            allocated.add(addr)
+        elif addr not in allocated:
+            continue
+        else:
+            allocated.discard(addr)
+        running += size
+        if running > peak:
+            peak, peak_i = running, i
+    return peak, peak_i
 
 
 def cpu_memory_trace(fn: Callable[[], object], *, record_shapes: bool = False) -> tuple[list[dict], list[dict]]:
