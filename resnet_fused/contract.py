@@ -473,6 +473,12 @@ def _make_vmap(op: Callable) -> Callable:
                 for t, d in zip((x, weight, bias, residual, scale), in_dims[:5], strict=True)
             ]
             check_inputs(*ins, stride, padding, dilation, groups, relu)
+        elif (wd, bd, sd) != (None, None, None) and not (xd is None and groups == 1):
+            # No member to check, and conv groups of zero members would be refused as C=0: say what it is.
+            raise ValueError(
+                "vmap: expected at least one member when weight, bias or scale is batched and x is batched or "
+                f"groups > 1 (the members become conv groups), got a vmapped dim of size {b}"
+            )
 
         def front(t: Tensor | None, d: int | None) -> Tensor | None:
             """The vmapped dim first; an unbatched tensor is expanded (a view) to the batch."""

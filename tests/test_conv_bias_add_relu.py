@@ -683,6 +683,18 @@ def test_bare_op_under_vmap_names_one_samples_shapes(backend):
         torch.func.vmap(lambda wi, ri: op(x, wi, None, ri, None, *conv))(w, torch.randn(3, 2, 6, 7, 8))
 
 
+def test_vmap_over_zero_members():
+    """An empty ensemble: on one shared batch with groups=1 the members join K and the result is empty; where they
+    would become conv groups (zero channels), the error says so instead of naming C=0."""
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(0, 6, 4, 3, 3)
+    y = torch.func.vmap(lambda wi: resnet_fused.conv_bias_add_relu(x, wi, padding=1))(w)
+    assert y.shape == (0, 2, 6, 5, 5)
+    with pytest.raises(ValueError, match=r"vmap: expected at least one member .* got a vmapped dim of size 0"):
+        torch.func.vmap(lambda wi: resnet_fused.conv_bias_add_relu(x, wi, padding=1, groups=2))(w[:, :, :2])
+    with pytest.raises(ValueError, match="got a vmapped dim of size 0"):
+        torch.func.vmap(lambda xi, wi: resnet_fused.conv_bias_add_relu(xi, wi, padding=1))(x[None][:0], w)
+
+
 def test_auto_does_not_time_under_vmap(monkeypatch):
     """A timing under vmap would measure the batched call and cache it for the per-sample shape."""
     from resnet_fused import select
