@@ -287,8 +287,9 @@ def train_impls(
             loss.backward()
             opt.step()
 
-        # Before a memory trace: the last step's gradients, allocated before the trace, are freed by this step's
-        # zero_grad, and the profiler sees only some of those frees; freed first, the trace sees the whole step.
+        # Before a memory measurement: free the last step's gradients, which this step's zero_grad would free inside
+        # it. Then the measured peak is the step's own: on CUDA the baseline no longer counts them (the peak came out
+        # low by their size), and on CPU it does not rest on which of their frees the profiler reports.
         step.before_memory_trace = lambda: opt.zero_grad(set_to_none=True)  # type: ignore[attr-defined]
         return step
 

@@ -264,10 +264,10 @@ def running_peak(mem: Sequence[dict]) -> tuple[int, int]:
         size, addr = int(e["args"].get("Bytes", 0)), e["args"].get("Addr")
         if size > 0:
             allocated.add(addr)
-        elif addr not in allocated:
-            continue
-        else:
+        elif addr in allocated:
             allocated.discard(addr)
+        else:
+            continue
         running += size
         if running > peak:
             peak, peak_i = running, i
