@@ -4,6 +4,8 @@ test checks, from profiler events, which route ran."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,6 +55,20 @@ def aten_picks_onednn(kw) -> bool:
     return choice == torch._C._ConvBackend.Mkldnn
 
 
+def pass_takes_epilogue(kw, relu: bool, fused: bool = False) -> bool:
+    """Whether an exact ReLU sends the call to the conv + epilogue pass although oneDNN could run it: the pass, which
+    runs anyway for the ReLU, also adds a residual and applies a scale, unless the output has at least 16x the
+    weight's elements (then folding the scale into the weight is cheap)."""
+    if not relu or fused:
+        return False
+    if kw["residual"] is not None:
+        return True
+    if kw["scale"] is None:
+        return False
+    y = reference.conv_bias_add_relu(**{k: v.to("meta") if torch.is_tensor(v) else v for k, v in kw.items()})
+    return y.numel() < 16 * kw["weight"].numel()
+
+
 def reductions(kw) -> int:
     w = kw["weight"]
     return w.shape[1] * w.shape[2] * w.shape[3]
@@ -76,8 +92,14 @@ def test_route_matches_float64(dtype, layout, geometry, relu, residual):
     kw = case(dtype, layout, residual=residual, **GEOMETRIES[geometry])
     y, ops = run_and_trace(**kw, relu=relu)
     # One oneDNN primitive where oneDNN takes the dtype and ATen would run the conv on oneDNN, except a residual add
-    # with an NCHW x (torch's binary op fuses only channels_last); else ATen's conv and the epilogue pass.
-    onednn = onednn_supports(dtype) and (layout == "channels_last" or not residual) and aten_picks_onednn(kw)
+    # with an NCHW x (torch's binary op fuses only channels_last) and an exact ReLU whose pass takes the rest of the
+    # epilogue; else ATen's conv and the epilogue pass.
+    onednn = (
+        onednn_supports(dtype)
+        and (layout == "channels_last" or not residual)
+        and aten_picks_onednn(kw)
+        and not pass_takes_epilogue(kw, relu)
+    )
     assert (ONEDNN_OP in ops) == onednn, sorted(ops)
     # torch's binary op itself runs grouped/dilated convs unfused (ATen conv, add_, relu); the result is the same.
     if not (residual and geometry in ("strided_dilated_grouped", "depthwise")):
@@ -91,12 +113,21 @@ def test_route_matches_float64(dtype, layout, geometry, relu, residual):
 
 
 @pytest.mark.parametrize("epilogue", range(8))
-def test_every_epilogue_on_the_onednn_route(epilogue):
+@pytest.mark.parametrize("fused", [False, True])
+def test_every_epilogue_on_its_route(epilogue, fused, monkeypatch):
+    # The output has 2.5x the 3x3 weight's elements (the pass applies a scale) and 22.5x the 1x1 weight's (the weight
+    # folds it).
     bias, residual, scale = (bool(epilogue & b) for b in (1, 2, 4))
-    for relu in (True, False):
-        kw = case(torch.float32, "channels_last", bias=bias, residual=residual, scale=scale)
+    if fused:
+        monkeypatch.setenv(RELU_MODE_VAR, "fused")
+    for relu, geometry in itertools.product((True, False), ("3x3", "1x1")):
+        kw = case(torch.float32, "channels_last", bias=bias, residual=residual, scale=scale, **GEOMETRIES[geometry])
+        assert aten_picks_onednn(kw)
         y, ops = run_and_trace(**kw, relu=relu)
-        assert ONEDNN_OP in ops
+        takes_pass = relu and not fused and (residual or (scale and geometry == "3x3"))
+        assert pass_takes_epilogue(kw, relu, fused) == takes_pass
+        assert (ONEDNN_OP in ops) == (not takes_pass), sorted(ops)
+        assert ("aten::relu_" in ops) == (relu and not fused and not takes_pass), sorted(ops)
         expected = reference.conv_bias_add_relu(
             **{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()}, relu=relu
         )
@@ -108,13 +139,18 @@ def test_every_epilogue_on_the_onednn_route(epilogue):
 def test_small_batch_one_conv_takes_atens_native_conv(residual):
     # ATen runs small batch-1 convs on its native kernel, faster there than a oneDNN primitive on unpacked weights;
     # the cpu backend follows it (conv + epilogue pass) and takes oneDNN where ATen does.
-    small = case(torch.float32, "channels_last", residual=residual, n=1, c=8, hw=(6, 7), k=8)
-    large = case(torch.float32, "channels_last", residual=residual, n=1, c=64, hw=(20, 20), k=8)
+    # Without scale, and linear with a residual (an exact ReLU's pass would take it), so only ATen's choice decides.
+    small = case(torch.float32, "channels_last", residual=residual, scale=False, n=1, c=8, hw=(6, 7), k=8)
+    large = case(torch.float32, "channels_last", residual=residual, scale=False, n=1, c=64, hw=(20, 20), k=8)
     assert not aten_picks_onednn(small) and aten_picks_onednn(large)
+    relu = not residual
     for kw, onednn in ((small, False), (large, True)):
-        y, ops = run_and_trace(**kw)
+        assert not pass_takes_epilogue(kw, relu)
+        y, ops = run_and_trace(**kw, relu=relu)
         assert (ONEDNN_OP in ops) == onednn and ("aten::convolution" in ops) == (not onednn), sorted(ops)
-        expected = reference.conv_bias_add_relu(**{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()})
+        expected = reference.conv_bias_add_relu(
+            **{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()}, relu=relu
+        )
         assert_close(y, expected, torch.float32, "y", reductions(kw))
         assert y.is_contiguous(memory_format=torch.channels_last)
 
@@ -128,19 +164,22 @@ def test_mkldnn_disabled_takes_the_pass():
     assert_close(y, expected, torch.float32, "y", reductions(kw))
 
 
-def test_equals_eager_conv_bias_add_relu():
-    # Without scale the primitive is the one eager conv2d runs, with the add and ReLU on its accumulator.
-    kw = case(torch.float32, "channels_last", scale=False)
-    y, _ = run_and_trace(**kw)
+@pytest.mark.parametrize("residual, relu", [(True, True), (True, False), (False, True)])
+def test_equals_eager_conv_bias_add_relu(residual, relu):
+    # Without scale either route runs the conv eager conv2d runs, with the add and ReLU after its accumulator.
+    kw = case(torch.float32, "channels_last", scale=False, residual=residual)
+    y, ops = run_and_trace(**kw, relu=relu)
+    assert (ONEDNN_OP in ops) == (not pass_takes_epilogue(kw, relu)), sorted(ops)
     x, w, b, r = kw["x"], kw["weight"], kw["bias"], kw["residual"]
-    eager = torch.relu(torch.nn.functional.conv2d(x, w, b, 1, 1) + r)
-    torch.testing.assert_close(y, eager, rtol=1e-6, atol=1e-6)
+    eager = torch.nn.functional.conv2d(x, w, b, 1, 1) + (r if residual else 0)
+    torch.testing.assert_close(y, eager.relu() if relu else eager, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("layout, residual", [("channels_last", True), ("channels_last", False), ("nchw", False)])
 @pytest.mark.parametrize("relu", [True, False])
 def test_nan_inf_like_the_reference(layout, residual, relu):
-    kw = case(torch.float32, layout, residual=residual)
+    # Without scale, every case but an exact ReLU over a residual (the pass) runs the primitive.
+    kw = case(torch.float32, layout, residual=residual, scale=False)
     with torch.no_grad():
         kw["x"][0, 0, 2, 3] = float("nan")
         kw["x"][1, 1, 5, 5] = float("inf")
@@ -149,7 +188,7 @@ def test_nan_inf_like_the_reference(layout, residual, relu):
             kw["residual"][1, 2, 7, 7] = float("nan")
             kw["residual"][1, 4, 4, 1] = float("inf")
     y, ops = run_and_trace(**kw, relu=relu)
-    assert ONEDNN_OP in ops
+    assert (ONEDNN_OP in ops) == (not (relu and residual)), sorted(ops)
     expected = reference.conv_bias_add_relu(**kw, relu=relu)
     assert y.isnan().any() and (y.isinf().any() or not relu)
     assert_close(y, expected.double(), torch.float32, "y", reductions(kw))
@@ -157,14 +196,15 @@ def test_nan_inf_like_the_reference(layout, residual, relu):
 
 @pytest.mark.parametrize("layout, residual", [("channels_last", True), ("channels_last", False), ("nchw", False)])
 def test_fused_relu_mode_runs_relu_inside_onednn(layout, residual, monkeypatch):
-    # With RESNET_FUSED_ONEDNN_RELU=fused no separate ReLU runs; finite values are unchanged.
-    kw = case(torch.float32, layout, residual=residual)
+    # With RESNET_FUSED_ONEDNN_RELU=fused no separate ReLU runs, and a residual rides in the primitive too (the exact
+    # ReLU's pass adds it otherwise); finite values agree.
+    kw = case(torch.float32, layout, residual=residual, scale=False)
     y_exact, ops_exact = run_and_trace(**kw)
-    assert "aten::relu_" in ops_exact
+    assert ("aten::relu_" in ops_exact) == (ONEDNN_OP in ops_exact) == (not residual), sorted(ops_exact)
     monkeypatch.setenv(RELU_MODE_VAR, "fused")
     y_fused, ops_fused = run_and_trace(**kw)
     assert ONEDNN_OP in ops_fused and "aten::relu_" not in ops_fused
-    torch.testing.assert_close(y_fused, y_exact, rtol=0, atol=0)
+    torch.testing.assert_close(y_fused, y_exact, rtol=0 if not residual else 1e-6, atol=0 if not residual else 1e-6)
 
 
 @pytest.mark.skipif(not onednn_supports(torch.float32), reason="torch's oneDNN is not available here")
@@ -201,8 +241,8 @@ def test_batch_zero_and_inputs_untouched():
 
 
 def test_autograd_through_the_onednn_route():
-    kw = case(torch.float32, "channels_last", scale=False)
-    leaves = {k: kw[k].detach().requires_grad_() for k in ("x", "weight", "bias", "residual")}
+    kw = case(torch.float32, "channels_last", scale=False, residual=False)
+    leaves = {k: kw[k].detach().requires_grad_() for k in ("x", "weight", "bias")}
     kw.update(leaves)
     y, ops = run_and_trace(**kw)
     assert ONEDNN_OP in ops
