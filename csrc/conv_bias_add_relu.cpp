@@ -2,6 +2,7 @@
 // module _C is only a loader: importing it runs the static registrations.
 #include <Python.h>
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
@@ -319,6 +320,70 @@ at::Tensor run_conv_bias_add_relu(
   return y;
 }
 
+void run_epilogue_(
+    const at::Tensor& y,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& scale,
+    bool relu,
+    EpiloguePass epilogue_pass) {
+  TORCH_CHECK_VALUE(
+      y.dim() == 4, "y: expected a 4-D tensor (N, K, P, Q), got ", y.dim(),
+      "-D with shape ", py_shape(y.sizes()));
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(y.scalar_type()),
+      "y: expected a floating dtype (float32, float16, bfloat16, float64), got ",
+      py_dtype(y.scalar_type()));
+  // The pass walks y as one dense block in either layout.
+  const bool nchw = y.is_contiguous();
+  TORCH_CHECK_VALUE(
+      nchw || y.is_contiguous(at::MemoryFormat::ChannelsLast),
+      "y: expected a tensor contiguous in NCHW or channels_last (written in "
+      "place), got strides ",
+      py_shape(y.strides()), " for shape ", py_shape(y.sizes()));
+  const int64_t k = y.size(1);
+  for (const auto& [t, name] :
+       {std::pair{&bias, "bias"}, std::pair{&scale, "scale"}}) {
+    if (t->has_value()) {
+      TORCH_CHECK_VALUE(
+          (*t)->dim() == 1 && (*t)->size(0) == k, name, ": expected shape (",
+          k, ",), got ", py_shape((*t)->sizes()));
+    }
+  }
+  if (residual.has_value()) {
+    TORCH_CHECK_VALUE(
+        residual->sizes() == y.sizes(), "residual: expected y's shape ",
+        py_shape(y.sizes()), ", got ", py_shape(residual->sizes()));
+  }
+  for (const auto& [t, name] :
+       {std::pair{&bias, "bias"}, std::pair{&residual, "residual"},
+        std::pair{&scale, "scale"}}) {
+    if (t->has_value()) {
+      TORCH_CHECK_VALUE(
+          (*t)->device() == y.device(), name, ": expected device ", y.device(),
+          " (y's), got ", (*t)->device());
+      TORCH_CHECK_TYPE(
+          (*t)->scalar_type() == y.scalar_type(), name, ": expected dtype ",
+          py_dtype(y.scalar_type()), " (y's), got ",
+          py_dtype((*t)->scalar_type()));
+      TORCH_CHECK_VALUE(
+          at::get_overlap_status(y, **t) != at::MemOverlapStatus::Partial,
+          name, ": expected memory apart from y's, or y itself (y is written "
+          "in place), got a partial overlap with y");
+    }
+  }
+  if (y.numel() == 0 ||
+      !(bias.has_value() || residual.has_value() || scale.has_value() ||
+        relu)) {
+    return;
+  }
+  const auto fmt =
+      nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
+  const at::Tensor res =
+      residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
+  epilogue_pass(y, res, scale, bias, relu, fmt);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 run_conv_bias_add_relu_backward(
     const at::Tensor& grad_out,
@@ -379,6 +444,11 @@ TORCH_LIBRARY(resnet_fused, m) {
       "Tensor weight, Tensor? scale, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups, bool relu, bool[4] output_mask) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
+  // The epilogue pass alone, in place on a conv's fresh output: for callers
+  // that run the conv themselves (prepared inference's packed oneDNN conv).
+  m.def(
+      "_epilogue_(Tensor(a!) y, Tensor? bias, Tensor? residual, "
+      "Tensor? scale, bool relu) -> ()");
 }
 
 } // namespace resnet_fused

@@ -139,6 +139,17 @@ at::Tensor run_conv_bias_add_relu(
     EpiloguePass epilogue_pass,
     FusedForward fused_forward = nullptr);
 
+// The _epilogue_ op every backend shares: checks (y: (N, K, P, Q), dense in
+// NCHW or channels_last; bias, scale: (K,); residual: y's shape), then the
+// backend's pass in place on y: y = act(y * scale + bias + residual).
+void run_epilogue_(
+    const at::Tensor& y,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& scale,
+    bool relu,
+    EpiloguePass epilogue_pass);
+
 // The backward every backend shares: checks, the masked gradient g and
 // grad_bias from the backend's pass, then conv2d_backward. Returns
 // (grad_x, grad_weight, grad_bias, grad_residual); unrequested ones are empty.

@@ -26,6 +26,9 @@ from resnet_fused import (
 FORWARD = "resnet_fused::conv_bias_add_relu"
 BACKWARD = "resnet_fused::conv_bias_add_relu_backward"
 contract.register_op(FORWARD, BACKWARD)
+# The epilogue pass alone, in place on a conv's fresh output (CPU): prepared inference runs its own packed conv.
+EPILOGUE = "resnet_fused::_epilogue_"
+torch.library.register_fake(EPILOGUE)(contract.epilogue_fake)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -88,7 +88,7 @@ def memory_format(t: Tensor) -> torch.memory_format:
 # ---- argument checks: each message names the argument, the expected value and the actual one ----
 
 
-def _check_tensor(name: str, t: object, x: Tensor | None, optional: bool) -> None:
+def _check_tensor(name: str, t: object, x: Tensor | None, optional: bool, like: str = "x") -> None:
     if t is None and optional:
         return
     if not isinstance(t, Tensor):
@@ -96,9 +96,9 @@ def _check_tensor(name: str, t: object, x: Tensor | None, optional: bool) -> Non
     if x is None:
         return
     if t.device != x.device:
-        raise ValueError(f"{name}: expected device {x.device} (x's), got {t.device}")
+        raise ValueError(f"{name}: expected device {x.device} ({like}'s), got {t.device}")
     if t.dtype != x.dtype:
-        raise TypeError(f"{name}: expected dtype {x.dtype} (x's), got {t.dtype}")
+        raise TypeError(f"{name}: expected dtype {x.dtype} ({like}'s), got {t.dtype}")
 
 
 def check_inputs(
@@ -291,6 +291,39 @@ def forward_fake(x, weight, bias, residual, scale, stride, padding, dilation, gr
     stride, padding, dilation = check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
     shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+
+
+def check_epilogue_inputs(
+    y: Tensor, bias: Tensor | None, residual: Tensor | None, scale: Tensor | None, relu: bool
+) -> None:
+    """Validate the ``_epilogue_`` op's arguments, as its C++ kernels do: y (N, K, P, Q), dense in NCHW or
+    channels_last (it is written in place); bias, scale (K,); residual y's shape."""
+    _check_tensor("y", y, None, optional=False)
+    if y.dim() != 4:
+        raise ValueError(f"y: expected a 4-D tensor (N, K, P, Q), got {y.dim()}-D with shape {tuple(y.shape)}")
+    if y.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"y: expected a floating dtype (float32, float16, bfloat16, float64), got {y.dtype}")
+    if not (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError(
+            "y: expected a tensor contiguous in NCHW or channels_last (written in place), got strides "
+            f"{tuple(y.stride())} for shape {tuple(y.shape)}"
+        )
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu: expected a bool, got {relu!r}")
+    for name, t in (("bias", bias), ("residual", residual), ("scale", scale)):
+        _check_tensor(name, t, None, optional=True)
+    k = y.shape[1]
+    for name, t in (("bias", bias), ("scale", scale)):
+        if t is not None and t.shape != (k,):
+            raise ValueError(f"{name}: expected shape ({k},), got {tuple(t.shape)}")
+    if residual is not None and residual.shape != y.shape:
+        raise ValueError(f"residual: expected y's shape {tuple(y.shape)}, got {tuple(residual.shape)}")
+    for name, t in (("bias", bias), ("residual", residual), ("scale", scale)):
+        _check_tensor(name, t, y, optional=True, like="y")
+
+
+def epilogue_fake(y, bias, residual, scale, relu) -> None:
+    check_epilogue_inputs(y, bias, residual, scale, relu)
 
 
 def backward_fake(grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu, output_mask):

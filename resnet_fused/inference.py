@@ -192,15 +192,20 @@ def _launch(
     fmt: torch.memory_format,
     fused: bool,
 ) -> Tensor:
-    """One oneDNN convolution on the packed weight, bias and residual as post-ops; ReLU fused or as an exact pass."""
+    """One oneDNN convolution on the packed weight with the bias as a post-op. The residual is a post-op too when
+    the ReLU is fused or absent; with an exact ReLU, the residual add and the ReLU run as one in-place pass."""
     conv = torch.ops.mkldnn._convolution_pointwise
     x = x.contiguous(memory_format=fmt)
-    if residual is None:
-        y = conv(x, packed, bias, *geometry, "relu" if fused else "none", [], None)
-    else:
+    if residual is not None and (fused or not relu):
         residual = residual.contiguous(memory_format=fmt)
         y = conv.binary(x, residual, packed, bias, *geometry, "add", 1.0, "relu" if fused else None, [], None)
-    y = y.contiguous(memory_format=fmt)
+        return y.contiguous(memory_format=fmt)
+    y = conv(x, packed, bias, *geometry, "relu" if fused else "none", [], None).contiguous(memory_format=fmt)
+    if residual is not None:
+        # The exact ReLU's pass also adds the residual: one pass over y instead of the binary post-op and then a
+        # ReLU pass (the binary op also runs NCHW unfused).
+        torch.ops.resnet_fused._epilogue_(y, None, residual, None, True)
+        return y
     return y.relu_() if relu and not fused else y
 
 

@@ -57,10 +57,12 @@ LDFLAGS = ["-fopenmp", "-lstdc++", "-fsanitize=address,undefined"]
 
 SUITE = "tests/test_conv_bias_add_relu.py"
 ONEDNN_SUITE = "tests/test_cpu_onednn.py"
+EPILOGUE_SUITE = "tests/test_epilogue_op.py"  # small: run whole in both selections
 # Each selection still reaches every C++ path: all 16 epilogues, NCHW / channels_last / a non-contiguous view, batch
 # 0, NaN/Inf, every dtype (fp32, bf16, fp16 and the fp64 pass via gradcheck), every bad-input check of both ops,
-# the backward, the portable (non-AVX2) kernels and every oneDNN route. The fuller one adds the odd-shape case table,
-# opcheck, the random sweep and the thread-count run; only torch.compile is left out (it adds no C++ path here).
+# the backward, the portable (non-AVX2) kernels, every oneDNN route and the _epilogue_ op. The fuller one adds the
+# odd-shape case table, opcheck, the random sweep and the thread-count run; only torch.compile is left out (it adds
+# no C++ path here).
 QUICK_K = (
     "every_epilogue or gradcheck or batch_zero or nan_inf or inputs_never_modified or bad_input or autocast"
     " or portable or inference_mode"
@@ -188,8 +190,9 @@ def check_canaries(build_dir: str) -> None:
 def pytest_command(quick: bool, extra: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     files = [(SUITE, QUICK_K if quick else FULL_K)]
-    if os.path.exists(os.path.join(ROOT, ONEDNN_SUITE)):
-        files.append((ONEDNN_SUITE, QUICK_ONEDNN_K if quick else None))
+    for path, k in ((ONEDNN_SUITE, QUICK_ONEDNN_K if quick else None), (EPILOGUE_SUITE, None)):
+        if os.path.exists(os.path.join(ROOT, path)):
+            files.append((path, k))
     return [cmd + [path, *(["-k", k] if k else []), *extra] for path, k in files]
 
 

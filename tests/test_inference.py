@@ -178,6 +178,34 @@ def test_nan_inf_like_the_unpacked_path():
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("relu", [True, False])
+def test_residual_conv_matches_float64_with_nan_inf(layout, relu):
+    # An exact ReLU over a residual runs the packed conv with its bias, then one in-place pass that adds the residual
+    # and applies the ReLU (resnet_fused::_epilogue_); without ReLU the residual is oneDNN's binary post-op.
+    torch.manual_seed(0)
+    conv = FusedConv2d(4, 8, 3, padding=1, relu=relu).eval()
+    with torch.no_grad():
+        conv.bias.uniform_(-0.5, 0.5)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, 4, 9, 9).contiguous(memory_format=fmt)
+    residual = torch.randn(2, 8, 9, 9).contiguous(memory_format=fmt)
+    x[0, 0, 1, 1], residual[1, 2, 3, 3], residual[0, 5, 7, 7] = float("nan"), float("inf"), float("-inf")
+    before = (x.clone(), residual.clone())
+    expected = copy.deepcopy(conv).double()(x.double(), residual.double())
+    prepared = optimize_for_inference(copy.deepcopy(conv))
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = prepared(x, residual)
+    ops = {e.name for e in prof.events()}
+    assert PACKED_OP in ops and packs(prepared) == 1
+    assert ("resnet_fused::_epilogue_" in ops) == relu and "aten::relu_" not in ops, sorted(ops)
+    assert y.is_contiguous(memory_format=fmt)
+    assert y.isnan().any() and y.isinf().any()
+    assert_close(y, expected, torch.float32, "packed y", reductions=36)
+    for t, b in zip((x, residual), before, strict=True):  # the caller's tensors untouched
+        torch.testing.assert_close(t, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_fuse_relu_is_one_pass_and_equal_on_finite_inputs(layout):
     model = converted_resnet18()
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -186,10 +214,11 @@ def test_fuse_relu_is_one_pass_and_equal_on_finite_inputs(layout):
     fused = optimize_for_inference(copy.deepcopy(model), fuse_relu=True)
     y_exact, ops_exact = trace(exact, x)
     y_fused, ops_fused = trace(fused, x)
-    assert "aten::relu_" in ops_exact
+    assert "aten::relu_" in ops_exact and "resnet_fused::_epilogue_" in ops_exact
     # Every ReLU of resnet18 follows a FusedConv2d (the stem's too), so with fuse_relu no ReLU pass runs at all.
-    assert "aten::relu_" not in ops_fused
-    assert torch.equal(y_fused, y_exact), "fused ReLU changed a finite output"  # the README says bitwise
+    assert "aten::relu_" not in ops_fused and "resnet_fused::_epilogue_" not in ops_fused
+    # The README says bitwise. The exact path adds the residual after the conv's rounding, as the binary post-op does.
+    assert torch.equal(y_fused, y_exact), "fused ReLU changed a finite output"
 
 
 def test_fuse_relu_turns_a_nan_pre_activation_into_zero():

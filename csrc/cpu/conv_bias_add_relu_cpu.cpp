@@ -162,10 +162,20 @@ conv_bias_add_relu_backward_cpu(
       output_mask, &backward_pass);
 }
 
+void epilogue_cpu_(
+    const at::Tensor& y,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& scale,
+    bool relu) {
+  run_epilogue_(y, bias, residual, scale, relu, &epilogue_pass);
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("conv_bias_add_relu", &conv_bias_add_relu_cpu);
+  m.impl("_epilogue_", &epilogue_cpu_);
   m.impl("conv_bias_add_relu_backward", &conv_bias_add_relu_backward_cpu);
 }
 
