@@ -46,19 +46,37 @@ void check_pair(at::IntArrayRef v, const char* name, int64_t min_value) {
   }
 }
 
+// t (when given) on x's device and of x's dtype; `like` names x in messages.
 void check_like_x(
     const std::optional<at::Tensor>& t,
     const char* name,
-    const at::Tensor& x) {
+    const at::Tensor& x,
+    const char* like = "x") {
   if (!t.has_value()) {
     return;
   }
   TORCH_CHECK_VALUE(
-      t->device() == x.device(), name, ": expected device ", x.device(),
-      " (x's), got ", t->device());
+      t->device() == x.device(), name, ": expected device ", x.device(), " (",
+      like, "'s), got ", t->device());
   TORCH_CHECK_TYPE(
       t->scalar_type() == x.scalar_type(), name, ": expected dtype ",
-      py_dtype(x.scalar_type()), " (x's), got ", py_dtype(t->scalar_type()));
+      py_dtype(x.scalar_type()), " (", like, "'s), got ",
+      py_dtype(t->scalar_type()));
+}
+
+// bias and scale (when given) of shape (k,).
+void check_channel_vectors(
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& scale,
+    int64_t k) {
+  for (const auto& [t, name] :
+       {std::pair{&bias, "bias"}, std::pair{&scale, "scale"}}) {
+    if (t->has_value()) {
+      TORCH_CHECK_VALUE(
+          (*t)->dim() == 1 && (*t)->size(0) == k, name, ": expected shape (",
+          k, ",), got ", py_shape((*t)->sizes()));
+    }
+  }
 }
 
 // The op has no forward-mode (jvp) rule, and torch.library would drop a dual
@@ -135,14 +153,7 @@ void check_conv_bias_add_relu_args(
         extent <= padded, "weight: expected a (dilated) kernel no larger than the padded input, got kernel extent ",
         extent, " > padded input ", padded, " in dim ", 2 + d);
   }
-  for (const auto& [t, name] :
-       {std::pair{&bias, "bias"}, std::pair{&scale, "scale"}}) {
-    if (t->has_value()) {
-      TORCH_CHECK_VALUE(
-          (*t)->dim() == 1 && (*t)->size(0) == k, name, ": expected shape (",
-          k, ",), got ", py_shape((*t)->sizes()));
-    }
-  }
+  check_channel_vectors(bias, scale, k);
   if (residual.has_value()) {
     const auto out_shape =
         conv_output_shape(x, weight, stride, padding, dilation);
@@ -342,14 +353,7 @@ void run_epilogue_(
       "place), got strides ",
       py_shape(y.strides()), " for shape ", py_shape(y.sizes()));
   const int64_t k = y.size(1);
-  for (const auto& [t, name] :
-       {std::pair{&bias, "bias"}, std::pair{&scale, "scale"}}) {
-    if (t->has_value()) {
-      TORCH_CHECK_VALUE(
-          (*t)->dim() == 1 && (*t)->size(0) == k, name, ": expected shape (",
-          k, ",), got ", py_shape((*t)->sizes()));
-    }
-  }
+  check_channel_vectors(bias, scale, k);
   if (residual.has_value()) {
     TORCH_CHECK_VALUE(
         residual->sizes() == y.sizes(), "residual: expected y's shape ",
@@ -358,14 +362,8 @@ void run_epilogue_(
   for (const auto& [t, name] :
        {std::pair{&bias, "bias"}, std::pair{&residual, "residual"},
         std::pair{&scale, "scale"}}) {
+    check_like_x(*t, name, y, "y");
     if (t->has_value()) {
-      TORCH_CHECK_VALUE(
-          (*t)->device() == y.device(), name, ": expected device ", y.device(),
-          " (y's), got ", (*t)->device());
-      TORCH_CHECK_TYPE(
-          (*t)->scalar_type() == y.scalar_type(), name, ": expected dtype ",
-          py_dtype(y.scalar_type()), " (y's), got ",
-          py_dtype((*t)->scalar_type()));
       TORCH_CHECK_VALUE(
           at::get_overlap_status(y, **t) != at::MemOverlapStatus::Partial,
           name, ": expected memory apart from y's, or y itself (y is written "
