@@ -46,6 +46,12 @@ void check_pair(at::IntArrayRef v, const char* name, int64_t min_value) {
   }
 }
 
+// The dtypes every kernel takes (isFloatingType also admits the float8s).
+bool supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf ||
+      t == at::kBFloat16;
+}
+
 // t (when given) on x's device and of x's dtype; `like` names x in messages.
 void check_like_x(
     const std::optional<at::Tensor>& t,
@@ -117,7 +123,7 @@ void check_conv_bias_add_relu_args(
       weight.dim() == 4, "weight: expected a 4-D tensor (K, C/groups, R, S), got ",
       weight.dim(), "-D with shape ", py_shape(weight.sizes()));
   TORCH_CHECK_TYPE(
-      at::isFloatingType(x.scalar_type()),
+      supported_float(x.scalar_type()),
       "x: expected a floating dtype (float32, float16, bfloat16, float64), got ",
       py_dtype(x.scalar_type()));
   TORCH_CHECK_VALUE(
@@ -342,7 +348,7 @@ void run_epilogue_(
       y.dim() == 4, "y: expected a 4-D tensor (N, K, P, Q), got ", y.dim(),
       "-D with shape ", py_shape(y.sizes()));
   TORCH_CHECK_TYPE(
-      at::isFloatingType(y.scalar_type()),
+      supported_float(y.scalar_type()),
       "y: expected a floating dtype (float32, float16, bfloat16, float64), got ",
       py_dtype(y.scalar_type()));
   // The pass walks y as one dense block in either layout.
@@ -431,6 +437,44 @@ run_conv_bias_add_relu_backward(
       grad_x, grad_weight, need_b ? grad_bias : empty(), need_r ? g : empty()};
 }
 
+namespace {
+
+// _epilogue_ has no derivative: it serves inference, on a conv output the
+// caller made. Refuse what autograd would have to record, and bump y's
+// version as every in-place op does, so a saved y is caught as modified.
+void epilogue_autograd_(
+    const at::Tensor& y,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& scale,
+    bool relu) {
+  if (at::GradMode::is_enabled()) {
+    for (const auto& [t, name] :
+         {std::pair{std::optional<at::Tensor>(y), "y"},
+          std::pair{bias, "bias"}, std::pair{residual, "residual"},
+          std::pair{scale, "scale"}}) {
+      TORCH_CHECK_NOT_IMPLEMENTED(
+          !t.has_value() || !t->requires_grad(), name,
+          ": expected a tensor that does not require grad (_epilogue_ has no "
+          "derivative), got requires_grad=True; call it under torch.no_grad()");
+    }
+  }
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("resnet_fused::_epilogue_", "")
+          .typed<void(
+              const at::Tensor&, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, bool)>();
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.call(y, bias, residual, scale, relu);
+  }
+  y.unsafeGetTensorImpl()->bump_version();
+}
+
+} // namespace
+
 TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "conv_bias_add_relu(Tensor x, Tensor weight, Tensor? bias, "
@@ -447,6 +491,10 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def(
       "_epilogue_(Tensor(a!) y, Tensor? bias, Tensor? residual, "
       "Tensor? scale, bool relu) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(resnet_fused, Autograd, m) {
+  m.impl("_epilogue_", &epilogue_autograd_);
 }
 
 } // namespace resnet_fused

@@ -139,7 +139,7 @@ at::Tensor run_conv_bias_add_relu(
     EpiloguePass epilogue_pass,
     FusedForward fused_forward = nullptr);
 
-// The _epilogue_ op every backend shares: checks (y: (N, K, P, Q), dense in
+// The body of a backend's _epilogue_ kernel (CPU has one): checks (y: (N, K, P, Q), dense in
 // NCHW or channels_last; bias, scale: (K,); residual: y's shape), then the
 // backend's pass in place on y: y = act(y * scale + bias + residual).
 void run_epilogue_(

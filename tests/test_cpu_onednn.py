@@ -115,13 +115,14 @@ def test_route_matches_float64(dtype, layout, geometry, relu, residual):
 @pytest.mark.parametrize("epilogue", range(8))
 @pytest.mark.parametrize("fused", [False, True])
 def test_every_epilogue_on_its_route(epilogue, fused, monkeypatch):
-    # The output has 2.5x the 3x3 weight's elements (the pass applies a scale) and 22.5x the 1x1 weight's (the weight
-    # folds it).
+    # The output has 2.5x the 3x3 weight's elements (the pass applies a scale) and 25x the strided 1x1 weight's (the
+    # weight folds it). Strided, so that ATen keeps the 1x1 on oneDNN with one thread too.
     bias, residual, scale = (bool(epilogue & b) for b in (1, 2, 4))
     if fused:
         monkeypatch.setenv(RELU_MODE_VAR, "fused")
-    for relu, geometry in itertools.product((True, False), ("3x3", "1x1")):
-        kw = case(torch.float32, "channels_last", bias=bias, residual=residual, scale=scale, **GEOMETRIES[geometry])
+    geometries = {"3x3": {}, "1x1_s2": dict(r=1, pad=0, stride=2, hw=(20, 20))}
+    for relu, geometry in itertools.product((True, False), geometries):
+        kw = case(torch.float32, "channels_last", bias=bias, residual=residual, scale=scale, **geometries[geometry])
         assert aten_picks_onednn(kw)
         y, ops = run_and_trace(**kw, relu=relu)
         takes_pass = relu and not fused and (residual or (scale and geometry == "3x3"))
@@ -240,16 +241,20 @@ def test_batch_zero_and_inputs_untouched():
         assert torch.equal(kw[k], v), k
 
 
-def test_autograd_through_the_onednn_route():
-    kw = case(torch.float32, "channels_last", scale=False, residual=False)
-    leaves = {k: kw[k].detach().requires_grad_() for k in ("x", "weight", "bias")}
+@pytest.mark.parametrize("residual", [True, False])
+def test_autograd_through_the_onednn_route(residual):
+    # With a residual, the primitive (its binary overload) runs without ReLU; without one, with the ReLU pass.
+    relu = not residual
+    kw = case(torch.float32, "channels_last", scale=False, residual=residual)
+    names = ("x", "weight", "bias", "residual") if residual else ("x", "weight", "bias")
+    leaves = {k: kw[k].detach().requires_grad_() for k in names}
     kw.update(leaves)
-    y, ops = run_and_trace(**kw)
+    y, ops = run_and_trace(**kw, relu=relu)
     assert ONEDNN_OP in ops
     grad_out = torch.randn_like(y)
     grads = torch.autograd.grad(y, list(leaves.values()), grad_out)
     ref_leaves = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
-    y_ref = reference.conv_bias_add_relu(**{**kw, **ref_leaves})
+    y_ref = reference.conv_bias_add_relu(**{**kw, **ref_leaves}, relu=relu)
     ref_grads = torch.autograd.grad(y_ref, list(ref_leaves.values()), grad_out.double())
     for name, g, gr in zip(leaves, grads, ref_grads, strict=True):
         assert_close(g, gr, torch.float32, f"grad_{name}", 8 * 9 * 10 * 2)

@@ -113,6 +113,12 @@ def bad_calls():
         ("3-D y", with_(y=y[0].clone()), ValueError, r"y: expected a 4-D tensor \(N, K, P, Q\), got 3-D"),
         ("int y", with_(y=y.to(torch.int32)), TypeError, r"y: expected a floating dtype .* got torch.int32"),
         (
+            "float8 y",
+            with_(y=y.to(torch.float8_e4m3fn)),
+            TypeError,
+            r"y: expected a floating dtype .* got torch.float8",
+        ),
+        (
             "strided y",
             with_(y=torch.randn(2, 12, 5, 14)[..., ::2]),
             ValueError,
@@ -169,6 +175,30 @@ def test_partially_overlapping_residual_is_refused():
     want = torch.relu(2 * y.double())
     OP(y, None, y, None, True)
     assert_close(y, want, torch.float32, "y")
+
+
+def test_autograd_refuses_and_in_place_bumps_the_version():
+    # No derivative: with grad enabled, an input that requires grad is refused (the result would silently drop its
+    # gradient); like any in-place op, the call bumps y's version, so a y saved for backward is caught as modified.
+    a = torch.randn(1, 2, 3, 3, requires_grad=True)
+    for name, kw in (
+        ("y", dict(y=a.exp(), bias=None, residual=None, scale=None)),
+        ("residual", dict(y=torch.randn(1, 2, 3, 3), bias=None, residual=a, scale=None)),
+        ("bias", dict(y=torch.randn(1, 2, 3, 3), bias=torch.zeros(2, requires_grad=True), residual=None, scale=None)),
+    ):
+        with pytest.raises(NotImplementedError, match=rf"{name}: expected a tensor that does not require grad"):
+            OP(**kw, relu=True)
+    y = a.exp()
+    version = y._version
+    with torch.no_grad():
+        OP(y, None, None, None, True)
+    assert y._version == version + 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    with torch.inference_mode():
+        z = torch.randn(1, 2, 3, 3)
+        OP(z, None, None, None, True)
+        assert (z >= 0).all()
 
 
 def test_compile_fullgraph_on_a_fresh_output():

@@ -137,8 +137,8 @@ at::Tensor conv_bias_add_relu_cpu(
     at::IntArrayRef dilation,
     int64_t groups,
     bool relu) {
-  // One oneDNN primitive with post-ops where oneDNN takes the dtype; else
-  // (fp64, bf16/fp16 on CPUs without those kernels, refused) conv + pass.
+  // One oneDNN primitive with post-ops where it takes the call (see
+  // onednn_conv.h for when it declines), else conv + pass.
   return run_conv_bias_add_relu(
       x, weight, bias, residual, scale, stride, padding, dilation, groups, relu,
       &epilogue_pass, &cpu::onednn_conv_bias_add_relu);
