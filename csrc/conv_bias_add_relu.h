@@ -139,9 +139,10 @@ at::Tensor run_conv_bias_add_relu(
     EpiloguePass epilogue_pass,
     FusedForward fused_forward = nullptr);
 
-// The body of a backend's _epilogue_ kernel (CPU has one): checks (y: (N, K, P, Q), dense in
-// NCHW or channels_last; bias, scale: (K,); residual: y's shape), then the
-// backend's pass in place on y: y = act(y * scale + bias + residual).
+// The body of a backend's _epilogue_ kernel (CPU has one): checks (y:
+// (N, K, P, Q), dense in NCHW or channels_last; bias, scale: (K,); residual:
+// y's shape), then the backend's pass in place on y:
+// y = act(y * scale + bias + residual).
 void run_epilogue_(
     const at::Tensor& y,
     const std::optional<at::Tensor>& bias,

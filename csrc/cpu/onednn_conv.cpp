@@ -163,13 +163,13 @@ at::Tensor onednn_conv_bias_add_relu(
   if (residual.has_value() && fmt != at::MemoryFormat::ChannelsLast) {
     return at::Tensor();
   }
-  if (!aten_picks_onednn(x, weight, stride, padding, dilation, groups)) {
-    return at::Tensor();
-  }
   const bool fused = relu && fuse_relu();
   if (relu && !fused &&
       pass_takes_epilogue(
           x, weight, residual, scale, stride, padding, dilation)) {
+    return at::Tensor();
+  }
+  if (!aten_picks_onednn(x, weight, stride, padding, dilation, groups)) {
     return at::Tensor();
   }
   // conv(x, w) * s + b == conv(x, w * s) + b: the scale rides in the weight.
