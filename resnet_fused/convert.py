@@ -37,7 +37,8 @@ class ConversionReport:
     """What :func:`convert` did, by qualified module name (``""`` is the model itself).
 
     Attributes:
-        folded: blocks and stems whose norms were all folded into conv weight and bias.
+        folded: blocks and stems whose norms were all folded into conv weight and bias (or were
+            ``nn.Identity``).
         scale_shift: blocks and stems with at least one norm kept as a frozen scale/shift epilogue
             (FrozenBatchNorm2d, or BatchNorm2d with ``freeze_bn=True``); the others are folded.
         unfused: blocks and stems with a norm left as a module (BatchNorm2d in train mode, other
@@ -91,6 +92,8 @@ def _fuse_conv_norm(
 ) -> tuple[FusedConv2d, nn.Module, str]:
     """``(fused conv, norm to keep or nn.Identity, 'folded' | 'scale_shift' | 'unfused')``."""
     fused = FusedConv2d.from_conv2d(conv, relu=relu, backend=backend)
+    if type(norm) is nn.Identity:  # a BN-free block (norm_layer=nn.Identity): nothing to fold
+        return fused, norm, "folded"
     is_bn = isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm))
     if is_bn and norm.training and freeze_bn:
         fold_into_weight, affine = False, _batchnorm_scale_shift(norm)
@@ -228,7 +231,9 @@ def convert(
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, blocks + stem_parents)]
     for name, module in found:
         if isinstance(module, stem_parents):
-            if isinstance(module, tv_utils.IntermediateLayerGetter) and {"bn1", "relu"} & set(module.return_layers):
+            if isinstance(module, tv_utils.IntermediateLayerGetter) and {"conv1", "bn1", "relu"} & set(
+                module.return_layers
+            ):
                 continue  # the stem's intermediate outputs are requested: keep them
             status = _convert_stem(name, module, freeze_bn=freeze_bn, backend=backend)
             if status is not None:

@@ -16,8 +16,12 @@ How a conv and the norm after it run (see :func:`conv_norm`):
 - ``torchvision.ops.FrozenBatchNorm2d``, or ``nn.BatchNorm2d`` in eval mode: folded on the fly
   into the epilogue as a per-channel scale and shift. When that scale requires grad (eval-mode BN
   with trainable gamma, grad mode on) it is folded into the weight instead, so gamma gets its grad;
-- anything else (BatchNorm in train mode, GroupNorm, ...): the conv runs fused without activation,
-  then the norm, the residual add and the ReLU run as ordinary PyTorch ops.
+- anything else (BatchNorm in train mode, GroupNorm, ...), or a norm with hooks: the conv runs fused
+  without activation, then the norm (called as a module), the residual add and the ReLU run as
+  ordinary PyTorch ops.
+
+Convs are called as modules, so their hooks run (``torch.nn.utils.prune``, weight norm); a conv's
+forward hooks see its fused output.
 """
 
 from __future__ import annotations
@@ -69,7 +73,8 @@ class FusedConv2d(nn.Conv2d):
     ``'circular'`` ``x`` is first padded with ``F.pad`` (one extra copy of ``x``, as ``nn.Conv2d``
     does), and the conv and epilogue still run fused.
 
-    Shapes: ``x`` is ``(N, C_in, H, W)``; ``residual`` and the output ``(N, C_out, H_out, W_out)``.
+    Shapes: ``x`` is ``(N, C_in, H, W)``, or ``(C_in, H, W)`` unbatched; ``residual`` and the output
+    ``(N, C_out, H_out, W_out)``, or ``(C_out, H_out, W_out)``.
 
     Example::
 
@@ -145,7 +150,15 @@ class FusedConv2d(nn.Conv2d):
         if (scale is None) != (shift is None):
             raise ValueError("set_scale_shift: give both scale and shift, or neither")
         if scale is not None:
+            w = self.weight
             for name, t in (("scale", scale), ("shift", shift)):
+                if not isinstance(t, Tensor):
+                    raise TypeError(f"set_scale_shift: {name}: expected a Tensor, got {type(t).__name__}")
+                if t.dtype != w.dtype or t.device != w.device:
+                    raise TypeError(
+                        f"set_scale_shift: {name}: expected dtype {w.dtype} on {w.device} (the weight's), got "
+                        f"{t.dtype} on {t.device}"
+                    )
                 if t.shape != (self.out_channels,):
                     raise ValueError(
                         f"set_scale_shift: {name} must have shape ({self.out_channels},), got {tuple(t.shape)}"
@@ -212,27 +225,103 @@ class FusedConv2d(nn.Conv2d):
         if pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, pad, mode=mode)
-        return conv_bias_add_relu(
+        return _fused_conv(
             x,
             self.weight if weight is None else weight,
             bias,
             residual,
-            scale=scale,
-            stride=self.stride,
-            padding=padding,
-            dilation=self.dilation,
-            groups=self.groups,
-            relu=self.relu if relu is None else relu,
-            backend=self.backend,
+            scale,
+            self.stride,
+            padding,
+            self.dilation,
+            self.groups,
+            self.relu if relu is None else relu,
+            self.backend,
         )
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        """``act(conv(x) * scale + bias + residual)``.
+    def forward(self, x: Tensor, residual: Tensor | None = None, norm: nn.Module | None = None) -> Tensor:
+        """``act(conv(x) * scale + bias + residual)``; with ``norm``, ``act(norm(conv(x)) + residual)``.
 
-        Shapes: ``x`` ``(N, C_in, H, W)``; ``residual`` and the result ``(N, C_out, H_out, W_out)``.
+        ``norm`` (the norm layer after this conv, e.g. a block's ``bn1``) is folded into the epilogue
+        where it is a per-channel affine map, else run after the conv (see :func:`conv_norm`). Called
+        as a module, so hooks on it (pruning, weight norm, ``register_forward_hook``) run as for
+        ``nn.Conv2d``; its forward hooks see this fused output.
+
+        Shapes: ``x`` ``(N, C_in, H, W)`` or unbatched ``(C_in, H, W)``, as ``nn.Conv2d``; ``residual``
+        and the result ``(N, C_out, H_out, W_out)`` or ``(C_out, H_out, W_out)``.
         """
         scale, shift = self.scale_shift()
-        return self.conv_bias_add_relu(x, residual, scale=scale, bias=shift)
+        if norm is None or (isinstance(norm, nn.Identity) and not _has_hooks(norm)):
+            return self.conv_bias_add_relu(x, residual, scale=scale, bias=shift)
+        # A norm with hooks is called as a module, so they see what they see in the unfused model.
+        affine = None if _has_hooks(norm) else norm_scale_shift(norm)
+        if affine is None:  # e.g. batch statistics: the norm must see the whole conv output first
+            y = norm(self.conv_bias_add_relu(x, scale=scale, bias=shift, relu=False))
+            if residual is not None:
+                y = y + residual
+            return F.relu(y) if self.relu else y
+        # norm(conv * cs + cb) = conv * (s * cs) + (s * cb + t)
+        s, t = affine
+        return self.conv_bias_add_relu(
+            x, residual, scale=s if scale is None else s * scale, bias=t if shift is None else t + s * shift
+        )
+
+
+def _fused_conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    scale: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    relu: bool,
+    backend: str,
+) -> Tensor:
+    """The op call of every FusedConv2d. A leaf for ``torch.fx`` (its checks need real tensors), so it also takes
+    nn.Conv2d's unbatched ``(C, H, W)`` input, and folds a scale that needs its gradient (eval-mode BN with trainable
+    gamma under grad mode) into the weight, as the op's scale is a constant."""
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+        if residual is not None and residual.dim() == 3:
+            residual = residual.unsqueeze(0)
+    if scale is not None and scale.requires_grad and torch.is_grad_enabled():
+        weight, scale = weight * scale.reshape(-1, 1, 1, 1), None
+    y = conv_bias_add_relu(
+        x,
+        weight,
+        bias,
+        residual,
+        scale=scale,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        relu=relu,
+        backend=backend,
+    )
+    return y.squeeze(0) if unbatched else y
+
+
+torch.fx.wrap("_fused_conv")
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    """Whether calling ``m`` as a module would run hooks (its own or global ones)."""
+    g = torch.nn.modules.module
+    return bool(
+        m._forward_hooks
+        or m._forward_pre_hooks
+        or m._backward_hooks
+        or m._backward_pre_hooks
+        or g._global_forward_hooks
+        or g._global_forward_pre_hooks
+        or g._global_backward_hooks
+        or g._global_backward_pre_hooks
+    )
 
 
 def norm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor] | None:
@@ -257,28 +346,12 @@ def norm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor] | None:
 
 
 def conv_norm(conv: FusedConv2d, norm: nn.Module | None, x: Tensor, residual: Tensor | None = None) -> Tensor:
-    """``act(norm(conv(x)) + residual)``, fused as far as ``norm`` allows (act: ``conv.relu``).
+    """``act(norm(conv(x)) + residual)``, fused as far as ``norm`` allows (act: ``conv.relu``): ``conv(x, residual,
+    norm=norm)``.
 
     Shapes: ``x`` ``(N, C_in, H, W)``; ``residual`` and the result ``(N, C_out, H_out, W_out)``.
     """
-    conv_scale, conv_bias = conv.scale_shift()
-    if norm is None or isinstance(norm, nn.Identity):
-        return conv.conv_bias_add_relu(x, residual, scale=conv_scale, bias=conv_bias)
-    affine = norm_scale_shift(norm)
-    if affine is None:  # batch statistics: the norm must see the whole conv output first
-        y = norm(conv.conv_bias_add_relu(x, scale=conv_scale, bias=conv_bias, relu=False))
-        if residual is not None:
-            y = y + residual
-        return F.relu(y) if conv.relu else y
-    # norm(conv * cs + cb) = conv * (s * cs) + (s * cb + t)
-    s, t = affine
-    bias = t if conv_bias is None else t + s * conv_bias
-    scale = s if conv_scale is None else s * conv_scale
-    if scale.requires_grad and torch.is_grad_enabled():
-        # The op's scale is a constant; fold a trainable one into the weight so it gets its grad.
-        weight = conv.weight * scale.reshape(-1, 1, 1, 1)
-        return conv.conv_bias_add_relu(x, residual, weight=weight, bias=bias)
-    return conv.conv_bias_add_relu(x, residual, scale=scale, bias=bias)
+    return conv(x, residual, norm=norm)
 
 
 def _conv3x3(
@@ -331,9 +404,14 @@ def check_residual(
 def _shortcut(downsample: nn.Module | None, x: Tensor) -> Tensor:
     if downsample is None:
         return x
-    if isinstance(downsample, nn.Sequential) and len(downsample) in (1, 2) and isinstance(downsample[0], FusedConv2d):
-        return conv_norm(downsample[0], downsample[1] if len(downsample) == 2 else None, x)
-    return downsample(x)  # any other shortcut module runs as it is
+    if (
+        isinstance(downsample, nn.Sequential)
+        and len(downsample) in (1, 2)
+        and isinstance(downsample[0], FusedConv2d)
+        and not _has_hooks(downsample)
+    ):
+        return downsample[0](x, norm=downsample[1] if len(downsample) == 2 else None)
+    return downsample(x)  # any other shortcut module, or one with hooks, runs as it is
 
 
 class BasicBlock(nn.Module):
@@ -378,10 +456,10 @@ class BasicBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
-        out = conv_norm(self.conv1, self.bn1, x)
+        out = self.conv1(x, norm=self.bn1)
         # The shortcut last, as torchvision: autograd then runs its backward first and frees its input gradient
         # before the main branch's backward allocates (a lower training peak).
-        return conv_norm(self.conv2, self.bn2, out, _shortcut(self.downsample, x))
+        return self.conv2(out, _shortcut(self.downsample, x), norm=self.bn2)
 
 
 class Bottleneck(nn.Module):
@@ -425,11 +503,11 @@ class Bottleneck(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
-        out = conv_norm(self.conv1, self.bn1, x)
-        out = conv_norm(self.conv2, self.bn2, out)
+        out = self.conv1(x, norm=self.bn1)
+        out = self.conv2(out, norm=self.bn2)
         # The shortcut last, as torchvision: autograd then runs its backward first and frees its input gradient
         # before the main branch's backward allocates (a lower training peak).
-        return conv_norm(self.conv3, self.bn3, out, _shortcut(self.downsample, x))
+        return self.conv3(out, _shortcut(self.downsample, x), norm=self.bn3)
 
 
 class SkipBlock(nn.Module):

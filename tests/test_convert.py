@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -171,6 +172,39 @@ def test_stem_is_one_fused_conv():
     assert isinstance(converted.conv1, rf_nn.FusedConv2d) and converted.conv1.relu
     assert converted.conv1.bias is not None
     assert isinstance(converted.bn1, nn.Identity) and isinstance(converted.relu, nn.Identity)
+
+
+@pytest.mark.parametrize("layer", ["conv1", "bn1", "relu"])
+def test_stem_outputs_requested_by_an_intermediate_layer_getter_are_kept(layer):
+    """A getter that returns a stem layer's own output keeps the stem unfused; the blocks are still converted."""
+    from torchvision.models._utils import IntermediateLayerGetter
+
+    model = randomize_norms_(torchvision.models.resnet18()).eval().double()
+    getter = IntermediateLayerGetter(model, return_layers={layer: "stem", "layer1": "l1"})
+    converted, report = convert(getter)
+    assert type(converted.conv1) is nn.Conv2d and "conv1" not in report.folded
+    assert report.folded == block_names(getter)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        out, expected = converted(x), getter(x)
+    for k in ("stem", "l1"):
+        assert_close(out[k], expected[k], torch.float64, k, reductions=4608)
+
+
+def test_bn_free_torchvision_blocks_are_fully_fused_and_not_warned_about():
+    torch.manual_seed(0)
+    model = nn.Sequential(tv.BasicBlock(8, 8, norm_layer=nn.Identity), tv.Bottleneck(32, 8, norm_layer=nn.Identity))
+    model = model.eval().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converted, report = convert(model)
+    assert report.folded == ["0", "1"] and report.unfused == []
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(converted[0](x), model[0](x), torch.float64, "BasicBlock", reductions=576)
+    x = torch.randn(2, 32, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(converted[1](x), model[1](x), torch.float64, "Bottleneck", reductions=576)
 
 
 def test_any_model_containing_blocks():

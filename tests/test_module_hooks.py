@@ -1,0 +1,159 @@
+"""The modules as nn.Module users drive them: hooks, pruning, torch.fx, unbatched input. Against torchvision and
+nn.Conv2d in float64."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+import torchvision.models.resnet as tv
+from helpers import assert_close
+from test_nn import make_block_pair
+from torch import nn
+from torch.nn.utils import prune
+from torchvision.models.feature_extraction import create_feature_extractor
+
+import resnet_fused
+from resnet_fused.nn import BasicBlock, Bottleneck, FusedConv2d
+
+
+def converted_pair(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """(torchvision resnet18, its conversion), float64, eval, non-trivial BN statistics folded in."""
+    torch.manual_seed(seed)
+    ref = torchvision.models.resnet18(weights=None, num_classes=10).double()
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    ref.eval()
+    ours, _ = resnet_fused.convert(copy.deepcopy(ref))
+    return ref, ours
+
+
+def test_forward_hooks_fire_on_every_conv_of_a_converted_model():
+    ref, ours = converted_pair()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    for model in (ref, ours):
+        calls = []
+        handles = [
+            m.register_forward_hook(lambda m, a, y, calls=calls, n=n: calls.append(n))
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d)
+        ]
+        model(x)
+        for h in handles:
+            h.remove()
+        assert sorted(calls) == sorted(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.parametrize("name", ["layer1.0.conv2", "layer2.0.downsample.0", "conv1"])
+def test_pruning_inside_a_converted_block_is_applied_and_follows_weight_orig(name):
+    """prune's forward pre-hook recomputes ``weight`` from ``weight_orig`` and the mask on every call: the fused
+    block must run through it, as torchvision's does."""
+    _, ours = converted_pair()
+    unpruned = copy.deepcopy(ours)
+    expected = copy.deepcopy(ours)  # the mask applied to the weight by hand
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    conv = ours.get_submodule(name)
+    mask = (torch.rand(conv.weight.shape, generator=torch.Generator().manual_seed(1)) > 0.5).double()
+    prune.custom_from_mask(conv, "weight", mask)
+    with torch.no_grad():
+        expected.get_submodule(name).weight.mul_(mask)
+    assert_close(ours(x), expected(x), torch.float64, "pruned output")
+    assert not torch.allclose(ours(x), unpruned(x)), "the mask changed nothing: the test would prove nothing"
+    # An update of weight_orig (what an optimizer changes) reaches the output.
+    with torch.no_grad():
+        conv.weight_orig.mul_(1.5)
+        expected.get_submodule(name).weight.mul_(1.5)
+    assert_close(ours(x), expected(x), torch.float64, "after a weight_orig update")
+
+
+def test_hooks_on_a_norm_run_it_as_a_module_and_see_torchvision_values():
+    """A norm with hooks is called as a module (not folded on the fly), so the hook sees its output as in
+    torchvision; the block output is unchanged."""
+    block, tv_block = make_block_pair(Bottleneck, tv.Bottleneck, 8, 8, 2, 1, 64)
+    block.load_state_dict(tv_block.state_dict())
+    block, tv_block = block.double().eval(), tv_block.double().eval()
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    seen = {}
+    # Cloned: torchvision's in-place ReLU overwrites the hooked output afterwards.
+    for tag, m in (("ours", block), ("tv", tv_block)):
+        for n in ("bn2", "downsample.1"):
+            m.get_submodule(n).register_forward_hook(
+                lambda mod, a, y, tag=tag, n=n: seen.__setitem__((tag, n), y.clone())
+            )
+    assert_close(block(x), tv_block(x), torch.float64, "block output")
+    for n in ("bn2", "downsample.1"):
+        assert_close(seen[("ours", n)], seen[("tv", n)], torch.float64, f"{n} hook output")
+
+
+def test_hooks_on_the_shortcut_sequential_fire():
+    block, tv_block = make_block_pair(BasicBlock, tv.BasicBlock, 8, 16, 2, 1, 64)
+    block.load_state_dict(tv_block.state_dict())
+    block, tv_block = block.double().eval(), tv_block.double().eval()
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    seen = {}
+    block.downsample.register_forward_hook(lambda m, a, y: seen.__setitem__("ours", y))
+    tv_block.downsample.register_forward_hook(lambda m, a, y: seen.__setitem__("tv", y))
+    assert_close(block(x), tv_block(x), torch.float64, "block output")
+    assert_close(seen["ours"], seen["tv"], torch.float64, "downsample hook output")
+
+
+def test_fx_symbolic_trace_and_feature_extraction_of_a_converted_model():
+    ref, ours = converted_pair()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    traced = torch.fx.symbolic_trace(ours)
+    assert_close(traced(x), ref(x), torch.float64, "traced output")
+    nodes = {"layer1": "l1", "layer3.1": "l3", "layer4": "l4"}
+    feats = create_feature_extractor(ours, return_nodes=nodes)(x)
+    ref_feats = create_feature_extractor(ref, return_nodes=nodes)(x)
+    for k in nodes.values():
+        assert_close(feats[k], ref_feats[k], torch.float64, f"feature {k}")
+
+
+def test_fx_trace_of_a_block_with_trainable_eval_bn_keeps_gamma_gradients():
+    """The folded scale's requires_grad is decided when the traced graph runs, not when it is traced."""
+    block, tv_block = make_block_pair(Bottleneck, tv.Bottleneck, 16, 4, 1, 1, 64)
+    block.load_state_dict(tv_block.state_dict())
+    block, tv_block = block.double().eval(), tv_block.double().eval()
+    traced = torch.fx.symbolic_trace(block)
+    x = torch.randn(2, 16, 9, 9, dtype=torch.float64)
+    y, y_ref = traced(x), tv_block(x)
+    assert_close(y, y_ref, torch.float64, "y")
+    g = torch.autograd.grad(y.square().sum(), traced.bn1.weight)[0]
+    g_ref = torch.autograd.grad(y_ref.square().sum(), tv_block.bn1.weight)[0]
+    assert_close(g, g_ref, torch.float64, "bn1.weight grad")
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_unbatched_input_as_conv2d(padding_mode, with_residual):
+    torch.manual_seed(0)
+    conv = FusedConv2d(3, 5, 3, padding=1, padding_mode=padding_mode).double()
+    x = torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(5, 7, 6, dtype=torch.float64) if with_residual else None
+    y = conv(x, r)
+    expected = nn.Conv2d.forward(conv, x)
+    expected = F.relu(expected + r if with_residual else expected)
+    assert y.shape == (5, 7, 6)
+    assert_close(y, expected, torch.float64, "y")
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    (gx_ref,) = torch.autograd.grad(expected.sum(), x)
+    assert_close(gx, gx_ref, torch.float64, "grad x")
+
+
+def test_set_scale_shift_rejects_what_the_op_would_refuse_later():
+    conv = FusedConv2d(3, 4, 1)
+    with pytest.raises(
+        TypeError, match=r"scale: expected dtype torch.float32 on cpu \(the weight's\), got torch.float64"
+    ):
+        conv.set_scale_shift(torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="shift: expected a Tensor, got list"):
+        conv.set_scale_shift(torch.ones(4), [0.0] * 4)
+    assert conv.scale is None and conv.shift is None
