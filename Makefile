@@ -41,7 +41,8 @@ format: $(VENV)/.installed
 test: build lint
 	$(PY) -m pytest -q -n 2 tests
 	TRITON_INTERPRET=1 RESNET_FUSED_TEST_BACKENDS=triton $(PY) -m pytest -q -n 2 \
-		tests/test_conv_bias_add_relu.py $(wildcard tests/test_triton_*.py) $(wildcard tests/test_nn_triton.py)
+		tests/test_conv_bias_add_relu.py tests/test_double_backward.py $(wildcard tests/test_triton_*.py) \
+		$(wildcard tests/test_nn_triton.py)
 
 bench: build
 	$(PY) -m benchmarks.main

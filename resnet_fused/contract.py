@@ -354,10 +354,52 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.relu = relu
 
 
+# ---- double backward: the same gradients from differentiable ATen ops ----
+#
+# The backward ops have no autograd formula, so a backward run with create_graph=True (a gradient penalty such as R1
+# or WGAN-GP, Hessian-vector products) would drop how the gradients depend on grad_out, x and weight, and torch only
+# warns. There grad mode is on inside the backward, and the backwards below compute the same math from ATen ops that
+# have double-backward formulas: the mask as threshold_backward (the kernels' relu_backward: zero where out <= 0, so
+# a NaN output passes its gradient), grad_bias as g's sums, dgrad/wgrad as convolution_backward. Without
+# create_graph (every plain backward, and torch.compile's traced backward) the backward ops run as before.
+
+
+def _masked_differentiable(grad_out: Tensor, out: Tensor | None, relu: bool) -> Tensor:
+    """g: grad_out through the ReLU mask taken from the saved output. Not detached, as in torch's own ReLU: the
+    mask's gradient is zero, but the parameters behind it then get zeros, not None, as in the unfused model."""
+    return torch.ops.aten.threshold_backward(grad_out, out, 0) if relu else grad_out
+
+
+def _conv_grads_differentiable(
+    g: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None, conv_args: tuple, need_x: bool, need_w: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """dgrad and wgrad of ``conv(x, weight) * scale`` for the (masked) gradient ``g``. The kernels put the scale on
+    g or on the weight, whichever is smaller; both equal the conv backward of ``g * scale``."""
+    if not (need_x or need_w):
+        return None, None
+    if scale is not None:
+        g = g * scale.view(1, -1, 1, 1)
+    stride, padding, dilation, groups = conv_args
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        g, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, False]
+    )
+    return grad_x, grad_w
+
+
 def _make_backward(backward_op: Callable) -> Callable:
     def backward(ctx, grad_out: Tensor):
         x, weight, out, scale = ctx.saved_tensors
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops (see _masked_differentiable)
+            g = _masked_differentiable(grad_out, out, ctx.relu)
+            grad_x, grad_w = _conv_grads_differentiable(g, x, weight, scale, ctx.conv_args, need_x, need_w)
+            return (
+                grad_x,
+                grad_w,
+                g.sum((0, 2, 3)) if need_b else None,
+                g if need_r else None,
+                *([None] * 6),
+            )
         # Without ReLU, grad_residual is grad_out itself; the op only makes it when masked.
         mask = [need_x, need_w, need_b, need_r and ctx.relu]
         out = out if ctx.relu else grad_out  # read only with relu
@@ -414,6 +456,8 @@ class _SplitConv(torch.autograd.Function):
         x, weight, scale = ctx.saved_tensors
         plan = ctx.plan
         need_x, need_w = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # create_graph=True (see _masked_differentiable); scale None if in the epilogue
+            return (*_conv_grads_differentiable(grad_conv, x, weight, scale, plan.conv_args, need_x, need_w), None)
         mask = [need_x, need_w, False, False]
         grad_x, grad_w, _, _ = plan.backward_op(grad_conv, grad_conv, x, weight, scale, *plan.conv_args, False, mask)
         return (grad_x if need_x else None, grad_w if need_w else None, None)
@@ -441,9 +485,18 @@ class _SplitEpilogue(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         out, scale, *xw = ctx.saved_tensors
-        x, weight = xw if xw else ctx.conv_node.saved_tensors[:2]
         plan = ctx.plan
         need_conv, need_b, need_r = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True (see _masked_differentiable)
+            g = _masked_differentiable(grad_out, out, plan.relu)
+            grad_conv = g * scale.view(1, -1, 1, 1) if need_conv and scale is not None else g
+            return (
+                grad_conv if need_conv else None,
+                g.sum((0, 2, 3)) if need_b else None,
+                g if need_r else None,
+                None,
+            )
+        x, weight = xw if xw else ctx.conv_node.saved_tensors[:2]
         if plan.relu:
             mask = [False, False, need_b, need_conv or need_r]
             _, _, grad_b, g = plan.backward_op(grad_out, out, x, weight, None, *plan.conv_args, True, mask)
