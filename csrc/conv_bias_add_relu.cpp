@@ -128,6 +128,10 @@ void check_conv_bias_add_relu_args(
       py_dtype(x.scalar_type()));
   TORCH_CHECK_VALUE(
       x.size(1) >= 1, "x: expected at least 1 input channel, got C=", x.size(1));
+  TORCH_CHECK_VALUE(  // as ATen's conv2d refuses
+      x.size(2) >= 1 && x.size(3) >= 1,
+      "x: expected a spatial size (H, W) >= 1, got (", x.size(2), ", ",
+      x.size(3), ")");
   TORCH_CHECK_VALUE(
       weight.size(2) >= 1 && weight.size(3) >= 1,
       "weight: expected a kernel size (R, S) >= 1, got (", weight.size(2), ", ",

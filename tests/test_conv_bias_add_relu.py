@@ -405,6 +405,10 @@ BAD_INPUTS = [
      r"weight: expected a kernel size \(R, S\) >= 1, got \(3, 0\)"),
     ("c0", lambda: (torch.randn(2, 0, 5, 4), torch.randn(3, 0, 3, 3), {"padding": 1}), ValueError,
      r"x: expected at least 1 input channel, got C=0"),
+    ("h0", lambda: (torch.randn(2, 4, 0, 5), torch.randn(6, 4, 3, 3), {"padding": 1}), ValueError,
+     r"x: expected a spatial size \(H, W\) >= 1, got \(0, 5\)"),
+    ("w0", lambda: (torch.randn(2, 4, 5, 0), torch.randn(6, 4, 1, 1), {}), ValueError,
+     r"x: expected a spatial size \(H, W\) >= 1, got \(5, 0\)"),
     ("groups_zero", lambda: _args(groups=0), ValueError, r"groups: expected an int >= 1, got 0"),
 ]  # fmt: skip
 BAD_IDS = [b[0] for b in BAD_INPUTS]
