@@ -10,22 +10,32 @@ Each :class:`~resnet_fused.nn.FusedConv2d` then runs as one oneDNN convolution (
 scale-folded and reordered once per input shape, instead of on every call. Outputs equal the unpacked
 path's up to oneDNN's own rounding. channels_last inputs are the fast layout; NCHW works too.
 
-A packed weight is never used stale: it is rebuilt when the weight is replaced, changed in place
-(``load_state_dict``, an optimizer step, ``with torch.no_grad(): w.mul_(2)``; tracked by the tensor's
-version counter), moved or cast (``.to()``), or when the per-channel scale changes; ``.train()`` drops
-the packs and runs the ordinary op. Edits through ``weight.data`` bypass the version counter, as they
-bypass autograd's checks; call :func:`optimize_for_inference` again after such an edit.
+A packed weight is never used stale: it is rebuilt when the weight is replaced, changed in place by a
+torch op (``load_state_dict``, ``with torch.no_grad(): w.mul_(2)``; tracked by the tensor's version
+counter), moved or cast (``.to()``), or when the per-channel scale changes; ``.train()`` drops the
+packs and runs the ordinary op. A step of any ``torch.optim.Optimizer`` (a global step post-hook) drops
+the packs of the modules whose parameters it holds, since fused optimizers (``fused=True``) write in
+place without bumping the version counter. Other writes that bypass the version counter go unseen:
+through ``weight.data``, a NumPy or DLPack view, or an in-place ``torch.distributed`` collective
+(``broadcast``, ``all_reduce``); call :func:`optimize_for_inference` again after such a write.
 
 Calls that need autograd, autocast, a non-CPU device, a dtype oneDNN cannot run on this CPU, a
-non-zero padding mode or an empty batch take the ordinary op, so every call stays correct.
+non-zero padding mode or an empty batch take the ordinary op, so every call stays correct. So do calls
+being recorded (``torch.jit.trace``, ``torch.export``, ``torch.compile``, both ONNX exporters,
+``torch.fx.symbolic_trace``, a dispatch mode such as ``make_fx``) and tensor-subclass inputs: a
+prepared model traces, exports and compiles as the converted one does.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
+import weakref
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from resnet_fused import contract
 from resnet_fused.nn import FusedConv2d
@@ -35,6 +45,29 @@ __all__ = ["PackedFusedConv2d", "optimize_for_inference"]
 # oneDNN's ReLU post-op turns a NaN pre-activation into 0, unlike torch.relu; only with this set to "fused" is
 # ReLU left to oneDNN (the C++ CPU kernel reads the same variable). Otherwise it runs in place after the conv.
 RELU_MODE_VAR = "RESNET_FUSED_ONEDNN_RELU"
+
+
+# torch.jit.is_tracing() is this call behind an is_scripting() check; both run on every prepared call.
+_jit_tracing = torch._C._is_tracing
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+
+
+_PLAIN_TYPES = (Tensor, nn.Parameter)
+
+
+def _traced(x: Tensor, residual: Tensor | None) -> bool:
+    """Whether this call is recorded rather than only run: ``torch.compile`` or ``torch.export`` (strict or not; both set
+    ``torch.compiler.is_compiling``), ``torch.jit.trace`` (and the TorchScript ONNX exporter), a dispatch mode (make_fx,
+    FakeTensorMode, functionalization, user modes), or an input that is not a plain tensor (a subclass such as
+    FakeTensor, an fx Proxy). A trace must record the ordinary op, which tracers and exporters know; the packed weight
+    is an opaque oneDNN tensor with no fake or symbolic counterpart."""
+    return (
+        torch.compiler.is_compiling()  # first: dynamo folds it to True and stops there
+        or type(x) is not Tensor
+        or (residual is not None and type(residual) is not Tensor)
+        or _jit_tracing()
+        or _dispatch_modes() != 0
+    )
 
 
 def onednn_supports(dtype: torch.dtype) -> bool:
@@ -69,6 +102,8 @@ class PackedFusedConv2d(FusedConv2d):
         self._packs = {}
         self._pack_source = None
         self._last_call = None
+        with _PACKED_LOCK:
+            _PACKED.discard(self)
 
     def train(self, mode: bool = True) -> PackedFusedConv2d:
         self._drop_packs()
@@ -104,6 +139,7 @@ class PackedFusedConv2d(FusedConv2d):
         if not same:
             self._packs = {}
             self._pack_source = (*source, None if scale is None else scale.detach().clone())
+            _track(self)
         key = tuple(x.shape)
         packed = self._packs.get(key)
         if packed is None:
@@ -117,7 +153,9 @@ class PackedFusedConv2d(FusedConv2d):
 
     def _signature(self, x: Tensor, residual: Tensor | None, scale: Tensor | None, bias: Tensor | None, relu: bool):
         """Everything the checks, the packed weight and the launch depend on, as plain values: the inputs' metadata;
-        the identity, version and storage of weight, scale and bias; the conv's settings; the global switches."""
+        the identity, version and storage of weight, scale and bias; the conv's settings; the global switches.
+        None where one of them is an inference tensor (e.g. a scale computed under inference_mode), which has no
+        version counter: such a call is checked every time."""
         w = self.weight
 
         def meta(t: Tensor | None) -> tuple | None:
@@ -129,7 +167,11 @@ class PackedFusedConv2d(FusedConv2d):
         fused = relu and (self._fuse_relu or os.environ.get(RELU_MODE_VAR) == "fused")
         conv = (self.stride, self.padding, self.dilation, self.groups, self.padding_mode)
         switches = (torch.is_autocast_enabled("cpu"), torch.backends.mkldnn.enabled)
-        return (meta(x), meta(residual), held(w), held(scale), held(bias), relu, fused, conv, switches)
+        try:
+            tensors = (held(w), held(scale), held(bias))
+        except RuntimeError:  # "Inference tensors do not track version counter"
+            return None
+        return (meta(x), meta(residual), *tensors, relu, fused, conv, switches)
 
     def _packed_path_ok(self, x: Tensor, residual: Tensor | None, scale: Tensor | None, bias: Tensor | None) -> bool:
         if self.training or x.device.type != "cpu" or x.dim() != 4 or x.shape[0] == 0:
@@ -137,6 +179,10 @@ class PackedFusedConv2d(FusedConv2d):
         if self._padding_plan()[0] is not None or torch.is_autocast_enabled("cpu"):
             return False
         tensors = [t for t in (x, self.weight, residual, scale, bias) if t is not None]
+        if any(type(t) not in _PLAIN_TYPES for t in tensors):
+            return False  # a tensor subclass parameter (e.g. quantized or distributed): its own ops, no data_ptr
+        if self.weight.is_inference():
+            return False  # made under inference_mode: no version counter to tell an in-place change by
         if any(t.dtype != x.dtype or t.device != x.device for t in tensors):
             return False  # the ordinary op gives the error message
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
@@ -157,8 +203,13 @@ class PackedFusedConv2d(FusedConv2d):
         relu = self.relu if relu is None else relu
         # Forward AD runs even under no_grad, where the packed path would drop a tangent (the weight's too); under
         # vmap the ordinary op batches in one call, while the packed path has no batching rule.
+        # A trace, export or compile records the ordinary op (see _traced); checked before the fast path below.
         w = self.weight if weight is None else weight
-        if contract.functorch_active() or contract.differentiated_by_transform(x, w, residual, scale, bias):
+        if (
+            _traced(x, residual)
+            or contract.functorch_active()
+            or contract.differentiated_by_transform(x, w, residual, scale, bias)
+        ):
             return super().conv_bias_add_relu(x, residual, weight=weight, scale=scale, bias=bias, relu=relu)
         # Without autograd, a call like the last checked one skips the checks (their inputs are all in the
         # signature) and the pack lookup. With autograd, every call is checked.
@@ -166,7 +217,7 @@ class PackedFusedConv2d(FusedConv2d):
         if weight is None and not torch.is_grad_enabled():
             signature = self._signature(x, residual, scale, bias, relu)
             last = self._last_call
-            if last is not None and last[0] == signature:
+            if last is not None and last[0] == signature:  # never when signature is None: _last_call holds none
                 return _launch(x, residual, bias, relu, *last[2])
         if weight is not None or not self._packed_path_ok(x, residual, scale, bias):
             return super().conv_bias_add_relu(x, residual, weight=weight, scale=scale, bias=bias, relu=relu)
@@ -180,6 +231,47 @@ class PackedFusedConv2d(FusedConv2d):
         if signature is not None:
             self._last_call = (signature, (self.weight, scale, bias), launch)  # holding them keeps their ids unique
         return _launch(x, residual, bias, relu, *launch)
+
+
+# The prepared modules holding packs, for _drop_stepped_packs; weak, so it keeps no module alive. The lock lets an
+# optimizer step in one thread list them while another thread packs.
+_PACKED: weakref.WeakSet[PackedFusedConv2d] = weakref.WeakSet()
+_PACKED_LOCK = threading.Lock()
+_optimizer_hook = None  # the handle of _drop_stepped_packs, registered once per process
+
+
+def _track(module: PackedFusedConv2d) -> None:
+    global _optimizer_hook
+    with _PACKED_LOCK:
+        if _optimizer_hook is None:
+            _optimizer_hook = register_optimizer_step_post_hook(_drop_stepped_packs)
+        _PACKED.add(module)
+
+
+def _storage_key(t: Tensor) -> int:
+    """Where ``t``'s data lives: a tensor and its views (an alias, a flat parameter buffer) share one key."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # no plain storage (sparse, nested, some subclasses): by identity
+        return id(t)
+
+
+@torch.compiler.disable  # a compiled step runs this after its graph, on the real parameters
+def _drop_stepped_packs(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """A global optimizer step post-hook: drops the packs of every prepared module whose weight, bias or scale shares
+    storage with one of the optimizer's parameters. Fused optimizers (``fused=True``) and third-party ones with their
+    own kernels update parameters in place without bumping their version counter, so the packs' own check of the
+    weight's version cannot see such a step."""
+    with _PACKED_LOCK:
+        modules = list(_PACKED)
+    if not modules:
+        return
+    stepped = set(map(_storage_key, itertools.chain.from_iterable(g["params"] for g in optimizer.param_groups)))
+    for m in modules:
+        for t in (m.weight, m.bias, m.scale):
+            if t is not None and _storage_key(t) in stepped:
+                m._drop_packs()
+                break
 
 
 def _launch(
