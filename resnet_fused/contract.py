@@ -463,6 +463,15 @@ class _SplitConv(torch.autograd.Function):
         return (grad_x if need_x else None, grad_w if need_w else None, None)
 
 
+def _epilogue_stand_ins(t: Tensor) -> tuple:
+    """(x, weight, scale, stride, padding, dilation, groups) for a backward op call that runs only the epilogue's pass
+    (mask, grad_bias): a 1x1 depthwise conv of ``t`` itself, whose output has ``t``'s shape and layout. The op reads
+    neither x nor weight for that pass, so the epilogue node saves none: under saved-tensor hooks (non-reentrant
+    checkpointing, offloading) and compiled autograd, x and weight are the conv node's, unpacked once."""
+    k = t.shape[1]
+    return t, t.new_empty(()).expand(k, 1, 1, 1), None, [1, 1], [0, 0], [1, 1], k
+
+
 class _SplitEpilogue(torch.autograd.Function):
     """The epilogue part: y from the conv node's output, bias and residual; backward gives the mask, grad_bias and
     grad_residual in one pass, and the conv node's gradient."""
@@ -471,20 +480,16 @@ class _SplitEpilogue(torch.autograd.Function):
     def forward(ctx, conv: Tensor, bias: Tensor | None, residual: Tensor | None, plan: _SplitPlan) -> Tensor:
         y = plan.y
         scale = plan.scale if plan.scale_in_epilogue else None
-        # x and weight only give the backward op its checks and layout. With a conv node, read them from its saved
-        # tensors: saved twice, a copying saved-tensor hook (offload, compression) would hold them twice.
-        ctx.conv_node = conv.grad_fn
-        if ctx.conv_node is None:
-            ctx.save_for_backward(y if plan.relu else None, scale, plan.x, plan.weight)
-        else:
-            ctx.save_for_backward(y if plan.relu else None, scale)
+        # x and weight are the conv node's alone: this node's backward needs neither (see _epilogue_stand_ins).
+        ctx.save_for_backward(y if plan.relu else None, scale)
+        ctx.fmt = memory_format(plan.x)
         plan.x = plan.weight = plan.y = plan.scale = None
         ctx.plan = plan
         return y
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        out, scale, *xw = ctx.saved_tensors
+        out, scale = ctx.saved_tensors
         plan = ctx.plan
         need_conv, need_b, need_r = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True (see _masked_differentiable)
@@ -496,14 +501,13 @@ class _SplitEpilogue(torch.autograd.Function):
                 g if need_r else None,
                 None,
             )
-        x, weight = xw if xw else ctx.conv_node.saved_tensors[:2]
         if plan.relu:
             mask = [False, False, need_b, need_conv or need_r]
-            _, _, grad_b, g = plan.backward_op(grad_out, out, x, weight, None, *plan.conv_args, True, mask)
+            _, _, grad_b, g = plan.backward_op(grad_out, out, *_epilogue_stand_ins(out), True, mask)
         else:  # the identity mask: g is grad_out in x's layout (copied once for both nodes), grad_bias its sums
-            g = grad_out.contiguous(memory_format=memory_format(x))
+            g = grad_out.contiguous(memory_format=ctx.fmt)
             mask = [False, False, True, False]
-            grad_b = plan.backward_op(g, g, x, weight, None, *plan.conv_args, False, mask)[2] if need_b else None
+            grad_b = plan.backward_op(g, g, *_epilogue_stand_ins(g), False, mask)[2] if need_b else None
         grad_conv = g
         if need_conv and scale is not None:
             s = scale.view(1, -1, 1, 1)

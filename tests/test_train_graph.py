@@ -11,7 +11,18 @@ import weakref
 
 import pytest
 import torch
-from helpers import ALL_EPILOGUES, FULL, Case, Epilogue, check_call, forward_op, make_inputs, variant_id
+import torchvision
+from helpers import (
+    ALL_EPILOGUES,
+    FULL,
+    Case,
+    Epilogue,
+    assert_close,
+    check_call,
+    forward_op,
+    make_inputs,
+    variant_id,
+)
 
 import resnet_fused
 
@@ -135,8 +146,80 @@ def test_incoming_gradient_is_freed_before_the_conv_backward():
     split = alive_at_x_unpacks(lambda: resnet_fused.conv_bias_add_relu(x, weight, bias, **kw))
     one = alive_at_x_unpacks(lambda: op(x, weight, bias, None, kw["scale"], [1, 1], [1, 1], [1, 1], 1, True))
     assert one == [True], one  # the single node's only unpack: grad_out still held
-    # The epilogue node unpacks x for the backward op's checks while grad_out is its input; the conv node after it.
-    assert split == [True, False], split
+    # x is unpacked once, by the conv node, after the epilogue node has returned and freed grad_out.
+    assert split == [False], split
+
+
+def call(graph: str, inputs) -> torch.Tensor:
+    """The fused call on the cpu backend, recorded as two nodes (the public function) or one (the op)."""
+    if graph == "two_nodes":
+        return resnet_fused.conv_bias_add_relu(**inputs.tensors, **inputs.kwargs, backend="cpu")
+    return forward_op("cpu")(*inputs.op_args())
+
+
+@pytest.mark.parametrize("graph", ["two_nodes", "one_node"])
+def test_each_saved_tensor_is_unpacked_once(graph):
+    """Non-reentrant checkpointing allows one unpack per saved tensor, and a decompressing or offloading hook pays for
+    each: every node unpacks only what it saved itself."""
+    inputs = _inputs(SCALE_ON_G, torch.float32, "channels_last", FULL, ("x", "weight", "bias", "residual"))
+    packs: list[int] = []
+    unpacks: list[int] = []
+
+    def pack(t):
+        packs.append(id(t))
+        return len(packs) - 1
+
+    def unpack(i):
+        unpacks.append(i)
+        return saved[i]
+
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), pack(t))[1], unpack):
+        y = call(graph, inputs)
+    y.sum().backward()
+    assert sorted(unpacks) == list(range(len(packs))), (packs, unpacks)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_non_reentrant_checkpoint_of_converted_blocks(channels_last):
+    """torch.utils.checkpoint (use_reentrant=False) around fused blocks: the gradients of the unfused model."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet18(weights=None, num_classes=4).double()
+    fused, _ = resnet_fused.convert(ref, freeze_bn=True)
+    ref.eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64).contiguous(memory_format=fmt)
+
+    def run(model):
+        h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+            h = checkpoint(layer, h, use_reentrant=False)
+        return model.fc(torch.flatten(model.avgpool(h), 1))
+
+    got = torch.autograd.grad(run(fused).square().sum(), [p for p in fused.parameters() if p.requires_grad])
+    names = {n for n, p in fused.named_parameters() if p.requires_grad}
+    want = torch.autograd.grad(run(ref).square().sum(), [p for n, p in ref.named_parameters() if n in names])
+    for n, g, w in zip(sorted(names, key=list(dict(fused.named_parameters())).index), got, want, strict=True):
+        assert_close(g, w, torch.float64, f"grad {n}", reductions=4608)
+
+
+def test_compiled_autograd_runs_the_split_graph():
+    """Compiled autograd frees each node's saved tensors as it goes: no node may read another's."""
+    from torch._dynamo import compiled_autograd
+
+    inputs = _inputs(SCALE_ON_G, torch.float64, "channels_last", FULL, ("x", "weight", "bias", "residual"))
+    leaves = {k: t for k, t in inputs.leaves().items() if t.requires_grad}
+    y = call("two_nodes", inputs)
+    assert _node_names(y)[:2] == ["_SplitEpilogueBackward", "_SplitConvBackward"], _node_names(y)
+    want = torch.autograd.grad(y.sin().sum(), list(leaves.values()))
+    torch._dynamo.reset()
+    with compiled_autograd._enable(torch.compile(backend="aot_eager")):
+        call("two_nodes", inputs).sin().sum().backward()
+    torch._dynamo.reset()
+    for (name, t), w in zip(leaves.items(), want, strict=True):
+        assert_close(t.grad, w, torch.float64, f"grad {name}")
 
 
 @pytest.mark.parametrize("case", [SCALE_ON_G, SCALE_ON_WEIGHT], ids=["scale_on_g", "scale_on_weight"])
