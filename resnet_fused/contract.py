@@ -386,10 +386,31 @@ def _conv_grads_differentiable(
     return grad_x, grad_w
 
 
+def _engine_needs(ctx) -> tuple[bool, bool]:
+    """(need grad_x, need grad_weight) for this backward run. ``needs_input_grad`` is fixed at forward time, so
+    ``torch.autograd.grad(loss, x)`` with parameters that require grad would compute every wgrad and drop it (ATen's
+    conv backward asks the engine instead). x and weight are the first two inputs of both nodes that use this."""
+    needs = ctx.needs_input_grad[:2]
+    try:
+        edges = ctx.next_functions[:2]
+    except (AttributeError, RuntimeError):  # traced backward (AOTAutograd): no engine to ask
+        return needs
+    out = []
+    for need, (node, _) in zip(needs, edges, strict=True):
+        if need and node is not None:
+            try:
+                need = torch._C._will_engine_execute_node(node)
+            except RuntimeError:  # outside an engine run, or a leaf that autograd.grad returns: needed
+                pass
+        out.append(bool(need))
+    return out[0], out[1]
+
+
 def _make_backward(backward_op: Callable) -> Callable:
     def backward(ctx, grad_out: Tensor):
         x, weight, out, scale = ctx.saved_tensors
-        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        need_x, need_w = _engine_needs(ctx)
+        need_b, need_r = ctx.needs_input_grad[2:4]
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops (see _masked_differentiable)
             g = _masked_differentiable(grad_out, out, ctx.relu)
             grad_x, grad_w = _conv_grads_differentiable(g, x, weight, scale, ctx.conv_args, need_x, need_w)
@@ -455,7 +476,7 @@ class _SplitConv(torch.autograd.Function):
     def backward(ctx, grad_conv: Tensor):
         x, weight, scale = ctx.saved_tensors
         plan = ctx.plan
-        need_x, need_w = ctx.needs_input_grad[:2]
+        need_x, need_w = _engine_needs(ctx)
         if torch.is_grad_enabled():  # create_graph=True (see _masked_differentiable); scale None if in the epilogue
             return (*_conv_grads_differentiable(grad_conv, x, weight, scale, plan.conv_args, need_x, need_w), None)
         mask = [need_x, need_w, False, False]

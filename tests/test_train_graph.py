@@ -18,11 +18,13 @@ from helpers import (
     Case,
     Epilogue,
     assert_close,
+    backward_op,
     check_call,
     forward_op,
     make_inputs,
     variant_id,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import resnet_fused
 
@@ -277,3 +279,45 @@ def test_no_extra_copy_of_a_gradient_in_another_layout(bias):
     (split_clones, split_calls), (one_clones, _) = copies("two_nodes"), copies("one_node")
     assert split_clones == one_clones, (split_clones, one_clones)
     assert split_calls == (2 if bias else 1)
+
+
+class _BackwardMasks(TorchDispatchMode):
+    """Records the output_mask (x, weight) of every cpu backward-op call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.masks: list[tuple[bool, bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is backward_op("cpu"):
+            self.masks.append(tuple(args[-1][:2]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("graph", ["two_nodes", "one_node"])
+def test_only_the_gradients_the_engine_uses_are_computed(graph):
+    """needs_input_grad is fixed at forward time; like ATen's conv backward, the fused backward asks the engine, so
+    torch.autograd.grad(loss, x) with a weight that requires grad runs no wgrad (the input-gradient loop of
+    adversarial training), and the other way round."""
+    inputs = _inputs(SCALE_ON_WEIGHT, torch.float64, "channels_last", FULL, ("x", "weight", "bias", "residual"))
+    x, weight = inputs.tensors["x"], inputs.tensors["weight"]
+    reference = torch.autograd.grad(call(graph, inputs).square().sum(), [x, weight])
+
+    def run(backward) -> list[tuple[bool, bool]]:
+        y = call(graph, inputs)
+        mode = _BackwardMasks()
+        with mode:
+            backward(y.square().sum())
+        return [m for m in mode.masks if any(m)]
+
+    got = {}
+    assert run(lambda loss: got.update(x=torch.autograd.grad(loss, x)[0])) == [(True, False)]
+    assert run(lambda loss: got.update(w=torch.autograd.grad(loss, weight)[0])) == [(False, True)]
+    assert_close(got["x"], reference[0], torch.float64, "grad x alone")
+    assert_close(got["w"], reference[1], torch.float64, "grad weight alone")
+    assert run(lambda loss: loss.backward(inputs=[x])) == [(True, False)]
+    assert weight.grad is None
+    assert_close(x.grad, reference[0], torch.float64, "x.grad")
+    x.grad = None
+    assert run(lambda loss: loss.backward()) == [(True, True)]
+    assert_close(weight.grad, reference[1], torch.float64, "weight.grad")
