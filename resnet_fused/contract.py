@@ -386,30 +386,30 @@ def _conv_grads_differentiable(
     return grad_x, grad_w
 
 
-def _engine_needs(ctx) -> tuple[bool, bool]:
-    """(need grad_x, need grad_weight) for this backward run. ``needs_input_grad`` is fixed at forward time, so
-    ``torch.autograd.grad(loss, x)`` with parameters that require grad would compute every wgrad and drop it (ATen's
-    conv backward asks the engine instead). x and weight are the first two inputs of both nodes that use this."""
-    needs = ctx.needs_input_grad[:2]
-    try:
-        edges = ctx.next_functions[:2]
-    except (AttributeError, RuntimeError):  # traced backward (AOTAutograd): no engine to ask
+def _engine_needs(ctx, n: int) -> list[bool]:
+    """Whether this backward run uses the gradients of the node's first ``n`` inputs (all tensors: x and weight, or
+    the epilogue's conv input). ``needs_input_grad`` is fixed at forward time, so ``torch.autograd.grad(loss, x)``
+    with parameters that require grad would compute every wgrad and drop it; ATen's conv backward asks the engine."""
+    needs = list(ctx.needs_input_grad[:n])
+    if torch.compiler.is_compiling():  # a traced backward (compiled autograd, AOTAutograd): the static needs
         return needs
-    out = []
-    for need, (node, _) in zip(needs, edges, strict=True):
-        if need and node is not None:
+    try:
+        edges = ctx.next_functions[:n]
+    except (AttributeError, RuntimeError):  # a ctx that is not an autograd node: the static needs
+        return needs
+    for i, (node, _) in enumerate(edges):
+        if needs[i] and node is not None:
             try:
-                need = torch._C._will_engine_execute_node(node)
+                needs[i] = bool(torch._C._will_engine_execute_node(node))
             except RuntimeError:  # outside an engine run, or a leaf that autograd.grad returns: needed
                 pass
-        out.append(bool(need))
-    return out[0], out[1]
+    return needs
 
 
 def _make_backward(backward_op: Callable) -> Callable:
     def backward(ctx, grad_out: Tensor):
         x, weight, out, scale = ctx.saved_tensors
-        need_x, need_w = _engine_needs(ctx)
+        need_x, need_w = _engine_needs(ctx, 2)
         need_b, need_r = ctx.needs_input_grad[2:4]
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops (see _masked_differentiable)
             g = _masked_differentiable(grad_out, out, ctx.relu)
@@ -476,7 +476,7 @@ class _SplitConv(torch.autograd.Function):
     def backward(ctx, grad_conv: Tensor):
         x, weight, scale = ctx.saved_tensors
         plan = ctx.plan
-        need_x, need_w = _engine_needs(ctx)
+        need_x, need_w = _engine_needs(ctx, 2)
         if torch.is_grad_enabled():  # create_graph=True (see _masked_differentiable); scale None if in the epilogue
             return (*_conv_grads_differentiable(grad_conv, x, weight, scale, plan.conv_args, need_x, need_w), None)
         mask = [need_x, need_w, False, False]
@@ -512,7 +512,8 @@ class _SplitEpilogue(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         out, scale = ctx.saved_tensors
         plan = ctx.plan
-        need_conv, need_b, need_r = ctx.needs_input_grad[:3]
+        (need_conv,) = _engine_needs(ctx, 1)
+        need_b, need_r = ctx.needs_input_grad[1:3]
         if torch.is_grad_enabled():  # create_graph=True (see _masked_differentiable)
             g = _masked_differentiable(grad_out, out, plan.relu)
             grad_conv = g * scale.view(1, -1, 1, 1) if need_conv and scale is not None else g

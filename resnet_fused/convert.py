@@ -92,7 +92,7 @@ def _fuse_conv_norm(
 ) -> tuple[FusedConv2d, nn.Module, str]:
     """``(fused conv, norm to keep or nn.Identity, 'folded' | 'scale_shift' | 'unfused')``."""
     fused = FusedConv2d.from_conv2d(conv, relu=relu, backend=backend)
-    if type(norm) is nn.Identity:  # a BN-free block (norm_layer=nn.Identity): nothing to fold
+    if isinstance(norm, nn.Identity):  # a BN-free block (norm_layer=nn.Identity): nothing to fold
         return fused, norm, "folded"
     is_bn = isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm))
     if is_bn and norm.training and freeze_bn:

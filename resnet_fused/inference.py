@@ -97,8 +97,12 @@ class PackedFusedConv2d(FusedConv2d):
     # The last call that passed every check, as (signature, the tensors whose ids it holds, launch arguments): a
     # call with the same signature, the steady state of serving, goes straight to oneDNN.
     _last_call: tuple | None = None
+    # Counts _drop_packs calls: a call that packed before a drop in another thread (an optimizer step's hook) must
+    # not publish its _last_call after it.
+    _generation: int = 0
 
     def _drop_packs(self) -> None:
+        self._generation += 1
         self._packs = {}
         self._pack_source = None
         self._last_call = None
@@ -181,6 +185,8 @@ class PackedFusedConv2d(FusedConv2d):
         tensors = [t for t in (x, self.weight, residual, scale, bias) if t is not None]
         if any(type(t) not in _PLAIN_TYPES for t in tensors):
             return False  # a tensor subclass parameter (e.g. quantized or distributed): its own ops, no data_ptr
+        if "weight" not in self._parameters:
+            return False  # recomputed on every call (pruning, legacy weight norm): a pack would never be reused
         if self.weight.is_inference():
             return False  # made under inference_mode: no version counter to tell an in-place change by
         if any(t.dtype != x.dtype or t.device != x.device for t in tensors):
@@ -198,6 +204,7 @@ class PackedFusedConv2d(FusedConv2d):
         scale: Tensor | None = None,
         bias: Tensor | None = None,
         relu: bool | None = None,
+        fold_trainable_scale: bool = False,
     ) -> Tensor:
         """As :meth:`FusedConv2d.conv_bias_add_relu`, on the prepacked weight when the call allows it."""
         relu = self.relu if relu is None else relu
@@ -210,7 +217,9 @@ class PackedFusedConv2d(FusedConv2d):
             or contract.functorch_active()
             or contract.differentiated_by_transform(x, w, residual, scale, bias)
         ):
-            return super().conv_bias_add_relu(x, residual, weight=weight, scale=scale, bias=bias, relu=relu)
+            return super().conv_bias_add_relu(
+                x, residual, weight=weight, scale=scale, bias=bias, relu=relu, fold_trainable_scale=fold_trainable_scale
+            )
         # Without autograd, a call like the last checked one skips the checks (their inputs are all in the
         # signature) and the pack lookup. With autograd, every call is checked.
         signature = None
@@ -220,7 +229,10 @@ class PackedFusedConv2d(FusedConv2d):
             if last is not None and last[0] == signature:  # never when signature is None: _last_call holds none
                 return _launch(x, residual, bias, relu, *last[2])
         if weight is not None or not self._packed_path_ok(x, residual, scale, bias):
-            return super().conv_bias_add_relu(x, residual, weight=weight, scale=scale, bias=bias, relu=relu)
+            return super().conv_bias_add_relu(
+                x, residual, weight=weight, scale=scale, bias=bias, relu=relu, fold_trainable_scale=fold_trainable_scale
+            )
+        generation = self._generation
         padding = self._padding_plan()[1]
         stride, padding, dilation = contract.check_inputs(
             x, self.weight, bias, residual, scale, self.stride, padding, self.dilation, self.groups, relu
@@ -228,7 +240,7 @@ class PackedFusedConv2d(FusedConv2d):
         packed = self._packed_weight(x, scale, stride, padding, dilation)
         fused = relu and (self._fuse_relu or os.environ.get(RELU_MODE_VAR) == "fused")
         launch = (packed, (list(padding), list(stride), list(dilation), self.groups), contract.memory_format(x), fused)
-        if signature is not None:
+        if signature is not None and generation == self._generation:
             self._last_call = (signature, (self.weight, scale, bias), launch)  # holding them keeps their ids unique
         return _launch(x, residual, bias, relu, *launch)
 

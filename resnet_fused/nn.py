@@ -10,7 +10,7 @@
 - :class:`SkipBlock` (skip over 1, 2 or 3 layers) and :class:`PreActBlock` (pre-activation, linear
   skip path) show how other residual shapes are built from :class:`FusedConv2d`.
 
-How a conv and the norm after it run (see :func:`conv_norm`):
+How a conv and the norm after it run (``conv(x, residual, norm=norm)``, :meth:`FusedConv2d.forward`):
 
 - no norm: the conv's own bias (and frozen scale/shift, if set) in the fused epilogue;
 - ``torchvision.ops.FrozenBatchNorm2d``, or ``nn.BatchNorm2d`` in eval mode: folded on the fly
@@ -154,10 +154,11 @@ class FusedConv2d(nn.Conv2d):
             for name, t in (("scale", scale), ("shift", shift)):
                 if not isinstance(t, Tensor):
                     raise TypeError(f"set_scale_shift: {name}: expected a Tensor, got {type(t).__name__}")
-                if t.dtype != w.dtype or t.device != w.device:
-                    raise TypeError(
-                        f"set_scale_shift: {name}: expected dtype {w.dtype} on {w.device} (the weight's), got "
-                        f"{t.dtype} on {t.device}"
+                if t.dtype != w.dtype:
+                    raise TypeError(f"set_scale_shift: {name}: expected dtype {w.dtype} (the weight's), got {t.dtype}")
+                if t.device != w.device:
+                    raise ValueError(
+                        f"set_scale_shift: {name}: expected device {w.device} (the weight's), got {t.device}"
                     )
                 if t.shape != (self.out_channels,):
                     raise ValueError(
@@ -215,11 +216,15 @@ class FusedConv2d(nn.Conv2d):
         scale: Tensor | None = None,
         bias: Tensor | None = None,
         relu: bool | None = None,
+        fold_trainable_scale: bool = False,
     ) -> Tensor:
         """``conv_bias_add_relu`` with this conv's geometry; ``weight``/``relu`` default to the module's.
 
-        Unlike :meth:`forward`, ``scale`` and ``bias`` are taken as given (``None`` = absent).
-        Shapes: ``x`` ``(N, C_in, H, W)``; ``residual`` and the result ``(N, C_out, H_out, W_out)``.
+        Unlike :meth:`forward`, ``scale`` and ``bias`` are taken as given (``None`` = absent). The op's
+        scale is a constant; with ``fold_trainable_scale``, a scale that requires grad (under grad mode)
+        is folded into the weight instead, so it gets its gradient (a norm's gamma, in :meth:`forward`).
+        Shapes: ``x`` ``(N, C_in, H, W)`` or ``(C_in, H, W)``; ``residual`` and the result
+        ``(N, C_out, H_out, W_out)`` or ``(C_out, H_out, W_out)``.
         """
         pad, padding = self._padding_plan()
         if pad is not None:
@@ -237,13 +242,14 @@ class FusedConv2d(nn.Conv2d):
             self.groups,
             self.relu if relu is None else relu,
             self.backend,
+            fold_trainable_scale,
         )
 
     def forward(self, x: Tensor, residual: Tensor | None = None, norm: nn.Module | None = None) -> Tensor:
         """``act(conv(x) * scale + bias + residual)``; with ``norm``, ``act(norm(conv(x)) + residual)``.
 
         ``norm`` (the norm layer after this conv, e.g. a block's ``bn1``) is folded into the epilogue
-        where it is a per-channel affine map, else run after the conv (see :func:`conv_norm`). Called
+        where it is a per-channel affine map, else run after the conv (see the module docstring). Called
         as a module, so hooks on it (pruning, weight norm, ``register_forward_hook``) run as for
         ``nn.Conv2d``; its forward hooks see this fused output.
 
@@ -253,7 +259,7 @@ class FusedConv2d(nn.Conv2d):
         scale, shift = self.scale_shift()
         if norm is None or (isinstance(norm, nn.Identity) and not _has_hooks(norm)):
             return self.conv_bias_add_relu(x, residual, scale=scale, bias=shift)
-        # A norm with hooks is called as a module, so they see what they see in the unfused model.
+        # A norm with hooks of its own is called as a module, so they see what they see in the unfused model.
         affine = None if _has_hooks(norm) else norm_scale_shift(norm)
         if affine is None:  # e.g. batch statistics: the norm must see the whole conv output first
             y = norm(self.conv_bias_add_relu(x, scale=scale, bias=shift, relu=False))
@@ -263,7 +269,11 @@ class FusedConv2d(nn.Conv2d):
         # norm(conv * cs + cb) = conv * (s * cs) + (s * cb + t)
         s, t = affine
         return self.conv_bias_add_relu(
-            x, residual, scale=s if scale is None else s * scale, bias=t if shift is None else t + s * shift
+            x,
+            residual,
+            scale=s if scale is None else s * scale,
+            bias=t if shift is None else t + s * shift,
+            fold_trainable_scale=True,
         )
 
 
@@ -279,16 +289,17 @@ def _fused_conv(
     groups: int,
     relu: bool,
     backend: str,
+    fold_trainable_scale: bool,
 ) -> Tensor:
     """The op call of every FusedConv2d. A leaf for ``torch.fx`` (its checks need real tensors), so it also takes
-    nn.Conv2d's unbatched ``(C, H, W)`` input, and folds a scale that needs its gradient (eval-mode BN with trainable
-    gamma under grad mode) into the weight, as the op's scale is a constant."""
+    nn.Conv2d's unbatched ``(C, H, W)`` input and, with ``fold_trainable_scale``, folds a scale that needs its gradient
+    (eval-mode BN with trainable gamma under grad mode) into the weight, as the op's scale is a constant."""
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
         if residual is not None and residual.dim() == 3:
             residual = residual.unsqueeze(0)
-    if scale is not None and scale.requires_grad and torch.is_grad_enabled():
+    if fold_trainable_scale and scale is not None and scale.requires_grad and torch.is_grad_enabled():
         weight, scale = weight * scale.reshape(-1, 1, 1, 1), None
     y = conv_bias_add_relu(
         x,
@@ -310,18 +321,9 @@ torch.fx.wrap("_fused_conv")
 
 
 def _has_hooks(m: nn.Module) -> bool:
-    """Whether calling ``m`` as a module would run hooks (its own or global ones)."""
-    g = torch.nn.modules.module
-    return bool(
-        m._forward_hooks
-        or m._forward_pre_hooks
-        or m._backward_hooks
-        or m._backward_pre_hooks
-        or g._global_forward_hooks
-        or g._global_forward_pre_hooks
-        or g._global_backward_hooks
-        or g._global_backward_pre_hooks
-    )
+    """Whether ``m`` has hooks of its own. Global module hooks (module trackers, FLOP counters, profilers) do not
+    count: they would unfuse every norm of every model while registered."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
 def norm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor] | None:

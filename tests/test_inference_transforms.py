@@ -17,7 +17,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.optim.optimizer import _global_optimizer_post_hooks
 from torch.profiler import ProfilerActivity, profile
 
-from resnet_fused.inference import PackedFusedConv2d, optimize_for_inference
+from resnet_fused.inference import PackedFusedConv2d, _drop_stepped_packs, optimize_for_inference
 from resnet_fused.nn import Bottleneck, FusedConv2d, projection
 
 GRAD_MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
@@ -267,3 +267,53 @@ def test_other_optimizers_keep_the_packs_and_one_hook_serves_all():
     other.sum().backward()
     optimizer.step()
     assert packs(net) == 2 and all(m._last_call is not None for m in net)  # untouched: not its parameters
+
+
+def test_a_step_during_a_packing_call_never_leaves_a_stale_fast_path():
+    """An optimizer step in another thread can drop the packs while a call is between packing and publishing its
+    fast-path entry: that call must not publish it (a fused step leaves the weight's version as it was)."""
+    torch.manual_seed(0)
+    net = optimize_for_inference(torch.nn.Sequential(FusedConv2d(4, 8, 3, padding=1)).eval())
+    conv = net[0]
+    x = torch.randn(2, 4, 9, 9)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.5)
+    conv(x).sum().backward()
+    pack = PackedFusedConv2d._packed_weight
+    stepped = []
+
+    def racing(self, *args, **kwargs):
+        packed = pack(self, *args, **kwargs)
+        if not stepped:
+            stepped.append(True)
+            with torch.no_grad():  # the step of a fused optimizer: in place, no version bump
+                conv.weight.data.sub_(0.5 * conv.weight.grad)
+            _drop_stepped_packs(opt, (), {})
+        return packed
+
+    PackedFusedConv2d._packed_weight = racing
+    try:
+        with torch.no_grad():
+            conv(x)
+    finally:
+        PackedFusedConv2d._packed_weight = pack
+    with torch.no_grad():
+        y = conv(x)
+    expected = torch.relu(torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
+    torch.testing.assert_close(y, expected)
+
+
+def test_a_pruned_prepared_conv_takes_the_ordinary_op():
+    """Pruning recomputes weight on every call: no pack (it would be rebuilt every time), and never a stale one."""
+    torch.manual_seed(0)
+    net = optimize_for_inference(torch.nn.Sequential(FusedConv2d(4, 8, 3, padding=1)).eval())
+    conv = net[0]
+    torch.nn.utils.prune.l1_unstructured(conv, "weight", 0.5)
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        for scale in (1.0, 2.0):
+            conv.weight_orig.mul_(scale)
+            expected = torch.relu(
+                torch.nn.functional.conv2d(x, conv.weight_orig * conv.weight_mask, conv.bias, padding=1)
+            )
+            torch.testing.assert_close(net(x), expected)
+    assert conv._packs == {}

@@ -150,10 +150,49 @@ def test_unbatched_input_as_conv2d(padding_mode, with_residual):
 
 def test_set_scale_shift_rejects_what_the_op_would_refuse_later():
     conv = FusedConv2d(3, 4, 1)
-    with pytest.raises(
-        TypeError, match=r"scale: expected dtype torch.float32 on cpu \(the weight's\), got torch.float64"
-    ):
+    with pytest.raises(TypeError, match=r"scale: expected dtype torch.float32 \(the weight's\), got torch.float64"):
         conv.set_scale_shift(torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64))
     with pytest.raises(TypeError, match="shift: expected a Tensor, got list"):
         conv.set_scale_shift(torch.ones(4), [0.0] * 4)
     assert conv.scale is None and conv.shift is None
+
+
+def test_set_scale_shift_refuses_another_device():
+    conv = FusedConv2d(3, 4, 1)
+    with pytest.raises(ValueError, match=r"scale: expected device cpu \(the weight's\), got meta"):
+        conv.set_scale_shift(torch.ones(4, device="meta"), torch.zeros(4, device="meta"))
+
+
+def test_a_trainable_scale_is_folded_only_when_asked():
+    """The op's scale is a constant: the method passes a scale that requires grad to the op, which refuses it, unless
+    fold_trainable_scale folds it into the weight (what forward does for a norm's gamma)."""
+    torch.manual_seed(0)
+    conv = FusedConv2d(3, 4, 3, padding=1).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    scale = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="scale"):
+        conv.conv_bias_add_relu(x, scale=scale, bias=conv.bias)
+    y = conv.conv_bias_add_relu(x, scale=scale, bias=conv.bias, fold_trainable_scale=True)
+    expected = F.relu(F.conv2d(x, conv.weight, padding=1) * scale.view(1, -1, 1, 1) + conv.bias.view(1, -1, 1, 1))
+    assert_close(y, expected, torch.float64, "y")
+    (g,) = torch.autograd.grad(y.square().sum(), scale)
+    (g_ref,) = torch.autograd.grad(expected.square().sum(), scale)
+    assert_close(g, g_ref, torch.float64, "grad scale")
+
+
+def test_global_module_hooks_leave_blocks_fused():
+    """A global hook (module trackers, FLOP counters) sees the modules that run; it does not unfuse the blocks."""
+    _, ours = converted_pair()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    expected = ours(x)
+    ran = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, y: ran.append(m))
+    try:
+        y = ours(x)
+    finally:
+        handle.remove()
+    assert_close(y, expected, torch.float64, "output")
+    block_norms = [m for n, m in ours.named_modules() if n.startswith("layer") and ".bn" in n]
+    assert block_norms and all(isinstance(m, nn.Identity) for m in block_norms)
+    assert not any(m is n for m in ran for n in block_norms), "a folded norm ran: the block took the unfused path"
+    assert ours.layer1[0].conv1 in ran
