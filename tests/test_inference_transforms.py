@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 from test_inference import PACKED_OP, packs, small_net
+from test_nn import randomize_norms_
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.optim.optimizer import _global_optimizer_post_hooks
@@ -30,14 +31,7 @@ def bottlenecks() -> nn.Module:
     channels_last, with non-trivial BatchNorms (folded into each call's scale): 1x1 and 3x3 convs, residual adds."""
     torch.manual_seed(0)
     model = nn.Sequential(Bottleneck(3, 4, stride=2, downsample=projection(3, 16, 2)), Bottleneck(16, 4))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model.eval().to(memory_format=torch.channels_last)
+    return randomize_norms_(model).eval().to(memory_format=torch.channels_last)
 
 
 def image(batch: int = 1, seed: int = 1) -> torch.Tensor:

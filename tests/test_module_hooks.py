@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.models.resnet as tv
 from helpers import assert_close
-from test_nn import make_block_pair
+from test_nn import make_block_pair, randomize_norms_
 from torch import nn
 from torch.nn.utils import prune
 from torchvision.models.feature_extraction import create_feature_extractor
@@ -23,15 +23,7 @@ from resnet_fused.nn import BasicBlock, Bottleneck, FusedConv2d
 def converted_pair(seed: int = 0) -> tuple[nn.Module, nn.Module]:
     """(torchvision resnet18, its conversion), float64, eval, non-trivial BN statistics folded in."""
     torch.manual_seed(seed)
-    ref = torchvision.models.resnet18(weights=None, num_classes=10).double()
-    with torch.no_grad():
-        for m in ref.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    ref.eval()
+    ref = randomize_norms_(torchvision.models.resnet18(weights=None, num_classes=10), seed).double().eval()
     ours, _ = resnet_fused.convert(copy.deepcopy(ref))
     return ref, ours
 
