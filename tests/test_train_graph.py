@@ -313,6 +313,10 @@ def test_only_the_gradients_the_engine_uses_are_computed(graph):
     got = {}
     assert run(lambda loss: got.update(x=torch.autograd.grad(loss, x)[0])) == [(True, False)]
     assert run(lambda loss: got.update(w=torch.autograd.grad(loss, weight)[0])) == [(False, True)]
+    bias = inputs.tensors["bias"]
+    bias_ref = torch.autograd.grad(call(graph, inputs).square().sum(), bias)[0]
+    assert run(lambda loss: got.update(b=torch.autograd.grad(loss, bias)[0])) == []  # no conv backward at all
+    assert_close(got["b"], bias_ref, torch.float64, "grad bias alone")
     assert_close(got["x"], reference[0], torch.float64, "grad x alone")
     assert_close(got["w"], reference[1], torch.float64, "grad weight alone")
     assert run(lambda loss: loss.backward(inputs=[x])) == [(True, False)]
