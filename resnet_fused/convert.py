@@ -132,6 +132,11 @@ def _convert_block(name: str, block: nn.Module, *, freeze_bn: bool, backend: str
             f"convert: {name or '<model>'} is a {kind.__name__}, a subclass of torchvision's "
             f"{base.__name__} with its own forward; convert cannot know what it computes"
         )
+    if type(getattr(block, "relu", None)) is not nn.ReLU:
+        raise TypeError(
+            f"convert: {name or '<model>'}.relu: expected nn.ReLU (the fused blocks apply ReLU), got "
+            f"{type(getattr(block, 'relu', None)).__name__}; convert cannot keep another activation"
+        )
     ours = BasicBlock if base is tv_resnet.BasicBlock else Bottleneck
     layers = ["1", "2"] if ours is BasicBlock else ["1", "2", "3"]
     convs = [getattr(block, "conv" + i) for i in layers]
@@ -202,7 +207,8 @@ def convert(
 
     Raises:
         TypeError: ``model`` is not a plain ``nn.Module`` (scripted, compiled or DDP-wrapped
-            models: convert before that), or contains a block subclass with its own forward.
+            models: convert before that), or contains a block subclass with its own forward or a block
+            whose ``relu`` is not an ``nn.ReLU``.
         ValueError: no torchvision ResNet block or stem was found, or a block without
             ``downsample`` changes shape so its residual add cannot work.
     """

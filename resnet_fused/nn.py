@@ -266,15 +266,15 @@ class FusedConv2d(nn.Conv2d):
             if residual is not None:
                 y = y + residual
             return F.relu(y) if self.relu else y
-        # norm(conv * cs + cb) = conv * (s * cs) + (s * cb + t)
+        # norm(conv * cs + cb) = conv * (s * cs) + (s * cb + t), in the norm's dtype, which may be wider than the
+        # conv's (a float32 BatchNorm after bf16 convs, which BatchNorm accepts): rounded once to the conv's.
         s, t = affine
-        return self.conv_bias_add_relu(
-            x,
-            residual,
-            scale=s if scale is None else s * scale,
-            bias=t if shift is None else t + s * shift,
-            fold_trainable_scale=True,
-        )
+        if scale is not None:
+            s, t = s * scale.to(s.dtype), t + s * shift.to(s.dtype)
+        elif shift is not None:
+            t = t + s * shift.to(s.dtype)
+        dtype = self.weight.dtype
+        return self.conv_bias_add_relu(x, residual, scale=s.to(dtype), bias=t.to(dtype), fold_trainable_scale=True)
 
 
 def _fused_conv(

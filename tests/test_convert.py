@@ -309,3 +309,38 @@ def test_converted_model_under_compile_and_channels_last():
     with torch.no_grad():
         y = cl_model(x.contiguous(memory_format=torch.channels_last))
         torch.testing.assert_close(y, model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", [nn.SiLU, nn.ReLU6, nn.LeakyReLU])
+def test_block_with_another_activation_is_refused(activation):
+    model = torchvision.models.resnet18().eval()
+    model.layer2[1].relu = activation()
+    with pytest.raises(TypeError, match=rf"layer2\.1\.relu: expected nn\.ReLU .* got {activation.__name__}"):
+        convert(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("how", ["blocks", "converted in train mode"])
+def test_float32_norms_after_half_precision_convs(dtype, how):
+    """BatchNorm kept in float32 (as mixed-precision recipes keep it) after bf16/fp16 convs, which torchvision runs:
+    an eval-mode norm folded on the call comes out in the convs' dtype."""
+    torch.manual_seed(0)
+    original = randomize_norms_(torchvision.models.resnet18())
+    if how == "blocks":
+        model = tv.ResNet(rf_nn.BasicBlock, [2, 2, 2, 2])
+        model.load_state_dict(original.state_dict())
+    else:
+        model, _ = convert(original.train(), freeze_bn=False)
+    for m in (original, model):
+        m.to(dtype).eval()
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.float()
+    x = torch.randn(2, 3, 64, 64, dtype=dtype)
+    with torch.no_grad():
+        y, theirs = model(x), original(x)
+        expected = copy.deepcopy(original).double()(x.double())
+    assert y.dtype == theirs.dtype == dtype
+    # Each stage rounds its input to the half-precision dtype, as torchvision's does.
+    err, their_err = (y.double() - expected).abs().max(), (theirs.double() - expected).abs().max()
+    assert err <= 2 * their_err + 1e-3 * expected.abs().max(), f"max abs err {err} vs torchvision's {their_err}"
