@@ -1,4 +1,4 @@
-"""The unfused PyTorch reference: F.conv2d followed by separate mul/add/relu ops."""
+"""The unfused PyTorch reference: F.conv2d followed by separate mul/add/relu ops, as an unfused model runs them."""
 
 from __future__ import annotations
 
@@ -24,11 +24,14 @@ def conv_bias_add_relu(
     Shapes: x (N, C, H, W), weight (K, C/groups, R, S), bias and scale (K,), residual and y (N, K, P, Q).
     Same signature as :func:`resnet_fused.conv_bias_add_relu`, without ``backend``.
     """
-    y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-    if scale is not None:
-        y = y * scale.view(1, -1, 1, 1)
-    if bias is not None:
-        y = y + bias.view(1, -1, 1, 1)
+    if scale is None:
+        # A conv with a bias is one op, as in an nn.Conv2d(bias=True) model.
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    else:
+        # conv -> frozen norm, as torchvision's FrozenBatchNorm2d computes it (x * scale + shift).
+        y = F.conv2d(x, weight, None, stride, padding, dilation, groups) * scale.view(1, -1, 1, 1)
+        if bias is not None:
+            y = y + bias.view(1, -1, 1, 1)
     if residual is not None:
         y = y + residual
     return F.relu(y) if relu else y
