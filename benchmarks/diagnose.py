@@ -1,18 +1,24 @@
 """Diagnostics behind the README's "what limits the misses": where time and memory go, measured, not timed targets.
 
-    python -m benchmarks.diagnose conv-time [--batch 1] [--rounds 8]    # oneDNN conv time: prepared vs freezing
+    python -m benchmarks.diagnose conv-time [--batch 1] [--rounds 8]    # oneDNN conv time, page faults: vs freezing
     python -m benchmarks.diagnose train-peak [--variant frozen-bn]     # what the train step's allocator peak holds
     python -m benchmarks.diagnose train-ops [--variant frozen-bn]      # where a train step's CPU time goes
+    python -m benchmarks.diagnose per-call [--device cuda]              # host time per call on a tiny conv
 
-``conv-time`` runs resnet50 prepared with ``optimize_for_inference(fuse_relu=True)`` and under ``torch.compile`` with
-Inductor freezing, alternating forwards in one process, and sums the execution times oneDNN's verbose mode reports
-for its convolution primitives in each forward: what is left of the wall time is everything else (pooling,
-classifier, Python, allocation). The verbose printing itself slows both alike.
+``conv-time`` runs resnet50 prepared with ``optimize_for_inference`` (exact ReLU, and ``fuse_relu=True``) and under
+``torch.compile`` with Inductor freezing, alternating forwards in one process, and sums the execution times oneDNN's
+verbose mode reports for its convolution primitives in each forward: what is left of the wall time is everything else
+(pooling, classifier, Python, allocation). The verbose printing itself slows all alike. It also counts the minor page
+faults of each forward (``getrusage``): memory the forward touches for the first time, such as fresh outputs.
 
 ``train-peak`` traces one fused and one unfused resnet50 train step (``bench_model``'s) with
 ``torch.profiler(profile_memory=True)``, finds each step's allocator peak and lists the op running at that moment and
 the live blocks grouped by the op that allocated them. ``train-ops`` profiles two steps of each and lists the ops by
 their own CPU time.
+
+``per-call`` times a tiny conv (x ``(1, 64, 8, 8)``, a 1x1 64->64 weight, bias, residual and ReLU; fp32,
+channels_last, under ``torch.no_grad()``) whose arithmetic is nearly free, so each implementation's time per call is
+its host cost: the conv alone, the eager baseline, and every available backend through the public op.
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ from pathlib import Path
 
 import torch
 
+import resnet_fused
 from benchmarks.bench_model import train_impls
-from benchmarks.timing import _quiet_profiler_stderr, cpu_memory_trace, running_peak
+from benchmarks.bench_ops import eager_block_tail
+from benchmarks.timing import _quiet_profiler_stderr, cpu_memory_trace, running_peak, set_threads, time_interleaved
 
 
 @contextlib.contextmanager
@@ -64,7 +72,10 @@ def onednn_conv_ms(verbose_text: str) -> tuple[float, int]:
 
 
 def conv_time(*, batch: int = 1, hw: int = 224, rounds: int = 8, threads: int = 2, arch: str = "resnet50") -> dict:
-    """Per impl: median wall ms per forward, median oneDNN convolution ms, and the number of convolutions."""
+    """Per impl: median wall ms per forward, median oneDNN convolution ms, the number of convolutions and the median
+    minor page faults per forward."""
+    import resource
+
     import torch._inductor.config as inductor_config
     import torchvision
 
@@ -74,24 +85,29 @@ def conv_time(*, batch: int = 1, hw: int = 224, rounds: int = 8, threads: int = 
     torch.set_num_threads(threads)
     model = getattr(torchvision.models, arch)().eval().to(memory_format=torch.channels_last)
     fused, _ = resnet_fused.convert(copy.deepcopy(model))
-    prepared = optimize_for_inference(fused.to(memory_format=torch.channels_last), fuse_relu=True)
+    fused = fused.to(memory_format=torch.channels_last)
+    prepared = optimize_for_inference(copy.deepcopy(fused))
+    prepared_fuse_relu = optimize_for_inference(fused, fuse_relu=True)
     x = torch.randn(batch, 3, hw, hw).to(memory_format=torch.channels_last)
     with torch.no_grad(), _freezing(inductor_config):
         frozen = torch.compile(model)
-        impls = {"prepared-fuse-relu": prepared, "compile-freezing": frozen}
+        impls = {"prepared": prepared, "prepared-fuse-relu": prepared_fuse_relu, "compile-freezing": frozen}
         for fn in impls.values():
             for _ in range(3):
                 fn(x)
-        samples: dict[str, dict[str, list[float]]] = {k: {"wall": [], "conv": [], "n": []} for k in impls}
+        samples: dict[str, dict[str, list[float]]] = {k: {"wall": [], "conv": [], "n": [], "faults": []} for k in impls}
         with tempfile.TemporaryDirectory() as tmp:
             log = Path(tmp) / "verbose.txt"
             for r in range(rounds):
                 for name in list(impls)[:: 1 if r % 2 == 0 else -1]:
                     with _captured_stdout(log), torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                         start = time.perf_counter()
                         impls[name](x)
                         wall = (time.perf_counter() - start) * 1e3
+                        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
                     conv, n = onednn_conv_ms(log.read_text(errors="replace"))
+                    samples[name]["faults"].append(faults)
                     samples[name]["wall"].append(wall)
                     samples[name]["conv"].append(conv)
                     samples[name]["n"].append(n)
@@ -101,6 +117,7 @@ def conv_time(*, batch: int = 1, hw: int = 224, rounds: int = 8, threads: int = 
             "conv_ms": statistics.median(s["conv"]),
             "other_ms": statistics.median(w - c for w, c in zip(s["wall"], s["conv"], strict=True)),
             "convs": int(statistics.median(s["n"])),
+            "page_faults": int(statistics.median(s["faults"])),
         }
         for name, s in samples.items()
     }
@@ -184,6 +201,29 @@ def train_ops(
     return out
 
 
+def per_call(device: str = "cpu", rounds: int = 7, threads: int = 2) -> dict[str, float]:
+    """Median microseconds per call of each implementation on the tiny conv (see the module docstring), interleaved."""
+    set_threads(threads)
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dev)
+
+    x, residual = (rand(1, 64, 8, 8).to(memory_format=torch.channels_last) for _ in range(2))
+    weight, bias = rand(64, 64, 1, 1), rand(64)
+    geometry = {"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1)}
+    impls = {
+        "conv alone": lambda: torch.nn.functional.conv2d(x, weight),
+        "eager": lambda: eager_block_tail(x, weight, bias, residual, **geometry, relu=True),
+    }
+    for name in resnet_fused.available_backends():
+        impls[name] = lambda b=name: resnet_fused.conv_bias_add_relu(x, weight, bias, residual, backend=b)
+    with torch.no_grad():
+        stats = time_interleaved(impls, rounds=rounds, warmup=3, min_sample_ms=20.0, device=dev)
+    return {name: statistics.median(st.times_ms) * 1e3 for name, st in stats.items()}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -201,14 +241,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--hw", type=int, default=224)
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--model", default="resnet50")
+    pc = sub.add_parser("per-call", help="host time per call on a tiny conv: conv alone, eager, each backend")
+    pc.add_argument("--device", default="cpu", help="cpu or cuda")
+    pc.add_argument("--rounds", type=int, default=7)
+    pc.add_argument("--threads", type=int, default=2)
     a = parser.parse_args(argv)
-    if a.what == "conv-time":
+    if a.what == "per-call":
+        res = per_call(device=a.device, rounds=a.rounds, threads=a.threads)
+        print(f"per call, 1x1 64->64 8x8 batch 1 +bias+res+relu, fp32 channels_last, no_grad, {a.device} (median us):")
+        for name, us in res.items():
+            print(f"  {name:12s} {us:8.1f}")
+    elif a.what == "conv-time":
         res = conv_time(batch=a.batch, hw=a.hw, rounds=a.rounds, threads=a.threads, arch=a.model)
         print(f"{a.model}, batch {a.batch}, {a.hw}x{a.hw}, {a.threads} threads, {a.rounds} alternating forwards each")
         for name, r in res.items():
             print(
                 f"  {name:20s} wall {r['wall_ms']:8.2f} ms  oneDNN convs {r['conv_ms']:8.2f} ms ({r['convs']})"
-                f"  other {r['other_ms']:7.2f} ms   (medians, verbose on)"
+                f"  other {r['other_ms']:7.2f} ms  page faults {r['page_faults']:6d}   (medians, verbose on)"
             )
     elif a.what == "train-ops":
         res = train_ops(variant=a.variant, batch=a.batch, hw=a.hw, threads=a.threads, arch=a.model)

@@ -54,7 +54,7 @@ def _write_summary(path: Path, header: str, combined: dict) -> Path:
     if "equivalence" in combined:
         parts += ["", "```", equivalence.format_table(combined["equivalence"]), "```"]
     ops = combined["ops"]
-    parts += ["", "```", bench_ops.summary_text(ops["summary"], ops["targets"]), "```"]
+    parts += ["", "```", bench_ops.summary_text(ops["summary"], ops["targets"], ops["not_timed"]), "```"]
     if "model" in combined:
         model = combined["model"]
         parts += ["", bench_model.table_markdown(model["records"], model["machine"]["memory_method"])]
@@ -75,7 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=str(bench_ops.OUT_DIR), help="directory for json/md/png")
     parser.add_argument("--json", default=None, help="combined JSON (default: <out>/bench.json)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7, or 10 with --full)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="timed rounds (default 7 for the ops, 15 for the models; 10 with --full)",
+    )
     parser.add_argument("--train-rounds", type=int, default=30,
                         help="timed rounds of the train steps, whose ratios scatter most (default 30)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all usable CPUs)")
@@ -113,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ops = bench_ops.run(threads=threads, progress=progress, **ops_kw)
     print(f"\nop benchmark ({ops['config']['wall_s']:.0f} s)\n")
     print(bench_ops.table_markdown(ops["records"]))
-    print(bench_ops.summary_text(ops["summary"], ops["targets"]), flush=True)
+    print(bench_ops.summary_text(ops["summary"], ops["targets"], ops["not_timed"]), flush=True)
     combined["ops"] = ops
     written = bench_ops.write_outputs(ops, out / "ops.json", out / "ops.png", out / "ops.md")
 
@@ -126,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "train_rounds": a.train_rounds}  # fmt: skip
         else:
             modes = ("inference", "train") if a.with_model else ("inference",)
-            model_kw = {"models": ("resnet50",), "modes": modes, "dtypes": ("fp32",), "rounds": a.rounds or 7,
+            model_kw = {"models": ("resnet50",), "modes": modes, "dtypes": ("fp32",), "rounds": a.rounds or 15,
                         "train_rounds": a.train_rounds}  # fmt: skip
         if not a.tiny:
             model_kw["batch"] = a.batch

@@ -408,10 +408,11 @@ def test_diagnose_runs_on_a_tiny_model():
     from benchmarks import diagnose
 
     times = diagnose.conv_time(batch=1, hw=32, rounds=2, threads=1, arch="resnet18")
-    assert set(times) == {"prepared-fuse-relu", "compile-freezing"}
+    assert set(times) == {"prepared", "prepared-fuse-relu", "compile-freezing"}
     for name, r in times.items():
         assert r["convs"] == 20, f"{name}: {r['convs']} oneDNN convolutions seen, resnet18 has 20"
         assert 0 < r["conv_ms"] < r["wall_ms"], name
+        assert r["page_faults"] >= 0, name
     peaks = diagnose.train_peak(variant="frozen-bn", batch=2, hw=32, threads=1, arch="resnet18")
     assert set(peaks) == {"fused", "unfused"}
     for name, r in peaks.items():
@@ -442,3 +443,23 @@ def test_running_peak_leaves_out_frees_of_blocks_allocated_before_the_trace():
     assert running_peak(mem) == (300, 2)
     assert running_peak(mem[1:]) == (300, 1)
     assert running_peak([]) == (0, -1)
+
+
+@pytest.mark.parametrize(
+    ("ci", "verdict"), [((0.91, 0.95), "met"), ((0.86, 0.91), "undecided"), ((0.80, 0.89), "MISSED")]
+)
+def test_inference_peer_target_is_decided_by_the_interval(ci, verdict):
+    ratio = {"median": sum(ci) / 2, "p25": ci[0], "p75": ci[1], "ci_lo": ci[0], "ci_hi": ci[1]}
+    record = {"model": "resnet50", "mode": "inference", "dtype": "fp32", "layout": "channels_last", "input_hw": 224,
+              "batch": 8, "impl": "prepared", "speedup_vs_ort": ratio}  # fmt: skip
+    lines = bench_model.targets_text(bench_model.targets([record])).splitlines()
+    (line,) = [line for line in lines if "prepared >= 0.9x over ort" in line]
+    assert line.startswith(f"  [{verdict}]") and f"95% CI {ci[0]:.3f}-{ci[1]:.3f})" in line
+
+
+def test_diagnose_per_call_times_every_backend():
+    from benchmarks import diagnose
+
+    us = diagnose.per_call(rounds=2, threads=1)
+    assert set(us) == {"conv alone", "eager", *resnet_fused.available_backends()}
+    assert all(0 < t < 1e5 for t in us.values()), us
