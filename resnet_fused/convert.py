@@ -197,7 +197,8 @@ def convert(
     Args:
         model: the model; left unmodified unless ``inplace``.
         inplace: convert ``model`` itself (reusing its Parameter objects where weights are not
-            folded) instead of a deep copy.
+            folded) instead of a deep copy. A block passed as ``model`` cannot become another class
+            in place: use the returned module.
         freeze_bn: freeze train-mode BatchNorm2d from its running statistics into a scale/shift
             epilogue instead of leaving it unfused.
         backend: the op backend every new :class:`FusedConv2d` uses (``"auto"``, ``"cpu"``, ...).

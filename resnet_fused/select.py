@@ -261,6 +261,13 @@ def explain(
 
     With ``backend="auto"`` this does what the call would do: it times the candidates if the case was not timed
     yet, so the answer is the one the call will use.
+
+    Args: those of :func:`resnet_fused.conv_bias_add_relu`: x (N, C, H, W), weight (K, C/groups, R, S), bias and
+    scale (K,) or None, residual (N, K, P, Q) or None; ``table`` and ``timer`` replace the backend table and the
+    timer (for tests).
+
+    Returns:
+        ``"<backend>: <reason>"``, e.g. ``"cpu: the only available backend for cpu tensors"``.
     """
     stride, padding, dilation = contract.check_inputs(
         x, weight, bias, residual, scale, stride, padding, dilation, groups, relu
