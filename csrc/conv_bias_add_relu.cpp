@@ -129,6 +129,9 @@ void check_conv_bias_add_relu_args(
   TORCH_CHECK_VALUE(
       x.size(1) >= 1, "x: expected at least 1 input channel, got C=", x.size(1));
   TORCH_CHECK_VALUE(  // as ATen's conv2d refuses
+      weight.size(0) >= 1,
+      "weight: expected at least 1 output channel, got K=", weight.size(0));
+  TORCH_CHECK_VALUE(  // as ATen's conv2d refuses
       x.size(2) >= 1 && x.size(3) >= 1,
       "x: expected a spatial size (H, W) >= 1, got (", x.size(2), ", ",
       x.size(3), ")");

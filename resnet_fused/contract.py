@@ -137,6 +137,8 @@ def check_inputs(
     if c < 1:
         # ATen's conv2d returns a (N, 0, P, Q) output for C = 0, so there is no reference to agree with.
         raise ValueError(f"x: expected at least 1 input channel, got C={c}")
+    if k < 1:
+        raise ValueError(f"weight: expected at least 1 output channel, got K={k}")  # as conv2d refuses
     if xs[2] < 1 or xs[3] < 1:
         raise ValueError(f"x: expected a spatial size (H, W) >= 1, got {tuple(xs[2:])}")  # as conv2d refuses
     if c % groups:
@@ -347,7 +349,9 @@ def backward_fake(grad_out, out, x, weight, scale, stride, padding, dilation, gr
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, _bias, _residual, scale, stride, padding, dilation, groups, relu = inputs
-    check_scale_constant(scale)
+    # Grad mode is off in here, and a graph is being recorded: a scale that requires grad is refused outright.
+    with torch.enable_grad():
+        check_scale_constant(scale)
     # The output carries the mask; the pre-activation is never kept.
     ctx.save_for_backward(x, weight, output if relu else None, scale)
     ctx.conv_args = (stride, padding, dilation, groups)
@@ -613,7 +617,11 @@ def _make_vmap(op: Callable) -> Callable:
         rs = None if residual is None else front(residual, rd).movedim(0, 1).flatten(1, 2)
         if xd is None and groups == 1:
             # Every member reads the same x (an ensemble on one batch): the members join K, x is read as it is.
-            y = op(x, ws.flatten(0, 1), flat[0], rs, flat[1], stride, padding, dilation, 1, relu)
+            if b == 0:  # an empty ensemble: nothing to compute (the op refuses K = 0, as conv2d does)
+                n, _, p, q = conv_output_shape(x.shape, ws.shape[1:], stride, padding, dilation)
+                y = x.new_empty((n, 0, p, q)).contiguous(memory_format=memory_format(x))
+            else:
+                y = op(x, ws.flatten(0, 1), flat[0], rs, flat[1], stride, padding, dilation, 1, relu)
         else:  # each member its own x: the members become conv groups
             xs = front(x, xd).movedim(0, 1).flatten(1, 2)  # (N, B*C, H, W)
             y = op(xs, ws.flatten(0, 1), flat[0], rs, flat[1], stride, padding, dilation, groups * b, relu)

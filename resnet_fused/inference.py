@@ -191,6 +191,8 @@ class PackedFusedConv2d(FusedConv2d):
             return False  # made under inference_mode: no version counter to tell an in-place change by
         if any(t.dtype != x.dtype or t.device != x.device for t in tensors):
             return False  # the ordinary op gives the error message
+        if bias is not None and not bias.is_contiguous():
+            return False  # oneDNN reads the bias as a dense vector; the ordinary op copies it
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return False
         return onednn_supports(x.dtype)

@@ -324,7 +324,8 @@ def make_inputs(
     seed: int = 0,
     requires_grad: bool = True,
 ) -> Inputs:
-    """Random inputs for ``case``; x and residual in ``layout``. Low precision gets exact values (see make_tensor)."""
+    """Random inputs for ``case``; x and residual in ``layout`` (for the two view layouts, the weight, bias and scale
+    are strided views too). Low precision gets exact values (see make_tensor)."""
     gen = torch.Generator().manual_seed(seed)
     exact = dtype in LOW_PRECISION
     out_shape = case.out_shape()
@@ -332,6 +333,10 @@ def make_inputs(
     weight = make_tensor((case.k, case.c // case.groups, case.r, case.s), dtype, gen, exact=exact, device=device)
     bias = make_tensor((case.k,), dtype, gen, exact=exact, device=device) if epilogue.bias else None
     scale = make_tensor((case.k,), dtype, gen, exact=exact, device=device).abs() + 0.5 if epilogue.scale else None
+    if layout in ("noncontig", "offset"):  # the per-channel vectors and the weight as strided views too
+        weight = to_layout(weight, "noncontig")
+        bias, scale = (None if t is None else torch.zeros(2 * case.k, dtype=dtype, device=device)[::2].copy_(t)
+                       for t in (bias, scale))  # fmt: skip
     residual = (
         to_layout(make_tensor(out_shape, dtype, gen, exact=exact, device=device), layout) if epilogue.residual else None
     )

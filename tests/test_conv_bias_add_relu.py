@@ -415,6 +415,8 @@ BAD_INPUTS = [
      r"weight: expected a kernel size \(R, S\) >= 1, got \(3, 0\)"),
     ("c0", lambda: (torch.randn(2, 0, 5, 4), torch.randn(3, 0, 3, 3), {"padding": 1}), ValueError,
      r"x: expected at least 1 input channel, got C=0"),
+    ("k0", lambda: (torch.randn(2, 4, 5, 5), torch.randn(0, 4, 3, 3), {"padding": 1}), ValueError,
+     r"weight: expected at least 1 output channel, got K=0"),
     ("h0", lambda: (torch.randn(2, 4, 0, 5), torch.randn(6, 4, 3, 3), {"padding": 1}), ValueError,
      r"x: expected a spatial size \(H, W\) >= 1, got \(0, 5\)"),
     ("w0", lambda: (torch.randn(2, 4, 5, 0), torch.randn(6, 4, 1, 1), {}), ValueError,
@@ -482,6 +484,8 @@ BAD_BACKWARD = [
     ("kernel_r0", _r0_case, ValueError, r"weight: expected a kernel size \(R, S\) >= 1, got \(0, 3\)"),
     ("c0", lambda g, x, w: (g, g, x[:, :0], w[:, :0], True, [True] * 4), ValueError,
      r"x: expected at least 1 input channel, got C=0"),
+    ("k0", lambda g, x, w: (g[:, :0], g[:, :0], x, w[:0], True, [True] * 4), ValueError,
+     r"weight: expected at least 1 output channel, got K=0"),
 ]  # fmt: skip
 
 
@@ -500,6 +504,18 @@ def test_scale_requiring_grad_is_an_error():
         resnet_fused.conv_bias_add_relu(**inputs.tensors, **inputs.kwargs)
     with torch.no_grad():  # without autograd there is nothing to refuse
         resnet_fused.conv_bias_add_relu(**inputs.tensors, **inputs.kwargs)
+
+
+@pytest.mark.parametrize("backend", sorted(registered_forward_ops()))
+@pytest.mark.parametrize("grad_x", [True, False])
+def test_scale_requiring_grad_is_an_error_at_every_forward_op(backend, grad_x):
+    """The bare op records its graph with grad mode off: it must still refuse a scale that would get no gradient."""
+    x, weight = torch.randn(2, 4, 8, 8, requires_grad=grad_x), torch.randn(6, 4, 3, 3)
+    scale = torch.rand(6, requires_grad=True)
+    with pytest.raises(ValueError, match=r"scale: expected a constant \(requires_grad=False\)"):
+        forward_op(backend)(*_op_args(x, weight, {"scale": scale, "padding": 1}))
+    with torch.no_grad():  # no graph, nothing to refuse
+        forward_op(backend)(*_op_args(x, weight, {"scale": scale, "padding": 1}))
 
 
 def test_unknown_and_unavailable_backends():

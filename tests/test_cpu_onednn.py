@@ -258,3 +258,21 @@ def test_autograd_through_the_onednn_route(residual):
     ref_grads = torch.autograd.grad(y_ref, list(ref_leaves.values()), grad_out.double())
     for name, g, gr in zip(leaves, grads, ref_grads, strict=True):
         assert_close(g, gr, torch.float32, f"grad_{name}", 8 * 9 * 10 * 2)
+
+
+@pytest.mark.parametrize("view", ["strided", "expanded"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("relu,residual", [(False, False), (True, False), (False, True)])
+def test_bias_and_scale_views_on_the_onednn_route(view, layout, relu, residual):
+    """oneDNN reads the bias as a dense vector: a strided or expanded bias (and scale) must give the same output."""
+    kw = case(torch.float32, layout, residual=residual, r=1, pad=0, stride=2, hw=(20, 20))
+    k = kw["weight"].shape[0]
+    for name in ("bias", "scale"):
+        t = kw[name]
+        kw[name] = torch.zeros(2 * k)[::2].copy_(t) if view == "strided" else t[:1].expand(k)
+    y, ops = run_and_trace(**kw, relu=relu)
+    if layout == "channels_last" or not residual:
+        assert ONEDNN_OP in ops, sorted(ops)
+    expected = reference.conv_bias_add_relu(**{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()},
+                                            relu=relu)  # fmt: skip
+    assert_close(y, expected, torch.float32, "y", reductions(kw))

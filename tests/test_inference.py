@@ -359,3 +359,18 @@ def test_state_dict_and_deepcopy_unchanged():
     clone = copy.deepcopy(prepared)
     assert packs(clone) == 0
     assert_fresh(clone, torch.randn(1, 4, 5, 5))
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_strided_bias_parameter_matches_float64(relu):
+    """oneDNN reads the bias as a dense vector: a strided bias Parameter takes the ordinary op, which copies it."""
+    torch.manual_seed(0)
+    conv = FusedConv2d(4, 8, 3, padding=1, relu=relu).eval()
+    x = torch.randn(2, 4, 9, 9).contiguous(memory_format=torch.channels_last)
+    expected = copy.deepcopy(conv).double()(x.double())
+    prepared = optimize_for_inference(conv)
+    prepared.bias = nn.Parameter(prepared.bias.detach().repeat_interleave(2)[::2])  # deepcopy would make it dense
+    assert not prepared.bias.is_contiguous()
+    with torch.no_grad():
+        for _ in range(2):  # the second call may take the remembered launch
+            assert_close(prepared(x), expected, torch.float32, "packed y", reductions=36)

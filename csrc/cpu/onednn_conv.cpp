@@ -177,19 +177,24 @@ at::Tensor onednn_conv_bias_add_relu(
       ? weight * scale->view({-1, 1, 1, 1})
       : weight.contiguous(weight.suggest_memory_format());
   const at::Tensor xc = x.contiguous(fmt);
+  // oneDNN reads the bias as a dense (K,) vector: a strided or expanded one
+  // must be copied.
+  const std::optional<at::Tensor> b =
+      bias.has_value() ? std::optional<at::Tensor>(bias->contiguous())
+                       : std::nullopt;
   const auto& unary = unary_op();
   const auto& binary = binary_op();
   at::Tensor y;
   try {
     if (residual.has_value()) {
       y = binary.call(
-          xc, residual->contiguous(fmt), w, bias, padding, stride, dilation,
+          xc, residual->contiguous(fmt), w, b, padding, stride, dilation,
           groups, "add", at::Scalar(1.0),
           fused ? std::optional<std::string_view>("relu") : std::nullopt,
           ScalarList(), std::nullopt);
     } else {
       y = unary.call(
-          xc, w, bias, padding, stride, dilation, groups,
+          xc, w, b, padding, stride, dilation, groups,
           fused ? "relu" : "none", ScalarList(), std::nullopt);
     }
   } catch (const c10::OutOfMemoryError&) {
