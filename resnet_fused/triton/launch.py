@@ -174,9 +174,11 @@ def forward(
     """y = act(conv2d(x, weight) * scale + bias + residual), stored once.
 
     x (N, C, H, W), weight (K, C // groups, R, S), scale and bias (K,), residual (N, K, P, Q).
-    Returns y (N, K, P, Q) in x's memory format. Any strides are accepted as they are; the arguments
-    are taken as already checked (the op contract does that).
+    Returns y (N, K, P, Q) in x's memory format. Any strides of x, weight and residual are accepted as they
+    are; the arguments are taken as already checked (the op contract does that).
     """
+    # The kernels read scale and bias as dense (K,) vectors.
+    scale, bias = (None if t is None else t.contiguous() for t in (scale, bias))
     n, _, h, w = x.shape
     k, cg, r, s = weight.shape
     _, _, p, q = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
@@ -314,7 +316,7 @@ def backward(
         ACC=_acc(x.dtype),
     )
     convargs = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
-    sc = scale if scale is not None else grad_out
+    sc = scale.contiguous() if scale is not None else grad_out  # read as a dense (K,) vector
 
     if need_x:
         m_in = n * h * w
