@@ -31,6 +31,7 @@ rule. The C++ op checks its arguments with the same messages (csrc/conv_bias_add
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -48,16 +49,30 @@ IntPair = int | tuple[int, int] | Sequence[int]
 # ---- conv geometry ----
 
 
+def _as_int(v: object) -> int | None:
+    """``v`` as a Python int if it is an integer (an int, a NumPy integer: anything with ``__index__``), else None.
+    Bools and tensors are not integers here."""
+    if type(v) is int:
+        return v
+    if isinstance(v, (bool, Tensor)):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
 def pair(value: IntPair, name: str, min_value: int) -> tuple[int, int]:
-    """``value`` as an (h, w) pair of ints >= ``min_value``; the error names ``name``."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        result = (value, value)
-    elif (
-        isinstance(value, (tuple, list, torch.Size))
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
-        result = (value[0], value[1])
+    """``value`` as an (h, w) pair of ints >= ``min_value``; the error names ``name``. As ``F.conv2d``, an integer or
+    a sequence of one or two integers."""
+    single = _as_int(value)
+    if single is not None:
+        result = (single, single)
+    elif isinstance(value, (tuple, list, torch.Size)) and len(value) in (1, 2):
+        ints = [_as_int(v) for v in value]
+        if None in ints:
+            raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
+        result = (ints[0], ints[-1])
     else:
         raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
     if min(result) < min_value:
