@@ -582,4 +582,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    timing.steady_heap("benchmarks.bench_model")
     raise SystemExit(main())

@@ -779,6 +779,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        timing.DEFAULT_MALLOC_FLAG, action="store_true",
+        help="keep glibc's default heap trimming (by default the run re-executes with freed blocks kept on the heap)",
+    )  # fmt: skip
 
 
 def _split(s: str) -> list[str]:
@@ -833,4 +837,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    timing.steady_heap("benchmarks.bench_ops")
     raise SystemExit(main())

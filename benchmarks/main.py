@@ -44,6 +44,7 @@ def _header(device: torch.device, threads: int) -> str:
         f"{m['threads']} threads; torch {m['torch']}, torchvision {m['torchvision']}, triton {m['triton']}; "
         f"resnet_fused {m['resnet_fused']} @ {m['git_commit']}\n"
         f"backends available: {m['backends_available']}; timer: {m['timer']}; load average {m['load_avg_1_5_15']}\n"
+        f"heap: {m['heap']}\n"
         f"peak memory: {m['memory_method']}"
     )
 
@@ -86,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all usable CPUs)")
     parser.add_argument("--skip-equivalence", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        timing.DEFAULT_MALLOC_FLAG, action="store_true",
+        help="keep glibc's default heap trimming (by default the run re-executes with freed blocks kept on the heap)",
+    )  # fmt: skip
     a = parser.parse_args(argv)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" noise on CPU compiles
     t_start = time.perf_counter()
@@ -156,4 +161,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    timing.steady_heap("benchmarks.main")
     sys.exit(main())

@@ -28,6 +28,7 @@ import platform
 import random
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -348,6 +349,32 @@ def _git_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
+# glibc's malloc returns large freed blocks to the kernel as its heap top shrinks, so a tensor of tens of MB can
+# fault in fresh zeroed pages on every call, or not, depending on the order of earlier allocations; here that moved
+# single op rows by up to 2x between implementations running the same oneDNN primitive. These settings (within
+# glibc's limits) keep freed blocks on the heap, for every row alike, as jemalloc or tcmalloc would.
+HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+DEFAULT_MALLOC_FLAG = "--default-malloc"
+
+
+def steady_heap(module: str) -> None:
+    """Run ``python -m module`` again, in place, with :data:`HEAP_ENV` set, unless it is set already or the command
+    line has ``--default-malloc``. glibc reads these variables at process start, hence a new process."""
+    if DEFAULT_MALLOC_FLAG in sys.argv[1:] or not sys.platform.startswith("linux"):
+        return
+    if all(os.environ.get(k) == v for k, v in HEAP_ENV.items()):
+        return
+    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], {**os.environ, **HEAP_ENV})
+
+
+def heap_setting() -> str:
+    """How the C heap was set up for this run, for the records."""
+    set_here = {k: os.environ[k] for k in HEAP_ENV if k in os.environ}
+    if not set_here:
+        return "glibc defaults"
+    return " ".join(f"{k}={v}" for k, v in set_here.items()) + " (freed blocks stay on the heap)"
+
+
 def machine_info(threads: int, device: torch.device | str = "cpu") -> dict:
     """What the numbers were measured on: CPU model and cores, threads, versions, GPU, load and git commit."""
     import resnet_fused
@@ -360,6 +387,7 @@ def machine_info(threads: int, device: torch.device | str = "cpu") -> dict:
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "threads": threads,
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "heap": heap_setting(),
         "load_avg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
         "python": platform.python_version(),

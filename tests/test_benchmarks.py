@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import statistics
+import subprocess
 import sys
 
 import pytest
@@ -463,3 +465,16 @@ def test_diagnose_per_call_times_every_backend():
     us = diagnose.per_call(rounds=2, threads=1)
     assert set(us) == {"conv alone", "eager", *resnet_fused.available_backends()}
     assert all(0 < t < 1e5 for t in us.values()), us
+
+
+def test_benchmarks_run_with_freed_blocks_kept_on_the_heap(tmp_path):
+    """``python -m benchmarks.bench_ops`` re-executes itself with glibc's heap settings (every row alike) and records
+    them; --default-malloc keeps the defaults."""
+    env = {k: v for k, v in os.environ.items() if k not in timing.HEAP_ENV}
+    for flags, expected in (([], timing.HEAP_ENV["MALLOC_TRIM_THRESHOLD_"]), ([timing.DEFAULT_MALLOC_FLAG], "glibc")):
+        out = tmp_path / f"ops{len(flags)}.json"
+        cmd = [sys.executable, "-m", "benchmarks.bench_ops", "--models", "resnet18", "--max-cases", "1", "--hw", "32",
+               "--batch", "1", "--rounds", "1", "--warmup", "1", "--min-sample-ms", "1", "--passes", "fwd",
+               "--no-compile", "--no-progress", "--threads", "1", "--json", str(out), "--png", "", "--md", "", *flags]  # fmt: skip
+        subprocess.run(cmd, check=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True)
+        assert expected in json.loads(out.read_text())["machine"]["heap"]
