@@ -18,7 +18,7 @@
 - **Training** (``mode="train"``), one SGD step (forward, cross-entropy, backward, optimizer step):
   - ``bn-free``: a BN-free ResNet built from ``resnet_fused.nn`` blocks (convs with biases; the last conv of each
     block scaled down so activations stay bounded), ``fused`` on the fused backend against the very same model with
-    every conv switched to ``backend="reference"`` (``unfused``: F.conv2d, then separate add/ReLU ops);
+    every conv switched to ``backend="reference"`` (``unfused``: F.conv2d with the bias, then separate add/ReLU ops);
   - ``frozen-bn``: torchvision's ResNet with ``FrozenBatchNorm2d`` (a detection backbone's setting), ``unfused``
     as torchvision runs it against ``fused``, its conversion (the frozen norm becomes the epilogue's scale/shift).
 
