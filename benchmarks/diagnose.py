@@ -41,6 +41,7 @@ import resnet_fused
 from benchmarks.bench_model import train_impls
 from benchmarks.bench_ops import eager_block_tail
 from benchmarks.timing import _quiet_profiler_stderr, cpu_memory_trace, running_peak, set_threads, time_interleaved
+from resnet_fused.backends import BACKENDS
 
 
 @contextlib.contextmanager
@@ -201,6 +202,11 @@ def train_ops(
     return out
 
 
+def backends_on(device: torch.device) -> list[str]:
+    """The available backends that run on ``device``'s tensors (the reference included)."""
+    return [row.name for row in BACKENDS if device.type in row.devices and not row.unavailable()]
+
+
 def per_call(device: str = "cpu", rounds: int = 7, threads: int = 2) -> dict[str, float]:
     """Median microseconds per call of each implementation on the tiny conv (see the module docstring), interleaved."""
     set_threads(threads)
@@ -217,7 +223,7 @@ def per_call(device: str = "cpu", rounds: int = 7, threads: int = 2) -> dict[str
         "conv alone": lambda: torch.nn.functional.conv2d(x, weight),
         "eager": lambda: eager_block_tail(x, weight, bias, residual, **geometry, relu=True),
     }
-    for name in resnet_fused.available_backends():
+    for name in backends_on(dev):
         impls[name] = lambda b=name: resnet_fused.conv_bias_add_relu(x, weight, bias, residual, backend=b)
     with torch.no_grad():
         stats = time_interleaved(impls, rounds=rounds, warmup=3, min_sample_ms=20.0, device=dev)

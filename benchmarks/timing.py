@@ -364,7 +364,9 @@ def steady_heap(module: str) -> None:
         return
     if all(os.environ.get(k) == v for k, v in HEAP_ENV.items()):
         return
-    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], {**os.environ, **HEAP_ENV})
+    # sys.orig_argv keeps the interpreter's own flags (-X, -W, -u); "-m module" is how the benchmarks run.
+    argv = sys.orig_argv[1:] if hasattr(sys, "orig_argv") else ["-m", module, *sys.argv[1:]]
+    os.execve(sys.executable, [sys.executable, *argv], {**os.environ, **HEAP_ENV})
 
 
 def heap_setting() -> str:
@@ -372,7 +374,8 @@ def heap_setting() -> str:
     set_here = {k: os.environ[k] for k in HEAP_ENV if k in os.environ}
     if not set_here:
         return "glibc defaults"
-    return " ".join(f"{k}={v}" for k, v in set_here.items()) + " (freed blocks stay on the heap)"
+    text = " ".join(f"{k}={v}" for k, v in set_here.items())
+    return text + " (freed blocks stay on the heap)" if set_here == HEAP_ENV else text
 
 
 def machine_info(threads: int, device: torch.device | str = "cpu") -> dict:

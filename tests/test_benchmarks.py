@@ -414,7 +414,6 @@ def test_diagnose_runs_on_a_tiny_model():
     for name, r in times.items():
         assert r["convs"] == 20, f"{name}: {r['convs']} oneDNN convolutions seen, resnet18 has 20"
         assert 0 < r["conv_ms"] < r["wall_ms"], name
-        assert r["page_faults"] >= 0, name
     peaks = diagnose.train_peak(variant="frozen-bn", batch=2, hw=32, threads=1, arch="resnet18")
     assert set(peaks) == {"fused", "unfused"}
     for name, r in peaks.items():
@@ -463,7 +462,8 @@ def test_diagnose_per_call_times_every_backend():
     from benchmarks import diagnose
 
     us = diagnose.per_call(rounds=2, threads=1)
-    assert set(us) == {"conv alone", "eager", *resnet_fused.available_backends()}
+    cpu_rows = {row.name for row in BACKENDS if "cpu" in row.devices and not row.unavailable()}
+    assert set(us) == {"conv alone", "eager", *cpu_rows} and {"cpu", "reference"} <= cpu_rows
     assert all(0 < t < 1e5 for t in us.values()), us
 
 
