@@ -144,7 +144,7 @@ def check_inputs(
     stride = pair(stride, "stride", 1)
     padding = pair(padding, "padding", 0)
     dilation = pair(dilation, "dilation", 1)
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+    if _as_int(groups) is None or groups < 1:
         raise ValueError(f"groups: expected an int >= 1, got {groups!r}")
     if not isinstance(relu, bool):
         raise TypeError(f"relu: expected a bool, got {relu!r}")

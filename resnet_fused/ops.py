@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -50,6 +52,7 @@ def conv_bias_add_relu(
     stride, padding, dilation = contract.check_inputs(
         x, weight, bias, residual, scale, stride, padding, dilation, groups, relu
     )
+    groups = operator.index(groups)  # a NumPy integer passed the check; the backends take a Python int
     contract.check_scale_constant(scale)
     if contract.differentiated_by_transform(x, weight, bias, residual, scale):
         return _unfused_for_transform(

@@ -846,13 +846,18 @@ def test_portable_cpu_kernels_match_float64():
 
 
 def test_conv_arguments_as_conv2d_takes_them():
-    """NumPy integers and one-element sequences, as F.conv2d accepts them (configs often hold NumPy ints)."""
+    """NumPy integers (groups too) and one-element sequences, as F.conv2d accepts them (configs often hold NumPy
+    ints)."""
     np = pytest.importorskip("numpy")
     x, weight = torch.randn(2, 4, 9, 9), torch.randn(6, 4, 3, 3)
     expected = F.relu(F.conv2d(x.double(), weight.double(), None, (2, 2), (1, 1), (1, 1)))
     for stride, padding, dilation in [(np.int64(2), np.int32(1), np.int64(1)), ((2,), [1], (np.int64(1),))]:
         y = resnet_fused.conv_bias_add_relu(x, weight, stride=stride, padding=padding, dilation=dilation)
         assert_close(y, expected, F32, f"stride={stride!r}", reductions=36)
+    grouped = F.relu(F.conv2d(x.double(), weight[:, :2].double(), None, 1, 1, 1, 2))
+    for backend in ("auto", "reference"):
+        y = resnet_fused.conv_bias_add_relu(x, weight[:, :2], padding=1, groups=np.int64(2), backend=backend)
+        assert_close(y, grouped, F32, f"groups=np.int64(2), {backend}", reductions=18)
     for bad in (True, np.bool_(True), (2, 2, 2), (), 2.0, torch.tensor(2)):
         with pytest.raises(TypeError, match=r"stride: expected an int or a pair of ints"):
             resnet_fused.conv_bias_add_relu(x, weight, stride=bad)
