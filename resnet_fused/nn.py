@@ -217,12 +217,14 @@ class FusedConv2d(nn.Conv2d):
         bias: Tensor | None = None,
         relu: bool | None = None,
         fold_trainable_scale: bool = False,
+        donate_residual: bool = False,
     ) -> Tensor:
         """``conv_bias_add_relu`` with this conv's geometry; ``weight``/``relu`` default to the module's.
 
         Unlike :meth:`forward`, ``scale`` and ``bias`` are taken as given (``None`` = absent). The op's
         scale is a constant; with ``fold_trainable_scale``, a scale that requires grad (under grad mode)
         is folded into the weight instead, so it gets its gradient (a norm's gamma, in :meth:`forward`).
+        ``donate_residual`` is as in :meth:`forward`; the ordinary op never writes into ``residual``.
         Shapes: ``x`` ``(N, C_in, H, W)`` or ``(C_in, H, W)``; ``residual`` and the result
         ``(N, C_out, H_out, W_out)`` or ``(C_out, H_out, W_out)``.
         """
@@ -245,7 +247,13 @@ class FusedConv2d(nn.Conv2d):
             fold_trainable_scale,
         )
 
-    def forward(self, x: Tensor, residual: Tensor | None = None, norm: nn.Module | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        residual: Tensor | None = None,
+        norm: nn.Module | None = None,
+        donate_residual: bool = False,  # not keyword-only: the TorchScript ONNX exporter passes every default by position
+    ) -> Tensor:
         """``act(conv(x) * scale + bias + residual)``; with ``norm``, ``act(norm(conv(x)) + residual)``.
 
         ``norm`` (the norm layer after this conv, e.g. a block's ``bn1``) is folded into the epilogue
@@ -253,12 +261,17 @@ class FusedConv2d(nn.Conv2d):
         as a module, so hooks on it (pruning, weight norm, ``register_forward_hook``) run as for
         ``nn.Conv2d``; its forward hooks see this fused output.
 
+        ``donate_residual=True`` gives ``residual``'s memory to this call, as a block does with its
+        projection shortcut's output: prepared inference (:mod:`resnet_fused.inference`) may then sum the
+        conv into it in place and return it, saving a pass. Pass it only for a residual that nothing
+        reads afterwards; every other path leaves ``residual`` untouched.
+
         Shapes: ``x`` ``(N, C_in, H, W)`` or unbatched ``(C_in, H, W)``, as ``nn.Conv2d``; ``residual``
         and the result ``(N, C_out, H_out, W_out)`` or ``(C_out, H_out, W_out)``.
         """
         scale, shift = self.scale_shift()
         if norm is None or (isinstance(norm, nn.Identity) and not _has_hooks(norm)):
-            return self.conv_bias_add_relu(x, residual, scale=scale, bias=shift)
+            return self.conv_bias_add_relu(x, residual, scale=scale, bias=shift, donate_residual=donate_residual)
         # A norm with hooks of its own is called as a module, so they see what they see in the unfused model.
         affine = None if _has_hooks(norm) else norm_scale_shift(norm)
         if affine is None:  # e.g. batch statistics: the norm must see the whole conv output first
@@ -274,7 +287,14 @@ class FusedConv2d(nn.Conv2d):
         elif shift is not None:
             t = t + s * shift.to(s.dtype)
         dtype = self.weight.dtype
-        return self.conv_bias_add_relu(x, residual, scale=s.to(dtype), bias=t.to(dtype), fold_trainable_scale=True)
+        return self.conv_bias_add_relu(
+            x,
+            residual,
+            scale=s.to(dtype),
+            bias=t.to(dtype),
+            fold_trainable_scale=True,
+            donate_residual=donate_residual,
+        )
 
 
 def _fused_conv(
@@ -403,17 +423,37 @@ def check_residual(
         )
 
 
-def _shortcut(downsample: nn.Module | None, x: Tensor) -> Tensor:
+# Norms whose output (or the conv's, when folded) is a new tensor that the norm keeps no reference to.
+_FRESH_NORMS = tuple(t for t in (nn.Identity, nn.BatchNorm2d, nn.SyncBatchNorm, _FrozenBatchNorm2d) if t is not None)
+
+
+def _global_hooks() -> bool:
+    """Whether a global forward (pre-)hook is registered: it sees every module's inputs or outputs, and may keep them."""
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
+def _shortcut(downsample: nn.Module | None, x: Tensor, last_conv: nn.Module) -> tuple[Tensor, bool]:
+    """A block's residual for ``last_conv``, and whether the block may donate it (``donate_residual``): true for a
+    fused projection's fresh output that no hook has seen, nor will see as an input of ``last_conv``."""
     if downsample is None:
-        return x
+        return x, False  # the block's input: the caller's tensor
     if (
         isinstance(downsample, nn.Sequential)
         and len(downsample) in (1, 2)
         and isinstance(downsample[0], FusedConv2d)
         and not _has_hooks(downsample)
     ):
-        return downsample[0](x, norm=downsample[1] if len(downsample) == 2 else None)
-    return downsample(x)  # any other shortcut module, or one with hooks, runs as it is
+        norm = downsample[1] if len(downsample) == 2 else None
+        s = downsample[0](x, norm=norm)
+        owned = (
+            type(norm) in (type(None), *_FRESH_NORMS)
+            and not any(map(_has_hooks, (*downsample, last_conv)))
+            and not _global_hooks()
+        )
+        return s, owned
+    return downsample(x), False  # any other shortcut module, or one with hooks, runs as it is
 
 
 class BasicBlock(nn.Module):
@@ -461,7 +501,8 @@ class BasicBlock(nn.Module):
         out = self.conv1(x, norm=self.bn1)
         # The shortcut last, as torchvision: autograd then runs its backward first and frees its input gradient
         # before the main branch's backward allocates (a lower training peak).
-        return self.conv2(out, _shortcut(self.downsample, x), norm=self.bn2)
+        residual, owned = _shortcut(self.downsample, x, self.conv2)
+        return self.conv2(out, residual, norm=self.bn2, donate_residual=owned)
 
 
 class Bottleneck(nn.Module):
@@ -509,7 +550,8 @@ class Bottleneck(nn.Module):
         out = self.conv2(out, norm=self.bn2)
         # The shortcut last, as torchvision: autograd then runs its backward first and frees its input gradient
         # before the main branch's backward allocates (a lower training peak).
-        return self.conv3(out, _shortcut(self.downsample, x), norm=self.bn3)
+        residual, owned = _shortcut(self.downsample, x, self.conv3)
+        return self.conv3(out, residual, norm=self.bn3, donate_residual=owned)
 
 
 class SkipBlock(nn.Module):

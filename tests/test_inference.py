@@ -374,3 +374,125 @@ def test_strided_bias_parameter_matches_float64(relu):
     with torch.no_grad():
         for _ in range(2):  # the first call and a repeated one (which must not take a remembered packed launch)
             assert_close(prepared(x), expected, torch.float32, "packed y", reductions=36)
+
+
+SUM_INTO = "mkldnn::_convolution_pointwise_"  # the in-place op: the conv summed into a donated residual
+
+
+def projection_block(kind: str) -> nn.Module:
+    """A converted torchvision block with a projection shortcut (stride 2), non-trivial BatchNorm statistics."""
+    torch.manual_seed(0)
+    block = tv.models.resnet.Bottleneck if kind == "bottleneck" else tv.models.resnet.BasicBlock
+    planes = 4
+    out = planes * block.expansion
+    ds = nn.Sequential(nn.Conv2d(8, out, 1, stride=2, bias=False), nn.BatchNorm2d(out))
+    model = nn.Sequential(block(8, planes, stride=2, downsample=ds)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return resnet_fused.convert(model)[0]
+
+
+@pytest.mark.parametrize("fuse_relu", [False, True], ids=["exact-relu", "fused-relu"])
+@pytest.mark.parametrize("kind", ["bottleneck", "basic"])
+def test_block_sums_into_its_own_projection_with_nan_inf(kind, fuse_relu):
+    """The block owns its projection's output, so the last conv sums into it in place (channels_last): same outputs
+    as the unpacked model bit for bit on finite values, NaN/Inf where the float64 reference has them (exact ReLU),
+    and the caller's input untouched."""
+    model = projection_block(kind)
+    x = torch.randn(2, 8, 10, 10).contiguous(memory_format=torch.channels_last)
+    x[0, 1, 2, 2], x[1, 3, 5, 5] = float("nan"), float("inf")
+    before = x.clone()
+    with torch.no_grad():
+        unpacked = model(x)
+        expected = copy.deepcopy(model).double()(x.double())
+    prepared = optimize_for_inference(copy.deepcopy(model), fuse_relu=fuse_relu)
+    for _ in range(2):  # the first call and the remembered launch
+        y, ops = trace(prepared, x)
+        assert SUM_INTO in ops, sorted(ops)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        if not fuse_relu:
+            assert y.isnan().any()  # an Inf input meets weights of both signs: NaN, as in the reference
+            assert_close(y, expected, torch.float32, "packed y", reductions=72)
+            assert torch.equal(y.nan_to_num(), unpacked.nan_to_num()) and torch.equal(y.isnan(), unpacked.isnan())
+        else:
+            finite = unpacked.isfinite()
+            assert torch.equal(y[finite], unpacked[finite]), "the sum post-op changed a finite output"
+        torch.testing.assert_close(x, before, rtol=0, atol=0, equal_nan=True)
+
+
+def test_nchw_block_does_not_sum_in_place_and_matches():
+    model = projection_block("bottleneck")
+    x = torch.randn(2, 8, 10, 10)
+    with torch.no_grad():
+        unpacked = model(x)
+    y, ops = trace(optimize_for_inference(copy.deepcopy(model)), x)
+    assert SUM_INTO not in ops and PACKED_OP in ops
+    torch.testing.assert_close(y, unpacked, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("hook_on", ["projection", "projection-norm", "last-conv", "global"])
+def test_no_donation_when_a_hook_can_see_the_shortcut(hook_on):
+    """A forward hook may keep the projection's output, or see it as the last conv's input: the block then never
+    writes into it, and what the hook kept stays what it saw."""
+    model = projection_block("bottleneck")
+    block = model[0]
+    x = torch.randn(2, 8, 10, 10).contiguous(memory_format=torch.channels_last)
+    kept = []
+
+    def keep(module, inputs, output):
+        kept.append((output, output.clone()) if module is not block.conv3 else (inputs[1], inputs[1].clone()))
+
+    prepared = optimize_for_inference(copy.deepcopy(model))
+    block = prepared[0]
+    target = {"projection": block.downsample[0], "projection-norm": block.downsample[1], "last-conv": block.conv3}
+    if hook_on == "global":
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: kept.append((o, o.clone())) if m is block.downsample[0] else None
+        )
+    else:
+        handle = target[hook_on].register_forward_hook(keep)
+    try:
+        y, ops = trace(prepared, x)
+    finally:
+        handle.remove()
+    assert SUM_INTO not in ops and PACKED_OP in ops
+    assert kept and all(torch.equal(t, snapshot) for t, snapshot in kept)
+    with torch.no_grad():
+        assert torch.equal(y, model(x))
+    _, ops = trace(prepared, x)  # hooks gone: the block donates again
+    assert SUM_INTO in ops
+
+
+def test_donate_residual_is_refused_where_the_residual_cannot_take_the_output():
+    """FusedConv2d(..., donate_residual=True) on a prepared conv: a residual that overlaps x, an inference tensor
+    outside inference mode, or an NCHW one is left as it is, and the result is still right."""
+    torch.manual_seed(0)
+    conv = optimize_for_inference(nn.Sequential(FusedConv2d(8, 8, 1)).eval())[0]
+    plain = copy.deepcopy(conv)
+    plain.__class__ = FusedConv2d
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        inference_residual = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    cases = {
+        "overlaps x": (x, x),
+        "inference tensor": (x, inference_residual),
+        "nchw": (x.contiguous(), torch.randn(2, 8, 6, 6)),
+    }
+    for name, (inp, residual) in cases.items():
+        before = residual.clone()
+        with torch.no_grad():
+            expected = plain(inp, residual.clone())
+            y = conv(inp, residual, donate_residual=True)
+        assert y.data_ptr() != residual.data_ptr(), name
+        torch.testing.assert_close(residual, before, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(y, expected, rtol=0, atol=0, msg=name)
+    residual = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = plain(x, residual.clone())
+        y = conv(x, residual, donate_residual=True)
+    assert y.data_ptr() == residual.data_ptr() and torch.equal(y, expected)  # a donatable one takes the output
