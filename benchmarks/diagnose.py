@@ -4,6 +4,7 @@
     python -m benchmarks.diagnose train-peak [--variant frozen-bn]     # what the train step's allocator peak holds
     python -m benchmarks.diagnose train-ops [--variant frozen-bn]      # where a train step's CPU time goes
     python -m benchmarks.diagnose per-call [--device cuda]              # host time per call on a tiny conv
+    python -m benchmarks.diagnose residual-routes [--batches 1,8] [--model]  # the prepared residual add's routes
 
 ``conv-time`` runs resnet50 prepared with ``optimize_for_inference`` (exact ReLU, and ``fuse_relu=True``) and under
 ``torch.compile`` with Inductor freezing, alternating forwards in one process, and sums the execution times oneDNN's
@@ -19,6 +20,13 @@ their own CPU time.
 ``per-call`` times a tiny conv (x ``(1, 64, 8, 8)``, a 1x1 64->64 weight, bias, residual and ReLU; fp32,
 channels_last, under ``torch.no_grad()``) whose arithmetic is nearly free, so each implementation's time per call is
 its host cost: the conv alone, the eager baseline, and every available backend through the public op.
+
+``residual-routes`` times the routes a prepared conv can give its residual add (``resnet_fused.inference``) on
+ResNet-50's four 1x1 residual convs (packed weights, fp32, channels_last), interleaved, each over the packed conv alone:
+oneDNN's binary post-op, the conv then one pass (``_epilogue_``), and the sum into a donated residual; each with the
+exact ReLU pass and with oneDNN's ReLU. With ``--model`` it also runs a prepared resnet50 under the route rule against
+the same model with every residual on the pass, and on the post-op, neither donating (alternating forwards, the ratio's
+median and 95 % interval).
 """
 
 from __future__ import annotations
@@ -230,6 +238,109 @@ def per_call(device: str = "cpu", rounds: int = 7, threads: int = 2) -> dict[str
     return {name: statistics.median(st.times_ms) * 1e3 for name, st in stats.items()}
 
 
+RESIDUAL_CONVS = ((64, 256, 56), (128, 512, 28), (256, 1024, 14), (512, 2048, 7))  # 1x1 C->K at HxW, +res
+
+
+def residual_routes(batch: int, rounds: int = 15, threads: int = 2) -> dict[str, dict[str, float]]:
+    """Per residual conv (``RESIDUAL_CONVS`` at ``batch``): each route's median time over the packed conv alone, the
+    conv alone's ms and the output's MiB (see the module docstring)."""
+    set_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    return {f"1x1 {c}->{k} {hw}x{hw}": _route_times(batch, c, k, hw, g, rounds) for c, k, hw in RESIDUAL_CONVS}
+
+
+def _route_times(batch: int, c: int, k: int, hw: int, g: torch.Generator, rounds: int) -> dict[str, float]:
+    conv = torch.ops.mkldnn._convolution_pointwise
+    geometry = ([0, 0], [1, 1], [1, 1], 1)
+    x, residual = (
+        torch.randn(batch, ch, hw, hw, generator=g).contiguous(memory_format=torch.channels_last) for ch in (c, k)
+    )
+    bias = torch.randn(k, generator=g)
+    packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+        (torch.randn(k, c, 1, 1, generator=g) * c**-0.5).to_mkldnn(), *geometry[:3], 1, list(x.shape)
+    )
+    owned = residual.clone()  # summed into on every call: its values grow, its cost does not
+
+    def alone() -> torch.Tensor:
+        return conv(x, packed, bias, *geometry, "none", [], None)
+
+    def post_op(relu: str | None) -> torch.Tensor:
+        y = conv.binary(x, residual, packed, bias, *geometry, "add", 1.0, relu, [], None)
+        return y if relu else y.relu_()
+
+    def one_pass() -> torch.Tensor:
+        y = alone()
+        torch.ops.resnet_fused._epilogue_(y, None, residual, None, True)
+        return y
+
+    def donated(relu: str | None) -> torch.Tensor:
+        y = torch.ops.mkldnn._convolution_pointwise_.binary(
+            owned, x, packed, bias, *geometry, "add", 1.0, relu, [], None
+        )
+        return y if relu else y.relu_()
+
+    impls = {
+        "conv alone": alone,
+        "post-op": lambda: post_op(None),
+        "post-op, oneDNN ReLU": lambda: post_op("relu"),
+        "pass": one_pass,
+        "donated": lambda: donated(None),
+        "donated, oneDNN ReLU": lambda: donated("relu"),
+    }
+    with torch.no_grad():
+        stats = time_interleaved(impls, rounds=rounds, warmup=3, baselines=("conv alone",))
+    row = {name: 1 / statistics.median(st.ratios["conv alone"]) for name, st in stats.items() if name != "conv alone"}
+    row["conv alone ms"] = stats["conv alone"].median_ms
+    row["y MiB"] = residual.numel() * residual.element_size() / 2**20
+    return row
+
+
+def residual_rule_model(batch: int, rounds: int = 20, threads: int = 2, arch: str = "resnet50") -> dict[str, dict]:
+    """A prepared ``arch`` under the residual route rule against every residual on the pass and on the post-op,
+    neither donating; per ReLU mode, the rule's median speedup over each and its 95 % interval."""
+    from unittest import mock
+
+    import torchvision
+
+    from benchmarks.timing import median_ci
+    from resnet_fused import inference
+
+    set_threads(threads)
+    torch.manual_seed(0)
+    model = resnet_fused.convert(getattr(torchvision.models, arch)().eval())[0].to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+
+    @contextlib.contextmanager
+    def routes(max_bytes: float, donate: bool) -> Iterator[None]:
+        # Every variant patches, so that each pays the same few microseconds for it.
+        with mock.patch.object(inference, "BINARY_POST_OP_MAX_BYTES", max_bytes), contextlib.ExitStack() as stack:
+            if not donate:
+                stack.enter_context(mock.patch.object(inference, "_can_sum_into", lambda *args: False))
+            yield
+
+    variants = {
+        "rule": lambda: routes(inference.BINARY_POST_OP_MAX_BYTES, donate=True),
+        "pass": lambda: routes(-1, donate=False),
+        "post-op": lambda: routes(float("inf"), donate=False),
+    }
+    out = {}
+    for fuse_relu in (False, True):
+        prepared = inference.optimize_for_inference(copy.deepcopy(model), fuse_relu=fuse_relu)
+
+        def forward(ctx, prepared=prepared):
+            with ctx(), torch.inference_mode():
+                prepared(x)
+
+        impls = {name: (lambda ctx=ctx: forward(ctx)) for name, ctx in variants.items()}
+        stats = time_interleaved(impls, rounds=rounds, warmup=2, min_sample_ms=50.0)
+        mode = "oneDNN ReLU" if fuse_relu else "exact ReLU"
+        out[mode] = {"rule ms": stats["rule"].median_ms, "speedup": {}}
+        for other in ("pass", "post-op"):
+            ratios = [o / r for o, r in zip(stats[other].times_ms, stats["rule"].times_ms, strict=True)]
+            out[mode]["speedup"][f"over {other}"] = (statistics.median(ratios), *median_ci(ratios))
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -247,6 +358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--hw", type=int, default=224)
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--model", default="resnet50")
+    rr = sub.add_parser("residual-routes", help="the prepared residual add's routes over the packed conv alone")
+    rr.add_argument("--batches", default="1,8", help="comma list of batch sizes")
+    rr.add_argument("--rounds", type=int, default=15)
+    rr.add_argument("--threads", type=int, default=2)
+    rr.add_argument("--model", action="store_true", help="also the route rule on a prepared resnet50")
     pc = sub.add_parser("per-call", help="host time per call on a tiny conv: conv alone, eager, each backend")
     pc.add_argument("--device", default="cpu", help="cpu or cuda")
     pc.add_argument("--rounds", type=int, default=7)
@@ -257,6 +373,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"per call, 1x1 64->64 8x8 batch 1 +bias+res+relu, fp32 channels_last, no_grad, {a.device} (median us):")
         for name, us in res.items():
             print(f"  {name:12s} {us:8.1f}")
+    elif a.what == "residual-routes":
+        for batch in (int(b) for b in a.batches.split(",")):
+            print(f"batch {batch}: time over the packed conv alone (medians, fp32 channels_last, {a.threads} threads)")
+            for case, row in residual_routes(batch, rounds=a.rounds, threads=a.threads).items():
+                routes = "  ".join(f"{k} {v:.2f}" for k, v in row.items() if not k.endswith(("ms", "MiB")))
+                print(f"  {case:22s} y {row['y MiB']:5.1f} MiB  conv alone {row['conv alone ms']:.3f} ms  {routes}")
+            if a.model:
+                for mode, r in residual_rule_model(batch, threads=a.threads).items():
+                    others = "  ".join(f"{k} {m:.3f} ({lo:.3f}-{hi:.3f})" for k, (m, lo, hi) in r["speedup"].items())
+                    print(f"  resnet50 prepared, {mode}: rule {r['rule ms']:.2f} ms, speedup {others}")
     elif a.what == "conv-time":
         res = conv_time(batch=a.batch, hw=a.hw, rounds=a.rounds, threads=a.threads, arch=a.model)
         print(f"{a.model}, batch {a.batch}, {a.hw}x{a.hw}, {a.threads} threads, {a.rounds} alternating forwards each")

@@ -10,6 +10,7 @@ from helpers import assert_close
 from torch import nn
 
 import resnet_fused
+from resnet_fused import inference
 from resnet_fused.inference import PackedFusedConv2d, optimize_for_inference
 from resnet_fused.nn import FusedConv2d
 
@@ -177,18 +178,36 @@ def test_nan_inf_like_the_unpacked_path():
     assert y.isnan().any()
 
 
+def onednn_dtype(name: str) -> torch.dtype:
+    dtype = DTYPES[name]
+    if not inference.onednn_supports(dtype):
+        pytest.skip(f"torch's oneDNN has no {name} convolutions on this CPU: the packed path is not taken")
+    return dtype
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("route", ["post-op", "pass"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("relu", [True, False])
-def test_residual_conv_matches_float64_with_nan_inf(layout, relu):
-    # An exact ReLU over a residual runs the packed conv with its bias, then one in-place pass that adds the residual
-    # and applies the ReLU (resnet_fused::_epilogue_); without ReLU the residual is oneDNN's binary post-op.
+def test_residual_conv_matches_float64_with_nan_inf(layout, relu, route, dtype_name, monkeypatch):
+    # A small channels_last output takes the residual as oneDNN's binary post-op (then the exact ReLU pass); a large
+    # one, and NCHW, run the packed conv with its bias, then one in-place pass that adds the residual and applies the
+    # ReLU (resnet_fused::_epilogue_).
+    if route == "pass":
+        monkeypatch.setattr(inference, "BINARY_POST_OP_MAX_BYTES", 0)
+    post_op = route == "post-op" and layout == "channels_last"
+    dtype = onednn_dtype(dtype_name)
     torch.manual_seed(0)
     conv = FusedConv2d(4, 8, 3, padding=1, relu=relu).eval()
     with torch.no_grad():
         conv.bias.uniform_(-0.5, 0.5)
+    conv.to(dtype)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = torch.randn(2, 4, 9, 9).contiguous(memory_format=fmt)
-    residual = torch.randn(2, 8, 9, 9).contiguous(memory_format=fmt)
+    x = torch.randn(2, 4, 9, 9).to(dtype).contiguous(memory_format=fmt)
+    residual = torch.randn(2, 8, 9, 9).to(dtype).contiguous(memory_format=fmt)
     x[0, 0, 1, 1], residual[1, 2, 3, 3], residual[0, 5, 7, 7] = float("nan"), float("inf"), float("-inf")
     before = (x.clone(), residual.clone())
     expected = copy.deepcopy(conv).double()(x.double(), residual.double())
@@ -197,10 +216,11 @@ def test_residual_conv_matches_float64_with_nan_inf(layout, relu):
         y = prepared(x, residual)
     ops = {e.name for e in prof.events()}
     assert PACKED_OP in ops and packs(prepared) == 1
-    assert ("resnet_fused::_epilogue_" in ops) == relu and "aten::relu_" not in ops, sorted(ops)
+    assert ("resnet_fused::_epilogue_" in ops) == (not post_op), sorted(ops)
+    assert ("aten::relu_" in ops) == (post_op and relu), sorted(ops)
     assert y.is_contiguous(memory_format=fmt)
-    assert y.isnan().any() and y.isinf().any()
-    assert_close(y, expected, torch.float32, "packed y", reductions=36)
+    assert y.dtype == dtype and y.isnan().any() and y.isinf().any()
+    assert_close(y, expected, dtype, "packed y", reductions=36)
     for t, b in zip((x, residual), before, strict=True):  # the caller's tensors untouched
         torch.testing.assert_close(t, b, rtol=0, atol=0, equal_nan=True)
 
@@ -214,10 +234,12 @@ def test_fuse_relu_is_one_pass_and_equal_on_finite_inputs(layout):
     fused = optimize_for_inference(copy.deepcopy(model), fuse_relu=True)
     y_exact, ops_exact = trace(exact, x)
     y_fused, ops_fused = trace(fused, x)
-    assert "aten::relu_" in ops_exact and "resnet_fused::_epilogue_" in ops_exact
-    # Every ReLU of resnet18 follows a FusedConv2d (the stem's too), so with fuse_relu no ReLU pass runs at all.
-    assert "aten::relu_" not in ops_fused and "resnet_fused::_epilogue_" not in ops_fused
-    # The README says bitwise. The exact path adds the residual after the conv's rounding, as the binary post-op does.
+    assert "aten::relu_" in ops_exact
+    # Every ReLU of resnet18 follows a FusedConv2d (the stem's too), so with fuse_relu no ReLU pass runs at all; the
+    # residual add of an NCHW block is one pass (which applies the ReLU as well), of a small channels_last one a post-op.
+    assert "aten::relu_" not in ops_fused
+    assert ("resnet_fused::_epilogue_" in ops_fused) == (layout == "nchw")
+    # The README says bitwise. Every route adds the residual after the conv's rounding, as the binary post-op does.
     assert torch.equal(y_fused, y_exact), "fused ReLU changed a finite output"
 
 
@@ -397,14 +419,16 @@ def projection_block(kind: str) -> nn.Module:
     return resnet_fused.convert(model)[0]
 
 
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("fuse_relu", [False, True], ids=["exact-relu", "fused-relu"])
 @pytest.mark.parametrize("kind", ["bottleneck", "basic"])
-def test_block_sums_into_its_own_projection_with_nan_inf(kind, fuse_relu):
-    """The block owns its projection's output, so the last conv sums into it in place (channels_last): same outputs
-    as the unpacked model bit for bit on finite values, NaN/Inf where the float64 reference has them (exact ReLU),
-    and the caller's input untouched."""
-    model = projection_block(kind)
-    x = torch.randn(2, 8, 10, 10).contiguous(memory_format=torch.channels_last)
+def test_block_sums_into_its_own_projection_with_nan_inf(kind, fuse_relu, dtype_name):
+    """The block owns its projection's output, so the last conv sums into it in place (channels_last): the float64
+    reference's outputs (NaN where it has NaN with the exact ReLU), in fp32 the unpacked model's bit for bit on finite
+    values, and the caller's input untouched."""
+    dtype = onednn_dtype(dtype_name)
+    model = projection_block(kind).to(dtype)
+    x = torch.randn(2, 8, 10, 10).to(dtype).contiguous(memory_format=torch.channels_last)
     x[0, 1, 2, 2], x[1, 3, 5, 5] = float("nan"), float("inf")
     before = x.clone()
     with torch.no_grad():
@@ -414,14 +438,17 @@ def test_block_sums_into_its_own_projection_with_nan_inf(kind, fuse_relu):
     for _ in range(2):  # the first call and the remembered launch
         y, ops = trace(prepared, x)
         assert SUM_INTO in ops, sorted(ops)
-        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+        reductions = 72 if kind == "basic" else 36  # the block's longest conv reduction: a 3x3 over 8 or 4 channels
         if not fuse_relu:
             assert y.isnan().any()  # an Inf input meets weights of both signs: NaN, as in the reference
-            assert_close(y, expected, torch.float32, "packed y", reductions=72)
-            assert torch.equal(y.nan_to_num(), unpacked.nan_to_num()) and torch.equal(y.isnan(), unpacked.isnan())
-        else:
-            finite = unpacked.isfinite()
+            assert_close(y, expected, dtype, "packed y", reductions=reductions)
+        finite = expected.isfinite()  # the fused ReLU turns a NaN pre-activation into 0
+        assert_close(y[finite], expected[finite], dtype, "packed y", reductions=reductions)
+        if dtype == torch.float32:
             assert torch.equal(y[finite], unpacked[finite]), "the sum post-op changed a finite output"
+            if not fuse_relu:
+                assert torch.equal(y.isnan(), unpacked.isnan())
         torch.testing.assert_close(x, before, rtol=0, atol=0, equal_nan=True)
 
 
