@@ -478,3 +478,20 @@ def test_benchmarks_run_with_freed_blocks_kept_on_the_heap(tmp_path):
                "--no-compile", "--no-progress", "--threads", "1", "--json", str(out), "--png", "", "--md", "", *flags]  # fmt: skip
         subprocess.run(cmd, check=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True)
         assert expected in json.loads(out.read_text())["machine"]["heap"]
+
+
+def test_diagnose_residual_routes_times_every_route():
+    from benchmarks import diagnose
+
+    rows = diagnose.residual_routes(batch=1, rounds=2, threads=1)
+    assert list(rows) == [f"1x1 {c}->{k} {hw}x{hw}" for c, k, hw in diagnose.RESIDUAL_CONVS]
+    routes = {"post-op", "post-op, oneDNN ReLU", "pass", "donated", "donated, oneDNN ReLU"}
+    for case, row in rows.items():
+        assert set(row) == routes | {"conv alone ms", "y MiB"}, case
+        assert all(0.2 < row[r] < 20 for r in routes) and row["conv alone ms"] > 0, (case, row)
+    assert rows["1x1 64->256 56x56"]["y MiB"] == 56 * 56 * 256 * 4 / 2**20
+    model = diagnose.residual_rule_model(batch=1, rounds=2, threads=1, arch="resnet18")
+    assert set(model) == {"exact ReLU", "oneDNN ReLU"}
+    for mode, r in model.items():
+        assert r["rule ms"] > 0 and set(r["speedup"]) == {"over pass", "over post-op"}, mode
+        assert all(lo <= m <= hi for m, lo, hi in r["speedup"].values()), (mode, r)
