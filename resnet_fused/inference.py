@@ -50,10 +50,10 @@ RELU_MODE_VAR = "RESNET_FUSED_ONEDNN_RELU"
 # torch.jit.is_tracing() is this call behind an is_scripting() check; both run on every prepared call.
 _jit_tracing = torch._C._is_tracing
 
-# The largest output (bytes) whose residual add rides in oneDNN's binary post-op. Up to about 3 MiB the post-op beat
-# a separate pass (the residual comes from cache); from about 6 MiB it stalled on memory, up to 1.9x the conv alone
-# against 1.5x with the pass (1x1 ResNet-50 convs, batch 1-8, fp32, channels_last, AVX-512, 2 threads). NCHW always
-# takes the pass: torch's binary op fuses only channels_last.
+# The largest output (bytes) whose residual add rides in oneDNN's binary post-op when no ReLU pass follows. Up to
+# about 3 MiB the post-op beat a separate pass (the residual comes from cache); from about 6 MiB it stalled on memory,
+# up to 2.0x the conv alone against 1.55x with the pass (`python -m benchmarks.diagnose residual-routes`). NCHW
+# always takes the pass: torch's binary op fuses only channels_last.
 BINARY_POST_OP_MAX_BYTES = 4 << 20
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 
@@ -308,8 +308,8 @@ def _launch(
     donate_residual: bool = False,
 ) -> Tensor:
     """One oneDNN convolution on the packed weight with the bias as a post-op, then the ReLU pass where the ReLU is
-    exact. A residual is summed into in place where donated; else it is oneDNN's binary post-op where the output is
-    small (channels_last), else the conv runs alone and one pass adds the residual (and applies the ReLU)."""
+    exact. A residual is summed into in place where donated; else, where no ReLU pass follows, it is oneDNN's binary
+    post-op on a small channels_last output; else the conv runs alone and one pass adds it (and applies the ReLU)."""
     conv = torch.ops.mkldnn._convolution_pointwise
     x = x.contiguous(memory_format=fmt)
     exact_relu = relu and not fused
@@ -322,11 +322,12 @@ def _launch(
                 residual, x, packed, bias, *geometry, "add", 1.0, post_relu, [], None
             )
             return y.relu_() if exact_relu else y
-        if fmt == torch.channels_last and residual.numel() * residual.element_size() <= BINARY_POST_OP_MAX_BYTES:
+        # With an exact ReLU a pass runs anyway, and it adds the residual for free: the post-op only where none runs.
+        small = residual.numel() * residual.element_size() <= BINARY_POST_OP_MAX_BYTES
+        if not exact_relu and fmt == torch.channels_last and small:
             residual = residual.contiguous(memory_format=fmt)
             y = conv.binary(x, residual, packed, bias, *geometry, "add", 1.0, post_relu, [], None)
-            y = y.contiguous(memory_format=fmt)
-            return y.relu_() if exact_relu else y
+            return y.contiguous(memory_format=fmt)
         y = conv(x, packed, bias, *geometry, "none", [], None).contiguous(memory_format=fmt)
         torch.ops.resnet_fused._epilogue_(y, None, residual, None, relu)
         return y

@@ -492,6 +492,8 @@ def test_diagnose_residual_routes_times_every_route():
     assert rows["1x1 64->256 56x56"]["y MiB"] == 56 * 56 * 256 * 4 / 2**20
     model = diagnose.residual_rule_model(batch=1, rounds=2, threads=1, arch="resnet18")
     assert set(model) == {"exact ReLU", "oneDNN ReLU"}
+    assert set(model["exact ReLU"]["speedup"]) == {"over pass"}  # the exact ReLU never takes the post-op
+    assert set(model["oneDNN ReLU"]["speedup"]) == {"over pass", "over post-op"}
     for mode, r in model.items():
-        assert r["rule ms"] > 0 and set(r["speedup"]) == {"over pass", "over post-op"}, mode
+        assert r["rule ms"] > 0, mode
         assert all(lo <= m <= hi for m, lo, hi in r["speedup"].values()), (mode, r)
