@@ -38,9 +38,9 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from resnet_fused import contract
-from resnet_fused.nn import FusedConv2d
+from resnet_fused.nn import BasicBlock, Bottleneck, FusedConv2d, _global_hooks, _has_hooks
 
-__all__ = ["PackedFusedConv2d", "optimize_for_inference"]
+__all__ = ["PackedFusedConv2d", "PreparedSequential", "optimize_for_inference"]
 
 # oneDNN's ReLU post-op turns a NaN pre-activation into 0, unlike torch.relu; only with this set to "fused" is
 # ReLU left to oneDNN (the C++ CPU kernel reads the same variable). Otherwise it runs in place after the conv.
@@ -335,6 +335,29 @@ def _launch(
     return y.relu_() if exact_relu else y
 
 
+class PreparedSequential(nn.Sequential):
+    """An ``nn.Sequential`` of residual blocks in a prepared model (a ResNet stage): each block after one of
+    resnet_fused's :class:`~resnet_fused.nn.BasicBlock`/:class:`~resnet_fused.nn.Bottleneck` gets that block's fresh
+    output with ``donate_input=True``, so an identity shortcut takes the last conv's sum in place. Made by
+    :func:`optimize_for_inference` from an ``nn.Sequential`` (same children and ``state_dict``). Shapes as the blocks'.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _traced(x, None) or _global_hooks():
+            return super().forward(x)  # a trace records the modules as they are; a global hook sees every output
+        owned = False  # the stage's input is the caller's
+        for module in self:
+            # A block without hooks of its own is called directly (module hooks are all that __call__ adds here).
+            plain = type(module) in _BLOCKS and not _has_hooks(module)
+            x = module._forward(x, donate_input=owned) if plain else module(x)
+            # The output is new and no hook saw it: the block's last conv's (or the residual that conv summed into).
+            owned = plain and not _has_hooks(module.conv2 if type(module) is BasicBlock else module.conv3)
+        return x
+
+
+_BLOCKS = (BasicBlock, Bottleneck)
+
+
 def _can_sum_into(residual: Tensor, x: Tensor, fmt: torch.memory_format) -> bool:
     """Whether oneDNN can sum a conv of ``x`` into ``residual`` in place: a dense channels_last buffer (torch's
     in-place binary op fuses only that layout) apart from the input, writable here (an inference tensor only inside
@@ -374,6 +397,8 @@ def optimize_for_inference(model: nn.Module, *, fuse_relu: bool = False) -> nn.M
     for m in model.modules():
         if type(m) is FusedConv2d:
             m.__class__ = PackedFusedConv2d
+        if type(m) is nn.Sequential and any(type(child) in _BLOCKS for child in m):
+            m.__class__ = PreparedSequential
         if isinstance(m, PackedFusedConv2d):
             m._drop_packs()
             m._fuse_relu = fuse_relu

@@ -434,11 +434,15 @@ def _global_hooks() -> bool:
     return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
-def _shortcut(downsample: nn.Module | None, x: Tensor, last_conv: nn.Module) -> tuple[Tensor, bool]:
-    """A block's residual for ``last_conv``, and whether the block may donate it (``donate_residual``): true for a
-    fused projection's fresh output that no hook has seen, nor will see as an input of ``last_conv``."""
-    if downsample is None:
-        return x, False  # the block's input: the caller's tensor
+def _shortcut(
+    block: nn.Module, x: Tensor, first_conv: nn.Module, last_conv: nn.Module, donate_input: bool
+) -> tuple[Tensor, bool]:
+    """A block's residual for ``last_conv``, and whether the block may donate it (``donate_residual``): a fused
+    projection's fresh output, or with ``donate_input`` the block's input itself, that no hook has seen, nor will see
+    as an input of ``last_conv``."""
+    downsample = block.downsample
+    if downsample is None:  # the block's input: the caller's, unless donated
+        return x, (donate_input and not any(map(_has_hooks, (block, first_conv, last_conv))) and not _global_hooks())
     if (
         isinstance(downsample, nn.Sequential)
         and len(downsample) in (1, 2)
@@ -498,10 +502,16 @@ class BasicBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._forward(x, donate_input=False)
+
+    def _forward(self, x: Tensor, donate_input: bool) -> Tensor:
+        """``donate_input=True`` gives ``x``'s memory to the block (prepared inference may sum into it): only for an
+        ``x`` that nothing reads afterwards (:class:`resnet_fused.inference.PreparedSequential`). Not a parameter of
+        ``forward``, which ``torch.fx`` would trace as a tensor."""
         out = self.conv1(x, norm=self.bn1)
         # The shortcut last, as torchvision: autograd then runs its backward first and frees its input gradient
         # before the main branch's backward allocates (a lower training peak).
-        residual, owned = _shortcut(self.downsample, x, self.conv2)
+        residual, owned = _shortcut(self, x, self.conv1, self.conv2, donate_input)
         return self.conv2(out, residual, norm=self.bn2, donate_residual=owned)
 
 
@@ -546,11 +556,15 @@ class Bottleneck(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._forward(x, donate_input=False)
+
+    def _forward(self, x: Tensor, donate_input: bool) -> Tensor:
+        """``donate_input`` as :meth:`BasicBlock._forward`."""
         out = self.conv1(x, norm=self.bn1)
         out = self.conv2(out, norm=self.bn2)
         # The shortcut last, as torchvision: autograd then runs its backward first and frees its input gradient
         # before the main branch's backward allocates (a lower training peak).
-        residual, owned = _shortcut(self.downsample, x, self.conv3)
+        residual, owned = _shortcut(self, x, self.conv1, self.conv3, donate_input)
         return self.conv3(out, residual, norm=self.bn3, donate_residual=owned)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -523,3 +524,111 @@ def test_donate_residual_is_refused_where_the_residual_cannot_take_the_output():
         expected = plain(x, residual.clone())
         y = conv(x, residual, donate_residual=True)
     assert y.data_ptr() == residual.data_ptr() and torch.equal(y, expected)  # a donatable one takes the output
+
+
+def stage_of_blocks(kind: str) -> nn.Module:
+    """A converted torchvision stage: a projection block, then two identity blocks (an nn.Sequential of blocks)."""
+    torch.manual_seed(0)
+    block = tv.models.resnet.Bottleneck if kind == "bottleneck" else tv.models.resnet.BasicBlock
+    out = 4 * block.expansion
+    ds = nn.Sequential(nn.Conv2d(8, out, 1, stride=2, bias=False), nn.BatchNorm2d(out))
+    stage = nn.Sequential(block(8, 4, stride=2, downsample=ds), block(out, 4), block(out, 4))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), stage).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+    return resnet_fused.convert(model)[0]
+
+
+@pytest.mark.parametrize("fuse_relu", [False, True], ids=["exact-relu", "fused-relu"])
+@pytest.mark.parametrize("kind", ["bottleneck", "basic"])
+def test_stage_blocks_sum_into_the_previous_blocks_output(kind, fuse_relu):
+    """In a prepared stage every block after the first gets its predecessor's fresh output to sum into: every residual
+    add runs in place, outputs equal the unpacked model's (fp32, bitwise), and the stage's own input, the caller's, is
+    never written."""
+    model = stage_of_blocks(kind)
+    prepared = optimize_for_inference(copy.deepcopy(model), fuse_relu=fuse_relu)
+    stage = prepared[1]
+    assert type(stage) is inference.PreparedSequential and list(stage.state_dict()) == list(model[1].state_dict())
+    x = torch.randn(2, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = model(x)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = prepared(x)
+    sums = sum(e.name == SUM_INTO for e in prof.events())
+    assert sums == 3 and "resnet_fused::_epilogue_" not in {e.name for e in prof.events()}
+    assert torch.equal(y, expected)
+    # Called directly, the stage's input is the caller's tensor: read, never written.
+    h = prepared[0](x).detach()
+    before = h.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(stage(h), model[1](h), rtol=0, atol=0)
+    assert torch.equal(h, before)
+    for clone in (copy.deepcopy(prepared), pickle.loads(pickle.dumps(prepared))):
+        with torch.no_grad():
+            assert torch.equal(clone(x), expected)
+
+
+@pytest.mark.parametrize("hook_on", ["previous-block", "previous-last-conv", "block-pre", "first-conv", "global"])
+def test_stage_does_not_donate_what_a_hook_can_see(hook_on):
+    """A hook that keeps a block's output, or sees it as the next block's input, stops that donation; what it kept
+    stays what it saw."""
+    model = stage_of_blocks("bottleneck")
+    prepared = optimize_for_inference(copy.deepcopy(model))
+    first, second = prepared[1][0], prepared[1][1]
+    kept = []
+
+    def keep_output(module, inputs, output):
+        kept.append((output, output.clone()))
+
+    def keep_input(module, inputs):
+        kept.append((inputs[0], inputs[0].clone()))
+
+    if hook_on == "previous-block":
+        handle = first.register_forward_hook(keep_output)
+    elif hook_on == "previous-last-conv":
+        handle = first.conv3.register_forward_hook(keep_output)
+    elif hook_on == "block-pre":
+        handle = second.register_forward_pre_hook(keep_input)
+    elif hook_on == "first-conv":
+        handle = second.conv1.register_forward_pre_hook(keep_input)
+    else:
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: kept.append((o, o.clone())) if m is first else None
+        )
+    x = torch.randn(2, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y = prepared(x)
+    finally:
+        handle.remove()
+    assert kept and all(torch.equal(t, snapshot) for t, snapshot in kept)
+    # Of the three in-place sums, the hook stops the second block's. One on the first block's last conv stops the
+    # projection's too (it sees that residual as an input); one on the second block, the third's (any hook on a block
+    # counts as one that may keep its output); a global hook, every one.
+    expected = {"previous-last-conv": 1, "block-pre": 1, "global": 0}.get(hook_on, 2)
+    assert sum(e.name == SUM_INTO for e in prof.events()) == expected
+    with torch.no_grad():
+        assert torch.equal(y, model(x))
+
+
+def test_prepared_stage_trains_like_the_converted_one():
+    """In training mode the stage passes donate_input on, and the ordinary op ignores it: same outputs and
+    gradients as the converted model, and the input unchanged."""
+    model = stage_of_blocks("bottleneck")
+    prepared = optimize_for_inference(copy.deepcopy(model)).train()
+    model.train()
+    x = torch.randn(2, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+    before = x.clone()
+    grads = []
+    for net in (model, prepared):
+        xg = x.clone().requires_grad_()
+        net(xg).square().sum().backward()
+        grads.append((xg.grad, [p.grad for p in net.parameters()]))
+    assert torch.equal(x, before)
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    for a, b in zip(grads[1][1], grads[0][1], strict=True):
+        torch.testing.assert_close(a, b)
