@@ -53,7 +53,8 @@ _jit_tracing = torch._C._is_tracing
 # The largest output (bytes) whose residual add rides in oneDNN's binary post-op when no ReLU pass follows. Up to
 # about 3 MiB the post-op beat a separate pass (the residual comes from cache); from about 6 MiB it stalled on memory,
 # up to 2.0x the conv alone against 1.55x with the pass (`python -m benchmarks.diagnose residual-routes`). NCHW
-# always takes the pass: torch's binary op fuses only channels_last.
+# always takes the pass: torch's binary op fuses only channels_last. The C++ CPU kernel's kBinaryPostOpMaxBytes
+# (csrc/cpu/onednn_conv.cpp) is the same rule.
 BINARY_POST_OP_MAX_BYTES = 4 << 20
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 

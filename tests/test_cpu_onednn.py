@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from helpers import assert_close, to_layout
 
 import resnet_fused
-from resnet_fused import reference
+from resnet_fused import inference, reference
 from resnet_fused.inference import RELU_MODE_VAR, onednn_supports
 
 ONEDNN_OP = "mkldnn::_convolution_pointwise"
@@ -275,4 +275,24 @@ def test_bias_and_scale_views_on_the_onednn_route(view, layout, relu, residual):
         assert ONEDNN_OP in ops, sorted(ops)
     expected = reference.conv_bias_add_relu(**{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()},
                                             relu=relu)  # fmt: skip
+    assert_close(y, expected, torch.float32, "y", reductions(kw))
+
+
+@pytest.mark.parametrize("over", [False, True], ids=["at-limit", "over-limit"])
+@pytest.mark.parametrize("fused", [False, True], ids=["relu=False", "oneDNN-relu"])
+def test_residual_post_op_only_up_to_its_size_limit(over, fused, monkeypatch):
+    """Where no ReLU pass follows, the residual rides in oneDNN's binary post-op up to 4 MiB of output (the prepared
+    path's BINARY_POST_OP_MAX_BYTES); above it, where the post-op is slower, ATen's conv and one pass take it."""
+    limit = inference.BINARY_POST_OP_MAX_BYTES
+    hw = (256, 257) if over else (256, 256)  # y (1, 16, 256, 256) in fp32 is exactly 4 MiB
+    kw = case(torch.float32, "channels_last", n=1, c=8, k=16, hw=hw, scale=False)
+    assert aten_picks_onednn(kw)
+    assert (16 * hw[0] * hw[1] * 4 > limit) == over
+    if fused:
+        monkeypatch.setenv(RELU_MODE_VAR, "fused")
+    y, ops = run_and_trace(**kw, relu=fused)
+    assert (ONEDNN_OP in ops) == (not over), sorted(ops)
+    assert ("aten::convolution" in ops) == over, sorted(ops)
+    expected = reference.conv_bias_add_relu(**{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()},
+                                            relu=fused)  # fmt: skip
     assert_close(y, expected, torch.float32, "y", reductions(kw))

@@ -141,6 +141,13 @@ bool pass_takes_epilogue(
   return y_numel < 16 * weight.numel();
 }
 
+// The largest output whose residual add rides in oneDNN's binary post-op.
+// Above a few MiB the post-op stalls on the residual's read: 1.97x the conv
+// alone against 1.46x for conv + pass (1x1 64->256 56x56, batch 8), while at
+// batch 1 it wins (1.12x against 1.37x). The prepared path's
+// BINARY_POST_OP_MAX_BYTES (resnet_fused/inference.py) is the same rule.
+constexpr int64_t kBinaryPostOpMaxBytes = int64_t{4} << 20;
+
 } // namespace
 
 at::Tensor onednn_conv_bias_add_relu(
@@ -160,7 +167,10 @@ at::Tensor onednn_conv_bias_add_relu(
   const auto fmt = output_memory_format(x);
   // torch's binary (residual-add) op fuses only channels_last; for NCHW it
   // runs conv, add and ReLU as three ATen ops, worse than conv + our pass.
-  if (residual.has_value() && fmt != at::MemoryFormat::ChannelsLast) {
+  // Neither does it pay on a large output (kBinaryPostOpMaxBytes).
+  if (residual.has_value() &&
+      (fmt != at::MemoryFormat::ChannelsLast ||
+       residual->numel() * residual->element_size() > kBinaryPostOpMaxBytes)) {
     return at::Tensor();
   }
   const bool fused = relu && fuse_relu();
