@@ -297,7 +297,8 @@ def _route_times(batch: int, c: int, k: int, hw: int, g: torch.Generator, rounds
 
 def residual_rule_model(batch: int, rounds: int = 20, threads: int = 2, arch: str = "resnet50") -> dict[str, dict]:
     """A prepared ``arch`` under the residual route rule against every residual on the pass and on the post-op,
-    neither donating; per ReLU mode, the rule's median speedup over each and its 95 % interval."""
+    neither donating; per ReLU mode, the rule's median speedup over each and its 95 % interval, and per variant the
+    residual adds of one forward that ran in place and as a pass."""
     from unittest import mock
 
     import torchvision
@@ -336,7 +337,15 @@ def residual_rule_model(batch: int, rounds: int = 20, threads: int = 2, arch: st
         impls = {name: (lambda ctx=variants[name]: forward(ctx)) for name in names}
         stats = time_interleaved(impls, rounds=rounds, warmup=2, min_sample_ms=50.0)
         mode = "oneDNN ReLU" if fuse_relu else "exact ReLU"
-        out[mode] = {"rule ms": stats["rule"].median_ms, "speedup": {}}
+        out[mode] = {"rule ms": stats["rule"].median_ms, "speedup": {}, "in place / pass": {}}
+        for name in names:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                forward(variants[name])
+            ops = collections.Counter(e.name for e in prof.events())
+            out[mode]["in place / pass"][name] = (
+                ops["mkldnn::_convolution_pointwise_"],
+                ops["resnet_fused::_epilogue_"],
+            )
         for other in names[1:]:
             ratios = [o / r for o, r in zip(stats[other].times_ms, stats["rule"].times_ms, strict=True)]
             out[mode]["speedup"][f"over {other}"] = (statistics.median(ratios), *median_ci(ratios))
@@ -384,7 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if a.model:
                 for mode, r in residual_rule_model(batch, threads=a.threads).items():
                     others = "  ".join(f"{k} {m:.3f} ({lo:.3f}-{hi:.3f})" for k, (m, lo, hi) in r["speedup"].items())
+                    counts = ", ".join(f"{k} {a}/{b}" for k, (a, b) in r["in place / pass"].items())
                     print(f"  resnet50 prepared, {mode}: rule {r['rule ms']:.2f} ms, speedup {others}")
+                    print(f"    residual adds in place / as a pass: {counts}")
     elif a.what == "conv-time":
         res = conv_time(batch=a.batch, hw=a.hw, rounds=a.rounds, threads=a.threads, arch=a.model)
         print(f"{a.model}, batch {a.batch}, {a.hw}x{a.hw}, {a.threads} threads, {a.rounds} alternating forwards each")

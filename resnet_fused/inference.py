@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from resnet_fused import contract
-from resnet_fused.nn import BasicBlock, Bottleneck, FusedConv2d, _global_hooks, _has_hooks
+from resnet_fused import nn as fused_nn
+from resnet_fused.nn import BasicBlock, Bottleneck, FusedConv2d, _global_hooks, _has_hooks, hand_over
 
 __all__ = ["PackedFusedConv2d", "PreparedSequential", "optimize_for_inference"]
 
@@ -348,15 +349,22 @@ class PreparedSequential(nn.Sequential):
             return super().forward(x)  # a trace records the modules as they are; a global hook sees every output
         owned = False  # the stage's input is the caller's
         for module in self:
-            # A block without hooks of its own is called directly (module hooks are all that __call__ adds here).
-            plain = type(module) in _BLOCKS and not _has_hooks(module)
-            x = module._forward(x, donate_input=owned) if plain else module(x)
-            # The output is new and no hook saw it: the block's last conv's (or the residual that conv summed into).
-            owned = plain and not _has_hooks(module.conv2 if type(module) is BasicBlock else module.conv3)
+            # One of our blocks with no hooks and no patched forward: nothing but its forward sees its input first.
+            plain = type(module) in _BLOCKS and not _has_hooks(module) and "forward" not in module.__dict__
+            if plain and owned:
+                hand_over(x)
+            try:
+                x = module(x)
+            finally:
+                hand_over(None)
+            # The output is new and nothing else holds it: the block's last conv's, or the residual it summed into.
+            last_conv = (module.conv2 if type(module) is BasicBlock else module.conv3) if plain else None
+            owned = plain and type(last_conv) in fused_nn._FRESH_CONVS and not _has_hooks(last_conv)
         return x
 
 
 _BLOCKS = (BasicBlock, Bottleneck)
+fused_nn._FRESH_CONVS.add(PackedFusedConv2d)
 
 
 def _can_sum_into(residual: Tensor, x: Tensor, fmt: torch.memory_format) -> bool:
@@ -376,7 +384,9 @@ def optimize_for_inference(model: nn.Module, *, fuse_relu: bool = False) -> nn.M
 
     ``model`` (in eval mode, holding :class:`~resnet_fused.nn.FusedConv2d` modules, e.g. from
     :func:`resnet_fused.convert`) is changed in place and returned; its parameters, buffers and
-    ``state_dict`` stay the same. Input and output shapes are the model's own.
+    ``state_dict`` stay the same. Input and output shapes are the model's own. Its ``FusedConv2d`` modules
+    become :class:`PackedFusedConv2d`, and each ``nn.Sequential`` holding resnet_fused blocks a
+    :class:`PreparedSequential`, whose blocks sum their identity shortcut in place.
 
     ``fuse_relu=False`` (the default) keeps ``torch.relu``'s exact semantics: the ReLU runs as an in-place pass
     after the oneDNN convolution, so a NaN pre-activation stays NaN. ``fuse_relu=True`` hands the ReLU to oneDNN's

@@ -26,6 +26,7 @@ forward hooks see its fused output.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -427,11 +428,36 @@ def check_residual(
 _FRESH_NORMS = tuple(t for t in (nn.Identity, nn.BatchNorm2d, nn.SyncBatchNorm, _FrozenBatchNorm2d) if t is not None)
 
 
+# Conv types whose forward returns a new tensor and keeps no reference to it (a subclass may do either):
+# resnet_fused.inference adds its PackedFusedConv2d.
+_FRESH_CONVS: set[type] = {FusedConv2d}
+
+
 def _global_hooks() -> bool:
     """Whether a global forward (pre-)hook is registered: it sees every module's inputs or outputs, and may keep them."""
     from torch.nn.modules import module
 
     return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
+# An input handed to the next block call that receives exactly this tensor (resnet_fused.inference.PreparedSequential
+# sets it), per thread, so that concurrent forwards of one model never see each other's. Not a forward argument: the
+# call stays an ordinary module call, and torch.fx would trace an argument as a tensor.
+_handover = threading.local()
+
+
+def hand_over(x: Tensor | None) -> None:
+    """Give ``x`` to the next BasicBlock/Bottleneck called with exactly ``x`` (``None`` withdraws it)."""
+    _handover.tensor = x
+
+
+def _handed_over(x: Tensor) -> bool:
+    """Whether ``x`` was handed to this block call; the hand-over is spent either way."""
+    if torch.compiler.is_compiling():  # a compiled block runs the ordinary op, which never writes into its input
+        return False
+    given = getattr(_handover, "tensor", None)
+    _handover.tensor = None
+    return given is x
 
 
 def _shortcut(
@@ -441,7 +467,7 @@ def _shortcut(
     projection's fresh output, or with ``donate_input`` the block's input itself, that no hook has seen, nor will see
     as an input of ``last_conv``."""
     downsample = block.downsample
-    if downsample is None:  # the block's input: the caller's, unless donated
+    if downsample is None:  # the block's input: the caller's, unless handed over
         return x, (donate_input and not any(map(_has_hooks, (block, first_conv, last_conv))) and not _global_hooks())
     if (
         isinstance(downsample, nn.Sequential)
@@ -452,7 +478,8 @@ def _shortcut(
         norm = downsample[1] if len(downsample) == 2 else None
         s = downsample[0](x, norm=norm)
         owned = (
-            type(norm) in (type(None), *_FRESH_NORMS)
+            type(downsample[0]) in _FRESH_CONVS
+            and type(norm) in (type(None), *_FRESH_NORMS)
             and not any(map(_has_hooks, (*downsample, last_conv)))
             and not _global_hooks()
         )
@@ -502,12 +529,8 @@ class BasicBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._forward(x, donate_input=False)
-
-    def _forward(self, x: Tensor, donate_input: bool) -> Tensor:
-        """``donate_input=True`` gives ``x``'s memory to the block (prepared inference may sum into it): only for an
-        ``x`` that nothing reads afterwards (:class:`resnet_fused.inference.PreparedSequential`). Not a parameter of
-        ``forward``, which ``torch.fx`` would trace as a tensor."""
+        # An x handed over (hand_over) is the block's to write into: prepared inference sums into it in place.
+        donate_input = _handed_over(x)
         out = self.conv1(x, norm=self.bn1)
         # The shortcut last, as torchvision: autograd then runs its backward first and frees its input gradient
         # before the main branch's backward allocates (a lower training peak).
@@ -556,10 +579,7 @@ class Bottleneck(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._forward(x, donate_input=False)
-
-    def _forward(self, x: Tensor, donate_input: bool) -> Tensor:
-        """``donate_input`` as :meth:`BasicBlock._forward`."""
+        donate_input = _handed_over(x)  # as in BasicBlock.forward
         out = self.conv1(x, norm=self.bn1)
         out = self.conv2(out, norm=self.bn2)
         # The shortcut last, as torchvision: autograd then runs its backward first and frees its input gradient

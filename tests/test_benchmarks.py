@@ -495,5 +495,8 @@ def test_diagnose_residual_routes_times_every_route():
     assert set(model["exact ReLU"]["speedup"]) == {"over pass"}  # the exact ReLU never takes the post-op
     assert set(model["oneDNN ReLU"]["speedup"]) == {"over pass", "over post-op"}
     for mode, r in model.items():
-        assert r["rule ms"] > 0, mode
-        assert all(lo <= m <= hi for m, lo, hi in r["speedup"].values()), (mode, r)
+        assert r["rule ms"] > 0 and all(0.2 < m < 5 for m, _, _ in r["speedup"].values()), (mode, r)
+    # resnet18's 8 residual adds at batch 1: in place but the stage's first (its input is the caller's), which takes
+    # the pass with the exact ReLU and the post-op (at most 4 MiB) with oneDNN's; the fixed routes as named.
+    assert model["exact ReLU"]["in place / pass"] == {"rule": (7, 1), "pass": (0, 8)}
+    assert model["oneDNN ReLU"]["in place / pass"] == {"rule": (7, 0), "pass": (0, 8), "post-op": (0, 0)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import pickle
 
@@ -632,3 +633,97 @@ def test_prepared_stage_trains_like_the_converted_one():
     torch.testing.assert_close(grads[1][0], grads[0][0])
     for a, b in zip(grads[1][1], grads[0][1], strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_stage_keeps_every_module_call_semantics():
+    """The stage calls its blocks as modules: global backward hooks fire, a patched instance forward runs (and gets
+    no hand-over), and a block compiled with Module.compile still gives the same output."""
+    model = stage_of_blocks("bottleneck")
+    prepared = optimize_for_inference(copy.deepcopy(model))
+    x = torch.randn(2, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = model(x)
+    seen = []
+    handle = torch.nn.modules.module.register_module_full_backward_hook(
+        lambda m, gi, go: seen.append(type(m)) if isinstance(m, resnet_fused.nn.Bottleneck) else None
+    )
+    try:
+        xg = x.clone().requires_grad_()
+        prepared(xg).sum().backward()  # eval mode with gradients: the ordinary op
+    finally:
+        handle.remove()
+    assert seen.count(resnet_fused.nn.Bottleneck) == 3
+    second = prepared[1][1]
+    calls = []
+    original = second.forward
+    second.forward = lambda h: calls.append(h.clone()) or original(h)
+    try:
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y = prepared(x)
+    finally:
+        del second.forward
+    assert len(calls) == 1 and torch.equal(y, expected)
+    # The patched block gets no hand-over, nor does the next one get the patched block's output: the projection's
+    # sum alone runs in place.
+    assert sum(e.name == SUM_INTO for e in prof.events()) == 1
+    third = prepared[1][2]
+    third.compile(backend="eager")
+    with torch.no_grad():
+        assert torch.equal(prepared(x), expected)
+
+
+def test_a_subclassed_projection_conv_keeps_its_output():
+    """Only resnet_fused's own conv types are known to keep no reference to their output: a subclass that does keeps
+    what it returned."""
+
+    class Keeping(FusedConv2d):
+        def forward(self, *args, **kwargs):
+            self.kept = super().forward(*args, **kwargs)
+            self.snapshot = self.kept.clone()
+            return self.kept
+
+    model = projection_block("bottleneck")
+    prepared = optimize_for_inference(copy.deepcopy(model))
+    projection = prepared[0].downsample[0]
+    projection.__class__ = type("PackedKeeping", (Keeping, PackedFusedConv2d), {})
+    x = torch.randn(2, 8, 10, 10).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = prepared(x)
+        expected = model(x)
+    assert torch.equal(projection.kept, projection.snapshot)
+    assert torch.equal(y, expected)
+
+
+@pytest.mark.parametrize("dtype_name", ["bf16", "fp16"])
+def test_stage_in_low_precision_matches_float64(dtype_name):
+    """bf16/fp16: the in-place sums round once where the pass rounds the conv first, so outputs may differ from the
+    unpacked model's by a rounding step; both stay within the dtype's tolerance of float64."""
+    dtype = onednn_dtype(dtype_name)
+    model = stage_of_blocks("bottleneck").to(dtype)
+    x = torch.randn(2, 3, 12, 12).to(dtype).contiguous(memory_format=torch.channels_last)
+    prepared = optimize_for_inference(copy.deepcopy(model))
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = prepared(x)
+        unpacked = model(x)
+        expected = copy.deepcopy(model).double()(x.double())
+    assert sum(e.name == SUM_INTO for e in prof.events()) == 3
+    assert y.dtype == dtype
+    assert_close(y, expected, dtype, "prepared y", reductions=216)
+    assert_close(unpacked, expected, dtype, "unpacked y", reductions=216)
+
+
+def test_threads_sharing_a_prepared_model_get_their_own_results():
+    """The hand-over between blocks is per thread: concurrent forwards of one prepared model stay correct."""
+    model = stage_of_blocks("bottleneck")
+    prepared = optimize_for_inference(copy.deepcopy(model))
+    xs = [torch.randn(2, 3, 12, 12).contiguous(memory_format=torch.channels_last) for _ in range(4)]
+    with torch.no_grad():
+        expected = [model(x) for x in xs]
+        prepared(xs[0])  # packed once before the threads start
+
+    def run(i: int) -> bool:
+        with torch.no_grad():
+            return all(torch.equal(prepared(xs[i]), expected[i]) for _ in range(20))
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(run, range(4)))

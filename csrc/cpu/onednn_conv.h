@@ -12,10 +12,11 @@ namespace resnet_fused::cpu {
 // y = act(conv2d(x, weight) * scale + bias + residual) from one oneDNN
 // convolution with post-ops, or an undefined tensor when oneDNN cannot run
 // it (dtype it does not support on this CPU, mkldnn disabled, a residual
-// with a non-channels_last x, which torch's op would not fuse, or on an
-// output over 4 MiB, where the post-op is slower than the pass, a conv ATen
-// itself would not run on oneDNN, such as a small batch-1 one, an exact ReLU
-// whose pass would also take the residual or scale more cheaply, or refused);
+// with a non-channels_last x, which torch's op would not fuse, a residual on
+// an output over 4 MiB, where the post-op is slower than the pass, a conv
+// ATen itself would not run on oneDNN, such as a small batch-1 one, an exact
+// ReLU whose pass would also take the residual or scale more cheaply, or
+// refused);
 // the caller then takes the conv + epilogue pass. Arguments are checked and
 // numel() > 0. x: (N, C, H, W); weight: (K, C/groups, R, S); bias, scale:
 // (K,); residual: (N, K, P, Q). y: (N, K, P, Q) in x's memory format.
