@@ -173,8 +173,9 @@ class FusedConv2d(nn.Conv2d):
         # Buffers registered as None are skipped by load_state_dict; materialise them so that a
         # converted model's state_dict (which has scale/shift) loads into a fresh FusedConv2d.
         if self.scale is None and prefix + "scale" in state_dict:
-            like = torch.empty(self.out_channels, device=self.weight.device, dtype=self.weight.dtype)
-            self.scale, self.shift = like.clone(), like.clone()
+            # The identity map until loaded: a partial (strict=False) load of scale alone leaves a defined shift.
+            opts = {"device": self.weight.device, "dtype": self.weight.dtype}
+            self.scale, self.shift = torch.ones(self.out_channels, **opts), torch.zeros(self.out_channels, **opts)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -473,6 +474,7 @@ def _shortcut(
         isinstance(downsample, nn.Sequential)
         and len(downsample) in (1, 2)
         and isinstance(downsample[0], FusedConv2d)
+        and not downsample[0].relu  # with its ReLU the Sequential computes norm(relu(conv)), not relu(norm(conv))
         and not _has_hooks(downsample)
     ):
         norm = downsample[1] if len(downsample) == 2 else None
@@ -641,7 +643,8 @@ def zero_init_residual_(model: nn.Module) -> nn.Module:
 
     BN blocks: the last norm's weight is zeroed (torchvision's ``zero_init_residual=True``, which
     does not recognise these classes). BN-free blocks: the last conv's weight and bias are zeroed,
-    as Fixup does; it still gets gradients, so training starts from the shortcut path alone.
+    as Fixup does; it still gets gradients, so training starts from the shortcut path alone. A last
+    conv carrying a frozen norm (scale/shift) also gets its shift zeroed, which the branch would add.
     Returns ``model``.
     """
     with torch.no_grad():
@@ -655,6 +658,8 @@ def zero_init_residual_(model: nn.Module) -> nn.Module:
                     conv.weight.zero_()
                     if conv.bias is not None:
                         conv.bias.zero_()
+                    if conv.shift is not None:
+                        conv.shift.zero_()
     return model
 
 

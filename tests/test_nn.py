@@ -424,3 +424,38 @@ def test_torch_export():
     assert any("resnet_fused.conv_bias_add_relu" in t for t in targets), targets
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x), model(x))
+
+
+def test_zero_init_residual_zeroes_a_frozen_norms_shift_too():
+    """A converted FrozenBatchNorm2d block keeps its norm as the last conv's scale/shift: the shift, which the branch
+    would add, is zeroed with the weight, so the block still starts as the identity."""
+    torch.manual_seed(0)
+    block = BasicBlock(8, 8, norm_layer=nn.Identity).eval()
+    block.conv2.set_scale_shift(torch.rand(8) + 0.5, torch.randn(8))
+    x = torch.rand(2, 8, 5, 5)
+    zero_init_residual_(block)
+    torch.testing.assert_close(block(x), x)
+
+
+def test_a_downsample_whose_conv_applies_relu_runs_as_its_own_module():
+    """The fused shortcut path computes relu(norm(conv x)); a Sequential(FusedConv2d(relu=True), norm) computes
+    norm(relu(conv x)). The block must give what its downsample module gives."""
+    torch.manual_seed(0)
+    ds = nn.Sequential(FusedConv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+    with torch.no_grad():
+        ds[1].running_mean.uniform_(-1, 1)
+        ds[1].bias.uniform_(-1, 1)
+    block = BasicBlock(8, 16, stride=2, downsample=ds).eval()
+    x = torch.randn(2, 8, 8, 8)
+    with torch.no_grad():
+        expected = block.conv2(block.conv1(x, norm=block.bn1), ds(x), norm=block.bn2)
+        assert (ds(x) < 0).any()  # the norm after the conv's ReLU makes negatives the other order would not
+        torch.testing.assert_close(block(x), expected)
+
+
+def test_partial_load_of_a_frozen_scale_leaves_the_shift_defined():
+    conv = FusedConv2d(3, 4, 1)
+    state = {k: v for k, v in conv.state_dict().items()}
+    state["scale"] = torch.full((4,), 2.0)
+    conv.load_state_dict(state, strict=False)  # a checkpoint with scale but no shift
+    assert torch.equal(conv.scale, torch.full((4,), 2.0)) and torch.equal(conv.shift, torch.zeros(4))
