@@ -255,6 +255,7 @@ class FusedConv2d(nn.Conv2d):
         residual: Tensor | None = None,
         norm: nn.Module | None = None,
         donate_residual: bool = False,  # not keyword-only: the TorchScript ONNX exporter passes every default by position
+        relu: bool | None = None,
     ) -> Tensor:
         """``act(conv(x) * scale + bias + residual)``; with ``norm``, ``act(norm(conv(x)) + residual)``.
 
@@ -266,21 +267,25 @@ class FusedConv2d(nn.Conv2d):
         ``donate_residual=True`` gives ``residual``'s memory to this call, as a block does with its
         projection shortcut's output: prepared inference (:mod:`resnet_fused.inference`) may then sum the
         conv into it in place and return it, saving a pass. Pass it only for a residual that nothing
-        reads afterwards; every other path leaves ``residual`` untouched.
+        reads afterwards; every other path leaves ``residual`` untouched. ``relu`` overrides the module's
+        ``relu`` for this call.
 
         Shapes: ``x`` ``(N, C_in, H, W)`` or unbatched ``(C_in, H, W)``, as ``nn.Conv2d``; ``residual``
         and the result ``(N, C_out, H_out, W_out)`` or ``(C_out, H_out, W_out)``.
         """
+        relu = self.relu if relu is None else relu
         scale, shift = self.scale_shift()
         if norm is None or (isinstance(norm, nn.Identity) and not _has_hooks(norm)):
-            return self.conv_bias_add_relu(x, residual, scale=scale, bias=shift, donate_residual=donate_residual)
+            return self.conv_bias_add_relu(
+                x, residual, scale=scale, bias=shift, relu=relu, donate_residual=donate_residual
+            )
         # A norm with hooks of its own is called as a module, so they see what they see in the unfused model.
         affine = None if _has_hooks(norm) else norm_scale_shift(norm)
         if affine is None:  # e.g. batch statistics: the norm must see the whole conv output first
             y = norm(self.conv_bias_add_relu(x, scale=scale, bias=shift, relu=False))
             if residual is not None:
                 y = y + residual
-            return F.relu(y) if self.relu else y
+            return F.relu(y) if relu else y
         # norm(conv * cs + cb) = conv * (s * cs) + (s * cb + t), in the norm's dtype, which may be wider than the
         # conv's (a float32 BatchNorm after bf16 convs, which BatchNorm accepts): rounded once to the conv's.
         s, t = affine
@@ -294,6 +299,7 @@ class FusedConv2d(nn.Conv2d):
             residual,
             scale=s.to(dtype),
             bias=t.to(dtype),
+            relu=relu,
             fold_trainable_scale=True,
             donate_residual=donate_residual,
         )
@@ -434,6 +440,12 @@ _FRESH_NORMS = tuple(t for t in (nn.Identity, nn.BatchNorm2d, nn.SyncBatchNorm, 
 _FRESH_CONVS: set[type] = {FusedConv2d}
 
 
+def _plain_relu(act: nn.Module) -> bool:
+    """Whether a block's ``relu`` is torchvision's own, unhooked: then the convs apply it in the fused op. Any other
+    module (swapped, or with hooks of its own) is called where torchvision calls it."""
+    return type(act) is nn.ReLU and not _has_hooks(act)
+
+
 def _global_hooks() -> bool:
     """Whether a global forward (pre-)hook is registered: it sees every module's inputs or outputs, and may keep them."""
     from torch.nn.modules import module
@@ -524,7 +536,8 @@ class BasicBlock(nn.Module):
         # Registration order is torchvision's, so that state_dict keys come in the same order.
         self.conv1 = _conv3x3(inplanes, planes, stride, bias=bias1)
         self.bn1 = bn1
-        self.relu = nn.ReLU(inplace=True)  # unused by the fused path; kept for torchvision parity
+        # Applied inside the fused convs; swapped or hooked, it is called where torchvision calls it.
+        self.relu = nn.ReLU(inplace=True)
         self.conv2 = _conv3x3(planes, planes, bias=bias2)
         self.bn2 = bn2
         self.downsample = downsample
@@ -533,6 +546,11 @@ class BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # An x handed over (hand_over) is the block's to write into: prepared inference sums into it in place.
         donate_input = _handed_over(x)
+        if not _plain_relu(self.relu):
+            act = self.relu
+            out = act(self.conv1(x, norm=self.bn1, relu=False))
+            residual, _ = _shortcut(self, x, self.conv1, self.conv2, False)
+            return act(self.conv2(out, residual, norm=self.bn2, relu=False))
         out = self.conv1(x, norm=self.bn1)
         # The shortcut last, as torchvision: autograd then runs its backward first and frees its input gradient
         # before the main branch's backward allocates (a lower training peak).
@@ -576,12 +594,19 @@ class Bottleneck(nn.Module):
         self.bn2 = bn2
         self.conv3 = _conv1x1(width, planes * self.expansion, bias=bias3, relu=True)
         self.bn3 = bn3
-        self.relu = nn.ReLU(inplace=True)  # unused by the fused path; kept for torchvision parity
+        # Applied inside the fused convs; swapped or hooked, it is called where torchvision calls it.
+        self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
         donate_input = _handed_over(x)  # as in BasicBlock.forward
+        if not _plain_relu(self.relu):
+            act = self.relu
+            out = act(self.conv1(x, norm=self.bn1, relu=False))
+            out = act(self.conv2(out, norm=self.bn2, relu=False))
+            residual, _ = _shortcut(self, x, self.conv1, self.conv3, False)
+            return act(self.conv3(out, residual, norm=self.bn3, relu=False))
         out = self.conv1(x, norm=self.bn1)
         out = self.conv2(out, norm=self.bn2)
         # The shortcut last, as torchvision: autograd then runs its backward first and frees its input gradient

@@ -193,3 +193,32 @@ def test_identity_norm_gives_the_bn_free_block_with_conv_biases(cls):
     expected = sorted([*theirs.state_dict(), *(f"{n}.bias" for n in convs)])
     assert sorted(block.state_dict()) == expected
     assert all(isinstance(block.get_submodule(n), nn.Identity) for n in ["bn1", "bn2", "downsample.1"])
+
+
+@pytest.mark.parametrize(
+    ("ours_cls", "tv_cls", "calls"), [(BasicBlock, tv.BasicBlock, 2), (Bottleneck, tv.Bottleneck, 3)]
+)
+def test_a_hooked_or_swapped_block_relu_runs_where_torchvision_runs_it(ours_cls, tv_cls, calls):
+    """A block's relu with hooks of its own fires as often as torchvision's and sees the same tensors; swapped for
+    another module, it is the activation, as in torchvision."""
+    torch.manual_seed(0)
+    theirs = randomize_norms_(tv_cls(16, 4 if tv_cls is tv.Bottleneck else 16)).eval()
+    ours = ours_cls(16, 4 if ours_cls is Bottleneck else 16).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64)
+    ours.double(), theirs.double()
+    seen: dict[str, list] = {"ours": [], "theirs": []}
+    for name, block in (("ours", ours), ("theirs", theirs)):
+        handle = block.relu.register_forward_hook(lambda m, i, o, name=name: seen[name].append(o.clone()))
+        with torch.no_grad():
+            y = block(x.clone())
+        handle.remove()
+        seen[name].append(y)
+    assert len(seen["ours"]) == len(seen["theirs"]) == calls + 1
+    for a, b in zip(seen["ours"], seen["theirs"], strict=True):
+        torch.testing.assert_close(a, b)
+    ours.relu, theirs.relu = nn.SiLU(), nn.SiLU()
+    with torch.no_grad():
+        y_ours, y_theirs = ours(x.clone()), theirs(x.clone())
+    assert (y_ours < 0).any()  # SiLU, not ReLU
+    torch.testing.assert_close(y_ours, y_theirs)
