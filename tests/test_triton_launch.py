@@ -272,3 +272,27 @@ def test_dot_precision_on_a_torch_without_the_per_op_setting(launch, legacy_tf32
     monkeypatch.setattr(torch.backends.cudnn, "conv", object(), raising=False)  # no fp32_precision there
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow)
     assert launch.dot_precision(torch.float32) == ("tf32" if allow else "ieee")
+
+
+def test_backward_without_relu_never_reads_out(launch, recorder):
+    """relu=False: the op's contract does not check ``out`` (an empty placeholder will do), and the kernels get
+    grad_out in its place."""
+    with FakeTensorMode():
+        x, w, b = _problem("cpu")
+        grad_out = torch.empty(2, 4, 7, 6)
+        launch.backward(grad_out, torch.empty(0), x, w, b, (1, 1), (1, 1), (1, 1), 1, False, (True, True, True, False))
+    assert {name for name, *_ in recorder.launches} == {"dgrad", "wgrad"}
+    for name, _, _, args in recorder.launches:
+        assert args["out_ptr"] is args["go_ptr"] is grad_out, name  # with its four strides, which the kernels take
+
+
+def test_an_expanded_x_whose_dense_gradient_spans_past_int32_is_refused(launch, recorder):
+    """x expanded from one element spans nothing; its gradient, dense in x's layout, spans 64 * 8192 * 8192 > 2^31
+    elements in one image: a clear error instead of int32 offsets wrapping."""
+    with FakeTensorMode():
+        x = torch.empty(1, 1, 1, 1).expand(1, 64, 8192, 8192)
+        w, b = torch.empty(1, 64, 1, 1), torch.empty(1)
+        grad_out = torch.empty(1, 1, 8192, 8192)
+        with pytest.raises(ValueError, match=r"grad_x: one image spans \d+ elements, more than"):
+            launch.backward(grad_out, grad_out, x, w, b, (1, 1), (0, 0), (1, 1), 1, True, (True, False, False, False))
+    assert not recorder.launches

@@ -277,6 +277,8 @@ def backward(
     kg = k // groups
     crs = cg * r * s
     need_x, need_w, need_b, need_r = (bool(v) for v in output_mask)
+    if not relu:
+        out = grad_out  # without the ReLU mask out is never read, and the op's contract does not check it
 
     def empty() -> torch.Tensor:
         return torch.empty(0, dtype=x.dtype, device=x.device)
@@ -303,7 +305,8 @@ def backward(
         if need_w:
             grad_w.zero_()
             need_w = False
-    for name, t in (("grad_out", grad_out), ("out", out), ("x", x)):
+    # The outputs too: an expanded x spans little, while its dense grad_x may not.
+    for name, t in (("grad_out", grad_out), ("out", out), ("x", x), ("grad_x", grad_x), ("grad_residual", grad_r)):
         _check_image_offsets(name, t)
     m_out = n * p * q
     common = dict(
