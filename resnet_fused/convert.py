@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .nn import BasicBlock, Bottleneck, FusedConv2d, check_residual, norm_scale_shift
 
@@ -170,6 +171,32 @@ def _convert_block(name: str, block: nn.Module, *, freeze_bn: bool, backend: str
     return new, _merge_status(statuses)
 
 
+def _check_plain_weights(model: nn.Module, tv_resnet, tv_utils) -> None:
+    """Refuse the convs convert would replace when their weight is computed (pruning, weight norm, a
+    parametrization): a fused conv takes a Parameter, and the computation would be lost."""
+    blocks = (tv_resnet.BasicBlock, tv_resnet.Bottleneck)
+    for name, m in model.named_modules():
+        if isinstance(m, blocks):
+            convs = [f"conv{i}" for i in (1, 2, 3) if hasattr(m, f"conv{i}")]
+            if isinstance(m.downsample, nn.Sequential) and len(m.downsample) == 2:
+                convs.append("downsample.0")
+        elif isinstance(m, (tv_resnet.ResNet, tv_utils.IntermediateLayerGetter)) and hasattr(m, "conv1"):
+            convs = ["conv1"]
+        else:
+            continue
+        for attr in convs:
+            conv = m.get_submodule(attr)
+            if isinstance(conv, nn.Conv2d) and (
+                parametrize.is_parametrized(conv) or not isinstance(conv.weight, nn.Parameter)
+            ):
+                where = f"{name}.{attr}" if name else attr
+                raise TypeError(
+                    f"convert: {where}.weight: expected an nn.Parameter, got a computed weight (pruning, weight norm "
+                    "or a parametrization); remove it (torch.nn.utils.prune.remove, "
+                    "torch.nn.utils.parametrize.remove_parametrizations), convert, then apply it to the fused convs"
+                )
+
+
 def _convert_stem(name: str, parent: nn.Module, *, freeze_bn: bool, backend: str) -> str | None:
     """Fuse ``parent.conv1 -> bn1 -> relu`` in place; returns the status, or None if no stem."""
     conv, norm, relu = (getattr(parent, a, None) for a in ("conv1", "bn1", "relu"))
@@ -208,8 +235,9 @@ def convert(
 
     Raises:
         TypeError: ``model`` is not a plain ``nn.Module`` (scripted, compiled or DDP-wrapped
-            models: convert before that), or contains a block subclass with its own forward or a block
-            whose ``relu`` is not an ``nn.ReLU``.
+            models: convert before that), or contains a block subclass with its own forward, a block
+            whose ``relu`` is not an ``nn.ReLU``, or a conv to replace whose weight is computed (pruning,
+            weight norm, a parametrization).
         ValueError: no torchvision ResNet block or stem was found, or a block without
             ``downsample`` changes shape so its residual add cannot work.
     """
@@ -225,6 +253,7 @@ def convert(
             "convert model.module, then wrap it"
         )
     tv_resnet, tv_utils = _tv()
+    _check_plain_weights(model, tv_resnet, tv_utils)
     if not inplace:
         model = copy.deepcopy(model)
     report = ConversionReport()

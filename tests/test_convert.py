@@ -12,6 +12,7 @@ import torchvision.models.resnet as tv
 from helpers import assert_close
 from test_nn import randomize_norms_
 from torch import nn
+from torch.nn.utils import prune
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -344,3 +345,23 @@ def test_float32_norms_after_half_precision_convs(dtype, how):
     # Each stage rounds its input to the half-precision dtype, as torchvision's does.
     err, their_err = (y.double() - expected).abs().max(), (theirs.double() - expected).abs().max()
     assert err <= 2 * their_err + 1e-3 * expected.abs().max(), f"max abs err {err} vs torchvision's {their_err}"
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("how", ["pruned", "weight_norm", "parametrized"])
+def test_a_computed_conv_weight_is_refused_by_name(how, inplace):
+    """A pruned, weight-normed or parametrized conv has no Parameter weight for the fused conv to take: the error
+    names the conv and says what to do, before anything is copied or changed."""
+    model = torchvision.models.resnet18(weights=None).eval()
+    conv = model.layer2[0].conv1
+    if how == "pruned":
+        prune.l1_unstructured(conv, "weight", amount=0.5)
+    elif how == "weight_norm":
+        torch.nn.utils.parametrizations.weight_norm(conv)
+    else:
+        torch.nn.utils.parametrize.register_parametrization(conv, "weight", nn.Identity())
+    with pytest.raises(
+        TypeError, match=r"convert: layer2\.0\.conv1\.weight: expected an nn\.Parameter, got a computed"
+    ):
+        convert(model, inplace=inplace)
+    assert type(model.layer2[0]) is tv.BasicBlock  # nothing converted
