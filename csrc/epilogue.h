@@ -1,5 +1,6 @@
 // Per-element math of the fused residual epilogue, shared by the CPU and CUDA
-// kernels so the CPU tests exercise the exact expressions the GPU runs.
+// kernels so the CPU tests exercise the expressions the GPU runs (nvcc may
+// contract acc * scale + bias into an FMA: equal within rounding, not bitwise).
 #pragma once
 
 #include <c10/macros/Macros.h>
