@@ -4,8 +4,10 @@
 
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/accumulate.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
+#include <string>
 #include <string_view>
 
 #include "conv_bias_add_relu.h"
@@ -160,11 +162,23 @@ void check_conv_bias_add_relu_args(
       k % groups == 0, "weight: expected out channels divisible by groups=",
       groups, ", got K=", k);
   for (int d = 0; d < 2; ++d) {
-    const int64_t padded = x.size(2 + d) + 2 * padding[d];
-    const int64_t extent = dilation[d] * (weight.size(2 + d) - 1) + 1;
+    // Checked arithmetic: the schema takes any int64, and a wrapped sum would pass.
+    int64_t padded = 0;
+    const bool padded_overflows =
+        c10::mul_overflows(padding[d], int64_t{2}, &padded) ||
+        c10::add_overflows(padded, x.size(2 + d), &padded);
     TORCH_CHECK_VALUE(
-        extent <= padded, "weight: expected a (dilated) kernel no larger than the padded input, got kernel extent ",
-        extent, " > padded input ", padded, " in dim ", 2 + d);
+        !padded_overflows, "padding: expected the padded input to fit in int64, got padding ", padding[d],
+        " on size ", x.size(2 + d), " in dim ", 2 + d);
+    int64_t extent = 0;
+    const bool extent_overflows =
+        c10::mul_overflows(dilation[d], weight.size(2 + d) - 1, &extent) ||
+        c10::add_overflows(extent, int64_t{1}, &extent);
+    TORCH_CHECK_VALUE(
+        !extent_overflows && extent <= padded,
+        "weight: expected a (dilated) kernel no larger than the padded input, got kernel extent ",
+        extent_overflows ? std::string(">9223372036854775807") : std::to_string(extent), " > padded input ",
+        padded, " in dim ", 2 + d);
   }
   check_channel_vectors(bias, scale, k);
   if (residual.has_value()) {

@@ -409,6 +409,9 @@ BAD_INPUTS = [
     ("dilation_zero", lambda: _args(dilation=0), ValueError, r"dilation: expected values >= 1, got \(0, 0\)"),
     ("kernel_too_big", lambda: (torch.randn(1, 4, 5, 5), torch.randn(6, 4, 7, 7), {"padding": 0}), ValueError,
      r"weight: expected a \(dilated\) kernel no larger than the padded input, got kernel extent 7 > padded input 5"),
+    ("dilation_wraps_int64", lambda: (torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3), {"dilation": 2**62}),
+     ValueError, r"weight: expected a \(dilated\) kernel no larger than the padded input, got kernel extent \S+ > "
+     r"padded input 5"),
     ("kernel_r0", lambda: (torch.randn(1, 4, 5, 5), torch.randn(6, 4, 0, 3), {}), ValueError,
      r"weight: expected a kernel size \(R, S\) >= 1, got \(0, 3\)"),
     ("kernel_s0", lambda: (torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 0), {}), ValueError,
