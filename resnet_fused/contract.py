@@ -337,6 +337,24 @@ def check_epilogue_inputs(
         raise ValueError(f"residual: expected y's shape {tuple(y.shape)}, got {tuple(residual.shape)}")
     for name, t in (("bias", bias), ("residual", residual), ("scale", scale)):
         _check_tensor(name, t, y, optional=True, like="y")
+        if t is not None and _partial_overlap(y, t):
+            raise ValueError(
+                f"{name}: expected memory apart from y's, or y itself (y is written in place), got a partial overlap "
+                "with y"
+            )
+
+
+def _partial_overlap(a: Tensor, b: Tensor) -> bool:
+    """ATen's ``get_overlap_status(a, b) == Partial`` (the C++ kernels' check), on real and fake tensors alike: dense
+    tensors sharing memory without being the same view. Tensors that are not dense are "too hard" there, and pass."""
+    if a is b or a.numel() == 0 or b.numel() == 0:
+        return False
+    pc = torch._prims_common  # renamed in newer torch; the old name raised on unbacked symbolic sizes
+    dense = getattr(pc, "is_non_overlapping_and_dense_or_false", None) or pc.is_non_overlapping_and_dense
+    if not (dense(a) and dense(b)) or not torch._C._overlaps(a, b):
+        return False
+    same_span = a.storage_offset() == b.storage_offset() and a.numel() == b.numel()
+    return not (same_span and a.stride() == b.stride())
 
 
 def epilogue_fake(y, bias, residual, scale, relu) -> None:

@@ -4,6 +4,7 @@ kernel and the fake."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -164,12 +165,19 @@ def test_bad_arguments_name_the_argument(case, fake):
         assert torch.equal(kw[k], v), f"{what}: {k} was written"
 
 
-def test_partially_overlapping_residual_is_refused():
+@pytest.mark.parametrize("fake", [False, True], ids=["kernel", "fake"])
+def test_partially_overlapping_residual_is_refused(fake):
     buf = torch.randn(2 * 12 * 5 * 7 + 1)
-    y = buf[:-1].view(2, 12, 5, 7)
-    residual = buf[1:].view(2, 12, 5, 7)
-    with pytest.raises(ValueError, match=r"residual: expected memory apart from y's, or y itself .* got a partial"):
-        OP(y, None, residual, None, True)
+    with FakeTensorMode() if fake else contextlib.nullcontext():
+        buf = torch.empty(buf.shape) if fake else buf
+        y = buf[:-1].view(2, 12, 5, 7)
+        residual = buf[1:].view(2, 12, 5, 7)
+        with pytest.raises(ValueError, match=r"residual: expected memory apart from y's, or y itself .* got a partial"):
+            OP(y, None, residual, None, True)
+        OP(y, None, y, None, True)  # y itself: accepted by the kernel and the fake alike
+        OP(y, None, y.clone(), None, True)
+    if fake:
+        return
     # y itself as the residual is an elementwise read-then-write: y = relu(2 y).
     y = torch.randn(2, 12, 5, 7)
     want = torch.relu(2 * y.double())
