@@ -349,7 +349,7 @@ def _partial_overlap(a: Tensor, b: Tensor) -> bool:
     tensors sharing memory without being the same view. Tensors that are not dense are "too hard" there, and pass."""
     if a is b or a.numel() == 0 or b.numel() == 0:
         return False
-    pc = torch._prims_common  # renamed in newer torch; the old name raised on unbacked symbolic sizes
+    pc = torch._prims_common  # the helper's name differs across torch versions
     dense = getattr(pc, "is_non_overlapping_and_dense_or_false", None) or pc.is_non_overlapping_and_dense
     if not (dense(a) and dense(b)) or not torch._C._overlaps(a, b):
         return False
