@@ -21,17 +21,21 @@ tv = pytest.importorskip("torchvision")
 PACKED_OP = "mkldnn::_convolution_pointwise"
 
 
-def converted_resnet18() -> nn.Module:
-    torch.manual_seed(0)
-    model = tv.models.resnet18(weights=None).eval()
-    with torch.no_grad():  # non-trivial BatchNorm statistics, so the folded scales matter
+def converted(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with non-trivial BatchNorm statistics (so the folded scales matter), converted."""
+    with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 1.5)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
-    return resnet_fused.convert(model)[0]
+    return resnet_fused.convert(model.eval())[0]
+
+
+def converted_resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    return converted(tv.models.resnet18(weights=None))
 
 
 def small_net(**conv_kwargs) -> nn.Module:
@@ -410,15 +414,7 @@ def projection_block(kind: str) -> nn.Module:
     planes = 4
     out = planes * block.expansion
     ds = nn.Sequential(nn.Conv2d(8, out, 1, stride=2, bias=False), nn.BatchNorm2d(out))
-    model = nn.Sequential(block(8, planes, stride=2, downsample=ds)).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return resnet_fused.convert(model)[0]
+    return converted(nn.Sequential(block(8, planes, stride=2, downsample=ds)))
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
@@ -534,14 +530,7 @@ def stage_of_blocks(kind: str) -> nn.Module:
     out = 4 * block.expansion
     ds = nn.Sequential(nn.Conv2d(8, out, 1, stride=2, bias=False), nn.BatchNorm2d(out))
     stage = nn.Sequential(block(8, 4, stride=2, downsample=ds), block(out, 4), block(out, 4))
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), stage).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-    return resnet_fused.convert(model)[0]
+    return converted(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), stage))
 
 
 @pytest.mark.parametrize("fuse_relu", [False, True], ids=["exact-relu", "fused-relu"])
