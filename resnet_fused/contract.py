@@ -346,15 +346,19 @@ def check_epilogue_inputs(
 
 def _partial_overlap(a: Tensor, b: Tensor) -> bool:
     """ATen's ``get_overlap_status(a, b) == Partial`` (the C++ kernels' check), on real and fake tensors alike: dense
-    tensors sharing memory without being the same view. Tensors that are not dense are "too hard" there, and pass."""
+    tensors on one storage whose byte ranges meet without being the same view. Tensors that are not dense are "too
+    hard" there, and pass."""
     if a is b or a.numel() == 0 or b.numel() == 0:
         return False
     pc = torch._prims_common  # the helper's name differs across torch versions
     dense = getattr(pc, "is_non_overlapping_and_dense_or_false", None) or pc.is_non_overlapping_and_dense
-    if not (dense(a) and dense(b)) or not torch._C._overlaps(a, b):
+    if not (dense(a) and dense(b)) or not torch._C._overlaps(a, b):  # _overlaps: one storage, any range
         return False
-    same_span = a.storage_offset() == b.storage_offset() and a.numel() == b.numel()
-    return not (same_span and a.stride() == b.stride())
+    a0, b0 = a.storage_offset() * a.element_size(), b.storage_offset() * b.element_size()
+    a1, b1 = a0 + a.numel() * a.element_size(), b0 + b.numel() * b.element_size()
+    if (a0, a1) == (b0, b1):
+        return a.stride() != b.stride()
+    return a0 < b1 and b0 < a1
 
 
 def epilogue_fake(y, bias, residual, scale, relu) -> None:

@@ -178,9 +178,16 @@ def _check_plain_weights(model: nn.Module, tv_resnet, tv_utils) -> None:
     for name, m in model.named_modules():
         if isinstance(m, blocks):
             convs = [f"conv{i}" for i in (1, 2, 3) if hasattr(m, f"conv{i}")]
-            if isinstance(m.downsample, nn.Sequential) and len(m.downsample) == 2:
-                convs.append("downsample.0")
-        elif isinstance(m, (tv_resnet.ResNet, tv_utils.IntermediateLayerGetter)) and hasattr(m, "conv1"):
+            ds = m.downsample
+            if isinstance(ds, nn.Sequential) and len(ds) == 2 and type(ds[0]) is nn.Conv2d:
+                convs.append("downsample.0")  # any other shortcut is kept as it is
+        elif isinstance(m, (tv_resnet.ResNet, tv_utils.IntermediateLayerGetter)):
+            # The stem, where _convert_stem would fuse it.
+            conv, norm, relu = (getattr(m, a, None) for a in ("conv1", "bn1", "relu"))
+            if type(conv) is not nn.Conv2d or not isinstance(relu, nn.ReLU) or norm is None:
+                continue
+            if isinstance(m, tv_utils.IntermediateLayerGetter) and {"conv1", "bn1", "relu"} & set(m.return_layers):
+                continue
             convs = ["conv1"]
         else:
             continue

@@ -219,6 +219,7 @@ class PackedFusedConv2d(FusedConv2d):
     ) -> Tensor:
         """As :meth:`FusedConv2d.conv_bias_add_relu`, on the prepacked weight when the call allows it; there a
         donated channels_last ``residual`` receives the output in place."""
+        fused_nn._check_donate(donate_residual)
         relu = self.relu if relu is None else relu
         # Forward AD runs even under no_grad, where the packed path would drop a tangent (the weight's too); under
         # vmap the ordinary op batches in one call, while the packed path has no batching rule.
@@ -359,7 +360,13 @@ class PreparedSequential(nn.Sequential):
                 hand_over(None)
             # The output is new and nothing else holds it: the block's last conv's, or the residual it summed into.
             last_conv = (module.conv2 if type(module) is BasicBlock else module.conv3) if plain else None
-            owned = plain and type(last_conv) in fused_nn._FRESH_CONVS and not _has_hooks(last_conv)
+            # A hooked or swapped relu is called as a module after the last conv: its output is the block's.
+            owned = (
+                plain
+                and fused_nn._plain_relu(module.relu)
+                and type(last_conv) in fused_nn._FRESH_CONVS
+                and not _has_hooks(last_conv)
+            )
         return x
 
 

@@ -230,6 +230,7 @@ class FusedConv2d(nn.Conv2d):
         Shapes: ``x`` ``(N, C_in, H, W)`` or ``(C_in, H, W)``; ``residual`` and the result
         ``(N, C_out, H_out, W_out)`` or ``(C_out, H_out, W_out)``.
         """
+        _check_donate(donate_residual)
         pad, padding = self._padding_plan()
         if pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
@@ -274,6 +275,9 @@ class FusedConv2d(nn.Conv2d):
         and the result ``(N, C_out, H_out, W_out)`` or ``(C_out, H_out, W_out)``.
         """
         relu = self.relu if relu is None else relu
+        # Only True donates: the TorchScript ONNX exporter passes the default as tensor(False), and a truthy typo must
+        # not let the conv write into the caller's residual.
+        donate_residual = donate_residual is True
         scale, shift = self.scale_shift()
         if norm is None or (isinstance(norm, nn.Identity) and not _has_hooks(norm)):
             return self.conv_bias_add_relu(
@@ -438,6 +442,12 @@ _FRESH_NORMS = tuple(t for t in (nn.Identity, nn.BatchNorm2d, nn.SyncBatchNorm, 
 # Conv types whose forward returns a new tensor and keeps no reference to it (a subclass may do either):
 # resnet_fused.inference adds its PackedFusedConv2d.
 _FRESH_CONVS: set[type] = {FusedConv2d}
+
+
+def _check_donate(donate_residual: object) -> None:
+    # A truthy typo would let the conv write into the caller's residual.
+    if not isinstance(donate_residual, bool):
+        raise TypeError(f"donate_residual: expected a bool, got {donate_residual!r}")
 
 
 def _plain_relu(act: nn.Module) -> bool:

@@ -365,3 +365,16 @@ def test_a_computed_conv_weight_is_refused_by_name(how, inplace):
     ):
         convert(model, inplace=inplace)
     assert type(model.layer2[0]) is tv.BasicBlock  # nothing converted
+
+
+def test_a_parametrized_shortcut_or_stem_that_convert_keeps_is_not_refused():
+    """A parametrized downsample conv or stem conv is not an exact nn.Conv2d: convert keeps it as it is, as before."""
+    model = torchvision.models.resnet18(weights=None).eval()
+    torch.nn.utils.parametrize.register_parametrization(model.layer2[0].downsample[0], "weight", nn.Identity())
+    torch.nn.utils.parametrize.register_parametrization(model.conv1, "weight", nn.Identity())
+    converted, _ = convert(model)
+    assert converted.layer2[0].downsample is not None and type(converted.layer2[0]) is rf_nn.BasicBlock
+    assert torch.nn.utils.parametrize.is_parametrized(converted.conv1)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-4, atol=1e-4)

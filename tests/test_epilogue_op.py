@@ -176,6 +176,8 @@ def test_partially_overlapping_residual_is_refused(fake):
             OP(y, None, residual, None, True)
         OP(y, None, y, None, True)  # y itself: accepted by the kernel and the fake alike
         OP(y, None, y.clone(), None, True)
+        two = torch.empty(2 * y.numel()) if fake else torch.randn(2 * y.numel())
+        OP(two[: y.numel()].view(y.shape), None, two[y.numel() :].view(y.shape), None, True)  # one buffer, apart
     if fake:
         return
     # y itself as the residual is an elementwise read-then-write: y = relu(2 y).

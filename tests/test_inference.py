@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import functools
 import pickle
 
 import pytest
@@ -493,6 +494,23 @@ def test_no_donation_when_a_hook_can_see_the_shortcut(hook_on):
     assert SUM_INTO in ops
 
 
+def test_donate_residual_other_than_true_never_writes():
+    """A truthy typo must not let the conv write into the caller's residual: forward donates only for True (the
+    TorchScript exporter passes its default as a tensor), and the conv_bias_add_relu methods refuse a non-bool."""
+    conv = optimize_for_inference(nn.Sequential(FusedConv2d(8, 8, 1)).eval())[0]
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    before = residual.clone()
+    with torch.no_grad():
+        for value in ("no", 1, torch.tensor(True)):
+            y = conv(x, residual, donate_residual=value)
+            assert y.data_ptr() != residual.data_ptr() and torch.equal(residual, before), value
+        for method in (conv.conv_bias_add_relu, functools.partial(FusedConv2d.conv_bias_add_relu, conv)):
+            with pytest.raises(TypeError, match=r"donate_residual: expected a bool, got 1"):
+                method(x, residual, donate_residual=1)
+    assert torch.equal(residual, before)
+
+
 def test_donate_residual_is_refused_where_the_residual_cannot_take_the_output():
     """FusedConv2d(..., donate_residual=True) on a prepared conv: a residual that overlaps x, an inference tensor
     outside inference mode, or an NCHW one is left as it is, and the result is still right."""
@@ -562,7 +580,9 @@ def test_stage_blocks_sum_into_the_previous_blocks_output(kind, fuse_relu):
             assert torch.equal(clone(x), expected)
 
 
-@pytest.mark.parametrize("hook_on", ["previous-block", "previous-last-conv", "block-pre", "first-conv", "global"])
+@pytest.mark.parametrize(
+    "hook_on", ["previous-block", "previous-last-conv", "previous-relu", "block-pre", "first-conv", "global"]
+)
 def test_stage_does_not_donate_what_a_hook_can_see(hook_on):
     """A hook that keeps a block's output, or sees it as the next block's input, stops that donation; what it kept
     stays what it saw."""
@@ -581,6 +601,8 @@ def test_stage_does_not_donate_what_a_hook_can_see(hook_on):
         handle = first.register_forward_hook(keep_output)
     elif hook_on == "previous-last-conv":
         handle = first.conv3.register_forward_hook(keep_output)
+    elif hook_on == "previous-relu":  # called as a module after the last conv: its output is the block's
+        handle = first.relu.register_forward_hook(keep_output)
     elif hook_on == "block-pre":
         handle = second.register_forward_pre_hook(keep_input)
     elif hook_on == "first-conv":
@@ -600,6 +622,8 @@ def test_stage_does_not_donate_what_a_hook_can_see(hook_on):
     # projection's too (it sees that residual as an input); one on the second block, the third's (any hook on a block
     # counts as one that may keep its output); a global hook, every one.
     expected = {"previous-last-conv": 1, "block-pre": 1, "global": 0}.get(hook_on, 2)
+    if hook_on == "previous-relu":  # the first block runs its convs without their ReLU: no in-place projection sum
+        expected = 1
     assert sum(e.name == SUM_INTO for e in prof.events()) == expected
     with torch.no_grad():
         assert torch.equal(y, model(x))
