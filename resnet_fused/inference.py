@@ -340,9 +340,10 @@ def _launch(
 
 class PreparedSequential(nn.Sequential):
     """An ``nn.Sequential`` of residual blocks in a prepared model (a ResNet stage): each block after one of
-    resnet_fused's :class:`~resnet_fused.nn.BasicBlock`/:class:`~resnet_fused.nn.Bottleneck` gets that block's fresh
-    output with ``donate_input=True``, so an identity shortcut takes the last conv's sum in place. Made by
-    :func:`optimize_for_inference` from an ``nn.Sequential`` (same children and ``state_dict``). Shapes as the blocks'.
+    resnet_fused's :class:`~resnet_fused.nn.BasicBlock`/:class:`~resnet_fused.nn.Bottleneck` is handed that block's
+    fresh output (:func:`resnet_fused.nn.hand_over`), so its identity shortcut takes the last conv's sum in place.
+    Made by :func:`optimize_for_inference` from an ``nn.Sequential`` (same children and ``state_dict``). Shapes as
+    the blocks'.
     """
 
     def forward(self, x: Tensor) -> Tensor:

@@ -516,8 +516,9 @@ class BasicBlock(nn.Module):
 
     Same constructor, defaults, parameter names and errors as ``torchvision.models.resnet.BasicBlock``
     (``norm_layer=None`` means ``nn.BatchNorm2d``), plus a ValueError at construction where the residual add
-    cannot work (the shape changes and ``downsample`` is None), which torchvision raises only in forward. ``norm_layer=nn.Identity`` gives the BN-free block:
-    ``bn1``/``bn2`` are ``nn.Identity`` and the convs have biases. ``s`` is ``downsample`` (see
+    cannot work (the shape changes and ``downsample`` is None), which torchvision raises only in forward.
+    ``norm_layer=nn.Identity`` gives the BN-free block: ``bn1``/``bn2`` are ``nn.Identity`` and the convs have
+    biases. ``s`` is ``downsample`` (see
     :func:`projection`) or the identity.
 
     Shapes: ``(N, inplanes, H, W) -> (N, planes, ceil(H / stride), ceil(W / stride))``.
