@@ -106,22 +106,29 @@ void backward_pass(
                         : cpu::DEFAULT::backward_pass(args);
         if (need_b) {
           // Second stage: combine the block partials in block order, in
-          // double so that millions of blocks lose nothing.
+          // double so that millions of blocks lose nothing. Threads take
+          // ranges of channels; each channel's order stays the same.
           const opmath_t* p = partials.const_data_ptr<opmath_t>();
           scalar_t* gb = grad_bias.data_ptr<scalar_t>();
-          std::vector<double> total(k, 0.0);
-          for (int64_t o = 0; o < outer_blocks; ++o) {
-            for (int64_t c = 0; c < k; ++c) {
-              for (int64_t j = 0; j < inner_blocks; ++j) {
-                total[c] = reduce_combine(
-                    total[c],
-                    static_cast<double>(p[(o * k + c) * inner_blocks + j]));
-              }
-            }
-          }
-          for (int64_t c = 0; c < k; ++c) {
-            gb[c] = scalar_t(total[c]);
-          }
+          const int64_t per_channel = outer_blocks * inner_blocks;
+          at::parallel_for(
+              0, k, std::max<int64_t>(1, (int64_t{1} << 14) / per_channel),
+              [&](int64_t c0, int64_t c1) {
+                std::vector<double> total(c1 - c0, 0.0);
+                for (int64_t o = 0; o < outer_blocks; ++o) {
+                  for (int64_t c = c0; c < c1; ++c) {
+                    for (int64_t j = 0; j < inner_blocks; ++j) {
+                      total[c - c0] = reduce_combine(
+                          total[c - c0],
+                          static_cast<double>(
+                              p[(o * k + c) * inner_blocks + j]));
+                    }
+                  }
+                }
+                for (int64_t c = c0; c < c1; ++c) {
+                  gb[c] = scalar_t(total[c - c0]);
+                }
+              });
         }
       });
 }

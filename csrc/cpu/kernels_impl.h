@@ -18,6 +18,10 @@ namespace CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
+// Elements per task of the elementwise passes: large enough to amortise a
+// task, small enough to split a late layer's output between threads.
+constexpr int64_t kElementwiseGrain = 32768;
+
 // Vectorized forms of the shared epilogue.h ReLU math, with the same compares
 // (clamp_min is `a < 0 ? 0 : a` per lane, so NaN passes as in relu_forward).
 template <typename V>
@@ -56,30 +60,28 @@ struct VecIO {
   }
 };
 
-// y[i] = act(y[i] * scale[c] + bias[c] + residual[i]), in place on the conv's
-// own fresh output. `rows` x `k` x `inner`: NCHW is (N, K, HW), NHWC is (NHW, K, 1).
+// The per-element work of the epilogue pass. Each task copies this struct
+// into a local, so that its pointers and sizes stay in registers: read
+// through a captured reference they would be reloaded after every vector
+// store (intrinsic stores may alias anything), as profiles showed.
 template <typename scalar_t, bool kResidual, bool kRelu>
-void epilogue_kernel(
-    scalar_t* y,
-    const scalar_t* residual,
-    const at::opmath_type<scalar_t>* scale,
-    const at::opmath_type<scalar_t>* bias,
-    int64_t rows,
-    int64_t k,
-    int64_t inner) {
+struct EpilogueOps {
   using IO = VecIO<scalar_t>;
   using opmath_t = typename IO::opmath_t;
   using OVec = typename IO::OVec;
-  constexpr int64_t V = IO::kSize;
-  constexpr int P = IO::kParts;
-  constexpr int64_t W = OVec::size();
+  static constexpr int P = IO::kParts;
 
-  auto scalar_at = [&](int64_t i, opmath_t s, opmath_t b) {
+  scalar_t* y;
+  const scalar_t* residual;
+  const opmath_t* scale;
+  const opmath_t* bias;
+
+  inline void scalar_at(int64_t i, opmath_t s, opmath_t b) const {
     const opmath_t r = kResidual ? opmath_t(residual[i]) : opmath_t(0);
     opmath_t v = epilogue(opmath_t(y[i]), s, b, r);
     y[i] = scalar_t(kRelu ? relu_forward(v) : v);
-  };
-  auto vec_at = [&](int64_t i, const OVec (&s)[P], const OVec (&b)[P]) {
+  }
+  inline void vec_at(int64_t i, const OVec (&s)[P], const OVec (&b)[P]) const {
     OVec v[P], r[P];
     IO::load(y + i, v);
     if constexpr (kResidual) {
@@ -92,49 +94,108 @@ void epilogue_kernel(
       }
     }
     IO::store(y + i, v);
-  };
+  }
+};
+
+// y[i] = act(y[i] * scale[c] + bias[c] + residual[i]), in place on the conv's
+// own fresh output. `rows` x `k` x `inner`: NCHW is (N, K, HW), NHWC is (NHW, K, 1).
+template <typename scalar_t, bool kResidual, bool kRelu>
+void epilogue_kernel(
+    scalar_t* y,
+    const scalar_t* residual,
+    const at::opmath_type<scalar_t>* scale,
+    const at::opmath_type<scalar_t>* bias,
+    int64_t rows,
+    int64_t k,
+    int64_t inner) {
+  using Ops = EpilogueOps<scalar_t, kResidual, kRelu>;
+  using OVec = typename Ops::OVec;
+  constexpr int64_t V = Ops::IO::kSize;
+  constexpr int P = Ops::P;
+  constexpr int64_t W = OVec::size();
+  const Ops ops{y, residual, scale, bias};
 
   if (inner == 1) {
     // Channels innermost: vectors of scale/bias along K.
-    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / k), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, kElementwiseGrain / k), [&, k](int64_t r0, int64_t r1) {
+      const Ops op = ops;
       for (int64_t row = r0; row < r1; ++row) {
         const int64_t base = row * k;
         int64_t c = 0;
         for (; c + V <= k; c += V) {
           OVec s[P], b[P];
           for (int p = 0; p < P; ++p) {
-            s[p] = OVec::loadu(scale + c + p * W);
-            b[p] = OVec::loadu(bias + c + p * W);
+            s[p] = OVec::loadu(op.scale + c + p * W);
+            b[p] = OVec::loadu(op.bias + c + p * W);
           }
-          vec_at(base + c, s, b);
+          op.vec_at(base + c, s, b);
         }
         for (; c < k; ++c) {
-          scalar_at(base + c, scale[c], bias[c]);
+          op.scalar_at(base + c, op.scale[c], op.bias[c]);
         }
       }
     });
   } else {
     // One (n, c) plane per task: scale/bias are scalars along the plane.
-    at::parallel_for(0, rows * k, std::max<int64_t>(1, 32768 / inner), [&](int64_t p0, int64_t p1) {
+    at::parallel_for(0, rows * k, std::max<int64_t>(1, kElementwiseGrain / inner), [&, k, inner](int64_t p0, int64_t p1) {
+      const Ops op = ops;
       for (int64_t plane = p0; plane < p1; ++plane) {
         const int64_t c = plane % k;
         const int64_t base = plane * inner;
         OVec s[P], b[P];
         for (int p = 0; p < P; ++p) {
-          s[p] = OVec(scale[c]);
-          b[p] = OVec(bias[c]);
+          s[p] = OVec(op.scale[c]);
+          b[p] = OVec(op.bias[c]);
         }
         int64_t i = 0;
         for (; i + V <= inner; i += V) {
-          vec_at(base + i, s, b);
+          op.vec_at(base + i, s, b);
         }
         for (; i < inner; ++i) {
-          scalar_at(base + i, scale[c], bias[c]);
+          op.scalar_at(base + i, op.scale[c], op.bias[c]);
         }
       }
     });
   }
 }
+
+// The per-element work of the backward pass (see EpilogueOps for why each
+// task copies it): g = relu_backward(grad, out), stored when g_out is set.
+template <typename scalar_t, bool kRelu>
+struct BackwardOps {
+  using IO = VecIO<scalar_t>;
+  using opmath_t = typename IO::opmath_t;
+  using OVec = typename IO::OVec;
+  static constexpr int P = IO::kParts;
+
+  const scalar_t* grad;
+  const scalar_t* out;
+  scalar_t* g_out;
+
+  inline void masked(int64_t i, OVec (&g)[P]) const {
+    IO::load(grad + i, g);
+    if constexpr (kRelu) {
+      OVec o[P];
+      IO::load(out + i, o);
+      for (int p = 0; p < P; ++p) {
+        g[p] = relu_backward_vec(g[p], o[p]);
+      }
+    }
+    if (g_out != nullptr) {
+      IO::store(g_out + i, g);
+    }
+  }
+  inline opmath_t masked_scalar(int64_t i) const {
+    opmath_t g = opmath_t(grad[i]);
+    if constexpr (kRelu) {
+      g = relu_backward(g, opmath_t(out[i]));
+    }
+    if (g_out != nullptr) {
+      g_out[i] = scalar_t(g);
+    }
+    return g;
+  }
+};
 
 // One pass over grad_out and out: g = relu_backward(grad, out) (stored if
 // g_out) and per-block, per-channel partial sums of g. Blocks depend only on
@@ -151,42 +212,20 @@ void backward_kernel(
     int64_t inner,
     int64_t rows_per_block,
     int64_t inner_per_block) {
-  using IO = VecIO<scalar_t>;
-  using opmath_t = typename IO::opmath_t;
-  using OVec = typename IO::OVec;
-  constexpr int64_t V = IO::kSize;
-  constexpr int P = IO::kParts;
+  using Ops = BackwardOps<scalar_t, kRelu>;
+  using opmath_t = typename Ops::opmath_t;
+  using OVec = typename Ops::OVec;
+  constexpr int64_t V = Ops::IO::kSize;
+  constexpr int P = Ops::P;
   constexpr int64_t W = OVec::size();
-
-  auto masked = [&](int64_t i, OVec (&g)[P]) {
-    IO::load(grad + i, g);
-    if constexpr (kRelu) {
-      OVec o[P];
-      IO::load(out + i, o);
-      for (int p = 0; p < P; ++p) {
-        g[p] = relu_backward_vec(g[p], o[p]);
-      }
-    }
-    if (g_out != nullptr) {
-      IO::store(g_out + i, g);
-    }
-  };
-  auto masked_scalar = [&](int64_t i) {
-    opmath_t g = opmath_t(grad[i]);
-    if constexpr (kRelu) {
-      g = relu_backward(g, opmath_t(out[i]));
-    }
-    if (g_out != nullptr) {
-      g_out[i] = scalar_t(g);
-    }
-    return g;
-  };
+  const Ops ops{grad, out, g_out};
 
   if (inner != 1) {
     // NCHW: blocks are chunks of inner_per_block elements of one (n, c)
     // plane; the sum of chunk j of plane (n, c) goes to bias_partials[n, c, j].
     const int64_t chunks = (inner + inner_per_block - 1) / inner_per_block;
-    at::parallel_for(0, rows * k * chunks, 1, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, rows * k * chunks, 1, [&, chunks, inner, inner_per_block, bias_partials](int64_t t0, int64_t t1) {
+      const Ops op = ops;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t i0 = (t % chunks) * inner_per_block;
         const int64_t i1 = std::min(inner, i0 + inner_per_block);
@@ -195,14 +234,14 @@ void backward_kernel(
         int64_t i = i0;
         for (; i + V <= i1; i += V) {
           OVec g[P];
-          masked(base + i, g);
+          op.masked(base + i, g);
           for (int p = 0; p < P; ++p) {
             acc = acc + g[p];
           }
         }
         opmath_t tail = 0;
         for (; i < i1; ++i) {
-          tail = reduce_combine(tail, masked_scalar(base + i));
+          tail = reduce_combine(tail, op.masked_scalar(base + i));
         }
         if (bias_partials) {
           bias_partials[t] = reduce_combine(
@@ -214,33 +253,43 @@ void backward_kernel(
     });
     return;
   }
-  // NHWC: fixed blocks of rows; each block sums its rows into its own row of
-  // bias_partials.
-  const int64_t num_blocks = (rows + rows_per_block - 1) / rows_per_block;
-  at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      opmath_t* sums = bias_partials ? bias_partials + blk * k : nullptr;
-      if (sums) {
-        std::fill(sums, sums + k, opmath_t(0));
+  if (bias_partials == nullptr) {
+    // NHWC, the mask alone: elementwise, so even chunks of the flat tensor
+    // keep both threads busy whatever the shape.
+    at::parallel_for(0, rows * k, kElementwiseGrain, [&](int64_t i0, int64_t i1) {
+      const Ops op = ops;
+      int64_t i = i0;
+      for (; i + V <= i1; i += V) {
+        OVec g[P];
+        op.masked(i, g);
       }
+      for (; i < i1; ++i) {
+        op.masked_scalar(i);
+      }
+    });
+    return;
+  }
+  // NHWC with grad_bias: fixed blocks of rows; each block sums its rows into
+  // its own row of bias_partials.
+  const int64_t num_blocks = (rows + rows_per_block - 1) / rows_per_block;
+  at::parallel_for(0, num_blocks, 1, [&, rows, k, rows_per_block, bias_partials](int64_t b0, int64_t b1) {
+    const Ops op = ops;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      opmath_t* sums = bias_partials + blk * k;
+      std::fill(sums, sums + k, opmath_t(0));
       const int64_t r_end = std::min(rows, (blk + 1) * rows_per_block);
       for (int64_t row = blk * rows_per_block; row < r_end; ++row) {
         const int64_t base = row * k;
         int64_t c = 0;
         for (; c + V <= k; c += V) {
           OVec g[P];
-          masked(base + c, g);
-          if (sums) {
-            for (int p = 0; p < P; ++p) {
-              (OVec::loadu(sums + c + p * W) + g[p]).store(sums + c + p * W);
-            }
+          op.masked(base + c, g);
+          for (int p = 0; p < P; ++p) {
+            (OVec::loadu(sums + c + p * W) + g[p]).store(sums + c + p * W);
           }
         }
         for (; c < k; ++c) {
-          const opmath_t g = masked_scalar(base + c);
-          if (sums) {
-            sums[c] = reduce_combine(sums[c], g);
-          }
+          sums[c] = reduce_combine(sums[c], op.masked_scalar(base + c));
         }
       }
     }
