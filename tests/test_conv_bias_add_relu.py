@@ -328,6 +328,32 @@ def test_gradients_are_deterministic_across_thread_counts(target, layout):
                 assert torch.equal(ours[n][i], ours[1][i]), f"grad_{name} changed from 1 to {n} threads"
 
 
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=str)
+def test_cpu_mask_pass_nan_bits_do_not_depend_on_thread_count(dtype):
+    """The CPU backward's mask pass writes a NaN with the same bits on any thread count. A vector and a scalar store
+    of a reduced-precision NaN can differ in bits, so which elements take the scalar tail must follow from the shape
+    alone, not from where the threads' chunks end."""
+    # channels_last with K = 3: 90000 elements, which 2 and 3 threads split away from vector boundaries.
+    grad = torch.full((1, 3, 300, 100), float("nan"), dtype=dtype).contiguous(memory_format=torch.channels_last)
+    out = torch.ones_like(grad)
+    stand_in_weight = out.new_empty(()).expand(3, 1, 1, 1)  # read for its shape only: no conv gradient is asked
+    backward = torch.ops.resnet_fused.conv_bias_add_relu_backward
+    bits = {}
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            g = backward(
+                grad, out, out, stand_in_weight, None, [1, 1], [0, 0], [1, 1], 3, True, [False, False, False, True]
+            )[3]
+            bits[n] = g.view(torch.int16)
+    finally:
+        torch.set_num_threads(threads)
+    assert g.isnan().all()
+    for n in (2, 3):
+        assert torch.equal(bits[n], bits[1]), f"grad_residual's NaN bits changed from 1 to {n} threads"
+
+
 # ---- autocast: the op computes in the dtype autocast gives F.conv2d ----
 
 

@@ -60,9 +60,9 @@ struct VecIO {
   }
 };
 
-// The per-element work of the epilogue pass. Each task copies this struct
-// into a local, so that its pointers and sizes stay in registers: read
-// through a captured reference they would be reloaded after every vector
+// The per-element work of the epilogue pass, with its pointers and sizes.
+// Each task copies this struct into a local, so that they stay in registers:
+// read through a captured reference they would be reloaded after every vector
 // store (intrinsic stores may alias anything), as profiles showed.
 template <typename scalar_t, bool kResidual, bool kRelu>
 struct EpilogueOps {
@@ -75,6 +75,7 @@ struct EpilogueOps {
   const scalar_t* residual;
   const opmath_t* scale;
   const opmath_t* bias;
+  int64_t k, inner;
 
   inline void scalar_at(int64_t i, opmath_t s, opmath_t b) const {
     const opmath_t r = kResidual ? opmath_t(residual[i]) : opmath_t(0);
@@ -113,16 +114,16 @@ void epilogue_kernel(
   constexpr int64_t V = Ops::IO::kSize;
   constexpr int P = Ops::P;
   constexpr int64_t W = OVec::size();
-  const Ops ops{y, residual, scale, bias};
+  const Ops ops{y, residual, scale, bias, k, inner};
 
   if (inner == 1) {
     // Channels innermost: vectors of scale/bias along K.
-    at::parallel_for(0, rows, std::max<int64_t>(1, kElementwiseGrain / k), [&, k](int64_t r0, int64_t r1) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, kElementwiseGrain / k), [&](int64_t r0, int64_t r1) {
       const Ops op = ops;
       for (int64_t row = r0; row < r1; ++row) {
-        const int64_t base = row * k;
+        const int64_t base = row * op.k;
         int64_t c = 0;
-        for (; c + V <= k; c += V) {
+        for (; c + V <= op.k; c += V) {
           OVec s[P], b[P];
           for (int p = 0; p < P; ++p) {
             s[p] = OVec::loadu(op.scale + c + p * W);
@@ -130,28 +131,28 @@ void epilogue_kernel(
           }
           op.vec_at(base + c, s, b);
         }
-        for (; c < k; ++c) {
+        for (; c < op.k; ++c) {
           op.scalar_at(base + c, op.scale[c], op.bias[c]);
         }
       }
     });
   } else {
     // One (n, c) plane per task: scale/bias are scalars along the plane.
-    at::parallel_for(0, rows * k, std::max<int64_t>(1, kElementwiseGrain / inner), [&, k, inner](int64_t p0, int64_t p1) {
+    at::parallel_for(0, rows * k, std::max<int64_t>(1, kElementwiseGrain / inner), [&](int64_t p0, int64_t p1) {
       const Ops op = ops;
       for (int64_t plane = p0; plane < p1; ++plane) {
-        const int64_t c = plane % k;
-        const int64_t base = plane * inner;
+        const int64_t c = plane % op.k;
+        const int64_t base = plane * op.inner;
         OVec s[P], b[P];
         for (int p = 0; p < P; ++p) {
           s[p] = OVec(op.scale[c]);
           b[p] = OVec(op.bias[c]);
         }
         int64_t i = 0;
-        for (; i + V <= inner; i += V) {
+        for (; i + V <= op.inner; i += V) {
           op.vec_at(base + i, s, b);
         }
-        for (; i < inner; ++i) {
+        for (; i < op.inner; ++i) {
           op.scalar_at(base + i, op.scale[c], op.bias[c]);
         }
       }
@@ -159,8 +160,9 @@ void epilogue_kernel(
   }
 }
 
-// The per-element work of the backward pass (see EpilogueOps for why each
-// task copies it): g = relu_backward(grad, out), stored when g_out is set.
+// The per-element work of the backward pass, with its pointers and sizes
+// (see EpilogueOps for why each task copies it): g = relu_backward(grad, out),
+// stored when g_out is set, and the partial sums' layout (see BackwardArgs).
 template <typename scalar_t, bool kRelu>
 struct BackwardOps {
   using IO = VecIO<scalar_t>;
@@ -171,6 +173,8 @@ struct BackwardOps {
   const scalar_t* grad;
   const scalar_t* out;
   scalar_t* g_out;
+  opmath_t* bias_partials;
+  int64_t rows, k, inner, rows_per_block, inner_per_block;
 
   inline void masked(int64_t i, OVec (&g)[P]) const {
     IO::load(grad + i, g);
@@ -218,18 +222,19 @@ void backward_kernel(
   constexpr int64_t V = Ops::IO::kSize;
   constexpr int P = Ops::P;
   constexpr int64_t W = OVec::size();
-  const Ops ops{grad, out, g_out};
+  const Ops ops{grad, out, g_out, bias_partials, rows, k, inner, rows_per_block, inner_per_block};
 
   if (inner != 1) {
     // NCHW: blocks are chunks of inner_per_block elements of one (n, c)
     // plane; the sum of chunk j of plane (n, c) goes to bias_partials[n, c, j].
     const int64_t chunks = (inner + inner_per_block - 1) / inner_per_block;
-    at::parallel_for(0, rows * k * chunks, 1, [&, chunks, inner, inner_per_block, bias_partials](int64_t t0, int64_t t1) {
+    at::parallel_for(0, rows * k * chunks, 1, [&](int64_t t0, int64_t t1) {
       const Ops op = ops;
+      const int64_t n_chunks = chunks;
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t i0 = (t % chunks) * inner_per_block;
-        const int64_t i1 = std::min(inner, i0 + inner_per_block);
-        const int64_t base = (t / chunks) * inner;
+        const int64_t i0 = (t % n_chunks) * op.inner_per_block;
+        const int64_t i1 = std::min(op.inner, i0 + op.inner_per_block);
+        const int64_t base = (t / n_chunks) * op.inner;
         OVec acc(0);
         int64_t i = i0;
         for (; i + V <= i1; i += V) {
@@ -243,8 +248,8 @@ void backward_kernel(
         for (; i < i1; ++i) {
           tail = reduce_combine(tail, op.masked_scalar(base + i));
         }
-        if (bias_partials) {
-          bias_partials[t] = reduce_combine(
+        if (op.bias_partials) {
+          op.bias_partials[t] = reduce_combine(
               at::vec::vec_reduce_all<opmath_t>(
                   [](OVec a, OVec b) { return a + b; }, acc),
               tail);
@@ -254,41 +259,44 @@ void backward_kernel(
     return;
   }
   if (bias_partials == nullptr) {
-    // NHWC, the mask alone: elementwise, so even chunks of the flat tensor
-    // keep both threads busy whatever the shape.
-    at::parallel_for(0, rows * k, kElementwiseGrain, [&](int64_t i0, int64_t i1) {
+    // NHWC, the mask alone: elementwise, so the flat tensor splits into even
+    // chunks of whole vectors, however few its rows. The scalar tail is the
+    // last elements whatever the thread count: a scalar and a vector store
+    // may write a reduced-precision NaN with different bits.
+    const int64_t n = rows * k;
+    const int64_t vectors = n / V;
+    at::parallel_for(0, vectors, std::max<int64_t>(1, kElementwiseGrain / V), [&](int64_t v0, int64_t v1) {
       const Ops op = ops;
-      int64_t i = i0;
-      for (; i + V <= i1; i += V) {
+      for (int64_t i = v0 * V; i < v1 * V; i += V) {
         OVec g[P];
         op.masked(i, g);
       }
-      for (; i < i1; ++i) {
-        op.masked_scalar(i);
-      }
     });
+    for (int64_t i = vectors * V; i < n; ++i) {
+      ops.masked_scalar(i);
+    }
     return;
   }
   // NHWC with grad_bias: fixed blocks of rows; each block sums its rows into
   // its own row of bias_partials.
   const int64_t num_blocks = (rows + rows_per_block - 1) / rows_per_block;
-  at::parallel_for(0, num_blocks, 1, [&, rows, k, rows_per_block, bias_partials](int64_t b0, int64_t b1) {
+  at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
     const Ops op = ops;
     for (int64_t blk = b0; blk < b1; ++blk) {
-      opmath_t* sums = bias_partials + blk * k;
-      std::fill(sums, sums + k, opmath_t(0));
-      const int64_t r_end = std::min(rows, (blk + 1) * rows_per_block);
-      for (int64_t row = blk * rows_per_block; row < r_end; ++row) {
-        const int64_t base = row * k;
+      opmath_t* sums = op.bias_partials + blk * op.k;
+      std::fill(sums, sums + op.k, opmath_t(0));
+      const int64_t r_end = std::min(op.rows, (blk + 1) * op.rows_per_block);
+      for (int64_t row = blk * op.rows_per_block; row < r_end; ++row) {
+        const int64_t base = row * op.k;
         int64_t c = 0;
-        for (; c + V <= k; c += V) {
+        for (; c + V <= op.k; c += V) {
           OVec g[P];
           op.masked(base + c, g);
           for (int p = 0; p < P; ++p) {
             (OVec::loadu(sums + c + p * W) + g[p]).store(sums + c + p * W);
           }
         }
-        for (; c < k; ++c) {
+        for (; c < op.k; ++c) {
           sums[c] = reduce_combine(sums[c], op.masked_scalar(base + c));
         }
       }
