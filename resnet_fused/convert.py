@@ -14,7 +14,10 @@ What happens to each norm after a conv depends on what it is at conversion time:
   residual add (and folds on the fly once the model is put in eval mode). Such blocks are listed in
   ``report.unfused`` and a warning names them. ``freeze_bn=True`` instead freezes them from their
   running statistics into a scale/shift epilogue, like FrozenBatchNorm2d.
-- any other norm (GroupNorm, ...): kept and run unfused, listed in ``report.unfused``.
+- any other norm (GroupNorm, ...), or a norm with hooks: kept and run unfused, listed in ``report.unfused``.
+
+Hooks are never dropped: a block, conv or stem module with hooks keeps its block or stem as it was
+(``report.kept``, with a warning); a block's ``relu`` and its kept norms stay the same module objects.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .nn import BasicBlock, Bottleneck, FusedConv2d, check_residual, norm_scale_shift
+from .nn import BasicBlock, Bottleneck, FusedConv2d, _has_hooks, check_residual, norm_scale_shift
 
 __all__ = ["ConversionReport", "convert"]
 
@@ -43,22 +46,28 @@ class ConversionReport:
         scale_shift: blocks and stems with at least one norm kept as a frozen scale/shift epilogue
             (FrozenBatchNorm2d, or BatchNorm2d with ``freeze_bn=True``); the others are folded.
         unfused: blocks and stems with a norm left as a module (BatchNorm2d in train mode, other
-            norms); their convs still run through the fused op. Unfused stems are not swapped.
+            norms, a norm with hooks); their convs still run through the fused op. Unfused stems are not
+            swapped.
+        kept: blocks and stems left as they were because a module convert would replace has hooks
+            (the block itself, one of its convs, a stem's conv, norm or ReLU): they would be dropped, or
+            see other tensors.
     """
 
     folded: list[str] = field(default_factory=list)
     scale_shift: list[str] = field(default_factory=list)
     unfused: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [
             f"ConversionReport: {len(self.folded)} folded, {len(self.scale_shift)} scale/shift, "
-            f"{len(self.unfused)} with unfused norms"
+            f"{len(self.unfused)} with unfused norms, {len(self.kept)} kept for their hooks"
         ]
         for title, names in (
             ("folded", self.folded),
             ("scale/shift", self.scale_shift),
             ("unfused norm", self.unfused),
+            ("kept (hooks)", self.kept),
         ):
             if names:
                 lines.append(f"  {title}: {', '.join(n or '<model>' for n in names)}")
@@ -93,8 +102,10 @@ def _fuse_conv_norm(
 ) -> tuple[FusedConv2d, nn.Module, str]:
     """``(fused conv, norm to keep or nn.Identity, 'folded' | 'scale_shift' | 'unfused')``."""
     fused = FusedConv2d.from_conv2d(conv, relu=relu, backend=backend)
-    if isinstance(norm, nn.Identity):  # a BN-free block (norm_layer=nn.Identity): nothing to fold
+    if isinstance(norm, nn.Identity) and not _has_hooks(norm):  # a BN-free block: nothing to fold
         return fused, norm, "folded"
+    if _has_hooks(norm):  # kept as a module: the fused conv calls it, so its hooks see what they saw
+        return fused, norm, "unfused"
     is_bn = isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm))
     if is_bn and norm.training and freeze_bn:
         fold_into_weight, affine = False, _batchnorm_scale_shift(norm)
@@ -108,13 +119,20 @@ def _fuse_conv_norm(
         if not fold_into_weight:
             # BN(conv + b) = conv * s + (t + s * b): the conv keeps its own weight and bias.
             fused.set_scale_shift(scale.to(conv.weight.dtype), shift.to(conv.weight.dtype))
-            return fused, nn.Identity(), "scale_shift"
+            return fused, _identity_for(norm), "scale_shift"
         s64, t64 = scale.double(), shift.double()  # fold in float64, round once
         weight = conv.weight.double() * s64.reshape(-1, 1, 1, 1)
         bias = t64 if conv.bias is None else t64 + s64 * conv.bias.double()
         fused.weight = nn.Parameter(weight.to(conv.weight.dtype), conv.weight.requires_grad)
         fused.bias = nn.Parameter(bias.to(conv.weight.dtype), conv.weight.requires_grad)
-    return fused, nn.Identity(), "folded"
+    return fused, _identity_for(norm), "folded"
+
+
+def _identity_for(replaced: nn.Module) -> nn.Identity:
+    """An ``nn.Identity`` standing where ``replaced`` was, in its train/eval mode."""
+    identity = nn.Identity()
+    identity.training = replaced.training
+    return identity
 
 
 def _merge_status(statuses: list[str]) -> str:
@@ -124,7 +142,8 @@ def _merge_status(statuses: list[str]) -> str:
     return "folded"
 
 
-def _convert_block(name: str, block: nn.Module, *, freeze_bn: bool, backend: str) -> tuple[nn.Module, str]:
+def _check_block(name: str, block: nn.Module) -> tuple[type, list[str], list[nn.Conv2d]]:
+    """``(fused block class, layer suffixes, convs)`` of a torchvision block convert can swap; else the error."""
     tv_resnet, _ = _tv()
     kind = type(block)
     base = tv_resnet.BasicBlock if isinstance(block, tv_resnet.BasicBlock) else tv_resnet.Bottleneck
@@ -147,7 +166,40 @@ def _convert_block(name: str, block: nn.Module, *, freeze_bn: bool, backend: str
     in_channels, out_channels = convs[0].in_channels, convs[-1].out_channels
     stride = tuple(math.prod(c.stride[i] for c in convs) for i in range(2))
     check_residual(f"convert: {name or '<model>'}", in_channels, out_channels, stride, block.downsample)
+    return ours, layers, convs
 
+
+def _fusable_shortcut(block: nn.Module) -> bool:
+    """Whether the block's ``downsample`` is the ``Sequential(conv, norm)`` projection convert fuses."""
+    ds = block.downsample
+    return isinstance(ds, nn.Sequential) and len(ds) == 2 and type(ds[0]) is nn.Conv2d
+
+
+def _block_hooks(block: nn.Module) -> bool:
+    """Whether a module that swapping ``block`` replaces has hooks: the block or a conv. (Its ReLU and shortcut
+    container are kept as they are, and a norm with hooks stays a module.)"""
+    layers = [m for attr, m in block.named_children() if attr.startswith("conv")]
+    if _fusable_shortcut(block):
+        layers.append(block.downsample[0])
+    return any(map(_has_hooks, (block, *layers)))
+
+
+def _stem_parts(parent: nn.Module) -> tuple[nn.Conv2d, nn.Module, nn.Module] | None:
+    """``(conv1, bn1, relu)`` of a stem convert may fuse, or None: the parent must compute ``relu(bn1(conv1(x)))``
+    with torchvision's own forward, and an IntermediateLayerGetter must not return one of them."""
+    tv_resnet, tv_utils = _tv()
+    if type(parent).forward not in (tv_resnet.ResNet.forward, tv_utils.IntermediateLayerGetter.forward):
+        return None  # a subclass with its own forward: convert cannot know how it uses the stem
+    if isinstance(parent, tv_utils.IntermediateLayerGetter) and {"conv1", "bn1", "relu"} & set(parent.return_layers):
+        return None  # the stem's intermediate outputs are requested: keep them
+    conv, norm, relu = (getattr(parent, a, None) for a in ("conv1", "bn1", "relu"))
+    if type(conv) is not nn.Conv2d or not isinstance(relu, nn.ReLU) or norm is None:
+        return None
+    return conv, norm, relu
+
+
+def _convert_block(name: str, block: nn.Module, *, freeze_bn: bool, backend: str) -> tuple[nn.Module, str]:
+    ours, layers, convs = _check_block(name, block)
     new = ours.__new__(ours)
     nn.Module.__init__(new)
     statuses = []
@@ -158,16 +210,17 @@ def _convert_block(name: str, block: nn.Module, *, freeze_bn: bool, backend: str
         setattr(new, "conv" + i, fused)
         setattr(new, "bn" + i, norm)
         statuses.append(status)
-    new.relu = nn.ReLU(inplace=True)
+    new.relu = block.relu  # kept, hooks and all: a hooked ReLU is called where torchvision calls it
     ds = block.downsample
-    if isinstance(ds, nn.Sequential) and len(ds) == 2 and type(ds[0]) is nn.Conv2d:
+    if _fusable_shortcut(block):
         fused, norm, status = _fuse_conv_norm(ds[0], ds[1], relu=False, freeze_bn=freeze_bn, backend=backend)
-        new.downsample = nn.Sequential(fused, norm)
+        ds[0], ds[1] = fused, norm  # the container itself stays, with its hooks
         statuses.append(status)
-    else:  # no shortcut, or one convert does not know: kept and run as it is
-        new.downsample = ds
+    new.downsample = ds  # fused above, or none, or one convert does not know: kept and run as it is
     new.stride = block.stride
-    new.train(block.training)
+    # Only the block's own mode: every module inside keeps its own (a BatchNorm put in eval mode in a model that
+    # trains stays in eval mode).
+    new.training = block.training
     return new, _merge_status(statuses)
 
 
@@ -178,15 +231,10 @@ def _check_plain_weights(model: nn.Module, tv_resnet, tv_utils) -> None:
     for name, m in model.named_modules():
         if isinstance(m, blocks):
             convs = [f"conv{i}" for i in (1, 2, 3) if hasattr(m, f"conv{i}")]
-            ds = m.downsample
-            if isinstance(ds, nn.Sequential) and len(ds) == 2 and type(ds[0]) is nn.Conv2d:
+            if _fusable_shortcut(m):
                 convs.append("downsample.0")  # any other shortcut is kept as it is
         elif isinstance(m, (tv_resnet.ResNet, tv_utils.IntermediateLayerGetter)):
-            # The stem, where _convert_stem would fuse it.
-            conv, norm, relu = (getattr(m, a, None) for a in ("conv1", "bn1", "relu"))
-            if type(conv) is not nn.Conv2d or not isinstance(relu, nn.ReLU) or norm is None:
-                continue
-            if isinstance(m, tv_utils.IntermediateLayerGetter) and {"conv1", "bn1", "relu"} & set(m.return_layers):
+            if _stem_parts(m) is None:  # the stem, where _convert_stem would fuse it
                 continue
             convs = ["conv1"]
         else:
@@ -205,14 +253,17 @@ def _check_plain_weights(model: nn.Module, tv_resnet, tv_utils) -> None:
 
 
 def _convert_stem(name: str, parent: nn.Module, *, freeze_bn: bool, backend: str) -> str | None:
-    """Fuse ``parent.conv1 -> bn1 -> relu`` in place; returns the status, or None if no stem."""
-    conv, norm, relu = (getattr(parent, a, None) for a in ("conv1", "bn1", "relu"))
-    if type(conv) is not nn.Conv2d or not isinstance(relu, nn.ReLU) or norm is None:
+    """Fuse ``parent.conv1 -> bn1 -> relu`` in place; returns the status, "kept" (hooks), or None if no stem."""
+    parts = _stem_parts(parent)
+    if parts is None:
         return None
+    conv, norm, relu = parts
+    if any(map(_has_hooks, parts)):
+        return "kept"
     fused, kept_norm, status = _fuse_conv_norm(conv, norm, relu=True, freeze_bn=freeze_bn, backend=backend)
     if status == "unfused":
         return status  # conv -> BN(batch stats) -> relu: nothing to fuse, leave the stem alone
-    parent.conv1, parent.bn1, parent.relu = fused, kept_norm, nn.Identity()
+    parent.conv1, parent.bn1, parent.relu = fused, kept_norm, _identity_for(relu)
     return status
 
 
@@ -226,10 +277,12 @@ def convert(
     ``Sequential`` of blocks, or a block itself. Weights are kept; the module docstring says what
     happens to each kind of norm. The stem (``conv1 -> bn1 -> relu`` of a ResNet or
     IntermediateLayerGetter) becomes one fused conv+bias+relu with ``bn1`` and ``relu`` replaced by
-    ``nn.Identity``. Other modules (maxpool, fc, FPN, ...) are untouched.
+    ``nn.Identity``; a ResNet subclass with its own ``forward`` keeps its stem. Other modules (maxpool, fc, FPN,
+    ...) are untouched, and every module keeps its train/eval mode. A block that appears in several places becomes
+    one fused block in all of them.
 
     Args:
-        model: the model; left unmodified unless ``inplace``.
+        model: the model; left unmodified unless ``inplace`` (and, when convert raises, left as it was).
         inplace: convert ``model`` itself (reusing its Parameter objects where weights are not
             folded) instead of a deep copy. A block passed as ``model`` cannot become another class
             in place: use the returned module.
@@ -266,39 +319,57 @@ def convert(
     report = ConversionReport()
 
     def record(name: str, status: str) -> None:
-        {"folded": report.folded, "scale_shift": report.scale_shift, "unfused": report.unfused}[status].append(name)
+        lists = {"folded": report.folded, "scale_shift": report.scale_shift, "unfused": report.unfused}
+        lists.get(status, report.kept).append(name)
 
     blocks = (tv_resnet.BasicBlock, tv_resnet.Bottleneck)
     stem_parents = (tv_resnet.ResNet, tv_utils.IntermediateLayerGetter)
-    # Collect first: the module tree must not change while it is being walked.
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, blocks + stem_parents)]
+    # Collect first: the module tree must not change while it is being walked. Every place a module sits, so that a
+    # block shared by two parents becomes one fused block in both.
+    found = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, blocks + stem_parents)]
+    # Check every block before changing anything: a refused model is left as it was (inplace=True).
     for name, module in found:
-        if isinstance(module, stem_parents):
-            if isinstance(module, tv_utils.IntermediateLayerGetter) and {"conv1", "bn1", "relu"} & set(
-                module.return_layers
-            ):
-                continue  # the stem's intermediate outputs are requested: keep them
+        if isinstance(module, blocks):
+            _check_block(name, module)
+    done: dict[int, tuple[nn.Module, str]] = {}  # id(original) -> (its replacement, status)
+    for name, module in found:
+        if id(module) in done:
+            new, status = done[id(module)]
+        elif isinstance(module, stem_parents):
             status = _convert_stem(name, module, freeze_bn=freeze_bn, backend=backend)
-            if status is not None:
-                record(f"{name}.conv1" if name else "conv1", status)
+            new = module  # changed in place
+        elif _block_hooks(module):
+            new, status = module, "kept"
+        else:
+            new, status = _convert_block(name, module, freeze_bn=freeze_bn, backend=backend)
+        done[id(module)] = new, status
+        if status is not None:
+            stem = isinstance(module, stem_parents)
+            record((f"{name}.conv1" if name else "conv1") if stem else name, status)
+        if new is module:
             continue
-        new, status = _convert_block(name, module, freeze_bn=freeze_bn, backend=backend)
-        record(name, status)
         if not name:
             model = new
         else:
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name), attr, new)
-    if not (report.folded or report.scale_shift or report.unfused):
+    if not (report.folded or report.scale_shift or report.unfused or report.kept):
         raise ValueError(
             f"convert: found no torchvision ResNet block (BasicBlock/Bottleneck) or stem in "
             f"{type(model).__name__}; build custom models from resnet_fused.nn modules instead"
         )
     if report.unfused:
         warnings.warn(
-            f"convert: norms left unfused (BatchNorm in train mode or other norms) in "
+            f"convert: norms left unfused (BatchNorm in train mode, other norms, norms with hooks) in "
             f"{', '.join(n or '<model>' for n in report.unfused)}; call model.eval() before "
             f"convert to fold BatchNorm, or pass freeze_bn=True",
+            stacklevel=2,
+        )
+    if report.kept:
+        warnings.warn(
+            f"convert: kept as they were, for the hooks on modules convert would replace: "
+            f"{', '.join(n or '<model>' for n in report.kept)}; remove those hooks, convert, and register them on "
+            f"the converted model to fuse these too",
             stacklevel=2,
         )
     return model, report

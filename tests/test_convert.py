@@ -378,3 +378,101 @@ def test_a_parametrized_shortcut_or_stem_that_convert_keeps_is_not_refused():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(converted(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_modes_inside_a_block_are_kept():
+    """A BatchNorm in eval mode inside a training model (frozen-BN fine-tuning), and one in train mode inside an eval
+    block, keep their modes: convert sets only the new block's own. The stem's new Identity modules take the modes
+    of the modules they replace."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 8, 8)
+    # A shortcut convert does not know (pooling first), kept as it is, with its BatchNorm in eval mode.
+    down = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16))
+    training = randomize_norms_(nn.Sequential(tv.BasicBlock(8, 16, stride=2, downsample=down))).train()
+    training[0].downsample[2].eval()
+    block = randomize_norms_(nn.Sequential(tv.BasicBlock(8, 8))).eval()
+    block[0].bn1.train()
+    for model in (training, block):
+        modes = {n: m.training for n, m in model.named_modules()}
+        with pytest.warns(UserWarning, match="unfused"):
+            converted, _ = convert(model)
+        for name, m in converted.named_modules():
+            if name in modes and type(m) is type(model.get_submodule(name)):
+                assert m.training == modes[name], f"{name}: training changed from {modes[name]} to {m.training}"
+        assert_close(converted(x), copy.deepcopy(model)(x).detach(), torch.float32, "output")
+    converted, _ = convert(small_resnet().eval())
+    assert not [n for n, m in converted.named_modules() if m.training]
+
+
+class OwnForwardResNet(tv.ResNet):
+    """Uses conv1 and bn1 without the stem's ReLU: convert must not fuse a ReLU into conv1."""
+
+    def forward(self, x):
+        return self.bn1(self.conv1(x))
+
+
+def test_a_resnet_with_its_own_forward_keeps_its_stem():
+    torch.manual_seed(0)
+    model = randomize_norms_(OwnForwardResNet(tv.BasicBlock, [1, 1, 1, 1])).eval()
+    converted, report = convert(model)
+    assert "conv1" not in report.folded and type(converted.conv1) is nn.Conv2d
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        y = converted(x)
+        assert (y < 0).any()  # no ReLU was added
+        assert_close(y, model(x), torch.float32, "output")
+
+
+def test_a_shared_block_stays_shared():
+    torch.manual_seed(0)
+    block = randomize_norms_(tv.BasicBlock(8, 8)).eval()
+    model = nn.Sequential(block, nn.ReLU(), block)
+    converted, report = convert(model)
+    assert converted[0] is converted[2] and isinstance(converted[0], rf_nn.BasicBlock)
+    assert sum(p.numel() for p in converted.parameters()) == sum(
+        p.numel() for p in converted[0].parameters()
+    )  # one set of parameters, as in the original
+    assert report.folded == ["0", "2"]
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        assert_close(converted(x), model(x), torch.float32, "output")
+
+
+def test_hooked_modules_are_kept_or_stay_modules():
+    """Hooks are never dropped: a block or conv with hooks is kept as it was (reported, warned about); a hooked
+    BatchNorm stays a module the fused conv calls, and a hooked ReLU is called where torchvision calls it; each hook
+    sees what it saw in the original."""
+    torch.manual_seed(0)
+    model = randomize_norms_(small_resnet()).eval()
+    x = torch.randn(1, 3, 32, 32)
+    seen: dict[str, torch.Tensor] = {}
+    for name in ("conv1", "layer1.0", "layer2.0.conv2", "layer3.0.bn1", "layer4.0.relu"):
+        model.get_submodule(name).register_forward_hook(
+            lambda mod, args, out, name=name: seen.__setitem__(name, out.detach().clone())
+        )
+    with torch.no_grad():
+        expected = model(x)
+    seen_before = dict(seen)
+    seen.clear()
+    with pytest.warns(UserWarning) as warned:
+        converted, report = convert(model)  # a deep copy: the hooks come along
+    assert any("kept as they were" in str(w.message) for w in warned)
+    assert report.kept == ["conv1", "layer1.0", "layer2.0"]
+    assert type(converted.layer1[0]) is tv.BasicBlock and type(converted.layer2[0]) is tv.BasicBlock
+    assert isinstance(converted.layer3[0], rf_nn.BasicBlock) and type(converted.layer3[0].bn1) is nn.BatchNorm2d
+    assert isinstance(converted.layer4[0], rf_nn.BasicBlock) and "layer4.0" in report.folded
+    with torch.no_grad():
+        assert_close(converted(x), expected, torch.float32, "output")
+    assert seen.keys() == seen_before.keys()
+    for name, out in seen_before.items():
+        assert_close(seen[name], out, torch.float32, f"{name}'s hook output")
+
+
+def test_a_refused_model_is_left_as_it_was():
+    """convert checks every block before changing anything: with inplace=True a refusal leaves the model whole."""
+    model = nn.Sequential(randomize_norms_(small_resnet()).eval(), CustomForward(4, 4))
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="its own forward"):
+        convert(model, inplace=True)
+    assert_unchanged(model, before)
+    assert type(model[0].conv1) is nn.Conv2d and type(model[0].bn1) is nn.BatchNorm2d
