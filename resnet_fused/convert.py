@@ -128,6 +128,11 @@ def _fuse_conv_norm(
     return fused, _identity_for(norm), "folded"
 
 
+def _hook_dicts(m: nn.Module) -> tuple[dict, ...]:
+    """The module's own forward and backward hook tables (those ``_has_hooks`` reads)."""
+    return m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks
+
+
 def _identity_for(replaced: nn.Module) -> nn.Identity:
     """An ``nn.Identity`` standing where ``replaced`` was, in its train/eval mode."""
     identity = nn.Identity()
@@ -176,19 +181,42 @@ def _fusable_shortcut(block: nn.Module) -> bool:
 
 
 def _block_hooks(block: nn.Module) -> bool:
-    """Whether a module that swapping ``block`` replaces has hooks: the block or a conv. (Its ReLU and shortcut
-    container are kept as they are, and a norm with hooks stays a module.)"""
+    """Whether a module that swapping ``block`` replaces has hooks: the block, a conv, or the projection shortcut
+    and its conv. (Its ReLU is kept as it is, and a norm with hooks stays a module.)"""
     layers = [m for attr, m in block.named_children() if attr.startswith("conv")]
     if _fusable_shortcut(block):
-        layers.append(block.downsample[0])
+        layers += [block.downsample, block.downsample[0]]
     return any(map(_has_hooks, (block, *layers)))
+
+
+def _norms_to_fuse(module: nn.Module) -> list[nn.Module]:
+    """The norms converting a block or a stem parent would fold or freeze (hooked ones stay modules)."""
+    tv_resnet, _ = _tv()
+    if isinstance(module, (tv_resnet.BasicBlock, tv_resnet.Bottleneck)):
+        if _block_hooks(module):
+            return []
+        norms = [getattr(module, f"bn{i}") for i in "123" if hasattr(module, f"bn{i}")]
+        if _fusable_shortcut(module):
+            norms.append(module.downsample[1])
+    else:
+        parts = _stem_parts(module)
+        if parts is None or any(map(_has_hooks, parts)):
+            return []
+        norms = [parts[1]]
+    return [norm for norm in norms if not _has_hooks(norm)]
 
 
 def _stem_parts(parent: nn.Module) -> tuple[nn.Conv2d, nn.Module, nn.Module] | None:
     """``(conv1, bn1, relu)`` of a stem convert may fuse, or None: the parent must compute ``relu(bn1(conv1(x)))``
     with torchvision's own forward, and an IntermediateLayerGetter must not return one of them."""
     tv_resnet, tv_utils = _tv()
-    if type(parent).forward not in (tv_resnet.ResNet.forward, tv_utils.IntermediateLayerGetter.forward):
+    own = (
+        type(parent).forward is not tv_resnet.ResNet.forward
+        or type(parent)._forward_impl is not tv_resnet.ResNet._forward_impl
+        if isinstance(parent, tv_resnet.ResNet)
+        else type(parent).forward is not tv_utils.IntermediateLayerGetter.forward
+    )
+    if own:
         return None  # a subclass with its own forward: convert cannot know how it uses the stem
     if isinstance(parent, tv_utils.IntermediateLayerGetter) and {"conv1", "bn1", "relu"} & set(parent.return_layers):
         return None  # the stem's intermediate outputs are requested: keep them
@@ -214,7 +242,8 @@ def _convert_block(name: str, block: nn.Module, *, freeze_bn: bool, backend: str
     ds = block.downsample
     if _fusable_shortcut(block):
         fused, norm, status = _fuse_conv_norm(ds[0], ds[1], relu=False, freeze_bn=freeze_bn, backend=backend)
-        ds[0], ds[1] = fused, norm  # the container itself stays, with its hooks
+        ds = nn.Sequential(fused, norm)  # a new container: the original may be shared with a block left as it was
+        ds.training = block.downsample.training
         statuses.append(status)
     new.downsample = ds  # fused above, or none, or one convert does not know: kept and run as it is
     new.stride = block.stride
@@ -315,7 +344,9 @@ def convert(
     tv_resnet, tv_utils = _tv()
     _check_plain_weights(model, tv_resnet, tv_utils)
     if not inplace:
-        model = copy.deepcopy(model)
+        # Hooks are the caller's objects (a callable with state, a bound method): the copy calls the same ones.
+        hooks = (h for m in model.modules() for d in _hook_dicts(m) for h in d.values())
+        model = copy.deepcopy(model, {id(h): h for h in hooks})
     report = ConversionReport()
 
     def record(name: str, status: str) -> None:
@@ -331,6 +362,10 @@ def convert(
     for name, module in found:
         if isinstance(module, blocks):
             _check_block(name, module)
+        if freeze_bn:
+            for norm in _norms_to_fuse(module):
+                if isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm)) and norm.training:
+                    _batchnorm_scale_shift(norm)  # raises where there are no running statistics to freeze
     done: dict[int, tuple[nn.Module, str]] = {}  # id(original) -> (its replacement, status)
     for name, module in found:
         if id(module) in done:

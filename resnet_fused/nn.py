@@ -287,9 +287,11 @@ class FusedConv2d(nn.Conv2d):
         affine = None if _has_hooks(norm) else norm_scale_shift(norm)
         if affine is None:  # e.g. batch statistics: the norm must see the whole conv output first
             y = norm(self.conv_bias_add_relu(x, scale=scale, bias=shift, relu=False))
+            # In place on the norm's output, as torchvision's blocks (`out += identity`, ReLU(inplace=True)): a hook
+            # that kept that tensor sees what it sees there.
             if residual is not None:
-                y = y + residual
-            return F.relu(y) if relu else y
+                y = y.add_(residual)
+            return F.relu_(y) if relu else y
         # norm(conv * cs + cb) = conv * (s * cs) + (s * cb + t), in the norm's dtype, which may be wider than the
         # conv's (a float32 BatchNorm after bf16 convs, which BatchNorm accepts): rounded once to the conv's.
         s, t = affine

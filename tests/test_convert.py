@@ -411,9 +411,17 @@ class OwnForwardResNet(tv.ResNet):
         return self.bn1(self.conv1(x))
 
 
-def test_a_resnet_with_its_own_forward_keeps_its_stem():
+class OwnForwardImplResNet(tv.ResNet):
+    """The same through ``_forward_impl``, which torchvision's ``forward`` calls."""
+
+    def _forward_impl(self, x):
+        return self.bn1(self.conv1(x))
+
+
+@pytest.mark.parametrize("kind", [OwnForwardResNet, OwnForwardImplResNet])
+def test_a_resnet_with_its_own_forward_keeps_its_stem(kind):
     torch.manual_seed(0)
-    model = randomize_norms_(OwnForwardResNet(tv.BasicBlock, [1, 1, 1, 1])).eval()
+    model = randomize_norms_(kind(tv.BasicBlock, [1, 1, 1, 1])).eval()
     converted, report = convert(model)
     assert "conv1" not in report.folded and type(converted.conv1) is nn.Conv2d
     x = torch.randn(1, 3, 32, 32)
@@ -476,3 +484,53 @@ def test_a_refused_model_is_left_as_it_was():
         convert(model, inplace=True)
     assert_unchanged(model, before)
     assert type(model[0].conv1) is nn.Conv2d and type(model[0].bn1) is nn.BatchNorm2d
+
+
+def test_a_hooked_norm_keeps_the_tensor_torchvision_gives_it():
+    """torchvision adds the shortcut and applies its ReLU in place on the norm's output: a hook that keeps that
+    tensor (no clone) holds the block's output there, and does after convert too."""
+    torch.manual_seed(0)
+    model = randomize_norms_(nn.Sequential(tv.BasicBlock(8, 8))).eval()
+    kept: dict[str, torch.Tensor] = {}
+    for name in ("0.bn1", "0.bn2"):
+        model.get_submodule(name).register_forward_hook(lambda m, a, out, name=name: kept.__setitem__(name, out))
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        model(x)
+        expected = dict(kept)
+        with pytest.warns(UserWarning, match="unfused"):
+            converted, _ = convert(model)
+        converted(x)
+    for name, out in expected.items():
+        assert (out >= 0).all()  # torchvision's in-place ReLU ran on it
+        assert_close(kept[name], out, torch.float32, f"{name}'s kept output")
+
+
+def test_freeze_bn_without_running_statistics_is_refused_before_any_change():
+    model = torchvision.models.resnet18().train()
+    model.layer4[1].bn2 = nn.BatchNorm2d(512, track_running_stats=False)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="freeze_bn=True needs running statistics"):
+        convert(model, inplace=True, freeze_bn=True)
+    assert_unchanged(model, before)
+
+
+def test_hooks_stay_the_callers_objects():
+    """A copy (inplace=False) calls the caller's own hook objects, not copies of them: their state is the caller's."""
+
+    class Counter:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __call__(self, module, args, out) -> None:
+            self.calls += 1
+
+    model = randomize_norms_(small_resnet()).eval()
+    counter = Counter()
+    model.layer1[0].register_forward_hook(counter)
+    with pytest.warns(UserWarning, match="kept as they were"):
+        converted, report = convert(model)
+    assert report.kept == ["layer1.0"]
+    with torch.no_grad():
+        converted(torch.randn(1, 3, 32, 32))
+    assert counter.calls == 1
