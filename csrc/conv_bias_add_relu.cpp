@@ -3,6 +3,7 @@
 #include <Python.h>
 
 #include <ATen/MemoryOverlap.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/accumulate.h>
 #include <c10/util/safe_numerics.h>
 #include <torch/library.h>
@@ -365,6 +366,13 @@ void run_epilogue_(
     const std::optional<at::Tensor>& scale,
     bool relu,
     EpiloguePass epilogue_pass) {
+  // As every in-place op: an inference tensor (which dispatches straight
+  // here, with no autograd keys) changes only inside inference mode.
+  TORCH_CHECK(
+      !y.is_inference() || c10::InferenceMode::is_enabled(),
+      "y: expected a tensor that may be changed in place here, got an "
+      "inference tensor outside torch.inference_mode() (in-place updates to "
+      "inference tensors are allowed only inside it)");
   TORCH_CHECK_VALUE(
       y.dim() == 4, "y: expected a 4-D tensor (N, K, P, Q), got ", y.dim(),
       "-D with shape ", py_shape(y.sizes()));

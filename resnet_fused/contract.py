@@ -77,7 +77,12 @@ def pair(value: IntPair, name: str, min_value: int) -> tuple[int, int]:
         raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
     if min(result) < min_value:
         raise ValueError(f"{name}: expected values >= {min_value}, got {result}")
+    if max(result) > _INT64_MAX:  # the ops take int64
+        raise ValueError(f"{name}: expected values <= {_INT64_MAX}, got {result}")
     return result
+
+
+_INT64_MAX = 2**63 - 1
 
 
 def conv_output_shape(

@@ -221,6 +221,10 @@ class PackedFusedConv2d(FusedConv2d):
         donated channels_last ``residual`` receives the output in place."""
         fused_nn._check_donate(donate_residual)
         relu = self.relu if relu is None else relu
+        if type(relu) is not bool:  # 1 == True: the cached signature would let it pass; the ordinary op refuses it
+            return super().conv_bias_add_relu(
+                x, residual, weight=weight, scale=scale, bias=bias, relu=relu, fold_trainable_scale=fold_trainable_scale
+            )
         # Forward AD runs even under no_grad, where the packed path would drop a tangent (the weight's too); under
         # vmap the ordinary op batches in one call, while the packed path has no batching rule.
         # A trace, export or compile records the ordinary op (see _traced); checked before the fast path below.

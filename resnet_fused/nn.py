@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from resnet_fused import contract
 from resnet_fused.backends import check_name
 from resnet_fused.ops import conv_bias_add_relu
 
@@ -279,6 +280,8 @@ class FusedConv2d(nn.Conv2d):
         # not let the conv write into the caller's residual.
         donate_residual = donate_residual is True
         scale, shift = self.scale_shift()
+        if norm is not None and not isinstance(norm, nn.Module):
+            raise TypeError(f"norm: expected an nn.Module or None, got {type(norm).__name__}")
         if norm is None or (isinstance(norm, nn.Identity) and not _has_hooks(norm)):
             return self.conv_bias_add_relu(
                 x, residual, scale=scale, bias=shift, relu=relu, donate_residual=donate_residual
@@ -295,6 +298,11 @@ class FusedConv2d(nn.Conv2d):
         # norm(conv * cs + cb) = conv * (s * cs) + (s * cb + t), in the norm's dtype, which may be wider than the
         # conv's (a float32 BatchNorm after bf16 convs, which BatchNorm accepts): rounded once to the conv's.
         s, t = affine
+        if isinstance(s, Tensor) and s.shape != (self.out_channels,):  # not an fx Proxy, whose shape is unknown
+            raise ValueError(
+                f"norm: expected a per-channel map of out_channels={self.out_channels} channels, got "
+                f"{type(norm).__name__} of {s.numel()}"
+            )
         if scale is not None:
             s, t = s * scale.to(s.dtype), t + s * shift.to(s.dtype)
         elif shift is not None:
@@ -428,7 +436,8 @@ def check_residual(
     block: str, inplanes: int, out_channels: int, stride: int | tuple[int, int], downsample: object
 ) -> None:
     """Raise ``ValueError`` if, with no shortcut projection, ``x`` cannot be added to the output."""
-    strides = (stride, stride) if isinstance(stride, int) else tuple(stride)
+    single = contract._as_int(stride)  # an int, or a NumPy integer as nn.Conv2d takes
+    strides = (single, single) if single is not None else tuple(stride)
     if downsample is None and (inplanes != out_channels or strides != (1, 1)):
         raise ValueError(
             f"{block}: the residual add needs the input ({inplanes} channels, stride 1) to match "
@@ -647,6 +656,8 @@ class SkipBlock(nn.Module):
 
     def __init__(self, channels: int, num_layers: int = 2, kernel_size: int = 3) -> None:
         super().__init__()
+        if isinstance(num_layers, bool) or contract._as_int(num_layers) is None:
+            raise TypeError(f"SkipBlock: num_layers: expected an int, got {num_layers!r}")
         if num_layers not in (1, 2, 3):
             raise ValueError(f"SkipBlock: num_layers must be 1, 2 or 3, got {num_layers}")
         self.layers = nn.ModuleList(

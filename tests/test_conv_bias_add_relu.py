@@ -451,10 +451,13 @@ BAD_INPUTS = [
     ("w0", lambda: (torch.randn(2, 4, 5, 0), torch.randn(6, 4, 1, 1), {}), ValueError,
      r"x: expected a spatial size \(H, W\) >= 1, got \(5, 0\)"),
     ("groups_zero", lambda: _args(groups=0), ValueError, r"groups: expected an int >= 1, got 0"),
+    ("stride_past_int64", lambda: _args(stride=2**63), ValueError,
+     r"stride: expected values <= 9223372036854775807, got \(9223372036854775808, 9223372036854775808\)"),
 ]  # fmt: skip
 BAD_IDS = [b[0] for b in BAD_INPUTS]
 # A meta tensor dispatches the op to its fake kernel, and the dispatcher's schema refuses a string padding.
-NOT_FOR_OPS = ("padding_str", "device_mix")
+# The dispatcher cannot pass an integer past int64 to any op at all.
+NOT_FOR_OPS = ("padding_str", "device_mix", "stride_past_int64")
 
 
 @pytest.mark.parametrize("make,error,match", [b[1:] for b in BAD_INPUTS], ids=BAD_IDS)

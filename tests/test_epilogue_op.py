@@ -222,3 +222,13 @@ def test_compile_fullgraph_on_a_fresh_output():
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     for a, b in itertools.pairwise((f(x, w, r), compiled(x, w, r))):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_an_inference_tensor_is_refused_outside_inference_mode():
+    """As every in-place op: an inference tensor may be changed only inside inference mode."""
+    with torch.inference_mode():
+        y = torch.randn(1, 2, 3, 3)
+    before = y.clone()
+    with pytest.raises(RuntimeError, match=r"y: expected a tensor that may be changed in place here, got an inference"):
+        OP(y, None, None, None, True)
+    assert torch.equal(y, before)

@@ -740,3 +740,14 @@ def test_threads_sharing_a_prepared_model_get_their_own_results():
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         assert all(pool.map(run, range(4)))
+
+
+def test_the_fast_path_refuses_a_non_bool_relu_as_the_ordinary_op_does():
+    """A call like the last one skips the checks; relu=1 equals True, so the type is checked before that."""
+    conv = optimize_for_inference(nn.Sequential(FusedConv2d(4, 4, 3, padding=1)).eval())[0]
+    x = torch.randn(1, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        conv(x, relu=True)
+        for relu in (1, 1.0):
+            with pytest.raises(TypeError, match=r"relu: expected a bool"):
+                conv(x, relu=relu)

@@ -459,3 +459,27 @@ def test_partial_load_of_a_frozen_scale_leaves_the_shift_defined():
     state["scale"] = torch.full((4,), 2.0)
     conv.load_state_dict(state, strict=False)  # a checkpoint with scale but no shift
     assert torch.equal(conv.scale, torch.full((4,), 2.0)) and torch.equal(conv.shift, torch.zeros(4))
+
+
+def test_bad_module_arguments_name_the_argument():
+    conv = FusedConv2d(4, 4, 3, padding=1)
+    x = torch.randn(1, 4, 5, 5)
+    for norm in (torch.randn(4), "bn"):
+        with pytest.raises(TypeError, match=r"norm: expected an nn.Module or None, got"):
+            conv(x, norm=norm)
+    with pytest.raises(
+        ValueError, match=r"norm: expected a per-channel map of out_channels=4 channels, got BatchNorm2d"
+    ):
+        conv(x, norm=nn.BatchNorm2d(8).eval())
+    with pytest.raises(TypeError, match=r"SkipBlock: num_layers: expected an int, got 2.0"):
+        SkipBlock(4, num_layers=2.0)
+
+
+def test_blocks_take_a_numpy_integer_stride_as_torchvision_does():
+    np = pytest.importorskip("numpy")
+    for cls, planes in ((BasicBlock, 8), (Bottleneck, 2)):
+        down = projection(4, planes * cls.expansion, 2, nn.BatchNorm2d)
+        ours = cls(4, planes, stride=np.int64(2), downsample=down).eval()
+        assert ours(torch.randn(1, 4, 6, 6)).shape == (1, planes * cls.expansion, 3, 3)
+        with pytest.raises(ValueError, match="residual add"):
+            cls(4, planes, stride=np.int64(2))
