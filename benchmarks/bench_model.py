@@ -62,6 +62,10 @@ INFERENCE_BASELINES = ("eager", "compile", "compile-freezing", "ort")  # ratios 
 # Variants whose memory torch's CPU allocator does not see, so the allocator peak would read near zero.
 OUTSIDE_ALLOCATOR = {"ort": "not measured: ONNX Runtime allocates from its own arena, outside torch's allocator"}
 TRAIN_VARIANTS = ("bn-free", "frozen-bn")
+# ONNX Runtime's intra-op threads spin on after a call (its default, kept) and slow whatever runs next on two cores:
+# a resnet50 eager forward at batch 1 took 70 ms right after one, 48 ms 20 ms later, 35 ms from 50 ms on, as alone.
+# With ONNX Runtime among the variants, each sample waits this long first.
+ORT_SETTLE_MS = 100.0
 CLASSES = 1000
 
 
@@ -96,6 +100,47 @@ def bn_free_resnet(arch: str, num_classes: int = CLASSES) -> nn.Module:
                 last = m.conv3 if isinstance(m, Bottleneck) else m.conv2
                 last.weight.mul_(0.2)
     return model
+
+
+def eager_twin(model: nn.Module) -> nn.Module:
+    """A copy of a BN-free ``bn_free_resnet`` model in plain torch as torchvision writes it, the eager baseline at its
+    best: each fused block becomes torchvision's own block (``norm_layer=nn.Identity``, in-place ``out += identity``
+    and ReLU) over ``nn.Conv2d`` layers with the same weights and biases, the fused stem ``nn.Conv2d`` then an in-place
+    ``nn.ReLU``. Same parameters, same function."""
+    import torchvision.models.resnet as tv
+
+    from resnet_fused.nn import BasicBlock, FusedConv2d
+
+    def plain(f: FusedConv2d) -> nn.Conv2d:
+        conv = nn.Conv2d(
+            f.in_channels, f.out_channels, f.kernel_size, f.stride, f.padding, f.dilation, f.groups,
+            bias=f.bias is not None, padding_mode=f.padding_mode,
+        )  # fmt: skip
+        conv.weight, conv.bias = f.weight, f.bias
+        return conv
+
+    def block(b: nn.Module) -> nn.Module:
+        kind, n = (tv.BasicBlock, 2) if isinstance(b, BasicBlock) else (tv.Bottleneck, 3)
+        twin = kind.__new__(kind)
+        nn.Module.__init__(twin)
+        for i in range(1, n + 1):
+            setattr(twin, f"conv{i}", plain(getattr(b, f"conv{i}")))
+            setattr(twin, f"bn{i}", nn.Identity())
+        twin.relu = nn.ReLU(inplace=True)
+        twin.downsample = None if b.downsample is None else nn.Sequential(plain(b.downsample[0]), nn.Identity())
+        twin.stride = b.stride
+        return twin
+
+    model = copy.deepcopy(model)
+    layers = []
+    for m in model:
+        if isinstance(m, FusedConv2d):  # the stem
+            layers += [plain(m), nn.ReLU(inplace=True)] if m.relu else [plain(m)]
+        elif isinstance(m, nn.Sequential):
+            layers.append(nn.Sequential(*(block(b) for b in m)))
+        else:
+            layers.append(m)
+    return nn.Sequential(*layers).train(model.training)
 
 
 def _prepare(model: nn.Module, dtype: torch.dtype, fmt: torch.memory_format, device: torch.device) -> nn.Module:
@@ -264,12 +309,11 @@ def train_impls(
     arch: str, variant: str, dtype: torch.dtype, fmt: torch.memory_format, device: torch.device, x: Tensor, y: Tensor
 ) -> dict[str, Callable[[], object]]:
     """fused / unfused train-step callables of one variant (``bn-free`` or ``frozen-bn``)."""
-    from resnet_fused.nn import set_backend
 
     torch.manual_seed(0)
     if variant == "bn-free":
         fused = bn_free_resnet(arch)
-        unfused = set_backend(copy.deepcopy(fused), "reference")
+        unfused = eager_twin(fused)
     elif variant == "frozen-bn":
         import torchvision
         from torchvision.ops import FrozenBatchNorm2d
@@ -374,6 +418,7 @@ def run(
             min_sample_ms=min_sample_ms,
             baselines=baselines,
             device=dev,
+            settle_ms=ORT_SETTLE_MS if "ort" in impls else 0.0,
         )
         for name, st in stats.items():
             rec = {**base, "impl": name, **timing.stats_record(st, baselines=baselines), **setup.get(name, {})}

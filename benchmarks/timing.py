@@ -2,8 +2,11 @@
 
 Method (the same for every script):
 
-- every implementation is warmed up, then timed in *interleaved rounds*: each round times every implementation once
-  (the order rotates from round to round), so a slow spell on a shared machine hits all of them alike;
+- every implementation is warmed up, then timed in *interleaved rounds*: each round times every implementation once,
+  in an order shuffled every round (seeded), so a slow spell on a shared machine hits all of them alike and no
+  implementation always follows the same one (ONNX Runtime's threads spin on after its call and slow whatever runs
+  next: a fixed order once made eager, which always followed it, look up to 2x slower); where a caller asks,
+  each sample waits ``settle_ms`` first, so that such threads have gone idle;
 - one sample is ``inner`` back-to-back calls, with ``inner`` calibrated during warmup so a sample lasts at least
   ``min_sample_ms``; the time per call is the sample divided by ``inner``;
 - we report the median and the 25th/75th percentiles of the per-call times, and ratios taken *within each round*
@@ -165,6 +168,8 @@ def time_interleaved(
     min_sample_ms: float = 20.0,
     baselines: Sequence[str] = (),
     device: torch.device | str = "cpu",
+    settle_ms: float = 0.0,
+    seed: int = 0,
 ) -> dict[str, Stats]:
     """Time each zero-argument callable in interleaved rounds after warmup; see the module docstring.
 
@@ -175,6 +180,8 @@ def time_interleaved(
         min_sample_ms: a sample repeats the call until it lasts about this long.
         baselines: implementation names to take per-round ratios against (``baseline time / impl time``).
         device: where the callables run; CUDA devices are timed with CUDA events.
+        settle_ms: an idle wait before every sample, for implementations whose threads keep spinning after a call.
+        seed: the seed of the per-round shuffles of the order.
 
     Returns:
         name -> :class:`Stats` with per-call times in ms and per-round ratios against each baseline.
@@ -190,10 +197,13 @@ def time_interleaved(
         once = _sample_ms(fn, 1, device)
         inner[name] = max(1, min(1000, math.ceil(min_sample_ms / max(once, 1e-3))))
     times: dict[str, list[float]] = {n: [] for n in names}
+    order, rng = list(names), random.Random(seed)
     with _gc_paused():
-        for r in range(rounds):
-            k = r % len(names)
-            for name in names[k:] + names[:k]:
+        for _ in range(rounds):
+            rng.shuffle(order)
+            for name in order:
+                if settle_ms:
+                    time.sleep(settle_ms / 1e3)
                 times[name].append(_sample_ms(impls[name], inner[name], device))
     stats = {n: Stats(times_ms=times[n], inner=inner[n]) for n in names}
     for base in baselines:

@@ -500,3 +500,31 @@ def test_diagnose_residual_routes_times_every_route():
     # the pass with the exact ReLU and the post-op (at most 4 MiB) with oneDNN's; the fixed routes as named.
     assert model["exact ReLU"]["in place / pass"] == {"rule": (7, 1), "pass": (0, 8)}
     assert model["oneDNN ReLU"]["in place / pass"] == {"rule": (7, 0), "pass": (0, 8), "post-op": (0, 0)}
+
+
+def test_the_bn_free_train_baseline_is_torchvisions_own_code_on_the_same_weights():
+    """The unfused BN-free step runs torchvision's blocks (in-place add and ReLU) over nn.Conv2d with the fused model's
+    weights and biases: the same function, the same parameters, nothing of resnet_fused inside."""
+    import torchvision.models.resnet as tv
+
+    torch.manual_seed(0)
+    fused = bench_model.bn_free_resnet("resnet18")
+    twin = bench_model.eager_twin(fused)
+    assert not any(type(m).__module__.startswith("resnet_fused") for m in twin.modules())
+    assert sum(isinstance(m, tv.BasicBlock) for m in twin.modules()) == 8
+    assert [p.shape for p in twin.parameters()] == [p.shape for p in fused.parameters()]
+    x = torch.randn(2, 3, 32, 32)
+    assert_close(twin(x), fused(x).detach(), torch.float32, "logits", reductions=4608)
+
+
+def test_interleaving_shuffles_the_order_and_settles(monkeypatch):
+    """No implementation always follows the same one, and settle_ms waits before every sample."""
+    calls: list[str] = []
+    impls = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+    slept: list[float] = []
+    monkeypatch.setattr(timing.time, "sleep", slept.append)
+    timing.time_interleaved(impls, rounds=12, warmup=0, min_sample_ms=0.0, settle_ms=30.0)
+    timed = calls[-48:]  # one call per sample: min_sample_ms=0 gives inner=1
+    predecessors = {timed[i - 1] for i in range(1, 48) if timed[i] == "a"}
+    assert len(predecessors) > 1
+    assert slept == [0.03] * 48
