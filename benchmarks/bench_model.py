@@ -64,7 +64,8 @@ OUTSIDE_ALLOCATOR = {"ort": "not measured: ONNX Runtime allocates from its own a
 TRAIN_VARIANTS = ("bn-free", "frozen-bn")
 # ONNX Runtime's intra-op threads spin on after a call (its default, kept) and slow whatever runs next on two cores:
 # a resnet50 eager forward at batch 1 took 70 ms right after one, 48 ms 20 ms later, 35 ms from 50 ms on, as alone.
-# With ONNX Runtime among the variants, each sample waits this long first.
+# So a sample after one of ONNX Runtime's waits this long first; and every inference sample follows an untimed call
+# of its own variant, so that each is timed warm, whatever ran before it.
 ORT_SETTLE_MS = 100.0
 CLASSES = 1000
 
@@ -418,7 +419,8 @@ def run(
             min_sample_ms=min_sample_ms,
             baselines=baselines,
             device=dev,
-            settle_ms=ORT_SETTLE_MS if "ort" in impls else 0.0,
+            settle={"ort": ORT_SETTLE_MS},
+            prime=mode == "inference",
         )
         for name, st in stats.items():
             rec = {**base, "impl": name, **timing.stats_record(st, baselines=baselines), **setup.get(name, {})}

@@ -5,8 +5,10 @@ Method (the same for every script):
 - every implementation is warmed up, then timed in *interleaved rounds*: each round times every implementation once,
   in an order shuffled every round (seeded), so a slow spell on a shared machine hits all of them alike and no
   implementation always follows the same one (ONNX Runtime's threads spin on after its call and slow whatever runs
-  next: a fixed order once made eager, which always followed it, look up to 2x slower); where a caller asks,
-  each sample waits ``settle_ms`` first, so that such threads have gone idle;
+  next: a fixed order once made eager, which always followed it, look up to 2x slower); after a sample of an
+  implementation a caller names in ``settle``, the next waits that long, so that such threads have gone idle, and
+  with ``prime`` every sample follows one untimed call of its own implementation, so that each is timed warm
+  whatever ran before it;
 - one sample is ``inner`` back-to-back calls, with ``inner`` calibrated during warmup so a sample lasts at least
   ``min_sample_ms``; the time per call is the sample divided by ``inner``;
 - we report the median and the 25th/75th percentiles of the per-call times, and ratios taken *within each round*
@@ -168,7 +170,8 @@ def time_interleaved(
     min_sample_ms: float = 20.0,
     baselines: Sequence[str] = (),
     device: torch.device | str = "cpu",
-    settle_ms: float = 0.0,
+    settle: dict[str, float] | None = None,
+    prime: bool = False,
     seed: int = 0,
 ) -> dict[str, Stats]:
     """Time each zero-argument callable in interleaved rounds after warmup; see the module docstring.
@@ -180,7 +183,8 @@ def time_interleaved(
         min_sample_ms: a sample repeats the call until it lasts about this long.
         baselines: implementation names to take per-round ratios against (``baseline time / impl time``).
         device: where the callables run; CUDA devices are timed with CUDA events.
-        settle_ms: an idle wait before every sample, for implementations whose threads keep spinning after a call.
+        settle: name -> ms to wait after each sample of that implementation, whose threads keep spinning after a call.
+        prime: one untimed call of the implementation before each of its samples.
         seed: the seed of the per-round shuffles of the order.
 
     Returns:
@@ -202,9 +206,11 @@ def time_interleaved(
         for _ in range(rounds):
             rng.shuffle(order)
             for name in order:
-                if settle_ms:
-                    time.sleep(settle_ms / 1e3)
+                if prime:
+                    impls[name]()
                 times[name].append(_sample_ms(impls[name], inner[name], device))
+                if settle and name in settle:
+                    time.sleep(settle[name] / 1e3)
     stats = {n: Stats(times_ms=times[n], inner=inner[n]) for n in names}
     for base in baselines:
         if base not in times:

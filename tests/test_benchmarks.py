@@ -517,14 +517,17 @@ def test_the_bn_free_train_baseline_is_torchvisions_own_code_on_the_same_weights
     assert_close(twin(x), fused(x).detach(), torch.float32, "logits", reductions=4608)
 
 
-def test_interleaving_shuffles_the_order_and_settles(monkeypatch):
-    """No implementation always follows the same one, and settle_ms waits before every sample."""
+def test_interleaving_shuffles_the_order_settles_and_primes(monkeypatch):
+    """No implementation always follows the same one; after a sample of a named one the next waits; with prime, each
+    sample follows one untimed call of its own implementation."""
     calls: list[str] = []
     impls = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
     slept: list[float] = []
     monkeypatch.setattr(timing.time, "sleep", slept.append)
-    timing.time_interleaved(impls, rounds=12, warmup=0, min_sample_ms=0.0, settle_ms=30.0)
-    timed = calls[-48:]  # one call per sample: min_sample_ms=0 gives inner=1
-    predecessors = {timed[i - 1] for i in range(1, 48) if timed[i] == "a"}
+    timing.time_interleaved(impls, rounds=12, warmup=0, min_sample_ms=0.0, settle={"d": 30.0}, prime=True)
+    timed = calls[-96:]  # per sample: the untimed call, then one timed call (min_sample_ms=0 gives inner=1)
+    assert all(timed[i] == timed[i + 1] for i in range(0, 96, 2))
+    samples = timed[::2]
+    predecessors = {samples[i - 1] for i in range(1, 48) if samples[i] == "a"}
     assert len(predecessors) > 1
-    assert slept == [0.03] * 48
+    assert slept == [0.03] * 12
