@@ -8,7 +8,7 @@
   - ``prepared``: ``fused`` through ``resnet_fused.inference.optimize_for_inference`` (weights prepacked for oneDNN);
     where this install has no such function, the row says "not available";
   - ``prepared-fuse-relu``: the same with ``fuse_relu=True`` (ReLU inside oneDNN: NaN pre-activations become 0, as
-    under Inductor freezing and in ONNX Runtime);
+    under Inductor freezing; ONNX Runtime keeps them, as ``torch.relu`` does);
   - ``compile``: ``torch.compile`` of the original;
   - ``compile-freezing``: the same with Inductor freezing (weights folded as constants and prepacked), compiled
     under ``torch.no_grad()``; compile times are reported apart;
@@ -17,8 +17,8 @@
     the row says "not installed"; its memory is not measured (it allocates outside torch's allocator).
 - **Training** (``mode="train"``), one SGD step (forward, cross-entropy, backward, optimizer step):
   - ``bn-free``: a BN-free ResNet built from ``resnet_fused.nn`` blocks (convs with biases; the last conv of each
-    block scaled down so activations stay bounded), ``fused`` on the fused backend against the very same model with
-    every conv switched to ``backend="reference"`` (``unfused``: F.conv2d with the bias, then separate add/ReLU ops);
+    block scaled down so activations stay bounded), ``fused``, against the same weights in torchvision's own blocks
+    over ``nn.Conv2d`` with biases (``unfused``, :func:`eager_twin`: in-place add and ReLU, as torchvision writes it);
   - ``frozen-bn``: torchvision's ResNet with ``FrozenBatchNorm2d`` (a detection backbone's setting), ``unfused``
     as torchvision runs it against ``fused``, its conversion (the frozen norm becomes the epilogue's scale/shift).
 

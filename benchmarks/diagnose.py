@@ -5,6 +5,7 @@
     python -m benchmarks.diagnose train-ops [--variant frozen-bn]      # where a train step's CPU time goes
     python -m benchmarks.diagnose per-call [--device cuda]              # host time per call on a tiny conv
     python -m benchmarks.diagnose residual-routes [--batches 1,8] [--model]  # the prepared residual add's routes
+    python -m benchmarks.diagnose after-ort [--batch 1]                 # eager after ONNX Runtime, by the gap between
 
 ``conv-time`` runs resnet50 prepared with ``optimize_for_inference`` (exact ReLU, and ``fuse_relu=True``) and under
 ``torch.compile`` with Inductor freezing, alternating forwards in one process, and sums the execution times oneDNN's
@@ -27,6 +28,11 @@ oneDNN's binary post-op, the conv then one pass (``_epilogue_``), and the sum in
 exact ReLU pass and with oneDNN's ReLU. With ``--model`` it also runs a prepared resnet50 under the route rule against
 the same model with every residual on the pass, and (with oneDNN's ReLU) on the post-op, neither donating
 (alternating forwards, the ratio's median and 95 % interval).
+
+``after-ort`` times an eager resnet50 forward (channels_last) started right after an ONNX Runtime call on the same
+model, and after idle gaps of 20 to 200 ms, against the same forward after an idle gap with no ONNX Runtime call
+before it: how long ONNX Runtime's threads keep spinning and slowing the next call (the model benchmark's
+``ORT_SETTLE_MS``).
 """
 
 from __future__ import annotations
@@ -48,7 +54,14 @@ import torch
 import resnet_fused
 from benchmarks.bench_model import train_impls
 from benchmarks.bench_ops import eager_block_tail
-from benchmarks.timing import _quiet_profiler_stderr, cpu_memory_trace, running_peak, set_threads, time_interleaved
+from benchmarks.timing import (
+    _gc_paused,
+    _quiet_profiler_stderr,
+    cpu_memory_trace,
+    running_peak,
+    set_threads,
+    time_interleaved,
+)
 from resnet_fused.backends import BACKENDS
 
 
@@ -238,6 +251,42 @@ def per_call(device: str = "cpu", rounds: int = 7, threads: int = 2) -> dict[str
     return {name: statistics.median(st.times_ms) * 1e3 for name, st in stats.items()}
 
 
+AFTER_ORT_GAPS_MS = (0, 20, 50, 100, 200)
+
+
+def after_ort(
+    *, batch: int = 1, hw: int = 224, rounds: int = 8, threads: int = 2, arch: str = "resnet50"
+) -> dict[str, float]:
+    """Median ms of an eager forward run ``gap`` ms after an ONNX Runtime call (key ``"after ort, <gap> ms"``), and
+    after 300 ms idle with no such call (``"alone"``); the cases alternate, ``rounds`` samples each."""
+    import torchvision
+
+    from benchmarks.bench_model import ort_impl
+
+    set_threads(threads)
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)().eval()
+    x = torch.randn(batch, 3, hw, hw)
+    ort_call, _ = ort_impl(model, x, threads)
+    model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    samples: dict[str, list[float]] = collections.defaultdict(list)
+    with torch.no_grad(), _gc_paused():
+        for _ in range(2):
+            model(x)
+            ort_call()
+        for _ in range(rounds):
+            for gap in (*AFTER_ORT_GAPS_MS, None):
+                if gap is None:
+                    time.sleep(0.3)
+                else:
+                    ort_call()
+                    time.sleep(gap / 1e3)
+                t0 = time.perf_counter()
+                model(x)
+                samples["alone" if gap is None else f"after ort, {gap} ms"].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 RESIDUAL_CONVS = ((64, 256, 56), (128, 512, 28), (256, 1024, 14), (512, 2048, 7))  # 1x1 C->K at HxW, +res
 
 
@@ -374,12 +423,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     rr.add_argument("--rounds", type=int, default=15)
     rr.add_argument("--threads", type=int, default=2)
     rr.add_argument("--model", action="store_true", help="also the route rule on a prepared resnet50")
+    ao = sub.add_parser("after-ort", help="an eager forward right after ONNX Runtime, by the idle gap between")
+    ao.add_argument("--batch", type=int, default=1)
+    ao.add_argument("--rounds", type=int, default=8)
+    ao.add_argument("--hw", type=int, default=224)
+    ao.add_argument("--threads", type=int, default=2)
+    ao.add_argument("--model", default="resnet50")
     pc = sub.add_parser("per-call", help="host time per call on a tiny conv: conv alone, eager, each backend")
     pc.add_argument("--device", default="cpu", help="cpu or cuda")
     pc.add_argument("--rounds", type=int, default=7)
     pc.add_argument("--threads", type=int, default=2)
     a = parser.parse_args(argv)
-    if a.what == "per-call":
+    if a.what == "after-ort":
+        res = after_ort(batch=a.batch, hw=a.hw, rounds=a.rounds, threads=a.threads, arch=a.model)
+        print(f"eager {a.model} forward, batch {a.batch}, {a.hw}x{a.hw}, channels_last, {a.threads} threads (medians):")
+        for name, ms in res.items():
+            print(f"  {name:20s} {ms:8.1f} ms")
+    elif a.what == "per-call":
         res = per_call(device=a.device, rounds=a.rounds, threads=a.threads)
         print(f"per call, 1x1 64->64 8x8 batch 1 +bias+res+relu, fp32 channels_last, no_grad, {a.device} (median us):")
         for name, us in res.items():

@@ -5,7 +5,7 @@ Method (the same for every script):
 - every implementation is warmed up, then timed in *interleaved rounds*: each round times every implementation once,
   in an order shuffled every round (seeded), so a slow spell on a shared machine hits all of them alike and no
   implementation always follows the same one (ONNX Runtime's threads spin on after its call and slow whatever runs
-  next: a fixed order once made eager, which always followed it, look up to 2x slower); after a sample of an
+  next: a fixed order once made eager, which followed it in 12 of 15 rounds, look up to 2x slower); after a call of an
   implementation a caller names in ``settle``, the next waits that long, so that such threads have gone idle, and
   with ``prime`` every sample follows one untimed call of its own implementation, so that each is timed warm
   whatever ran before it;
@@ -200,6 +200,8 @@ def time_interleaved(
         synchronize(device)
         once = _sample_ms(fn, 1, device)
         inner[name] = max(1, min(1000, math.ceil(min_sample_ms / max(once, 1e-3))))
+        if settle and name in settle:  # the next one's calibration too
+            time.sleep(settle[name] / 1e3)
     times: dict[str, list[float]] = {n: [] for n in names}
     order, rng = list(names), random.Random(seed)
     with _gc_paused():

@@ -502,19 +502,34 @@ def test_diagnose_residual_routes_times_every_route():
     assert model["oneDNN ReLU"]["in place / pass"] == {"rule": (7, 0), "pass": (0, 8), "post-op": (0, 0)}
 
 
-def test_the_bn_free_train_baseline_is_torchvisions_own_code_on_the_same_weights():
+@pytest.mark.parametrize("arch,block,blocks", [("resnet18", "BasicBlock", 8), ("resnet50", "Bottleneck", 16)])
+def test_the_bn_free_train_baseline_is_torchvisions_own_code_on_the_same_weights(arch, block, blocks):
     """The unfused BN-free step runs torchvision's blocks (in-place add and ReLU) over nn.Conv2d with the fused model's
-    weights and biases: the same function, the same parameters, nothing of resnet_fused inside."""
+    weights and biases: the same function and gradients, the same parameters, nothing of resnet_fused inside."""
     import torchvision.models.resnet as tv
 
     torch.manual_seed(0)
-    fused = bench_model.bn_free_resnet("resnet18")
+    fused = bench_model.bn_free_resnet(arch).train()
     twin = bench_model.eager_twin(fused)
-    assert not any(type(m).__module__.startswith("resnet_fused") for m in twin.modules())
-    assert sum(isinstance(m, tv.BasicBlock) for m in twin.modules()) == 8
+    assert twin.training and not any(type(m).__module__.startswith("resnet_fused") for m in twin.modules())
+    assert sum(isinstance(m, getattr(tv, block)) for m in twin.modules()) == blocks
     assert [p.shape for p in twin.parameters()] == [p.shape for p in fused.parameters()]
     x = torch.randn(2, 3, 32, 32)
-    assert_close(twin(x), fused(x).detach(), torch.float32, "logits", reductions=4608)
+    y_twin, y_fused = twin(x), fused(x)
+    assert_close(y_twin, y_fused.detach(), torch.float32, "logits", reductions=4608)
+    y_twin.square().sum().backward()
+    y_fused.square().sum().backward()
+    for (name, a), b in zip(fused.named_parameters(), twin.parameters(), strict=True):
+        assert_close(b.grad, a.grad, torch.float32, f"grad {name}", reductions=4608)
+
+
+def test_diagnose_after_ort_times_every_gap():
+    pytest.importorskip("onnxruntime")
+    from benchmarks import diagnose
+
+    res = diagnose.after_ort(batch=1, hw=32, rounds=1, arch="resnet18")
+    assert set(res) == {"alone", *(f"after ort, {g} ms" for g in diagnose.AFTER_ORT_GAPS_MS)}
+    assert all(ms > 0 for ms in res.values())
 
 
 def test_interleaving_shuffles_the_order_settles_and_primes(monkeypatch):
@@ -530,4 +545,4 @@ def test_interleaving_shuffles_the_order_settles_and_primes(monkeypatch):
     samples = timed[::2]
     predecessors = {samples[i - 1] for i in range(1, 48) if samples[i] == "a"}
     assert len(predecessors) > 1
-    assert slept == [0.03] * 12
+    assert slept == [0.03] * 13  # after d's calibration, and after each of its 12 samples
