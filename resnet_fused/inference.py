@@ -98,8 +98,9 @@ class PackedFusedConv2d(FusedConv2d):
     ``state_dict``); not constructed directly. Shapes as :class:`FusedConv2d`.
     """
 
-    _packs: dict
-    _pack_source: tuple | None
+    # (source, {input shape: packed weight}): the weight, scale and storages the packs were made from, replaced as one
+    # tuple, so that a thread reads a source and its packs together.
+    _pack_state: tuple = (None, {})
     # True: ReLU inside the oneDNN primitive (see optimize_for_inference's fuse_relu).
     _fuse_relu: bool = False
     # The last call that passed every check, as (signature, the tensors whose ids it holds, launch arguments): a
@@ -111,8 +112,7 @@ class PackedFusedConv2d(FusedConv2d):
 
     def _drop_packs(self) -> None:
         self._generation += 1
-        self._packs = {}
-        self._pack_source = None
+        self._pack_state = (None, {})
         self._last_call = None
         with _PACKED_LOCK:
             _PACKED.discard(self)
@@ -132,15 +132,19 @@ class PackedFusedConv2d(FusedConv2d):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state = dict(state)
-        state["_packs"], state["_pack_source"], state["_last_call"] = {}, None, None  # opaque oneDNN tensors: rebuilt
+        state["_pack_state"], state["_last_call"] = (None, {}), None  # opaque oneDNN tensors: rebuilt
         return state
+
+    @property
+    def _packs(self) -> dict:
+        """The packed weights by input shape."""
+        return self._pack_state[1]
 
     def _packed_weight(self, x: Tensor, scale: Tensor | None, stride, padding, dilation) -> Tensor:
         """The (scale-folded) weight reordered for ``x``'s shape; rebuilt when its source changed."""
         w = self.weight
-        # Holding w keeps its storage alive, so an equal data_ptr means the same memory.
         source = (w, w._version, w.data_ptr(), w.dtype, w.device)
-        old = self._pack_source
+        old, packs = self._pack_state  # read once: a thread with another scale may publish its own meanwhile
         same = (
             old is not None
             and old[0] is w
@@ -149,18 +153,21 @@ class PackedFusedConv2d(FusedConv2d):
             and (scale is None or torch.equal(old[5], scale))
         )
         if not same:
-            self._packs = {}
-            self._pack_source = (*source, None if scale is None else scale.detach().clone())
+            # The weight's storage rides along: while it lives, no new one (a weight.data swap) can take its
+            # address, so an equal data_ptr means the same memory.
+            frozen = None if scale is None else scale.detach().clone()
+            packs = {}
+            self._pack_state = ((*source, frozen, w.untyped_storage()), packs)
             _track(self)
         key = tuple(x.shape)
-        packed = self._packs.get(key)
+        packed = packs.get(key)
         if packed is None:
             with torch.no_grad():
                 folded = w if scale is None else w * scale.reshape(-1, 1, 1, 1)
                 packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
                     folded.contiguous().to_mkldnn(), list(padding), list(stride), list(dilation), self.groups, list(key)
                 )
-            self._packs[key] = packed
+            packs[key] = packed
         return packed
 
     def _signature(self, x: Tensor, residual: Tensor | None, scale: Tensor | None, bias: Tensor | None, relu: bool):
@@ -258,7 +265,9 @@ class PackedFusedConv2d(FusedConv2d):
         fused = relu and (self._fuse_relu or os.environ.get(RELU_MODE_VAR) == "fused")
         launch = (packed, (list(padding), list(stride), list(dilation), self.groups), contract.memory_format(x), fused)
         if signature is not None and generation == self._generation:
-            self._last_call = (signature, (self.weight, scale, bias), launch)  # holding them keeps their ids unique
+            # Holding the tensors keeps their ids unique, and their storages their data_ptrs (a .data swap frees one).
+            held = (self.weight, scale, bias, *(t.untyped_storage() for t in (self.weight, scale) if t is not None))
+            self._last_call = (signature, held, launch)
         return _launch(x, residual, bias, relu, *launch, donate_residual)
 
 
@@ -364,13 +373,18 @@ class PreparedSequential(nn.Sequential):
             finally:
                 hand_over(None)
             # The output is new and nothing else holds it: the block's last conv's, or the residual it summed into.
-            last_conv = (module.conv2 if type(module) is BasicBlock else module.conv3) if plain else None
-            # A hooked or swapped relu is called as a module after the last conv: its output is the block's.
+            # A hooked or swapped relu is called as a module after the last conv: its output is the block's; so is
+            # the last norm's where the norm runs as a module (train mode, other norms), whose hooks may keep it.
+            if plain:
+                basic = type(module) is BasicBlock
+                last_conv, last_norm = (module.conv2, module.bn2) if basic else (module.conv3, module.bn3)
             owned = (
                 plain
                 and fused_nn._plain_relu(module.relu)
                 and type(last_conv) in fused_nn._FRESH_CONVS
-                and not _has_hooks(last_conv)
+                and type(last_norm) in fused_nn._FRESH_NORMS
+                and fused_nn._unseen(last_conv)
+                and fused_nn._unseen(last_norm)
             )
         return x
 

@@ -494,6 +494,12 @@ def _handed_over(x: Tensor) -> bool:
     return given is x
 
 
+def _unseen(module: nn.Module | None) -> bool:
+    """Whether nothing but the module's own forward sees its inputs and output: no hooks, no patched forward (a
+    wrapper may keep them)."""
+    return module is None or (not _has_hooks(module) and "forward" not in module.__dict__)
+
+
 def _shortcut(
     block: nn.Module, x: Tensor, first_conv: nn.Module, last_conv: nn.Module, donate_input: bool
 ) -> tuple[Tensor, bool]:
@@ -502,7 +508,7 @@ def _shortcut(
     as an input of ``last_conv``."""
     downsample = block.downsample
     if downsample is None:  # the block's input: the caller's, unless handed over
-        return x, (donate_input and not any(map(_has_hooks, (block, first_conv, last_conv))) and not _global_hooks())
+        return x, (donate_input and all(map(_unseen, (block, first_conv, last_conv))) and not _global_hooks())
     if (
         isinstance(downsample, nn.Sequential)
         and len(downsample) in (1, 2)
@@ -515,7 +521,7 @@ def _shortcut(
         owned = (
             type(downsample[0]) in _FRESH_CONVS
             and type(norm) in (type(None), *_FRESH_NORMS)
-            and not any(map(_has_hooks, (*downsample, last_conv)))
+            and all(map(_unseen, (downsample, downsample[0], norm, last_conv)))
             and not _global_hooks()
         )
         return s, owned

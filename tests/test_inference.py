@@ -9,6 +9,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import assert_close
 from torch import nn
 
@@ -751,3 +752,89 @@ def test_the_fast_path_refuses_a_non_bool_relu_as_the_ordinary_op_does():
         for relu in (1, 1.0):
             with pytest.raises(TypeError, match=r"relu: expected a bool"):
                 conv(x, relu=relu)
+
+
+def _stage_model() -> nn.Module:
+    """A converted stem conv and a stage of three torchvision Bottlenecks (the first with a projection)."""
+    import torchvision.models.resnet as tv
+
+    import resnet_fused
+
+    torch.manual_seed(0)
+    down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+    blocks = nn.Sequential(tv.Bottleneck(8, 4, stride=2, downsample=down), tv.Bottleneck(16, 4), tv.Bottleneck(16, 4))
+    return resnet_fused.convert(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), blocks).eval())[0]
+
+
+@pytest.mark.parametrize("how", ["hooked norm", "patched conv forward"])
+def test_a_tensor_a_hook_or_wrapper_kept_is_never_summed_into(how):
+    """The next block sums into a block's output only where nothing could have kept it: not where the last norm has
+    a hook, nor where the last conv's forward is patched (a wrapper may keep its output)."""
+    x = torch.randn(2, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+    prepared = optimize_for_inference(_stage_model())
+    block = prepared[1][0]
+    if how == "hooked norm":
+        block.bn3.register_forward_hook(lambda m, a, out: kept.append((out, out.clone())))
+    else:
+        forward = block.conv3.forward
+
+        def patched(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            kept.append((out, out.clone()))
+            return out
+
+        block.conv3.forward = patched
+    with torch.no_grad():
+        prepared(x)
+        out, snapshot = kept[0]
+        if how == "hooked norm":  # the block's add and ReLU ran in place on it, as in torchvision: its output
+            assert torch.equal(out, block(prepared[0](x)))
+        else:
+            assert torch.equal(out, snapshot)
+
+
+def test_one_conv_with_two_scales_from_two_threads():
+    """A prepared conv served from two threads with different scales (shared by two branches): each thread's call
+    uses a weight packed with its own scale."""
+    import threading
+
+    torch.manual_seed(0)
+    conv = optimize_for_inference(nn.Sequential(FusedConv2d(64, 64, 3, padding=1, relu=False)).eval())[0]
+    x = torch.randn(4, 64, 28, 28).contiguous(memory_format=torch.channels_last)
+    scales = [torch.full((64,), 1.0), torch.full((64,), 2.0)]
+    with torch.no_grad():
+        refs = [F.conv2d(x, conv.weight * s.view(-1, 1, 1, 1), conv.bias * s, padding=1) for s in scales]
+    wrong = [0, 0]
+
+    def work(i: int) -> None:
+        with torch.no_grad():
+            for _ in range(150):
+                y = conv.conv_bias_add_relu(x, scale=scales[i], bias=conv.bias * scales[i])
+                wrong[i] += not torch.allclose(y, refs[i], atol=1e-3, rtol=1e-3)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == [0, 0]
+
+
+def test_a_weight_data_swap_is_never_served_stale():
+    """``weight.data = ...`` keeps the version counter, and the new storage could land at the freed old address; the
+    packs hold the old storage, so it cannot."""
+    torch.manual_seed(0)
+    # A 64 MiB weight: glibc maps it on its own, and a freed mapping is where the next one of that size lands.
+    prepared = optimize_for_inference(nn.Sequential(FusedConv2d(4096, 4096, 1, relu=False)).eval())
+    w = prepared[0].weight
+    x = torch.randn(1, 4096, 2, 2).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        prepared(x)
+        old = w.data_ptr()
+        for i in range(1, 30):
+            w.data = torch.full_like(w, i / 1000)  # weight averaging, vector_to_parameters: swaps between calls
+            if w.data_ptr() == old:  # landed where the packed weight's source was (unless the packs hold it)
+                break
+        expected = F.conv2d(x.double(), w.double(), prepared[0].bias.double())
+        assert_close(prepared(x), expected, torch.float32, "y", reductions=4096)
