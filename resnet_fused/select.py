@@ -138,7 +138,9 @@ def _timed_call(row: Backend, args: tuple, backward: bool) -> Callable[[], objec
     inputs = [t for t in leaves if isinstance(t, Tensor) and t.requires_grad]
 
     def forward_backward() -> object:
-        with torch.enable_grad():
+        # The timing's own graph, apart from the caller's saved-tensor hooks: under non-reentrant checkpointing they
+        # would pack its tensors and start a recomputation inside it.
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             y = row.op(*leaves, *args[4:])
             return torch.autograd.grad(y, inputs, torch.ones_like(y))
 
@@ -189,6 +191,13 @@ def choose(x, weight, bias, residual, scale, stride, padding, dilation, groups, 
         return Choice(
             names[0],
             f"torch.use_deterministic_algorithms(True): the first of {names} in the backend table, never by timing",
+        )
+    if not torch.compiler.is_compiling() and (torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0):
+        # A tracer or dispatch mode would record the timing's calls, and the key cannot be read from traced shapes.
+        return Choice(
+            names[0],
+            f"recorded by torch.jit.trace or a dispatch mode (make_fx, export): the first of {names} in the backend "
+            "table, never by timing",
         )
     backward = needs_backward(x, weight, bias, residual)
     args = (x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)

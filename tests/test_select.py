@@ -275,3 +275,45 @@ def test_the_default_timer_runs_the_call_on_cpu():
     row = BACKENDS["cpu"]
     ms = select.default_timer(row, lambda: ran.append(1), torch.device("cpu"))
     assert ms >= 0 and len(ran) == select.WARMUP_CALLS + select.TIMED_CALLS
+
+
+def test_the_first_timing_inside_non_reentrant_checkpointing(setup):
+    """The timing runs apart from the caller's saved-tensor hooks: under non-reentrant checkpointing they would pack
+    its tensors and start a recomputation in the middle of it."""
+    from torch.utils.checkpoint import checkpoint
+
+    table, _, _ = setup
+    x, w, b, r, *rest = make_args(grad=True)
+    x.requires_grad_(True)
+
+    def run(x, w):
+        return resnet_fused.conv_bias_add_relu(x, w, b, r, padding=1)
+
+    def choose_on(x, w):  # the call the op makes, on the checkpointed tensors, with the two-row table
+        select.choose(x, w, b, r, *rest, table=table, timer=select.default_timer)
+        return run(x, w)
+
+    y = checkpoint(choose_on, x, w, use_reentrant=False)
+    gx, gw = torch.autograd.grad(y.sum(), (x, w))
+    ex, ew = torch.autograd.grad(run(x, w).sum(), (x, w))
+    assert torch.allclose(gx, ex) and torch.allclose(gw, ew)
+    assert len(select.cached_choices()) == 1
+
+
+def test_tracers_and_dispatch_modes_are_never_timed(setup):
+    """Under torch.jit.trace (the TorchScript ONNX exporter) or a dispatch mode (make_fx) the table's first is used:
+    timing calls would be recorded, and traced shapes cannot make a key."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    table, timer, _ = setup
+    args = make_args()
+
+    def f(x):
+        chosen = select.choose(x, *args[1:], table=table, timer=timer).backend
+        return x * (2.0 if chosen == "slow" else 3.0)
+
+    x = args[0]
+    assert torch.equal(torch.jit.trace(f, (x,), check_trace=False)(x), x * 2.0)
+    graph = make_fx(f)(x)
+    assert [n.target for n in graph.graph.nodes if n.op == "call_function"] == [torch.ops.aten.mul.Tensor]
+    assert timer.calls == [] and select.cached_choices() == {}
