@@ -15,6 +15,7 @@ from test_inference import PACKED_OP, packs, small_net
 from test_nn import randomize_norms_
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.nn.utils import prune
 from torch.optim.optimizer import _global_optimizer_post_hooks
 from torch.profiler import ProfilerActivity, profile
 
@@ -301,7 +302,7 @@ def test_a_pruned_prepared_conv_takes_the_ordinary_op():
     torch.manual_seed(0)
     net = optimize_for_inference(torch.nn.Sequential(FusedConv2d(4, 8, 3, padding=1)).eval())
     conv = net[0]
-    torch.nn.utils.prune.l1_unstructured(conv, "weight", 0.5)
+    prune.l1_unstructured(conv, "weight", 0.5)
     x = torch.randn(2, 4, 9, 9)
     with torch.no_grad():
         for scale in (1.0, 2.0):
