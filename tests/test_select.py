@@ -93,6 +93,17 @@ def explain(args, table, timer, **kwargs) -> str:
     return select.explain(x, w, b, r, **conv, relu=relu, table=table, timer=timer, **kwargs)
 
 
+def doubled_if_slow(args, table, timer):
+    """f(x): x * 2 where the chooser picks "slow" (the table's first) for x and the rest of ``args``, else x * 3: what
+    the chooser picked, readable from a traced or compiled graph."""
+
+    def f(x):
+        chosen = select.choose(x, *args[1:], table=table, timer=timer).backend
+        return x * (2.0 if chosen == "slow" else 3.0)
+
+    return f
+
+
 def test_cpu_tensors_choose_cpu_in_the_real_table(monkeypatch):
     monkeypatch.delenv(select.ENV_VAR, raising=False)
     args = make_args()
@@ -253,11 +264,7 @@ def test_choice_traces_under_torch_compile_fullgraph(setup):
     """Inside torch.compile nothing is timed: the table's first until the case is timed eagerly, then the winner."""
     table, timer, _ = setup
     args = make_args()
-
-    def f(x):
-        chosen = select.choose(x, *args[1:], table=table, timer=timer).backend
-        return x * (2.0 if chosen == "slow" else 3.0)
-
+    f = doubled_if_slow(args, table, timer)
     x = args[0]
     torch._dynamo.reset()
     assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(x), x * 2.0)
@@ -307,11 +314,7 @@ def test_tracers_and_dispatch_modes_are_never_timed(setup):
 
     table, timer, _ = setup
     args = make_args()
-
-    def f(x):
-        chosen = select.choose(x, *args[1:], table=table, timer=timer).backend
-        return x * (2.0 if chosen == "slow" else 3.0)
-
+    f = doubled_if_slow(args, table, timer)
     x = args[0]
     assert torch.equal(torch.jit.trace(f, (x,), check_trace=False)(x), x * 2.0)
     graph = make_fx(f)(x)
