@@ -8,6 +8,7 @@
 #include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
+#include <sstream>
 #include <string>
 #include <string_view>
 
@@ -203,7 +204,7 @@ void check_conv_bias_add_relu_backward_args(
     at::IntArrayRef dilation,
     int64_t groups,
     bool relu,
-    std::array<bool, 4> output_mask) {
+    const c10::List<bool>& output_mask) {
   check_conv_bias_add_relu_args(
       x, weight, std::nullopt, std::nullopt, scale, stride, padding, dilation,
       groups);
@@ -220,8 +221,18 @@ void check_conv_bias_add_relu_backward_args(
         py_shape(t->sizes()));
     check_like_x(*t, name, x);
   }
+  if (output_mask.size() != 4) {
+    std::ostringstream got;
+    for (size_t i = 0; i < output_mask.size(); ++i) {
+      got << (i ? ", " : "") << (output_mask.get(i) ? "True" : "False");
+    }
+    TORCH_CHECK_VALUE(
+        false,
+        "output_mask: expected 4 bools (x, weight, bias, residual), got [",
+        got.str(), "]");
+  }
   TORCH_CHECK_VALUE(
-      relu || !output_mask[3],
+      relu || !output_mask.get(3),
       "output_mask: grad_residual is grad_out itself when relu=False; "
       "expected output_mask[3]=false, got true");
 }
@@ -429,12 +440,13 @@ run_conv_bias_add_relu_backward(
     at::IntArrayRef dilation,
     int64_t groups,
     bool relu,
-    std::array<bool, 4> output_mask,
+    const c10::List<bool>& output_mask,
     BackwardPass backward_pass) {
   check_conv_bias_add_relu_backward_args(
       grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu,
       output_mask);
-  const auto [need_x, need_w, need_b, need_r] = output_mask;
+  const bool need_x = output_mask.get(0), need_w = output_mask.get(1),
+             need_b = output_mask.get(2), need_r = output_mask.get(3);
   const auto fmt = output_memory_format(x);
   auto empty = [&]() { return at::empty({0}, x.options()); };
   if (grad_out.numel() == 0) {
@@ -510,10 +522,11 @@ TORCH_LIBRARY(resnet_fused, m) {
       "Tensor? residual, Tensor? scale, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups, bool relu) -> Tensor");
   // output_mask: (x, weight, bias, residual). Unrequested grads are empty.
+  // bool[], not bool[4]: the dispatcher's own length error names no argument.
   m.def(
       "conv_bias_add_relu_backward(Tensor grad_out, Tensor out, Tensor x, "
       "Tensor weight, Tensor? scale, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups, bool relu, bool[4] output_mask) -> "
+      "int[2] dilation, int groups, bool relu, bool[] output_mask) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
   // The epilogue pass alone, in place on a conv's fresh output: for callers
   // that run the conv themselves (prepared inference's packed oneDNN conv).

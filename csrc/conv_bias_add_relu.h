@@ -36,7 +36,7 @@ void check_conv_bias_add_relu_backward_args(
     at::IntArrayRef dilation,
     int64_t groups,
     bool relu,
-    std::array<bool, 4> output_mask);
+    const c10::List<bool>& output_mask);
 
 // (N, K, P, Q) of conv2d(x, weight).
 std::vector<int64_t> conv_output_shape(
@@ -166,7 +166,7 @@ run_conv_bias_add_relu_backward(
     at::IntArrayRef dilation,
     int64_t groups,
     bool relu,
-    std::array<bool, 4> output_mask,
+    const c10::List<bool>& output_mask,
     BackwardPass backward_pass);
 
 } // namespace resnet_fused

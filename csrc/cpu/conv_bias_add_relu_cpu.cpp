@@ -163,7 +163,7 @@ conv_bias_add_relu_backward_cpu(
     at::IntArrayRef dilation,
     int64_t groups,
     bool relu,
-    std::array<bool, 4> output_mask) {
+    const c10::List<bool>& output_mask) {
   return run_conv_bias_add_relu_backward(
       grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu,
       output_mask, &backward_pass);

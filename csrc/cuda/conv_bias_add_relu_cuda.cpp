@@ -54,7 +54,7 @@ conv_bias_add_relu_backward_cuda(
     at::IntArrayRef dilation,
     int64_t groups,
     bool relu,
-    std::array<bool, 4> output_mask) {
+    const c10::List<bool>& output_mask) {
   check_cuda(x, "x");
   const c10::cuda::CUDAGuard device_guard(x.device());
   return run_conv_bias_add_relu_backward(
