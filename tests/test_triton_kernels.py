@@ -175,34 +175,6 @@ def test_fp32_under_the_per_op_tf32_setting(precision):
         conv.fp32_precision = before
 
 
-@pytest.mark.parametrize(
-    "x_shape,w_shape,padding",
-    [((2, 0, 5, 4), (6, 0, 3, 3), (1, 1)), ((2, 3, 0, 4), (6, 3, 1, 1), (1, 1))],
-    ids=["C=0", "H=0_padded"],
-)
-def test_empty_input_nonempty_output(x_shape, w_shape, padding):
-    """x has no elements but y does: y = relu(bias + residual), and grad_bias and grad_residual are the masked
-    grad_out's sum and the masked grad_out, while grad_weight is zero (its sums meet no input)."""
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(x_shape, generator=g).to(DEVICE)
-    w = torch.randn(w_shape, generator=g).to(DEVICE)
-    k = w_shape[0]
-    conv = ((1, 1), padding, (1, 1), 1, True)
-    out_shape = conv_output_shape(x_shape, w_shape, *conv[:3])
-    b = torch.randn(k, generator=g).to(DEVICE)
-    res = torch.randn(out_shape, generator=g).to(DEVICE)
-    sc = (torch.rand(k, generator=g) + 0.5).to(DEVICE)
-    y = launch.forward(x, w, b, res, sc, *conv)
-    y_ref = (b.double()[None, :, None, None] + res.double()).relu()
-    _assert_close("y", y, y_ref, torch.float32)
-    go = torch.randn(out_shape, generator=g).to(DEVICE)
-    grads = launch.backward(go, y, x, w, sc, *conv, (True, True, True, True), num_splits=1)
-    gm = go.double() * (y_ref > 0)
-    want = (torch.zeros(x_shape, dtype=torch.float64), torch.zeros(w_shape, dtype=torch.float64), gm.sum((0, 2, 3)), gm)
-    for name, got, ref in zip(("grad_x", "grad_weight", "grad_bias", "grad_residual"), grads, want, strict=True):
-        _assert_close(name, got, ref, torch.float32)
-
-
 @pytest.mark.skipif(not HAS_GPU or INTERPRET, reason="compares with cuDNN on a GPU")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

@@ -296,15 +296,7 @@ def backward(
     if grad_out.numel() == 0:
         # Empty sums: every gradient is exactly zero.
         return grad_x.zero_(), grad_w.zero_(), grad_b.zero_(), grad_r.zero_()
-    if x.numel() == 0:
-        # No input (C = 0, or an empty image with padding) but an output act(bias + residual): grad_x is
-        # empty and grad_weight is zero (each of its sums meets only zero padding or nothing), while
-        # grad_bias and grad_residual are the masked grad_out as always. The wgrad kernel then runs for
-        # those two only, and never reads x.
-        need_x = False
-        if need_w:
-            grad_w.zero_()
-            need_w = False
+    # x is never empty here: the contract refuses C = 0 and an empty image, so an empty x means N = 0.
     # The outputs too: an expanded x spans little, while its dense grad_x may not.
     for name, t in (("grad_out", grad_out), ("out", out), ("x", x), ("grad_x", grad_x), ("grad_residual", grad_r)):
         _check_image_offsets(name, t)
