@@ -14,9 +14,11 @@ How a conv and the norm after it run (``conv(x, residual, norm=norm)``, :meth:`F
 
 - no norm: the conv's own bias (and frozen scale/shift, if set) in the fused epilogue;
 - ``torchvision.ops.FrozenBatchNorm2d``, or ``nn.BatchNorm2d`` in eval mode: folded on the fly
-  into the epilogue as a per-channel scale and shift. When that scale requires grad (eval-mode BN
-  with trainable gamma, grad mode on) it is folded into the weight instead, so gamma gets its grad;
-- anything else (BatchNorm in train mode, GroupNorm, ...), or a norm with hooks: the conv runs fused
+  into the epilogue as a per-channel scale and shift. When that scale may be differentiated (eval-mode
+  BN with trainable gamma under grad mode, forward-mode AD or a ``torch.func`` transform) it is folded
+  into the weight instead, so gamma gets its derivative;
+- anything else (BatchNorm in train mode, GroupNorm, ...), a norm with hooks, or any norm while
+  ``torch.fx`` traces (so the graph reads its mode and statistics when it runs): the conv runs fused
   without activation, then the norm (called as a module), the residual add and the ReLU run as
   ordinary PyTorch ops.
 
@@ -26,6 +28,7 @@ forward hooks see its fused output.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 
@@ -116,6 +119,8 @@ class FusedConv2d(nn.Conv2d):
             device,
             dtype,
         )
+        if not isinstance(relu, bool):
+            raise TypeError(f"relu: expected a bool, got {relu!r}")
         self.relu = relu
         self.backend = check_name(backend)
         self.register_buffer("scale", None)
@@ -286,13 +291,29 @@ class FusedConv2d(nn.Conv2d):
             return self.conv_bias_add_relu(
                 x, residual, scale=scale, bias=shift, relu=relu, donate_residual=donate_residual
             )
-        # A norm with hooks of its own is called as a module, so they see what they see in the unfused model.
-        affine = None if _has_hooks(norm) else norm_scale_shift(norm)
+        # A norm with hooks of its own is called as a module, so they see what they see in the unfused model. So is
+        # every norm while torch.fx traces: a fold would fix its train/eval mode and running statistics in the graph.
+        if _has_hooks(norm) or isinstance(x, torch.fx.Proxy):
+            affine = None
+        else:
+            # torch.jit.trace checks its trace by tracing again under no_grad: the scale must require grad (and so be
+            # folded into the weight, see _fused_conv) exactly when the norm's parameters do, whatever the grad mode.
+            with torch.enable_grad() if torch.jit.is_tracing() else contextlib.nullcontext():
+                affine = norm_scale_shift(norm)
         if affine is None:  # e.g. batch statistics: the norm must see the whole conv output first
+            if not isinstance(relu, bool):
+                raise TypeError(f"relu: expected a bool, got {relu!r}")
             y = norm(self.conv_bias_add_relu(x, scale=scale, bias=shift, relu=False))
             # In place on the norm's output, as torchvision's blocks (`out += identity`, ReLU(inplace=True)): a hook
             # that kept that tensor sees what it sees there.
             if residual is not None:
+                # As the fused path requires: no broadcast, no type promotion, whatever the norm's mode.
+                if isinstance(y, Tensor) and not isinstance(y, torch.fx.Proxy):
+                    contract._check_tensor("residual", residual, y, optional=False, like="the output")
+                    if residual.shape != y.shape:
+                        raise ValueError(
+                            f"residual: expected the output's shape {tuple(y.shape)}, got {tuple(residual.shape)}"
+                        )
                 y = y.add_(residual)
             return F.relu_(y) if relu else y
         # norm(conv * cs + cb) = conv * (s * cs) + (s * cb + t), in the norm's dtype, which may be wider than the
@@ -339,9 +360,10 @@ def _fused_conv(
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
-        if residual is not None and residual.dim() == 3:
+        if residual is not None:
+            _check_unbatched_residual(x, weight, residual, stride, padding, dilation)
             residual = residual.unsqueeze(0)
-    if fold_trainable_scale and scale is not None and scale.requires_grad and torch.is_grad_enabled():
+    if fold_trainable_scale and scale is not None and _scale_needs_derivative(scale):
         weight, scale = weight * scale.reshape(-1, 1, 1, 1), None
     y = conv_bias_add_relu(
         x,
@@ -360,6 +382,27 @@ def _fused_conv(
 
 
 torch.fx.wrap("_fused_conv")
+
+
+def _scale_needs_derivative(scale: Tensor) -> bool:
+    """Whether a scale may be differentiated, so that it must be folded into the weight (the op's scale is a
+    constant): it requires grad under grad mode (or while torch.jit.trace records, which checks its trace under
+    no_grad), it carries a forward-mode tangent, or a torch.func transform runs (vmap's wrapper hides
+    requires_grad; grad and jvp differentiate it)."""
+    if contract.functorch_active():
+        return True
+    if torch.autograd.forward_ad._current_level >= 0 and contract._tangent(scale):
+        return True
+    return scale.requires_grad and (torch.is_grad_enabled() or torch.jit.is_tracing())
+
+
+def _check_unbatched_residual(x: Tensor, weight: Tensor, residual: Tensor, stride, padding, dilation) -> None:
+    """An unbatched x (here unsqueezed to (1, C, H, W)) takes an unbatched residual of the output's shape."""
+    if not isinstance(residual, Tensor) or not isinstance(weight, Tensor) or weight.dim() != 4:
+        return  # the op names what is wrong
+    want = tuple(contract.conv_output_shape(x.shape, weight.shape, stride, padding, dilation)[1:])
+    if tuple(residual.shape) != want:
+        raise ValueError(f"residual: expected the output's shape {want} (x is unbatched), got {tuple(residual.shape)}")
 
 
 def _has_hooks(m: nn.Module) -> bool:
@@ -701,7 +744,8 @@ def zero_init_residual_(model: nn.Module) -> nn.Module:
     does not recognise these classes). BN-free blocks: the last conv's weight and bias are zeroed,
     as Fixup does; it still gets gradients, so training starts from the shortcut path alone. A last
     conv carrying a frozen norm (scale/shift) also gets its shift zeroed, which the branch would add.
-    Returns ``model``.
+    A block whose last norm has no weight (BatchNorm with ``affine=False``) is left alone, as torchvision
+    leaves it. Returns ``model``.
     """
     with torch.no_grad():
         for m in model.modules():
@@ -710,7 +754,7 @@ def zero_init_residual_(model: nn.Module) -> nn.Module:
                 conv, norm = getattr(m, "conv" + last), getattr(m, "bn" + last)
                 if getattr(norm, "weight", None) is not None:
                     norm.weight.zero_()
-                else:
+                elif isinstance(norm, nn.Identity):
                     conv.weight.zero_()
                     if conv.bias is not None:
                         conv.bias.zero_()

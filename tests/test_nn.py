@@ -483,3 +483,101 @@ def test_blocks_take_a_numpy_integer_stride_as_torchvision_does():
         assert ours(torch.randn(1, 4, 6, 6)).shape == (1, planes * cls.expansion, 3, 3)
         with pytest.raises(ValueError, match="residual add"):
             cls(4, planes, stride=np.int64(2))
+
+
+# ---- eval-mode BatchNorm under transforms and tracers: the fold follows the norm, not the grad mode ----
+
+
+def _eval_bn_block(seed: int = 0) -> BasicBlock:
+    torch.manual_seed(seed)
+    return randomize_norms_(BasicBlock(4, 4), seed).double().eval()
+
+
+def test_vmap_over_an_ensemble_of_eval_bn_blocks_matches_torchvision():
+    """Under vmap the stacked gamma shows requires_grad=False, so it reached the op's constant scale, which refused it."""
+    ours = [_eval_bn_block(seed) for seed in range(3)]
+    theirs = [tv.BasicBlock(4, 4).double().eval() for _ in ours]
+    for o, t in zip(ours, theirs, strict=True):
+        t.load_state_dict(o.state_dict())
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    ys = []
+    for models in (ours, theirs):
+        params, buffers = torch.func.stack_module_state(models)
+        base = copy.deepcopy(models[0]).to("meta")
+        call = lambda p, b, x, base=base: torch.func.functional_call(base, (p, b), (x,))  # noqa: E731
+        ys.append(torch.func.vmap(call, in_dims=(0, 0, None))(params, buffers, x))
+    assert_close(ys[0], ys[1], torch.float64, "ensemble output")
+
+
+def test_jvp_through_eval_bn_parameters_matches_torchvision():
+    ours = _eval_bn_block()
+    theirs = tv.BasicBlock(4, 4).double().eval()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    tangents = []
+    for m in (ours, theirs):
+        p = {k: v.detach() for k, v in m.named_parameters()}
+        t = {k: torch.full_like(v, 0.5) for k, v in p.items()}
+        tangents.append(torch.func.jvp(lambda p, m=m: torch.func.functional_call(m, p, (x,)), (p,), (t,))[1])
+    assert_close(tangents[0], tangents[1], torch.float64, "jvp tangent")
+
+
+def test_jit_trace_of_an_eval_bn_block_passes_its_own_check():
+    """torch.jit.trace traces again under no_grad to check the graph: with the fold decided by grad mode, the two
+    traces differed."""
+    block = _eval_bn_block()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    traced = torch.jit.trace(block, (x,))  # check_trace=True: raises TracingCheckError if the graphs differ
+    assert_close(traced(x), block(x), torch.float64, "traced output")
+
+
+def test_fx_trace_reads_the_norms_mode_and_statistics_when_run():
+    """A fold while fx traced wrote the norm's mode and running statistics into the graph as constants."""
+    block = _eval_bn_block()
+    theirs = tv.BasicBlock(4, 4).double().eval()
+    theirs.load_state_dict(block.state_dict())
+    graph = torch.fx.symbolic_trace(block)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    assert_close(graph(x), theirs(x), torch.float64, "traced, eval")
+    state = randomize_norms_(copy.deepcopy(block), seed=5).state_dict()
+    graph.load_state_dict(state)
+    theirs.load_state_dict(state)
+    assert_close(graph(x), theirs(x), torch.float64, "traced, new running statistics")
+    graph.train()
+    theirs.train()
+    assert_close(graph(x), theirs(x), torch.float64, "traced, train mode")
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_residual_and_relu_are_checked_whatever_the_norms_mode(mode):
+    """A train-mode norm runs as a module after the conv; its residual add broadcast and promoted, and relu took any
+    truthy value, where the eval-mode (folded) path refused them."""
+    conv, bn = FusedConv2d(4, 4, 3, padding=1), getattr(nn.BatchNorm2d(4), mode)()
+    x = torch.randn(2, 4, 5, 5)
+    with pytest.raises(ValueError, match=r"residual: expected the output's shape \(2, 4, 5, 5\), got \(1, 4, 1, 1\)"):
+        conv(x, torch.randn(1, 4, 1, 1), norm=bn)
+    with pytest.raises(TypeError, match=r"residual: expected dtype torch.float32 \(.*\), got torch.float64"):
+        conv(x, torch.randn(2, 4, 5, 5, dtype=torch.float64), norm=bn)
+    with pytest.raises(TypeError, match=r"relu: expected a bool, got 'no'"):
+        conv(x, norm=bn, relu="no")
+    with pytest.raises(TypeError, match=r"relu: expected a bool, got 'false'"):
+        FusedConv2d(4, 4, 3, relu="false")
+
+
+def test_unbatched_x_takes_an_unbatched_residual():
+    conv = FusedConv2d(4, 8, 3, relu=False)
+    x = torch.randn(4, 6, 6)
+    with pytest.raises(ValueError, match=r"residual: expected the output's shape \(8, 4, 4\) \(x is unbatched\), got "
+                       r"\(8, 3, 3\)"):  # fmt: skip
+        conv(x, torch.randn(8, 3, 3))
+    with pytest.raises(ValueError, match=r"got \(1, 8, 4, 4\)"):  # was taken, and the result squeezed to (8, 4, 4)
+        conv(x, torch.randn(1, 8, 4, 4))
+
+
+def test_zero_init_residual_leaves_a_weightless_norm_alone_as_torchvision_does():
+    """torchvision skips a block whose last norm has no weight; zeroing its conv instead left the block a
+    non-identity map anyway (the norm still shifts by its running mean)."""
+    block = BasicBlock(4, 4, norm_layer=lambda c: nn.BatchNorm2d(c, affine=False))
+    before = block.conv2.weight.detach().clone()
+    zero_init_residual_(block)
+    assert torch.equal(block.conv2.weight, before)
