@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import warnings
 import weakref
 
 import torch
@@ -420,6 +421,9 @@ def optimize_for_inference(model: nn.Module, *, fuse_relu: bool = False) -> nn.M
     as it does under Inductor's freezing (ONNX Runtime keeps it, as ``torch.relu`` does). Wherever the
     pre-activation is not NaN, the two agree.
 
+    A conv whose weight is an inference tensor (the model was loaded or converted under ``torch.inference_mode``)
+    cannot be packed safely and keeps the ordinary op; a warning names such convs.
+
     Raises:
         ValueError: ``model`` is in training mode, or holds no FusedConv2d.
         TypeError: ``fuse_relu`` is not a bool.
@@ -430,8 +434,8 @@ def optimize_for_inference(model: nn.Module, *, fuse_relu: bool = False) -> nn.M
         raise TypeError(f"optimize_for_inference: fuse_relu: expected a bool, got {type(fuse_relu).__name__}")
     if model.training:
         raise ValueError("optimize_for_inference: expected a model in eval mode (call model.eval()), got training=True")
-    found = 0
-    for m in model.modules():
+    found, unpackable = 0, []
+    for name, m in model.named_modules():
         if type(m) is FusedConv2d:
             m.__class__ = PackedFusedConv2d
         if type(m) is nn.Sequential and any(type(child) in _BLOCKS for child in m):
@@ -440,9 +444,19 @@ def optimize_for_inference(model: nn.Module, *, fuse_relu: bool = False) -> nn.M
             m._drop_packs()
             m._fuse_relu = fuse_relu
             found += 1
+            if isinstance(m.weight, Tensor) and m.weight.is_inference():
+                unpackable.append(name)
     if not found:
         raise ValueError(
             "optimize_for_inference: expected a model holding resnet_fused.nn.FusedConv2d modules, got none; "
             "run resnet_fused.convert(model) first"
+        )
+    if unpackable:
+        warnings.warn(
+            f"optimize_for_inference: {len(unpackable)} of {found} fused convs have a weight made under "
+            f"torch.inference_mode ({', '.join(unpackable[:3])}{', ...' if len(unpackable) > 3 else ''}): an inference "
+            "tensor has no version counter to tell a changed weight by, so these run the ordinary op, unpacked (and "
+            "fuse_relu does not apply to them). Load and convert the model outside inference_mode.",
+            stacklevel=2,
         )
     return model

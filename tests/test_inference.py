@@ -380,6 +380,20 @@ def test_clear_errors():
         optimize_for_inference(small_net(), fuse_relu="yes")
 
 
+def test_weights_made_under_inference_mode_are_named_in_a_warning():
+    """Converted under inference_mode, the weights are inference tensors, which are never packed: said, not silent."""
+    net = small_net()
+    with torch.inference_mode():
+        net[0].weight = nn.Parameter(net[0].weight * 1.0, requires_grad=False)  # e.g. a fold done in inference mode
+    with pytest.warns(UserWarning, match=r"1 of 2 fused convs have a weight made under torch.inference_mode \(0\)"):
+        optimize_for_inference(net)
+    x = torch.randn(1, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        y = net(x)
+    assert packs(net) == 1  # the other conv packs as before
+    assert_close(y, net.double()(x.double()), torch.float32, "y")
+
+
 def test_state_dict_and_deepcopy_unchanged():
     net = small_net()
     keys = list(net.state_dict())
