@@ -30,7 +30,23 @@ contract.register_op(FORWARD, BACKWARD)
 EPILOGUE = "resnet_fused::_epilogue_"
 torch.library.register_fake(EPILOGUE)(contract.epilogue_fake)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+def _triton_interprets() -> bool:
+    """Whether Triton runs its interpreter, read as Triton reads TRITON_INTERPRET (1, true, on, yes...).
+
+    triton is imported only when the variable is set: with it unset, or triton absent, importing resnet_fused
+    imports no triton.
+    """
+    if not os.environ.get("TRITON_INTERPRET") or importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton
+    except Exception:  # a broken triton install must not break the other backends; the probe reports it
+        return False
+    return bool(triton.knobs.runtime.interpret)
+
+
+INTERPRET = _triton_interprets()
 
 
 @dataclass(frozen=True)

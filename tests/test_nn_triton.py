@@ -8,11 +8,11 @@ triton is imported, hence a separate pytest invocation); skipped otherwise. The 
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import INTERPRET
 from test_nn import synthetic_batches, train
 from torch import nn
 
@@ -20,7 +20,7 @@ import resnet_fused
 from resnet_fused.nn import BasicBlock, FusedConv2d
 
 pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" or "triton" not in resnet_fused.available_backends(),
+    not INTERPRET or "triton" not in resnet_fused.available_backends(),
     reason="needs TRITON_INTERPRET=1 and the triton backend",
 )
 

@@ -7,13 +7,11 @@ its determinism, fp32 under the per-op TF32 setting, the launcher's empty-input 
 with cuDNN. Every case x dtype x layout x epilogue runs in the shared suite, tests/test_conv_bias_add_relu.py.
 """
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import INTERPRET
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_GPU = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(
     not (INTERPRET or HAS_GPU), reason="needs TRITON_INTERPRET=1 (set before triton is imported) or a GPU"
@@ -161,6 +159,24 @@ def test_wgrad_split_is_deterministic():
     for _ in range(2):
         again = launch.backward(go, out, x, w, sc, *args, num_splits=2)
         assert torch.equal(first[1], again[1]) and torch.equal(first[2], again[2])
+
+
+def test_dgrad_scales_grad_out_as_the_unfused_backward_does():
+    """fp16 with weight * scale past fp16's range (about 250 * 300 > 65504) while grad_out * scale, which the unfused
+    backward rounds and feeds its conv, is small: grad_x is finite and matches the float64 reference."""
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.float16
+    x = (torch.rand(1, 3, 5, 5, generator=g) * 1e-3).to(dtype).to(DEVICE).requires_grad_()
+    w = (torch.rand(4, 3, 3, 3, generator=g) * 100 + 200).to(dtype).to(DEVICE)
+    sc = torch.full((4,), 300.0, dtype=dtype, device=DEVICE)
+    y = resnet_fused.conv_bias_add_relu(x, w, scale=sc, padding=1, relu=False, backend="triton")
+    gy = (torch.rand(y.shape, generator=g) * 1e-3).to(dtype).to(DEVICE)
+    (gx,) = torch.autograd.grad(y, x, gy)
+    x64 = x.detach().double().requires_grad_()
+    y64 = F.conv2d(x64, w.double(), padding=1) * sc.double()[None, :, None, None]
+    (want,) = torch.autograd.grad(y64, x64, gy.double())
+    assert torch.isfinite(gx).all(), gx
+    _assert_close("grad_x", gx, want, dtype)
 
 
 @pytest.mark.parametrize("precision", ["ieee", "tf32"])

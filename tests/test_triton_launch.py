@@ -3,7 +3,9 @@
 - every launch and every autotuning run happens under x's CUDA device (fake CUDA tensors, a recording
   ``torch.cuda.device``);
 - an N*P*Q past 2^31 gets a grid that covers it, and the kernels' pixel index is int64 (TTIR of the kernels);
-- deterministic algorithms run one pinned config per kernel and never time;
+- a weight whose filter spans past int32 offsets, and a grid axis 1 past CUDA's 65535 blocks, are refused;
+- deterministic algorithms run one pinned config per kernel and dtype and never time;
+- each constexpr variant, layout and group count of one shape is tuned on its own;
 - a capture refuses to autotune, with an error that says to warm up; tuned keys and pinned configs launch;
 - fp32 reads the per-op TF32 setting as ATen does for cuDNN convolutions.
 
@@ -15,14 +17,16 @@ import contextlib
 import importlib.util
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
+from helpers import INTERPRET
 from torch._subclasses import fake_tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_tuning = pytest.mark.skipif(INTERPRET, reason="under the interpreter each kernel has one config: no tuning")
 KERNELS = ("fwd", "dgrad", "wgrad")
 INT32_MAX = 2**31 - 1
@@ -182,15 +186,17 @@ def test_kernels_index_pixels_in_int64(kernel):
     assert not narrow, f"{kernel}: int32 pixel index arithmetic (wraps past 2^31): {narrow}"
 
 
-def test_deterministic_runs_the_pinned_config_without_timing(launch, recorder):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_deterministic_runs_the_pinned_config_without_timing(launch, recorder, dtype):
+    """fp64 has its own list (its 128x64 dgrad tile overflows shared memory), and so its own pinned configs."""
     with deterministic(True):
-        x, w, b = _problem("cpu")
+        x, w, b = _problem("cpu", dtype=dtype)
         _run_op(launch, x, w, b)
     assert recorder.timed == [], "deterministic mode must not choose a config by timing"
     assert [name for name, *_ in recorder.launches] == ["fwd", "dgrad", "wgrad"]
     for name, _, _, args in recorder.launches:
-        pinned = launch.pinned_config(name)
-        assert pinned is launch.shipped_configs(name)[0]
+        pinned = launch.pinned_config(name, dtype)
+        assert pinned is launch.shipped_configs(name, dtype)[0]
         for key, value in pinned.all_kwargs().items():
             assert args[key] == value, f"{name}: {key} = {args[key]}, pinned {value}"
 
@@ -296,3 +302,121 @@ def test_an_expanded_x_whose_dense_gradient_spans_past_int32_is_refused(launch, 
         with pytest.raises(ValueError, match=r"grad_x: one image spans \d+ elements, more than"):
             launch.backward(grad_out, grad_out, x, w, b, (1, 1), (0, 0), (1, 1), 1, True, (True, False, False, False))
     assert not recorder.launches
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_a_weight_whose_filter_spans_past_int32_is_refused(launch, recorder, direction):
+    """A strided weight view: 2 channels 2^31 elements apart span 2^31 elements in one filter, past the kernels'
+    int32 offsets inside a filter (only the filter index is int64). A clear error instead of reading out of bounds;
+    one element less still launches."""
+    conv = ((1, 1), (0, 0), (1, 1), 1, False)
+    for span, refused in ((2**31, True), (INT32_MAX, False)):
+        recorder.launches.clear()
+        with FakeTensorMode(), deterministic(True):
+            base = torch.empty(span + 1, dtype=torch.float16)
+            w = base.as_strided((1, 2, 1, 1), (1, span, 1, 1))
+            x = torch.empty(1, 2, 1, 1, dtype=torch.float16)
+            refusal = pytest.raises(ValueError, match=r"weight: one filter spans \d+ elements")
+            with refusal if refused else contextlib.nullcontext():
+                if direction == "forward":
+                    launch.forward(x, w, None, None, None, *conv)
+                else:
+                    go = torch.empty(1, 1, 1, 1, dtype=torch.float16)
+                    launch.backward(go, go, x, w, None, *conv, (True, False, False, False))
+        assert bool(recorder.launches) != refused, (span, recorder.launches)
+
+
+def _axis1_problem(kernel, count):
+    """Fake tensors whose grid axis 1 must hold ``count`` columns: output channels (fwd), input channels (dgrad),
+    C*R*S (wgrad); and the call that launches that kernel alone."""
+    if kernel == "fwd":
+        x, w = torch.empty(1, 1, 1, 1), torch.empty(count, 1, 1, 1)
+        return lambda launch: launch.forward(x, w, None, None, None, (1, 1), (0, 0), (1, 1), 1, False)
+    x, w, go = torch.empty(1, count, 1, 1), torch.empty(1, count, 1, 1), torch.empty(1, 1, 1, 1)
+    mask = (True, False, False, False) if kernel == "dgrad" else (False, True, False, False)
+    return lambda launch: launch.backward(go, go, x, w, None, (1, 1), (0, 0), (1, 1), 1, False, mask)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_grid_axis_1_past_65535_blocks_is_refused(launch, recorder, kernel):
+    """CUDA caps grid axis 1 at 65535 blocks: past 65535 blocks of the dtype's smallest BLOCK_N the launcher refuses
+    with a ValueError naming the weight, the limit and the value; at the limit every config's grid fits."""
+    block = min(c.kwargs["BLOCK_N"] for c in launch.shipped_configs(kernel, torch.float32))
+    limit = 65535 * block
+    with FakeTensorMode(), deterministic(True):
+        with pytest.raises(ValueError, match=rf"weight: expected at most {limit} .* got {limit + 1}$"):
+            _axis1_problem(kernel, limit + 1)(launch)
+        assert not recorder.launches
+        _axis1_problem(kernel, limit)(launch)
+    ((name, _, grid, args),) = recorder.launches
+    assert name == kernel
+    for cfg in launch.shipped_configs(kernel, torch.float32):
+        assert grid({**args, **cfg.kwargs})[1] <= 65535, (kernel, cfg.kwargs)
+
+
+# Two calls of each pair differ in one variant only, with the same shapes and dtypes; then the kernels that see the
+# difference. dgrad sees neither bias nor residual: it rightly keeps one entry for both.
+_VARIANTS = {
+    "relu": ({"relu": False}, {"relu": True}, KERNELS),
+    "scale": ({"scale": False}, {"scale": True}, KERNELS),
+    "epilogue": ({"bias": False, "residual": False}, {"bias": True, "residual": True}, ("fwd", "wgrad")),
+    "channels_last": ({"channels_last": False}, {"channels_last": True}, KERNELS),
+    # The same C/groups and K/groups.
+    "groups": ({"c": 2, "k": 2, "groups": 1}, {"c": 4, "k": 4, "groups": 2}, KERNELS),
+    "tf32": ({"tf32": False}, {"tf32": True}, KERNELS),
+}
+
+
+def _tune_variant(
+    launch, relu=True, scale=True, bias=True, residual=True, channels_last=False, c=2, k=2, groups=1, tf32=False
+):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, c, 5, 5).contiguous(memory_format=fmt)
+    w = torch.randn(k, c // groups, 3, 3).contiguous(memory_format=fmt)
+    vec = torch.rand(k) + 0.5
+    res = torch.randn(2, k, 5, 5).contiguous(memory_format=fmt) if residual else None
+    conv = ((1, 1), (1, 1), (1, 1), groups, relu)
+    before = torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cudnn.conv.fp32_precision = "tf32" if tf32 else "ieee"
+    try:
+        y = launch.forward(x, w, vec if bias else None, res, vec if scale else None, *conv)
+        launch.backward(y, y, x, w, vec if scale else None, *conv, (True, True, bias, residual))
+    finally:
+        torch.backends.cudnn.conv.fp32_precision = before
+
+
+@needs_tuning
+@pytest.mark.parametrize("variant", list(_VARIANTS))
+def test_each_variant_is_tuned_on_its_own(launch, recorder, variant):
+    """A config tuned for one variant of a kernel (another constexpr, layout or group count, hence another
+    compiled kernel) is not reused for another: each gets its own tuning entry."""
+    first, second, differ = _VARIANTS[variant]
+    _tune_variant(launch, **first)
+    _tune_variant(launch, **second)
+    for name, (_, tuned) in launch._KERNELS.items():
+        want = 2 if name in differ else 1
+        assert len(tuned.cache) == want, f"{name}, {variant}: {len(tuned.cache)} tuning entries, want {want}"
+
+
+@pytest.mark.parametrize(("value", "want"), [("1", True), ("true", True), ("on", True), ("0", False), ("", False)])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, want):
+    from resnet_fused import backends
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert backends._triton_interprets() is want
+
+
+def test_triton_interpret_true_runs_the_kernels_in_the_interpreter():
+    """TRITON_INTERPRET=true makes Triton interpret (its kernels take CPU tensors): the backend must know it too, or
+    it calls itself unavailable (no GPU) and launches with the GPU configs."""
+    code = (
+        "import torch, torch.nn.functional as F, resnet_fused\n"
+        "from resnet_fused.triton import launch\n"
+        "assert launch.INTERPRET and resnet_fused.backends.INTERPRET\n"
+        "x, w = torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3)\n"
+        "y = resnet_fused.conv_bias_add_relu(x, w, padding=1, relu=False, backend='triton')\n"
+        "assert torch.allclose(y, F.conv2d(x, w, padding=1), atol=1e-5)\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "true"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

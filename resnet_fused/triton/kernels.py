@@ -8,7 +8,11 @@ channel stride is 1 and the reduction tiles load contiguously.
 
 Offsets: the pixel index over the batch (N*P*Q or N*H*W, which may pass 2^31) and the batch index are
 int64, so tensors may exceed 2^31 elements; the offset inside one image (C * H * W) and the row and
-column within it are int32, and the launcher checks that they fit.
+column within it are int32, and the launcher checks that they fit. Likewise for the weight: the filter
+index k is int64, the offset inside one filter (C/groups * R * S) int32 and checked by the launcher.
+
+``G`` (groups) is read by no kernel: it is there for the autotune key, since the grid, and with it the
+best tile, grows with it.
 
 ``UPCAST`` exists only for the interpreter: Triton 3.8.0's interpreter returns garbage from a bf16
 ``tl.dot``, so under ``TRITON_INTERPRET=1`` bf16 tiles are widened to fp32 (exact) before the
@@ -35,6 +39,7 @@ def _forward_kernel(
     M,
     CG,
     KG,
+    G,
     sxn,
     sxc,
     sxh,
@@ -152,6 +157,7 @@ def _dgrad_kernel(
     M,
     CG,
     KG,
+    G,
     sgn,
     sgc,
     sgh,
@@ -231,16 +237,17 @@ def _dgrad_kernel(
                 other=0.0,
             )
             a = tl.where(o.to(ACC) <= 0.0, 0.0, a)
+        if HAS_SCALE:
+            sc = tl.load(scale_ptr + g * KG + k, mask=mask_k, other=0.0).to(ACC)
+            # Scale the grad tile, not the weight: grad_out * scale rounded to the input dtype is what the
+            # unfused backward feeds its conv, whereas a rounded weight * scale can overflow (fp16) where
+            # neither factor does.
+            a = (a.to(ACC) * sc[None, :]).to(a.dtype)
         b = tl.load(
             w_col[None, :] + (k.to(tl.int64) * swk)[:, None] + (r * swr + s * sws),
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        if HAS_SCALE:
-            sc = tl.load(scale_ptr + g * KG + k, mask=mask_k, other=0.0).to(ACC)
-            # Scale the weight rows rather than the gathered grad tile: BLOCK_K*BLOCK_N products
-            # instead of BLOCK_M*BLOCK_K, and the same rounding as the unfused grad_out * scale.
-            b = (b.to(ACC) * sc[:, None]).to(b.dtype)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -267,6 +274,7 @@ def _wgrad_kernel(
     CG,
     KG,
     CRS,
+    G,
     sgn,
     sgc,
     sgh,

@@ -5,22 +5,25 @@ compile report checks), ``dot_precision`` and ``wgrad_splits``.
 
 How a launch picks its config (the tile sizes, warps and stages; never the math):
 
-- normally, Triton's autotuner times each shipped config once per key (shape and dtypes) and keeps the fastest;
+- normally, Triton's autotuner times each shipped config once per key and keeps the fastest; the key holds the
+  shape, the dtypes, the layouts (channel strides), the groups and every constexpr variant (epilogue, ReLU, TF32...),
+  since each variant compiles to another kernel with its own registers and shared memory;
 - under ``torch.use_deterministic_algorithms(True)`` nothing is chosen by timing: each kernel runs its pinned
-  config, the first of its list (``pinned_config``), so grad_weight and grad_bias come out with the same bits from
-  run to run and from process to process;
+  config, the first of its list for the dtype (``pinned_config``), so grad_weight and grad_bias come out with the
+  same bits from run to run and from process to process;
 - while a CUDA graph is being captured, tuning is refused (it synchronizes, which breaks the capture) with an error
   saying to run forward and backward once before capturing; already tuned keys, and pinned configs, launch fine.
 
-Under ``TRITON_INTERPRET=1`` each kernel has one small config instead, so there is nothing to tune.
+Under ``TRITON_INTERPRET=1`` (or true, on, yes: as Triton reads it) each kernel has one small config instead, so
+there is nothing to tune.
 
 Every launch, and with it every autotuning run, happens under ``torch.cuda.device(x.device)``: Triton launches
 on the current device and its current stream, which need not be x's.
 """
 
 import contextlib
+import inspect
 import math
-import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -31,13 +34,16 @@ from resnet_fused.contract import conv_output_shape, memory_format
 
 from .kernels import _dgrad_kernel, _forward_kernel, _wgrad_kernel
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Read as @triton.jit read it when kernels.py was imported.
+INTERPRET = bool(triton.knobs.runtime.interpret)
 _INT32_MAX = 2**31 - 1
 # Enough programs to fill the largest GPU twice over; the wgrad split aims for this many.
 _TARGET_PROGRAMS = 264
 _MIN_ROWS_PER_SPLIT = 1024
 # Larger than any block size: an index below 2^31 - _MAX_BLOCK stays below 2^31 within its last block.
 _MAX_BLOCK = 1024
+# CUDA caps grid axes 1 and 2 at 65535 blocks.
+_MAX_GRID_YZ = 65535
 
 
 def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
@@ -45,8 +51,8 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), chosen with the compile report: none spills on
-# sm_80 or sm_90 in any dtype (128x128 tiles and deeper wgrad pipelines did). No num_warps=8: upstream
-# saw wrong results with it on non-1x1 conv tiles (pytorch#173068), and 4 warps do not spill here.
+# sm_80 or sm_90 in fp32, fp16 or bf16 (128x128 tiles and deeper wgrad pipelines did). No num_warps=8:
+# upstream saw wrong results with it on non-1x1 conv tiles (pytorch#173068), and 4 warps do not spill here.
 # The first config of each list is the pinned one (deterministic mode).
 FWD_CONFIGS = [
     _config(128, 64, 32, 4, 4),
@@ -62,26 +68,42 @@ WGRAD_CONFIGS = [
     _config(32, 64, 32, 4, 4),
     _config(64, 32, 32, 4, 4),
 ]
+# fp64 (for gradcheck) tiles take twice fp32's bytes: the 128x64 dgrad tile needs 246 KB of shared memory
+# there, over sm_90's 227 KB, so fp64 runs the configs that fit. fp64 spills, which costs only speed.
+FP64_CONFIGS = {
+    "fwd": FWD_CONFIGS,
+    "dgrad": DGRAD_CONFIGS[1:],
+    "wgrad": WGRAD_CONFIGS,
+}
 INTERPRET_CONFIG = _config(32, 32, 16, 4, 1)
 
 
-def shipped_configs(kernel: str) -> list[triton.Config]:
-    """The autotune configs of ``kernel`` ("fwd", "dgrad" or "wgrad") in this process."""
+def shipped_configs(kernel: str, dtype: torch.dtype | None = None) -> list[triton.Config]:
+    """The autotune configs of ``kernel`` ("fwd", "dgrad" or "wgrad") for ``dtype`` in this process.
+
+    ``dtype`` None: every config the autotuner holds; those that do not fit a dtype are pruned for it.
+    """
     if INTERPRET:
         return [INTERPRET_CONFIG]
+    if dtype == torch.float64:
+        return FP64_CONFIGS[kernel]
     return {"fwd": FWD_CONFIGS, "dgrad": DGRAD_CONFIGS, "wgrad": WGRAD_CONFIGS}[kernel]
 
 
-def pinned_config(kernel: str) -> triton.Config:
-    """The one config ``kernel`` runs under deterministic algorithms: the first shipped one."""
-    return shipped_configs(kernel)[0]
+def pinned_config(kernel: str, dtype: torch.dtype) -> triton.Config:
+    """The one config ``kernel`` runs on ``dtype`` under deterministic algorithms: the first shipped one."""
+    return shipped_configs(kernel, dtype)[0]
 
 
-def _refuse_tuning_in_capture(kernel: str) -> Callable:
-    # Triton's autotuner calls its config pruner only for a key it has not tuned yet, right before timing.
+def _prune(kernel: str) -> Callable:
+    # Triton's autotuner calls its config pruner only for a key it has not tuned yet, right before timing;
+    # the key holds the tensors' dtypes, so each dtype is pruned on its own.
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        dtype = next(v.dtype for v in named_args.values() if isinstance(v, torch.Tensor))
+        fits = shipped_configs(kernel, dtype)
+        configs = [c for c in configs if c in fits]
         on_cuda = any(isinstance(v, torch.Tensor) and v.is_cuda for v in named_args.values())
-        if on_cuda and torch.cuda.is_current_stream_capturing():
+        if len(configs) > 1 and on_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 f"resnet_fused triton backend: the {kernel} kernel has no tuned config for this shape yet, and "
                 "autotuning synchronizes, which a CUDA graph capture does not allow. Run the forward and "
@@ -93,30 +115,46 @@ def _refuse_tuning_in_capture(kernel: str) -> Callable:
     return prune
 
 
-def _autotuned(kernel: str, fn: triton.JITFunction, key: list[str]) -> triton.runtime.Autotuner:
+def _tuning_key(fn: triton.JITFunction, runtime: list[str]) -> list[str]:
+    """The autotune key of ``fn``: the ``runtime`` arguments named and every constexpr but the tile sizes.
+
+    Each constexpr variant (epilogue, ReLU, gradients asked for, TF32, int64 pixels...) compiles to another kernel,
+    whose best tile may differ, or may not fit at all. The autotuner adds the tensors' dtypes itself.
+    """
+    # fn.fn: the Python function, under the interpreter as well (whose InterpretedFunction has no .params).
+    params = inspect.signature(fn.fn).parameters.values()
+    return [*runtime, *(p.name for p in params if p.annotation is tl.constexpr and not p.name.startswith("BLOCK_"))]
+
+
+def _autotuned(kernel: str, fn: triton.JITFunction, runtime_key: list[str]) -> triton.runtime.Autotuner:
     return triton.autotune(
         configs=shipped_configs(kernel),
-        key=key,
-        prune_configs_by={"early_config_prune": _refuse_tuning_in_capture(kernel)},
+        key=_tuning_key(fn, runtime_key),
+        prune_configs_by={"early_config_prune": _prune(kernel)},
     )(fn)
 
 
-_FWD_KEY = ["M", "CG", "KG", "R", "S", "stride_h", "stride_w"]
+# The shape, the groups and the channel strides of the tensors read in the loop (their layouts). R and S are
+# constexprs, in the key anyway.
+_FWD_KEY = ["M", "CG", "KG", "G", "stride_h", "stride_w", "sxc", "swc", "src", "syc"]
+_DGRAD_KEY = ["M", "CG", "KG", "G", "stride_h", "stride_w", "sgc", "soc", "swk", "swc", "sxc"]
+_WGRAD_KEY = ["M", "CRS", "KG", "G", "stride_h", "stride_w", "num_splits", "sgc", "soc", "sxc"]
 # kernel name -> (the kernel, its autotuned wrapper)
 _KERNELS = {
     "fwd": (_forward_kernel, _autotuned("fwd", _forward_kernel, _FWD_KEY)),
-    "dgrad": (_dgrad_kernel, _autotuned("dgrad", _dgrad_kernel, _FWD_KEY)),
-    "wgrad": (_wgrad_kernel, _autotuned("wgrad", _wgrad_kernel, ["M", "CRS", "KG", "R", "S", "num_splits"])),
+    "dgrad": (_dgrad_kernel, _autotuned("dgrad", _dgrad_kernel, _DGRAD_KEY)),
+    "wgrad": (_wgrad_kernel, _autotuned("wgrad", _wgrad_kernel, _WGRAD_KEY)),
 }
 
 
-def _launch(kernel: str, grid: Callable, device: torch.device, *args, **meta) -> None:
-    """Run ``kernel`` on ``device``: the pinned config under deterministic algorithms, else the autotuned one."""
+def _launch(kernel: str, grid: Callable, x: torch.Tensor, *args, **meta) -> None:
+    """Run ``kernel`` on x's device: the pinned config for x's dtype under deterministic algorithms, else the
+    autotuned one."""
     fn, tuned = _KERNELS[kernel]
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         if torch.are_deterministic_algorithms_enabled():
-            fn[grid](*args, **meta, **pinned_config(kernel).all_kwargs())
+            fn[grid](*args, **meta, **pinned_config(kernel, x.dtype).all_kwargs())
         else:
             tuned[grid](*args, **meta)
 
@@ -149,13 +187,26 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _check_image_offsets(name: str, t: torch.Tensor) -> None:
-    # Offsets inside one image are int32 in the kernels; the batch offset and the pixel index are int64.
+def _check_image_offsets(name: str, t: torch.Tensor, unit: str = "one image") -> None:
+    # Offsets inside one image (one filter of the weight) are int32 in the kernels; the batch offset and the pixel
+    # index (the filter index) are int64.
     span = sum((size - 1) * st for size, st in zip(t.shape[1:], t.stride()[1:], strict=True))
     if span > _INT32_MAX:
         raise ValueError(
-            f"{name}: one image spans {span} elements, more than the Triton kernels' int32 "
-            f"in-image offsets allow ({_INT32_MAX}); use another backend"
+            f"{name}: {unit} spans {span} elements, more than the Triton kernels' int32 "
+            f"offsets inside it allow ({_INT32_MAX}); use another backend"
+        )
+
+
+def _check_grid_axis1(kernel: str, dtype: torch.dtype, name: str, what: str, count: int) -> None:
+    # Axis 1 of the grid holds count / BLOCK_N blocks; the smallest BLOCK_N of the dtype's configs sets the limit,
+    # so that every config, the pinned one included, can run.
+    block = min(c.kwargs["BLOCK_N"] for c in shipped_configs(kernel, dtype))
+    limit = _MAX_GRID_YZ * block
+    if count > limit:
+        raise ValueError(
+            f"{name}: expected at most {limit} {what} for the triton backend (CUDA caps grid axis 1 at "
+            f"{_MAX_GRID_YZ} blocks of {block}), got {count}"
         )
 
 
@@ -188,7 +239,9 @@ def forward(
     for name, t in (("x", x), ("residual", residual), ("y", y)):
         if t is not None:
             _check_image_offsets(name, t)
+    _check_image_offsets("weight", weight, "one filter")
     kg = k // groups
+    _check_grid_axis1("fwd", x.dtype, "weight", "output channels per group", kg)
     m = n * p * q
     res = residual if residual is not None else y
 
@@ -198,7 +251,7 @@ def forward(
     _launch(
         "fwd",
         grid,
-        x.device,
+        x,
         x,
         weight,
         scale if scale is not None else y,
@@ -213,6 +266,7 @@ def forward(
         m,
         cg,
         kg,
+        groups,
         *x.stride(),
         *weight.stride(),
         *res.stride(),
@@ -300,6 +354,11 @@ def backward(
     # The outputs too: an expanded x spans little, while its dense grad_x may not.
     for name, t in (("grad_out", grad_out), ("out", out), ("x", x), ("grad_x", grad_x), ("grad_residual", grad_r)):
         _check_image_offsets(name, t)
+    if need_x:  # only dgrad reads the weight
+        _check_image_offsets("weight", weight, "one filter")
+        _check_grid_axis1("dgrad", x.dtype, "weight", "input channels per group", cg)
+    if need_w:  # wgrad's axis 1 walks the (c, r, s) of one filter only when grad_weight is asked for
+        _check_grid_axis1("wgrad", x.dtype, "weight", "elements per filter (C / groups * R * S)", crs)
     m_out = n * p * q
     common = dict(
         R=r,
@@ -322,7 +381,7 @@ def backward(
         _launch(
             "dgrad",
             dgrid,
-            x.device,
+            x,
             grad_out,
             out,
             weight,
@@ -335,6 +394,7 @@ def backward(
             m_in,
             cg,
             kg,
+            groups,
             *grad_out.stride(),
             *out.stride(),
             *weight.stride(),
@@ -375,7 +435,7 @@ def backward(
         _launch(
             "wgrad",
             wgrid,
-            x.device,
+            x,
             grad_out,
             out,
             x,
@@ -391,6 +451,7 @@ def backward(
             cg,
             kg,
             crs,
+            groups,
             *grad_out.stride(),
             *out.stride(),
             *x.stride(),

@@ -4,7 +4,8 @@
 
 Part 1 compiles every shipped kernel x autotune config x dtype x arch with ``triton.compile`` and a
 ``GPUTarget`` and reads the cubin: registers, stack/local bytes (spills land there), shared memory,
-tensor-core instructions (HMMA; HGMMA is sm_90's wgmma) and async copies (LDGSTS = cp.async; TMA).
+tensor-core instructions (HMMA, DMMA for fp64; HGMMA is sm_90's wgmma) and async copies (LDGSTS = cp.async;
+TMA). fp64, there for gradcheck, is held to compiling and fitting shared memory; its spills cost only speed.
 The kernels are specialised as the runtime would for an NHWC ResNet-50 problem (16-byte aligned
 pointers, channel stride 1), with every epilogue option on.
 
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import BaseBackend, GPUTarget
@@ -36,7 +38,7 @@ KERNELS = {
     "dgrad": kernels._dgrad_kernel,
     "wgrad": kernels._wgrad_kernel,
 }
-DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 # Per-block shared memory opt-in limits (bytes): sm_80 (A100) 163 KB, sm_90 (H100) 227 KB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -56,7 +58,7 @@ class Row:
     stack: int
     local: int
     smem: int
-    mma: int
+    mma: int  # HMMA, or DMMA (fp64)
     hgmma: int
     ldgsts: int
     tma: int
@@ -76,21 +78,21 @@ def _args(kernel: str, shape: str) -> dict:
     ys = _nhwc_strides(n, k, p, q)
     ws = (r * s * c, 1, s * c, c)  # weight (K, C, R, S) stored channels_last
     if kernel == "fwd":
-        a = dict(N=n, H=h, W=w, P=p, Q=q, M=n * p * q, CG=c, KG=k)
+        a = dict(N=n, H=h, W=w, P=p, Q=q, M=n * p * q, CG=c, KG=k, G=1)
         a.update(zip(("sxn", "sxc", "sxh", "sxw"), xs, strict=True))
         a.update(zip(("swk", "swc", "swr", "sws"), ws, strict=True))
         a.update(zip(("srn", "src", "srh", "srw"), ys, strict=True))
         a.update(zip(("syn", "syc", "syh", "syw"), ys, strict=True))
         a.update(conv, HAS_SCALE=True, HAS_BIAS=True, HAS_RES=True, RELU=True)
     elif kernel == "dgrad":
-        a = dict(H=h, W=w, P=p, Q=q, M=n * h * w, CG=c, KG=k)
+        a = dict(H=h, W=w, P=p, Q=q, M=n * h * w, CG=c, KG=k, G=1)
         a.update(zip(("sgn", "sgc", "sgh", "sgw"), ys, strict=True))
         a.update(zip(("son", "soc", "soh", "sow"), ys, strict=True))
         a.update(zip(("swk", "swc", "swr", "sws"), ws, strict=True))
         a.update(zip(("sxn", "sxc", "sxh", "sxw"), xs, strict=True))
         a.update(conv, HAS_SCALE=True, RELU=True)
     else:
-        a = dict(H=h, W=w, P=p, Q=q, M=n * p * q, CG=c, KG=k, CRS=c * r * s)
+        a = dict(H=h, W=w, P=p, Q=q, M=n * p * q, CG=c, KG=k, CRS=c * r * s, G=1)
         a.update(zip(("sgn", "sgc", "sgh", "sgw"), ys, strict=True))
         a.update(zip(("son", "soc", "soh", "sow"), ys, strict=True))
         a.update(zip(("sxn", "sxc", "sxh", "sxw"), xs, strict=True))
@@ -98,7 +100,7 @@ def _args(kernel: str, shape: str) -> dict:
         a.update(zip(("srn", "src", "srh", "srw"), ys, strict=True))
         a.update(conv, num_splits=launch.wgrad_splits(n * p * q, k, c * r * s, 1))
         a.update(HAS_SCALE=True, RELU=True, COMPUTE_W=True, COMPUTE_B=True, STORE_GRES=True, INT64_PIXELS=False)
-    a.update(R=r, S=s, UPCAST=False, ACC=tl.float32)
+    a.update(R=r, S=s, UPCAST=False)
     return a
 
 
@@ -107,7 +109,7 @@ def _source(kernel: str, shape: str, dtype: str, config: triton.Config, **overri
     from triton._C.libtriton import native_specialize_impl
 
     fn = KERNELS[kernel]
-    values = {**_args(kernel, shape), **overrides}
+    values = {**_args(kernel, shape), "ACC": tl.float64 if dtype == "fp64" else tl.float32, **overrides}
     values.update(config.kwargs, DOT_PRECISION="tf32" if dtype == "fp32" else "ieee")
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -138,7 +140,7 @@ def _count(pattern: str, sass: str) -> int:
 
 def compile_one(kernel: str, shape: str, dtype: str, cfg_index: int, arch: int) -> Row:
     """Compile one kernel variant for sm_<arch> and read its resources from the cubin."""
-    cfg = launch.shipped_configs(kernel)[cfg_index]
+    cfg = launch.shipped_configs(kernel, DTYPES[dtype])[cfg_index]
     row = Row(kernel, shape, _config_name(cfg), dtype, arch, -1, -1, -1, -1, -1, -1, -1, -1)
     try:
         compiled = triton.compile(
@@ -171,7 +173,7 @@ def compile_one(kernel: str, shape: str, dtype: str, cfg_index: int, arch: int) 
 
     row.regs, row.stack, row.local = field("REG"), field("STACK"), field("LOCAL")
     row.smem = int(compiled.metadata.shared)
-    row.mma = _count(r"\bHMMA\.", sass)
+    row.mma = _count(r"\b[HD]MMA\.", sass)
     row.hgmma = _count(r"\bHGMMA\.", sass)
     row.ldgsts = _count(r"\bLDGSTS", sass)
     row.tma = _count(r"\bUTMALDG|\bUBLKCP", sass)
@@ -186,7 +188,7 @@ def jobs(archs: list[int], shapes: list[str] | None = None) -> list[tuple]:
         for kernel in KERNELS
         for shape in shapes
         for dtype in DTYPES
-        for i in range(len(launch.shipped_configs(kernel)))
+        for i in range(len(launch.shipped_configs(kernel, DTYPES[dtype])))
         for arch in archs
     ]
 
@@ -200,14 +202,14 @@ def compile_all(archs: list[int], shapes: list[str] | None = None, workers: int 
 
 
 def problems(rows: list[Row]) -> list[str]:
-    """What the shipped configs must never do: fail, spill, overflow smem, miss tensor cores."""
+    """What the shipped configs must never do: fail, spill (but fp64), overflow smem, miss tensor cores."""
     bad = []
     for r in rows:
         where = f"{r.kernel}[{r.shape}] {r.config} {r.dtype} sm_{r.arch}"
         if r.error:
             bad.append(f"{where}: compile failed: {r.error}")
             continue
-        if r.stack or r.local:
+        if (r.stack or r.local) and r.dtype != "fp64":
             bad.append(f"{where}: {r.stack} stack / {r.local} local bytes (spills)")
         if r.smem > SMEM_LIMIT[r.arch]:
             bad.append(f"{where}: {r.smem} B shared memory > {SMEM_LIMIT[r.arch]} B")
@@ -295,7 +297,7 @@ def _mb(b: int) -> str:
 
 def format_report(rows: list[Row], model: list[dict], batch: int) -> str:
     out = ["## Part 1: compiled kernels (triton.compile for a GPUTarget; no GPU needed)", ""]
-    head = "kernel shape config              dtype arch regs stack local  smem_B  HMMA HGMMA LDGSTS TMA"
+    head = "kernel shape config              dtype arch regs stack local  smem_B   MMA HGMMA LDGSTS TMA"
     out.append(head)
     for r in rows:
         if r.error:
