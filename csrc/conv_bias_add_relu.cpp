@@ -384,6 +384,11 @@ void run_epilogue_(
       "y: expected a tensor that may be changed in place here, got an "
       "inference tensor outside torch.inference_mode() (in-place updates to "
       "inference tensors are allowed only inside it)");
+  // In place on a dual y the tangent would go stale; the others' be dropped.
+  check_no_tangent(y, "y");
+  check_no_tangent(bias, "bias");
+  check_no_tangent(residual, "residual");
+  check_no_tangent(scale, "scale");
   TORCH_CHECK_VALUE(
       y.dim() == 4, "y: expected a 4-D tensor (N, K, P, Q), got ", y.dim(),
       "-D with shape ", py_shape(y.sizes()));
@@ -480,9 +485,19 @@ run_conv_bias_add_relu_backward(
 
 namespace {
 
+const auto& epilogue_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("resnet_fused::_epilogue_", "")
+          .typed<void(
+              const at::Tensor&, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, bool)>();
+  return op;
+}
+
 // _epilogue_ has no derivative: it serves inference, on a conv output the
-// caller made. Refuse what autograd would have to record, and bump y's
-// version as every in-place op does, so a saved y is caught as modified.
+// caller made. Refuse what autograd would have to record.
 void epilogue_autograd_(
     const at::Tensor& y,
     const std::optional<at::Tensor>& bias,
@@ -500,16 +515,23 @@ void epilogue_autograd_(
           "derivative), got requires_grad=True; call it under torch.no_grad()");
     }
   }
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("resnet_fused::_epilogue_", "")
-          .typed<void(
-              const at::Tensor&, const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&, bool)>();
+  at::AutoDispatchBelowAutograd guard;
+  epilogue_op().call(y, bias, residual, scale, relu);
+}
+
+// Bump y's version as every in-place op does, so a saved y is caught as
+// modified. Here rather than in the Autograd kernel: inference mode skips
+// that one, but not this one, for a tensor made outside it (an inference
+// tensor has no version counter and never comes here).
+void epilogue_ad_inplace_or_view_(
+    const at::Tensor& y,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& scale,
+    bool relu) {
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    op.call(y, bias, residual, scale, relu);
+    epilogue_op().call(y, bias, residual, scale, relu);
   }
   y.unsafeGetTensorImpl()->bump_version();
 }
@@ -537,6 +559,10 @@ TORCH_LIBRARY(resnet_fused, m) {
 
 TORCH_LIBRARY_IMPL(resnet_fused, Autograd, m) {
   m.impl("_epilogue_", &epilogue_autograd_);
+}
+
+TORCH_LIBRARY_IMPL(resnet_fused, ADInplaceOrView, m) {
+  m.impl("_epilogue_", &epilogue_ad_inplace_or_view_);
 }
 
 } // namespace resnet_fused

@@ -195,6 +195,21 @@ def test_nan_inf_like_the_reference(layout, residual, relu):
     assert_close(y, expected.double(), torch.float32, "y", reductions(kw))
 
 
+@pytest.mark.parametrize("relu", [True, False])
+def test_an_infinite_scale_is_not_folded_into_the_weight(relu):
+    """Folded, an infinite scale made a whole filter +-inf, whose sums of +inf and -inf came out NaN where the
+    reference's conv * scale is +-inf (a frozen BN with zero variance and eps)."""
+    kw = case(torch.float32, "channels_last", residual=False, n=4, hw=(12, 12))
+    kw["scale"][1] = float("inf")
+    y = resnet_fused.conv_bias_add_relu(**kw, relu=relu, backend="cpu")
+    expected = reference.conv_bias_add_relu(**{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()},
+                                            relu=relu)  # fmt: skip
+    assert expected[:, 1].isinf().any() and not expected[:, 1].isnan().any()
+    assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    assert_close(y[finite], expected[finite], torch.float32, "y", reductions(kw))
+
+
 @pytest.mark.parametrize("layout, residual", [("channels_last", True), ("channels_last", False), ("nchw", False)])
 def test_fused_relu_mode_runs_relu_inside_onednn(layout, residual, monkeypatch):
     # With RESNET_FUSED_ONEDNN_RELU=fused no separate ReLU runs, and a residual rides in the primitive too (the exact

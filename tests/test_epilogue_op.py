@@ -211,6 +211,34 @@ def test_autograd_refuses_and_in_place_bumps_the_version():
         assert (z >= 0).all()
 
 
+def test_inference_mode_bumps_the_version_of_a_normal_tensor():
+    """Inference mode skips the Autograd kernel, so a bump there missed a y saved for backward outside it: backward
+    then used the changed y silently. torch's own in-place ops bump it there too."""
+    w = torch.randn(1, 2, 3, 3, requires_grad=True)
+    y = torch.randn(1, 2, 3, 3)
+    z = (w * y).sum()  # saves y
+    version = y._version
+    with torch.inference_mode():
+        OP(y, torch.ones(2), None, None, False)
+    assert y._version == version + 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.backward()
+
+
+@pytest.mark.parametrize("name", ["y", "bias", "residual", "scale"])
+def test_a_dual_tensor_is_refused(name):
+    """In place on a dual y the old tangent stayed with the new values; a dual bias, residual or scale lost its
+    tangent. No jvp rule: refused, as the forward op refuses them."""
+    fwAD = torch.autograd.forward_ad
+    args = dict(y=torch.randn(1, 2, 3, 3), bias=torch.randn(2), residual=torch.randn(1, 2, 3, 3), scale=torch.rand(2))
+    before = args["y"].clone()
+    with fwAD.dual_level():
+        args[name] = fwAD.make_dual(args[name], torch.ones_like(args[name]))
+        with pytest.raises(NotImplementedError, match=rf"{name}: expected a .*without a forward-mode tangent"):
+            OP(**args, relu=True)
+        assert torch.equal(fwAD.unpack_dual(args["y"]).primal, before)
+
+
 def test_compile_fullgraph_on_a_fresh_output():
     def f(x, w, r):
         y = torch.nn.functional.conv2d(x, w)

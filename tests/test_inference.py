@@ -186,6 +186,22 @@ def test_nan_inf_like_the_unpacked_path():
     assert y.isnan().any()
 
 
+def test_an_infinite_scale_takes_the_ordinary_op():
+    """Folded into the packed weight, an infinite scale gave NaN where conv * scale is +-inf."""
+    net = small_net(bias=False)
+    with torch.no_grad():
+        scale = torch.ones(8)
+        scale[2] = float("inf")
+        net[0].set_scale_shift(scale, torch.zeros(8))
+    optimize_for_inference(net)
+    x = torch.randn(2, 4, 9, 9).contiguous(memory_format=torch.channels_last)
+    y, ops = trace(net[:1], x)
+    with torch.no_grad():
+        expected = net[:1].double()(x.double())
+    assert PACKED_OP not in ops and expected[:, 2].isinf().any()
+    assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.isinf(), expected.isinf())
+
+
 def onednn_dtype(name: str) -> torch.dtype:
     dtype = DTYPES[name]
     if not inference.onednn_supports(dtype):

@@ -182,7 +182,12 @@ at::Tensor onednn_conv_bias_add_relu(
   if (!aten_picks_onednn(x, weight, stride, padding, dilation, groups)) {
     return at::Tensor();
   }
-  // conv(x, w) * s + b == conv(x, w * s) + b: the scale rides in the weight.
+  // conv(x, w) * s + b == conv(x, w * s) + b: the scale rides in the weight,
+  // but only a finite one: an infinite s makes a whole filter +-inf, whose
+  // sums of +inf and -inf are NaN where conv(x, w) * s is +-inf.
+  if (scale.has_value() && !at::isfinite(*scale).all().item<bool>()) {
+    return at::Tensor();
+  }
   const at::Tensor w = scale.has_value()
       ? weight * scale->view({-1, 1, 1, 1})
       : weight.contiguous(weight.suggest_memory_format());
