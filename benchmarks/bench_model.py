@@ -63,8 +63,8 @@ INFERENCE_BASELINES = ("eager", "compile", "compile-freezing", "ort")  # ratios 
 OUTSIDE_ALLOCATOR = {"ort": "not measured: ONNX Runtime allocates from its own arena, outside torch's allocator"}
 TRAIN_VARIANTS = ("bn-free", "frozen-bn")
 # ONNX Runtime's intra-op threads spin on after a call (its default, kept) and slow whatever runs next on two cores:
-# `python -m benchmarks.diagnose after-ort` gave 68.7 ms for a resnet50 eager forward at batch 1 right after one, 52.4 ms
-# 20 ms later, 34.6 ms from 50 ms on (34.7 ms alone).
+# `python -m benchmarks.diagnose after-ort` gave 68.5 ms for a resnet50 eager forward at batch 1 right after one, 46.9 ms
+# 20 ms later, 34.3-35.0 ms from 50 ms on (36.6 ms alone; benchmarks/results/diagnose/after-ort.txt).
 # So a sample after one of ONNX Runtime's waits this long first; and every inference sample follows an untimed call
 # of its own variant, so that each is timed warm, whatever ran before it.
 ORT_SETTLE_MS = 100.0
