@@ -83,8 +83,9 @@ def _tv():
     return tv_resnet, tv_utils
 
 
-def _batchnorm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor]:
-    """(scale, shift) of a BatchNorm from its running statistics, whatever its mode."""
+def _batchnorm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """(scale, shift) of a BatchNorm from its running statistics, whatever its mode; None for a subclass with its own
+    forward (see ``norm_scale_shift``)."""
     if norm.running_var is None:
         raise ValueError(f"convert: freeze_bn=True needs running statistics, but {norm} has track_running_stats=False")
     was_training = norm.training
@@ -93,7 +94,6 @@ def _batchnorm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor]:
         affine = norm_scale_shift(norm)
     finally:
         norm.train(was_training)
-    assert affine is not None
     return affine
 
 

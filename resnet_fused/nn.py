@@ -411,16 +411,25 @@ def _has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
+# The forwards whose eval mode is y * scale + shift: a subclass overriding forward may compute anything else.
+_BN_FORWARDS = (nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward)
+
+
 def norm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor] | None:
     """``(scale, shift)``, each ``(C,)``, with ``norm(y) == y * scale + shift``, or ``None``.
 
     ``None`` when ``norm`` is not a per-channel affine map: BatchNorm in train mode (batch
-    statistics), BatchNorm without running statistics, or any other module.
+    statistics), BatchNorm without running statistics, a subclass with its own ``forward``, or any
+    other module.
     """
+    if "forward" in norm.__dict__:
+        return None  # a patched forward: it may compute anything
     if _FrozenBatchNorm2d is not None and isinstance(norm, _FrozenBatchNorm2d):
+        if type(norm).forward is not _FrozenBatchNorm2d.forward:
+            return None
         scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
         return scale, norm.bias - norm.running_mean * scale
-    is_bn = isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm))
+    is_bn = isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm)) and type(norm).forward in _BN_FORWARDS
     if is_bn and not norm.training and norm.running_var is not None:
         scale = torch.rsqrt(norm.running_var + norm.eps)
         if norm.weight is not None:

@@ -167,6 +167,27 @@ def test_other_norms_are_kept_unfused():
     train_and_compare(model, converted, torch.randn(2, 3, 32, 32, dtype=torch.float64))
 
 
+class ClampedBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm subclass with its own forward: its eval mode is not a per-channel affine map."""
+
+    def forward(self, x):
+        return super().forward(x).clamp(max=0.25)
+
+
+@pytest.mark.parametrize("freeze_bn", [False, True])
+def test_a_batchnorm_subclass_with_its_own_forward_is_kept_as_a_module(freeze_bn):
+    """It was folded by isinstance, as if it were a plain BatchNorm2d: its own forward silently dropped."""
+    torch.manual_seed(0)
+    model = randomize_norms_(small_resnet(norm_layer=ClampedBatchNorm2d)).double()
+    model = model.train() if freeze_bn else model.eval()
+    with pytest.warns(UserWarning, match="unfused"):
+        converted, report = convert(model, freeze_bn=freeze_bn)
+    assert report.unfused == ["conv1", *block_names(model)] and not report.folded and not report.scale_shift
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(converted.eval()(x), model.eval()(x), torch.float64, "output", reductions=4608)
+
+
 def test_stem_is_one_fused_conv():
     model = randomize_norms_(torchvision.models.resnet18()).eval()
     converted, _ = convert(model)

@@ -581,3 +581,20 @@ def test_zero_init_residual_leaves_a_weightless_norm_alone_as_torchvision_does()
     before = block.conv2.weight.detach().clone()
     zero_init_residual_(block)
     assert torch.equal(block.conv2.weight, before)
+
+
+def test_a_norm_with_its_own_forward_is_called_not_folded():
+    """A BatchNorm subclass or a patched forward may compute anything: the block calls it as torchvision's does."""
+
+    class Clamped(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x).clamp(max=0.25)
+
+    ours = randomize_norms_(BasicBlock(4, 4, norm_layer=Clamped)).double().eval()
+    theirs = tv.BasicBlock(4, 4, norm_layer=Clamped).double().eval()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    assert_close(ours(x), theirs(x), torch.float64, "subclass")
+    for m in (ours.bn2, theirs.bn2):
+        m.forward = lambda y, m=m: nn.BatchNorm2d.forward(m, y) * 0.5
+    assert_close(ours(x), theirs(x), torch.float64, "patched forward")
