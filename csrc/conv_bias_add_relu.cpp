@@ -291,8 +291,11 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(
     // w * s and wgrad scaled by s after. The scaled copy is a temporary beside
     // every saved activation, so scale the smaller of g and w: g in late
     // layers, where a 3x3 512-channel weight is 9 MB and g under 1 MB. A
-    // scratch g is scaled in place, so the peak holds no copy at all.
-    const bool scale_g = scale.has_value() && g.numel() <= weight.numel();
+    // scratch g is scaled in place, so the peak holds no copy at all. fp16
+    // always scales g, as the unfused backward does: its narrow range lets
+    // w * s, or the unscaled wgrad, overflow where g * s does not.
+    const bool scale_g = scale.has_value() &&
+        (g.numel() <= weight.numel() || g.scalar_type() == at::kHalf);
     const bool scale_w = scale.has_value() && !scale_g;
     const at::Tensor gs = !scale_g ? g
         : g_is_scratch             ? g.mul_(scale->view({1, -1, 1, 1}))

@@ -209,8 +209,10 @@ class PackedFusedConv2d(FusedConv2d):
             return False  # the ordinary op gives the error message
         if bias is not None and not bias.is_contiguous():
             return False  # oneDNN reads the bias as a dense vector; the ordinary op copies it
-        if scale is not None and not torch.isfinite(scale).all():
-            return False  # folded into the weight, an infinite scale gives NaN sums where conv * scale is +-inf
+        if scale is not None and (x.dtype == torch.float16 or not torch.isfinite(scale).all()):
+            # Folded into the weight, an infinite scale gives NaN sums where conv * scale is +-inf, and fp16's
+            # w * scale may overflow where conv * scale does not.
+            return False
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return False
         return onednn_supports(x.dtype)

@@ -311,3 +311,20 @@ def test_residual_post_op_only_up_to_its_size_limit(over, fused, monkeypatch):
     expected = reference.conv_bias_add_relu(**{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()},
                                             relu=fused)  # fmt: skip
     assert_close(y, expected, torch.float32, "y", reductions(kw))
+
+
+def test_fp16_backward_scales_grad_out_not_the_weight():
+    """With g larger than the weight the backward scaled the weight: fp16's weight * scale (90000) overflowed to inf,
+    and so did grad_x, where the unfused backward's grad_out * scale stays in range."""
+    x = torch.full((1, 1, 3, 3), 1e-3, dtype=torch.float16, requires_grad=True)
+    w = torch.full((1, 1, 1, 1), 300.0, dtype=torch.float16, requires_grad=True)
+    scale = torch.tensor([300.0], dtype=torch.float16)
+    y = resnet_fused.conv_bias_add_relu(x, w, scale=scale, relu=False, backend="cpu")
+    grad = torch.full_like(y, 1e-3)
+    gx, gw = torch.autograd.grad(y, (x, w), grad)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y64 = reference.conv_bias_add_relu(x64, w64, scale=scale.double(), relu=False)
+    rx, rw = torch.autograd.grad(y64, (x64, w64), grad.double())
+    assert gx.isfinite().all() and gw.isfinite().all()
+    assert_close(gx, rx, torch.float16, "grad_x", 1)
+    assert_close(gw, rw, torch.float16, "grad_weight", 9)

@@ -183,9 +183,12 @@ at::Tensor onednn_conv_bias_add_relu(
     return at::Tensor();
   }
   // conv(x, w) * s + b == conv(x, w * s) + b: the scale rides in the weight,
-  // but only a finite one: an infinite s makes a whole filter +-inf, whose
-  // sums of +inf and -inf are NaN where conv(x, w) * s is +-inf.
-  if (scale.has_value() && !at::isfinite(*scale).all().item<bool>()) {
+  // but only a finite one (an infinite s makes a whole filter +-inf, whose
+  // sums of +inf and -inf are NaN where conv(x, w) * s is +-inf), and not in
+  // fp16, whose range w * s may leave where conv(x, w) * s stays inside.
+  if (scale.has_value() &&
+      (x.scalar_type() == at::kHalf ||
+       !at::isfinite(*scale).all().item<bool>())) {
     return at::Tensor();
   }
   const at::Tensor w = scale.has_value()

@@ -104,15 +104,16 @@ at::Tensor try_cudnn_fused(
     at::IntArrayRef dilation,
     int64_t groups,
     bool relu) {
-  if (!opted_in() || !cudnn_may_fuse(x, relu)) {
+  // A scale would have to ride in the weight, where an infinite one turns a
+  // filter's sums into NaN and fp16's w * s may overflow; telling those apart
+  // would sync the stream (and break graph capture). Scaled calls take the
+  // cuDNN conv and our epilogue.
+  if (!opted_in() || !cudnn_may_fuse(x, relu) || scale.has_value()) {
     return at::Tensor();
   }
   const auto fmt = output_memory_format(x);
   const auto shape = conv_output_shape(x, weight, stride, padding, dilation);
-  // Folding the scale into the weights rounds each folded weight once, the
-  // same folding conv2d_backward uses for grad_x.
-  const at::Tensor w =
-      scale.has_value() ? weight * scale->view({-1, 1, 1, 1}) : weight;
+  const at::Tensor& w = weight;
   const at::Tensor z = residual.has_value()
       ? residual->contiguous(fmt)
       : at::zeros(shape, x.options().memory_format(fmt));
