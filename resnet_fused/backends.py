@@ -157,12 +157,9 @@ def _cuda_probe() -> str:
     if not torch.cuda.is_available():
         return "the extension has CUDA kernels, but torch.cuda.is_available() is False (no GPU or driver)"
     status = getattr(torch.ops.resnet_fused, "cuda_kernel_status", None)
-    if status is not None:
-        for device in range(torch.cuda.device_count()):
-            why = status(device)
-            if why:
-                return why
-    return ""
+    # The current device only: the probe makes a CUDA context there, which a process using another GPU (a DDP rank,
+    # after torch.cuda.set_device) should not pay on every GPU it can see.
+    return "" if status is None else status(torch.cuda.current_device())
 
 
 def _triton_probe() -> str:

@@ -337,3 +337,24 @@ def test_ptxas_reports_no_spills(tmp_path):
             e for e, s in zip(entries, spills, strict=True) if s != ("0", "0")
         ]
         assert "warning" not in log.lower(), log[-4000:]
+
+
+def test_cuda_probe_checks_the_current_device_only(monkeypatch):
+    """The kernel-image check makes a CUDA context on the device it asks about: the probe asked every visible GPU,
+    so each DDP rank paid a context on all of them."""
+    from resnet_fused import backends
+
+    asked = []
+
+    class Ops:
+        @staticmethod
+        def cuda_kernel_status(device):
+            asked.append(device)
+            return ""
+
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda op, key: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    monkeypatch.setattr(torch.ops, "resnet_fused", Ops)
+    assert backends._cuda_probe() == "" and asked == [2]

@@ -139,6 +139,25 @@ def test_grad_bias_is_deterministic(layout):
         assert torch.equal(first[2], again[2]) and torch.equal(first[3], again[3])
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_grad_bias_bits_do_not_follow_alignment(layout):
+    """The same grad_out values at a misaligned address (a view 4 bytes into its storage) give the same grad_bias
+    bits: the vector and scalar kernels summed in different orders."""
+    inputs = cuda_inputs(RESNET_3X3, torch.float32, FULL, layout)
+    args = list(backward_args(inputs, run(inputs)))
+    grad = args[0]
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    storage = torch.empty(grad.numel() + 1, dtype=grad.dtype, device=grad.device)
+    shifted = storage[1:].view(grad.permute(0, 2, 3, 1).shape if layout == "channels_last" else grad.shape)
+    shifted = shifted.permute(0, 3, 1, 2) if layout == "channels_last" else shifted
+    shifted.copy_(grad)
+    assert shifted.is_contiguous(memory_format=fmt) and shifted.data_ptr() % 16 != 0
+    first = BACKWARD(*args, [False, False, True, False])
+    args[0] = shifted
+    again = BACKWARD(*args, [False, False, True, False])
+    assert torch.equal(first[2], again[2])
+
+
 def test_backward_output_mask():
     inputs = cuda_inputs(RESNET_3X3, torch.float16, FULL)
     args = backward_args(inputs, run(inputs))

@@ -433,12 +433,23 @@ void launch_epilogue(
 }
 
 void launch_backward(
-    const at::Tensor& grad,
-    const at::Tensor& out,
+    const at::Tensor& grad_in,
+    const at::Tensor& out_in,
     const at::Tensor& g,
     const at::Tensor& grad_bias,
     bool relu,
     at::MemoryFormat fmt) {
+  // The vector and scalar kernels split a plane among threads differently, so
+  // grad_bias's summation order would follow the inputs' alignment, not only
+  // their shape: a misaligned view (grad_out of a torch.cat, say) is copied
+  // into fresh, aligned memory. g is always fresh.
+  auto aligned_copy = [&](const at::Tensor& t) {
+    return !grad_bias.defined() || !t.defined() || is_aligned(t.const_data_ptr())
+        ? t
+        : t.clone(fmt);
+  };
+  const at::Tensor grad = aligned_copy(grad_in);
+  const at::Tensor out = aligned_copy(out_in);
   const auto [rows, k, inner] = rows_k_inner(grad, fmt);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad.scalar_type(),
