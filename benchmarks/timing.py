@@ -418,7 +418,7 @@ def machine_info(threads: int, device: torch.device | str = "cpu") -> dict:
         "resnet_fused": resnet_fused.__version__,
         "git_commit": _git_commit(),
         "backends_available": resnet_fused.available_backends(),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "triton_interpret": resnet_fused.backends.INTERPRET,
         "device": str(device),
         "timer": "CUDA events" if device.type == "cuda" else "time.perf_counter (wall clock)",
         "memory_method": memory_method(device),

@@ -524,8 +524,9 @@ void epilogue_autograd_(
 
 // Bump y's version as every in-place op does, so a saved y is caught as
 // modified. Here rather than in the Autograd kernel: inference mode skips
-// that one, but not this one, for a tensor made outside it (an inference
-// tensor has no version counter and never comes here).
+// that one, but not this one, for a tensor made outside it. An inference
+// tensor (no version counter) comes here only outside inference mode, where
+// run_epilogue_ refuses it before the bump.
 void epilogue_ad_inplace_or_view_(
     const at::Tensor& y,
     const std::optional<at::Tensor>& bias,

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .nn import BasicBlock, Bottleneck, FusedConv2d, _has_hooks, check_residual, norm_scale_shift
+from .nn import _BN_FORWARDS, BasicBlock, Bottleneck, FusedConv2d, _has_hooks, check_residual, norm_scale_shift
 
 __all__ = ["ConversionReport", "convert"]
 
@@ -86,6 +86,8 @@ def _tv():
 def _batchnorm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor] | None:
     """(scale, shift) of a BatchNorm from its running statistics, whatever its mode; None for a subclass with its own
     forward (see ``norm_scale_shift``)."""
+    if "forward" in norm.__dict__ or type(norm).forward not in _BN_FORWARDS:
+        return None  # its own forward: kept as a module, whatever its statistics
     if norm.running_var is None:
         raise ValueError(f"convert: freeze_bn=True needs running statistics, but {norm} has track_running_stats=False")
     was_training = norm.training

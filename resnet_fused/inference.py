@@ -425,7 +425,7 @@ def optimize_for_inference(model: nn.Module, *, fuse_relu: bool = False) -> nn.M
     as it does under Inductor's freezing (ONNX Runtime keeps it, as ``torch.relu`` does). Wherever the
     pre-activation is not NaN, the two agree.
 
-    A conv whose weight is an inference tensor (the model was loaded or converted under ``torch.inference_mode``)
+    A conv whose weight is an inference tensor (the model was built or converted under ``torch.inference_mode``)
     cannot be packed safely and keeps the ordinary op; a warning names such convs.
 
     Raises:
@@ -449,7 +449,7 @@ def optimize_for_inference(model: nn.Module, *, fuse_relu: bool = False) -> nn.M
             m._fuse_relu = fuse_relu
             found += 1
             if isinstance(m.weight, Tensor) and m.weight.is_inference():
-                unpackable.append(name)
+                unpackable.append(name or "<model>")
     if not found:
         raise ValueError(
             "optimize_for_inference: expected a model holding resnet_fused.nn.FusedConv2d modules, got none; "
@@ -460,7 +460,7 @@ def optimize_for_inference(model: nn.Module, *, fuse_relu: bool = False) -> nn.M
             f"optimize_for_inference: {len(unpackable)} of {found} fused convs have a weight made under "
             f"torch.inference_mode ({', '.join(unpackable[:3])}{', ...' if len(unpackable) > 3 else ''}): an inference "
             "tensor has no version counter to tell a changed weight by, so these run the ordinary op, unpacked (and "
-            "fuse_relu does not apply to them). Load and convert the model outside inference_mode.",
+            "fuse_relu does not apply to them). Build and convert the model outside inference_mode.",
             stacklevel=2,
         )
     return model

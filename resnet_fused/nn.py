@@ -303,17 +303,13 @@ class FusedConv2d(nn.Conv2d):
         if affine is None:  # e.g. batch statistics: the norm must see the whole conv output first
             if not isinstance(relu, bool):
                 raise TypeError(f"relu: expected a bool, got {relu!r}")
-            y = norm(self.conv_bias_add_relu(x, scale=scale, bias=shift, relu=False))
+            y = self.conv_bias_add_relu(x, scale=scale, bias=shift, relu=False)
+            if residual is not None and isinstance(y, Tensor) and not isinstance(y, torch.fx.Proxy):
+                _check_late_residual(residual, y)  # before the norm runs (and updates its statistics)
+            y = norm(y)
             # In place on the norm's output, as torchvision's blocks (`out += identity`, ReLU(inplace=True)): a hook
             # that kept that tensor sees what it sees there.
             if residual is not None:
-                # As the fused path requires: no broadcast, no type promotion, whatever the norm's mode.
-                if isinstance(y, Tensor) and not isinstance(y, torch.fx.Proxy):
-                    contract._check_tensor("residual", residual, y, optional=False, like="the output")
-                    if residual.shape != y.shape:
-                        raise ValueError(
-                            f"residual: expected the output's shape {tuple(y.shape)}, got {tuple(residual.shape)}"
-                        )
                 y = y.add_(residual)
             return F.relu_(y) if relu else y
         # norm(conv * cs + cb) = conv * (s * cs) + (s * cb + t), in the norm's dtype, which may be wider than the
@@ -364,6 +360,9 @@ def _fused_conv(
             _check_unbatched_residual(x, weight, residual, stride, padding, dilation)
             residual = residual.unsqueeze(0)
     if fold_trainable_scale and scale is not None and _scale_needs_derivative(scale):
+        if _runs_in_fp16(x, weight):
+            y = _conv_then_affine(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu, backend)
+            return y.squeeze(0) if unbatched else y
         weight, scale = weight * scale.reshape(-1, 1, 1, 1), None
     y = conv_bias_add_relu(
         x,
@@ -387,13 +386,52 @@ torch.fx.wrap("_fused_conv")
 def _scale_needs_derivative(scale: Tensor) -> bool:
     """Whether a scale may be differentiated, so that it must be folded into the weight (the op's scale is a
     constant): it requires grad under grad mode (or while torch.jit.trace records, which checks its trace under
-    no_grad), it carries a forward-mode tangent, or a torch.func transform runs (vmap's wrapper hides
-    requires_grad; grad and jvp differentiate it)."""
-    if contract.functorch_active():
-        return True
+    no_grad), it carries a forward-mode tangent, a torch.func transform differentiates, or vmap batches it (an
+    ensemble's stacked gamma, whose wrapper hides requires_grad)."""
     if torch.autograd.forward_ad._current_level >= 0 and contract._tangent(scale):
         return True
+    if contract.functorch_active() and (
+        contract.differentiated_by_transform(scale) or torch._C._functorch.is_batchedtensor(scale)
+    ):
+        return True
     return scale.requires_grad and (torch.is_grad_enabled() or torch.jit.is_tracing())
+
+
+def _runs_in_fp16(x: Tensor, weight: Tensor) -> bool:
+    """Whether the conv runs in fp16 (its dtype, or autocast's), whose range weight * scale may leave where
+    conv(x, weight) * scale stays inside."""
+    device = x.device.type
+    if device in contract.AUTOCAST_DEVICES and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device) == torch.float16 and x.dtype != torch.float64
+    return weight.dtype == torch.float16
+
+
+def _conv_then_affine(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu, backend) -> Tensor:
+    """act(conv(x) * scale + bias + residual) with the scale applied after the conv, as differentiable ops: the
+    fp16 route of a scale that needs its derivative."""
+    contract.check_inputs(x, weight, bias, residual, None, stride, padding, dilation, groups, relu)
+    y = conv_bias_add_relu(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups, relu=False,
+                           backend=backend)  # fmt: skip
+    z = y * scale.reshape(-1, 1, 1)
+    if bias is not None:
+        z = z + bias.reshape(-1, 1, 1)
+    if residual is not None:
+        z = z + residual
+    return (F.relu(z) if relu else z).to(y.dtype)
+
+
+def _check_late_residual(residual: Tensor, y: Tensor) -> None:
+    """A residual added after an unfused norm, checked as the fused path checks it: no broadcast, and (outside
+    autocast, which casts it there) no type promotion."""
+    contract._check_tensor("residual", residual, None, optional=False)
+    if residual.shape != y.shape:
+        raise ValueError(f"residual: expected the output's shape {tuple(y.shape)}, got {tuple(residual.shape)}")
+    if residual.device != y.device:
+        raise ValueError(f"residual: expected device {y.device} (the output's), got {residual.device}")
+    device = y.device.type
+    autocast = device in contract.AUTOCAST_DEVICES and torch.is_autocast_enabled(device)
+    if not autocast and residual.dtype != y.dtype:
+        raise TypeError(f"residual: expected dtype {y.dtype} (the output's), got {residual.dtype}")
 
 
 def _check_unbatched_residual(x: Tensor, weight: Tensor, residual: Tensor, stride, padding, dilation) -> None:

@@ -186,6 +186,11 @@ def test_a_batchnorm_subclass_with_its_own_forward_is_kept_as_a_module(freeze_bn
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         assert_close(converted.eval()(x), model.eval()(x), torch.float64, "output", reductions=4608)
+    if freeze_bn:  # kept whatever its statistics: there is nothing to freeze
+        norm = ClampedBatchNorm2d(4, track_running_stats=False)
+        with pytest.warns(UserWarning, match="unfused"):
+            _, report = convert(nn.Sequential(tv.BasicBlock(4, 4, norm_layer=lambda c: norm)), freeze_bn=True)
+        assert report.unfused == ["0"]
 
 
 def test_stem_is_one_fused_conv():

@@ -598,3 +598,66 @@ def test_a_norm_with_its_own_forward_is_called_not_folded():
     for m in (ours.bn2, theirs.bn2):
         m.forward = lambda y, m=m: nn.BatchNorm2d.forward(m, y) * 0.5
     assert_close(ours(x), theirs(x), torch.float64, "patched forward")
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_autocast_block_with_an_fp32_input_in_either_mode(mode):
+    """In train mode the residual is added after the norm, in autocast's dtype: an fp32 block input was refused there
+    as a type promotion, while the fused (eval) path and torchvision take it."""
+    torch.manual_seed(0)
+    ours = randomize_norms_(BasicBlock(4, 4))
+    theirs = tv.BasicBlock(4, 4)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 4, 6, 6)
+    outs = []
+    for m in (ours, theirs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(getattr(m, mode)()(x))
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=0.05, atol=0.05)
+
+
+def test_a_refused_residual_leaves_the_norms_statistics_alone():
+    conv, bn = FusedConv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+    with pytest.raises(ValueError, match="residual: expected the output's shape"):
+        conv(torch.randn(2, 4, 5, 5), torch.randn(1, 4, 5, 5), norm=bn)
+    assert bn.num_batches_tracked == 0 and torch.equal(bn.running_mean, torch.zeros(4))
+
+
+def _fp16_conv_with_a_large_scale() -> nn.Module:
+    """conv weight 300 and an eval BN scale of about 300: weight * scale (90000) is past fp16's range, while
+    conv(x) * scale for x = 1e-3 is 90."""
+    conv = FusedConv2d(1, 1, 1, bias=False, relu=False).half()
+    bn = nn.BatchNorm2d(1, eps=1e-12).half().eval()
+    with torch.no_grad():
+        conv.weight.fill_(300.0)
+        bn.running_var.fill_(1.0 / 90000)
+
+    class ConvNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = conv, bn
+
+        def forward(self, x):
+            return self.conv(x, norm=self.bn)
+
+    return ConvNorm()
+
+
+def test_fp16_scale_with_a_derivative_is_applied_after_the_conv():
+    """Where gamma needs its derivative the scale was folded into the weight, and in fp16 weight * scale overflowed
+    (inf where the unfused block gives 90): under grad mode, torch.jit.trace, and any torch.func transform."""
+    m = _fp16_conv_with_a_large_scale()
+    x = torch.full((1, 1, 2, 2), 1e-3, dtype=torch.float16)
+    want = torch.full((1, 1, 2, 2), 90.0625, dtype=torch.float16)
+    y = m(x)  # grad mode: gamma requires grad
+    torch.testing.assert_close(y, want)
+    (g,) = torch.autograd.grad(y.float().sum(), m.bn.weight)
+    assert g.isfinite().all() and g.item() == pytest.approx(4 * 90.0625, rel=1e-2)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.trace(m, (x,), check_trace=False)(x), want)
+        torch.testing.assert_close(torch.func.vmap(m)(x[None])[0], want)
+    p = {k: v.detach() for k, v in m.named_parameters()}
+    t = {k: torch.zeros_like(v) for k, v in p.items()}
+    y_jvp, _ = torch.func.jvp(lambda p: torch.func.functional_call(m, p, (x,)), (p,), (t,))
+    torch.testing.assert_close(y_jvp, want)

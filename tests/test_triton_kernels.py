@@ -3,8 +3,8 @@
     TRITON_INTERPRET=1 pytest tests/test_triton_kernels.py
 
 Backend-specific behaviour of the Triton kernels: every output_mask with the wgrad reduction whole or split,
-its determinism, fp32 under the per-op TF32 setting, the launcher's empty-input path, and on a GPU a comparison
-with cuDNN. Every case x dtype x layout x epilogue runs in the shared suite, tests/test_conv_bias_add_relu.py.
+its determinism, fp32 under the per-op TF32 setting, dgrad's scaling in fp16, and on a GPU a comparison with
+cuDNN. Every case x dtype x layout x epilogue runs in the shared suite, tests/test_conv_bias_add_relu.py.
 """
 
 import pytest

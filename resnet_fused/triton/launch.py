@@ -138,7 +138,7 @@ def _autotuned(kernel: str, fn: triton.JITFunction, runtime_key: list[str]) -> t
 # constexprs, in the key anyway.
 _FWD_KEY = ["M", "CG", "KG", "G", "stride_h", "stride_w", "sxc", "swc", "src", "syc"]
 _DGRAD_KEY = ["M", "CG", "KG", "G", "stride_h", "stride_w", "sgc", "soc", "swk", "swc", "sxc"]
-_WGRAD_KEY = ["M", "CRS", "KG", "G", "stride_h", "stride_w", "num_splits", "sgc", "soc", "sxc"]
+_WGRAD_KEY = ["M", "CRS", "KG", "G", "stride_h", "stride_w", "num_splits", "sgc", "soc", "sxc", "sgwj"]
 # kernel name -> (the kernel, its autotuned wrapper)
 _KERNELS = {
     "fwd": (_forward_kernel, _autotuned("fwd", _forward_kernel, _FWD_KEY)),
