@@ -407,3 +407,22 @@ def test_import_resnet_fused_alone_registers_exporters():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("onnxscript_first", [False, True], ids=["resnet_fused first", "onnxscript first"])
+def test_dynamo_translation_registers_when_onnxscript_is_imported(onnxscript_first):
+    """``import resnet_fused`` does not import onnxscript (nor onnx); the dynamo exporter, which imports it, still
+    finds the translation, whichever of the two was imported first."""
+    code = (
+        "import io, sys, warnings, torch\n"
+        + ("import onnxscript\n" if onnxscript_first else "")
+        + "import resnet_fused\n"
+        + ("" if onnxscript_first else "assert 'onnxscript' not in sys.modules and 'onnx' not in sys.modules\n")
+        + "m = resnet_fused.nn.FusedConv2d(3, 4, 3, relu=True).eval()\n"
+        "warnings.simplefilter('ignore')\n"
+        "program = torch.onnx.export(m, (torch.randn(1, 3, 8, 8),), dynamo=True)\n"
+        "ops = {(n.domain, n.op_type) for n in program.model_proto.graph.node}\n"
+        "assert ('', 'Conv') in ops and all(d in ('', 'ai.onnx') for d, _ in ops), ops\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
