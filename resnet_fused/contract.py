@@ -54,12 +54,10 @@ def _as_int(v: object) -> int | None:
     Bools and tensors are not integers here."""
     if type(v) is int:
         return v
-    if isinstance(v, (bool, Tensor)):
+    # Asked of the type, not by catching operator.index's TypeError: dynamo (torch 2.11) does not trace that except.
+    if isinstance(v, (bool, Tensor)) or not hasattr(type(v), "__index__"):
         return None
-    try:
-        return operator.index(v)
-    except TypeError:
-        return None
+    return operator.index(v)
 
 
 def pair(value: IntPair, name: str, min_value: int) -> tuple[int, int]:

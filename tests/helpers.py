@@ -20,6 +20,25 @@ from resnet_fused import reference
 from resnet_fused.backends import BACKENDS, INTERPRET
 from resnet_fused.contract import conv_output_shape, memory_format, pair
 
+
+def _interpreter_breaks_on_numpy() -> str:
+    """Why Triton's interpreter cannot run here, or "": before 3.7 it calls int() on one-element arrays, which
+    NumPy 2.4 refuses (the GPU machine's torch 2.11 comes with triton 3.6 and NumPy 2.5)."""
+    import importlib.metadata
+
+    from packaging.version import Version
+
+    try:
+        triton_v, numpy_v = Version(importlib.metadata.version("triton")), Version(importlib.metadata.version("numpy"))
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+    if triton_v < Version("3.7") and numpy_v >= Version("2.4"):
+        return f"Triton {triton_v}'s interpreter fails on NumPy {numpy_v} (int() of a one-element array)"
+    return ""
+
+
+INTERPRETER_BROKEN = _interpreter_breaks_on_numpy()
+
 # ---- which (backend, device) pairs run ----
 
 TEST_BACKENDS_VAR = "RESNET_FUSED_TEST_BACKENDS"
@@ -425,7 +444,8 @@ def registered_forward_ops() -> dict[str, object]:
 
 
 __all__ = [
-    "ALL_EPILOGUES", "CASES", "DTYPES", "FULL", "GPU_CASES", "INTERPRET", "LAYOUTS", "PREACT", "TOL", "Case",
+    "ALL_EPILOGUES", "CASES", "DTYPES", "FULL", "GPU_CASES", "INTERPRET", "INTERPRETER_BROKEN", "LAYOUTS", "PREACT",
+    "TOL", "Case",
     "Epilogue", "Inputs", "Target", "assert_close", "backward_op", "cases_for", "check_call", "forward_op",
     "make_inputs", "make_tensor", "reference_forward", "reference_grads", "registered_forward_ops", "sweep_draws",
     "target_params", "targets", "to_layout", "tolerance",

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import INTERPRETER_BROKEN
 
 SCRIPT = r"""
 import hashlib, json, sys
@@ -56,7 +57,10 @@ def run(backend: str, threads: int, interpret: bool) -> dict:
         pytest.param(
             "triton",
             True,
-            marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
+            marks=[
+                pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
+                pytest.mark.skipif(bool(INTERPRETER_BROKEN), reason=INTERPRETER_BROKEN),
+            ],
         ),
     ],
 )
