@@ -4,8 +4,10 @@ summary names the machine's versions."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -68,3 +70,83 @@ def test_a_timed_out_step_ends_its_whole_process_group(tmp_path, monkeypatch):
         time.sleep(0.1)
     else:
         pytest.fail(f"the step's child process {pid} outlived its timeout")
+
+
+def _gpu_check():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return gpu_check
+
+
+def test_a_timed_out_step_is_interrupted_first_so_pytest_can_write_its_summary(tmp_path, monkeypatch):
+    gpu_check = _gpu_check()
+    monkeypatch.setattr(gpu_check, "STEP_TIMEOUT_S", 2)
+    code = (
+        "import time\n"
+        "try:\n    time.sleep(120)\n"
+        "except KeyboardInterrupt:\n    print('summary written on SIGINT', flush=True)\n"
+    )
+    result = gpu_check._run("slow", [sys.executable, "-c", code], tmp_path / "slow.log")
+    assert result["status"] == "failed (timed out)" and "summary written on SIGINT" in result["tail"], result
+
+
+def test_a_deadline_shortens_or_skips_steps(tmp_path, monkeypatch):
+    """Under --deadline no command outlives the time left, so a machine lent for a fixed time never kills the run."""
+    gpu_check = _gpu_check()
+    monkeypatch.setattr(gpu_check._Clock, "deadline", time.monotonic() + gpu_check.DEADLINE_MARGIN_S + 10)
+    result = gpu_check._run("late", [sys.executable, "-c", "print('ran')"], tmp_path / "late.log")
+    assert result["status"].startswith("skipped: deadline"), result
+    monkeypatch.setattr(gpu_check._Clock, "deadline", time.monotonic() + gpu_check.DEADLINE_MARGIN_S + 35)
+    start = time.monotonic()
+    result = gpu_check._run("long", [sys.executable, "-c", "import time; time.sleep(120)"], tmp_path / "long.log")
+    assert result["status"] == "failed (timed out)" and time.monotonic() - start < 60, result
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is for machines without a GPU")
+def test_a_comma_list_of_steps_and_a_bundle(tmp_path):
+    bundle = tmp_path / "gpu_check.tgz"
+    cmd = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "build,bench", "--out", str(tmp_path / "r")]
+    proc = subprocess.run([*cmd, "--bundle", str(bundle)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with tarfile.open(bundle) as tar:
+        summary = json.load(tar.extractfile("r/gpu_check.json"))
+    assert [s["name"] for s in summary["steps"]] == ["build", "bench"]
+    bad = subprocess.run([*cmd[:2], "build,tset"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "got 'build,tset'" in bad.stderr
+
+
+def test_a_run_killed_from_outside_keeps_its_summary_and_ends_its_step(tmp_path):
+    """SIGTERM (a lent machine's time limit) ends the running step's process group and writes the summary."""
+    pidfile = tmp_path / "child.pid"
+    child = tmp_path / "child.py"
+    child.write_text(f"import os, time\nopen({str(pidfile)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
+    runner = tmp_path / "runner.py"
+    runner.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'scripts')!r})\n"
+        "import gpu_check\n"
+        "def slow(info, out):\n"
+        f"    return [gpu_check._run('slow', [sys.executable, {str(child)!r}], out / 'slow.log')]\n"
+        "gpu_check.STEPS['build'] = slow\n"
+        f"gpu_check.main(['build', '--out', {str(tmp_path)!r}])\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(runner)])
+    for _ in range(300):
+        if (pidfile.exists() and pidfile.read_text()) or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [s["name"] for s in summary["steps"]] == ["interrupted"]
+    pid = int(pidfile.read_text())
+    for _ in range(50):
+        state = Path(f"/proc/{pid}/stat")
+        if not state.exists() or state.read_text().split(")")[-1].split()[0] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the step's process {pid} outlived the run")
