@@ -286,6 +286,7 @@ def _write(out: Path, info: dict, results: list[dict], bundle: Path | None = Non
     lines += [f"| {r['name']} | {r['status']} | {r['seconds']} | {r['log'] or ''} |" for r in steps]
     (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
     if bundle is not None:
+        bundle.parent.mkdir(parents=True, exist_ok=True)
         partial = bundle.with_name(bundle.name + ".part")
         with tarfile.open(partial, "w:gz") as tar:
             tar.add(out, arcname=out.name, filter=lambda m: None if m.name.endswith((".tgz", ".part")) else m)

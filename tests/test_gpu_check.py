@@ -107,7 +107,7 @@ def test_a_deadline_shortens_or_skips_steps(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is for machines without a GPU")
 def test_a_comma_list_of_steps_and_a_bundle(tmp_path):
-    bundle = tmp_path / "gpu_check.tgz"
+    bundle = tmp_path / "new" / "gpu_check.tgz"  # its folder is made
     cmd = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "build,bench", "--out", str(tmp_path / "r")]
     proc = subprocess.run([*cmd, "--bundle", str(bundle)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
