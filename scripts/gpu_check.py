@@ -139,6 +139,10 @@ def _end_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run(name: str, cmd: list[str], log: Path, env: dict | None = None) -> dict:
     start = time.monotonic()
     left = _Clock.left() - DEADLINE_MARGIN_S
@@ -150,9 +154,11 @@ def _run(name: str, cmd: list[str], log: Path, env: dict | None = None) -> dict:
         f.flush()
         # A session of its own, so that a timeout ends the step's whole process group (pytest-xdist workers,
         # equivalence shards), not only its first process: nothing may run on into the next step's timings.
+        # SIGINT restored to its default: a parent that ignores it (a pytest-xdist worker, nohup) would pass that on,
+        # and the timeout's interrupt would then not reach pytest.
         proc = subprocess.Popen(
             cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_default_sigint,
         )  # fmt: skip
         _Clock.running = proc
         try:
