@@ -405,6 +405,11 @@ def test_import_resnet_fused_alone_registers_exporters():
         "warnings.simplefilter('ignore')\n"
         "torch.onnx.export(m, (torch.randn(1, 3, 8, 8),), io.BytesIO(), dynamo=False)\n"
     )
+    run_fresh(code)
+
+
+def run_fresh(code: str) -> None:
+    """Run ``code`` in a fresh interpreter, where nothing was imported before it; it must succeed."""
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -424,5 +429,4 @@ def test_dynamo_translation_registers_when_onnxscript_is_imported(onnxscript_fir
         "ops = {(n.domain, n.op_type) for n in program.model_proto.graph.node}\n"
         "assert ('', 'Conv') in ops and all(d in ('', 'ai.onnx') for d, _ in ops), ops\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_fresh(code)
