@@ -1,14 +1,18 @@
 """Build resnet_fused._C: always the C++ (CPU) kernels, plus the CUDA kernels when a CUDA toolkit is found.
 
-RESNET_FUSED_BUILD_CUDA=1 forces the CUDA build (failing if no toolkit), =0 forces a CPU-only build.
+RESNET_FUSED_BUILD_CUDA=1 forces the CUDA build (failing, with the reason, if the toolkit cannot build it), =0 forces
+a CPU-only build; unset (auto), a toolkit that cannot build against this torch gives a CPU-only build and says why.
 Building never needs a GPU.
 """
 
 import glob
 import os
 import platform
+import re
 import shutil
+import subprocess
 import sys
+import tempfile
 
 import torch
 from setuptools import find_packages, setup
@@ -31,19 +35,72 @@ def find_cuda_home() -> str | None:
     return None
 
 
+# RESNET_FUSED_BUILD_CUDA's values: True forces the CUDA build, False a CPU-only one, None (auto) builds CUDA when it can.
+CUDA_FLAG_VALUES = {"auto": None, "1": True, "true": True, "yes": True, "on": True}
+CUDA_FLAG_VALUES |= {"0": False, "false": False, "no": False, "off": False}
+
+
+def cuda_build_flag() -> bool | None:
+    raw = os.environ.get("RESNET_FUSED_BUILD_CUDA", "")
+    value = raw.strip().lower() or "auto"
+    if value not in CUDA_FLAG_VALUES:
+        sys.exit(f"RESNET_FUSED_BUILD_CUDA: expected one of {', '.join(CUDA_FLAG_VALUES)}, got {raw!r}")
+    return CUDA_FLAG_VALUES[value]
+
+
+def nvcc_problem(cuda_home: str) -> str:
+    """ "" when the toolkit at cuda_home can build the extension for this torch, else why not.
+
+    torch's BuildExtension refuses an nvcc whose CUDA major version differs from torch's, and nvcc refuses a host
+    compiler outside its supported range or (before CUDA 12) C++20: a trial compile of an empty kernel finds those
+    in seconds, before the build spends minutes.
+    """
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    try:
+        version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"`{nvcc} --version` failed ({e})"
+    release = re.search(r"release (\d+)\.(\d+)", version)
+    if release is None:
+        return f"`{nvcc} --version` names no CUDA release"
+    torch_major = torch.version.cuda.split(".")[0]
+    if release[1] != torch_major:
+        return (
+            f"{nvcc} is CUDA {release[1]}.{release[2]}, this torch was built with CUDA {torch.version.cuda}: "
+            f"expected a CUDA {torch_major}.x toolkit (set CUDA_HOME to one)"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "probe.cu")
+        with open(source, "w") as f:
+            f.write("__global__ void probe() {}\n")
+        host = ["-ccbin", os.environ["CC"]] if os.environ.get("CC") else []  # as torch's BuildExtension passes it
+        command = [nvcc, *host, "-std=c++20", "-c", source, "-o", os.path.join(tmp, "probe.o")]
+        try:
+            trial = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"`{' '.join(command)}` failed ({e})"
+        if trial.returncode != 0:
+            said = " ".join((trial.stderr + trial.stdout).split())[-400:]
+            return f"{nvcc} cannot compile a C++20 kernel with this host compiler: {said}"
+    return ""
+
+
 def want_cuda(cuda_home: str | None) -> bool:
-    flag = os.environ.get("RESNET_FUSED_BUILD_CUDA", "auto").lower()
-    if flag in ("0", "false", "no"):
+    flag = cuda_build_flag()
+    if flag is False:
         return False
     if torch.version.cuda is None:
-        if flag in ("1", "true", "yes"):
-            sys.exit("RESNET_FUSED_BUILD_CUDA=1 but this torch is a CPU-only build")
-        return False
-    if cuda_home is None:
-        if flag in ("1", "true", "yes"):
-            sys.exit("RESNET_FUSED_BUILD_CUDA=1 but no CUDA toolkit (nvcc) was found; set CUDA_HOME")
-        return False
-    return True
+        why = "this torch is a CPU-only build"
+    elif cuda_home is None:
+        why = "no CUDA toolkit (nvcc) was found; set CUDA_HOME"
+    else:
+        why = nvcc_problem(cuda_home)
+    if not why:
+        return True
+    if flag:
+        sys.exit(f"RESNET_FUSED_BUILD_CUDA=1 but {why}")
+    print(f"resnet_fused: building without CUDA kernels: {why}", flush=True)
+    return False
 
 
 def shared_cxx_runtime() -> str:

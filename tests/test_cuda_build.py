@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -90,17 +91,116 @@ def test_extension_links_the_shared_cxx_runtime():
     assert needs_shared and not own_copy, f"needs libstdc++.so: {needs_shared}; defines {own_copy}"
 
 
-def setup_link_args() -> list[str]:
-    """setup.py's LINK_ARGS, computed by its own code in this process (torch loaded), without running setup()."""
+def setup_code(*names: str) -> dict:
+    """setup.py's functions and assignments ``names``, run by its own code in this process (torch loaded), without
+    running setup()."""
     tree = ast.parse((ROOT / "setup.py").read_text())
-    keep = [
-        n for n in tree.body
-        if (isinstance(n, ast.FunctionDef) and n.name == "shared_cxx_runtime")
-        or (isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "LINK_ARGS" for t in n.targets))
-    ]  # fmt: skip
-    namespace: dict = {"os": os}
+
+    def defines(n: ast.stmt) -> set[str]:
+        if isinstance(n, ast.FunctionDef):
+            return {n.name}
+        targets = n.targets if isinstance(n, ast.Assign) else [n.target] if isinstance(n, ast.AugAssign) else []
+        return {getattr(t, "id", None) for t in targets}
+
+    keep = [n for n in tree.body if defines(n) & set(names)]
+    namespace: dict = {"os": os, "re": re, "subprocess": subprocess, "sys": sys, "tempfile": tempfile, "torch": torch}
     exec(compile(ast.Module(body=keep, type_ignores=[]), "setup.py", "exec"), namespace)
-    return namespace["LINK_ARGS"]
+    return namespace
+
+
+def setup_link_args() -> list[str]:
+    """setup.py's LINK_ARGS, as setup() would pass them."""
+    return setup_code("shared_cxx_runtime", "LINK_ARGS")["LINK_ARGS"]
+
+
+SETUP_CUDA_CHOICE = ("CUDA_FLAG_VALUES", "cuda_build_flag", "nvcc_problem", "want_cuda")
+
+
+def fake_toolkit(tmp_path: Path, release: str, compile_error: str = "") -> str:
+    """A CUDA_HOME whose nvcc reports ``release`` and fails every compile with ``compile_error`` (if given)."""
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    on_compile = f"echo {compile_error!r} >&2; exit 1" if compile_error else 'touch "$last"; exit 0'
+    nvcc.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = --version ]; then echo "Cuda compilation tools, release {release}, V{release}.99"; exit 0; fi\n'
+        "for last; do :; done\n"
+        f"{on_compile}\n"
+    )
+    nvcc.chmod(0o755)
+    return str(tmp_path / "cuda")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, None), ("", None), ("auto", None), ("1", True), ("ON", True), ("0", False), ("off", False)],
+)
+def test_build_cuda_flag_values(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv("RESNET_FUSED_BUILD_CUDA", raising=False)
+    else:
+        monkeypatch.setenv("RESNET_FUSED_BUILD_CUDA", value)
+    assert setup_code(*SETUP_CUDA_CHOICE)["cuda_build_flag"]() is expected
+
+
+@pytest.mark.parametrize("value", ["cpu", "2", "none"])
+def test_build_cuda_flag_refuses_other_values(monkeypatch, value):
+    """An unknown value used to mean auto: "cpu" or "none" then built the CUDA kernels."""
+    monkeypatch.setenv("RESNET_FUSED_BUILD_CUDA", value)
+    with pytest.raises(SystemExit, match=rf"RESNET_FUSED_BUILD_CUDA: expected one of auto, 1, .*, got {value!r}"):
+        setup_code(*SETUP_CUDA_CHOICE)["cuda_build_flag"]()
+
+
+def other_cuda_major() -> str:
+    if torch.version.cuda is None:
+        pytest.skip("this torch is CPU-only: setup.py never looks for nvcc")
+    return str(int(torch.version.cuda.split(".")[0]) - 1)
+
+
+def test_auto_build_leaves_out_cuda_when_nvcc_differs_from_torchs_cuda(monkeypatch, tmp_path, capsys):
+    """torch's BuildExtension fails the whole build on a CUDA major mismatch (a CUDA 12 toolkit under a cu13 torch):
+    unless CUDA is required, the build goes on CPU-only and says why."""
+    home = fake_toolkit(tmp_path, f"{other_cuda_major()}.4")
+    code = setup_code(*SETUP_CUDA_CHOICE)
+    monkeypatch.delenv("RESNET_FUSED_BUILD_CUDA", raising=False)
+    assert code["want_cuda"](home) is False
+    said = capsys.readouterr().out
+    assert f"is CUDA {other_cuda_major()}.4, this torch was built with CUDA {torch.version.cuda}" in said, said
+    monkeypatch.setenv("RESNET_FUSED_BUILD_CUDA", "1")
+    with pytest.raises(SystemExit, match=rf"RESNET_FUSED_BUILD_CUDA=1 but .*nvcc is CUDA {other_cuda_major()}\.4"):
+        code["want_cuda"](home)
+
+
+def test_auto_build_leaves_out_cuda_when_nvcc_cannot_compile(monkeypatch, tmp_path, capsys):
+    """A host compiler outside nvcc's range fails every .cu file minutes into the build; a trial compile finds it."""
+    other_cuda_major()  # skips on a CPU-only torch
+    refusal = "error -- unsupported GNU version! gcc versions later than 99 are not supported!"
+    home = fake_toolkit(tmp_path, torch.version.cuda, compile_error=refusal)
+    code = setup_code(*SETUP_CUDA_CHOICE)
+    monkeypatch.delenv("RESNET_FUSED_BUILD_CUDA", raising=False)
+    assert code["want_cuda"](home) is False
+    assert "cannot compile a C++20 kernel with this host compiler: " + refusal in capsys.readouterr().out
+    monkeypatch.setenv("RESNET_FUSED_BUILD_CUDA", "yes")
+    with pytest.raises(SystemExit, match="unsupported GNU version"):
+        code["want_cuda"](home)
+
+
+def test_matching_toolkit_builds_cuda(monkeypatch, tmp_path):
+    other_cuda_major()
+    home = fake_toolkit(tmp_path, torch.version.cuda)
+    monkeypatch.delenv("RESNET_FUSED_BUILD_CUDA", raising=False)
+    assert setup_code(*SETUP_CUDA_CHOICE)["want_cuda"](home) is True
+    monkeypatch.setenv("RESNET_FUSED_BUILD_CUDA", "0")
+    assert setup_code(*SETUP_CUDA_CHOICE)["want_cuda"](home) is False
+
+
+def test_this_machines_nvcc_passes_the_trial_compile():
+    """The real toolkit, if there is one of torch's CUDA major: the trial compile must not refuse a working one."""
+    other_cuda_major()
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("no nvcc on this machine")
+    assert setup_code(*SETUP_CUDA_CHOICE)["nvcc_problem"](str(Path(nvcc).resolve().parents[1])) == ""
 
 
 FORMAT_A_NUMBER = """
