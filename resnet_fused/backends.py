@@ -9,18 +9,23 @@ Adding a backend is one :class:`Backend` row plus its kernel files (see docs/add
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from resnet_fused import (
-    _C,  # noqa: F401  (importing runs the C++ op registrations)
-    contract,
-    reference,
-)
+from resnet_fused import contract, reference
+from resnet_fused.triton import interprets
+
+try:
+    from resnet_fused import _C  # noqa: F401  (importing runs the C++ op registrations)
+except ImportError as e:
+    raise ImportError(
+        f"resnet_fused's C++ extension is missing, or was built against another torch than this one "
+        f"({torch.__version__}): {e}. Build it against the torch you run: pip install --no-build-isolation . "
+        "(or make build) in the source tree"
+    ) from e
 
 # The dispatcher ops of the C++ backends (one op, a kernel per dispatch key).
 FORWARD = "resnet_fused::conv_bias_add_relu"
@@ -31,22 +36,13 @@ EPILOGUE = "resnet_fused::_epilogue_"
 torch.library.register_fake(EPILOGUE)(contract.epilogue_fake)
 
 
-def _triton_interprets() -> bool:
-    """Whether Triton runs its interpreter, read as Triton reads TRITON_INTERPRET (1, true, on, yes...).
-
-    triton is imported only when the variable is set: with it unset, or triton absent, importing resnet_fused
-    imports no triton.
-    """
-    if not os.environ.get("TRITON_INTERPRET") or importlib.util.find_spec("triton") is None:
-        return False
-    try:
-        import triton
-    except Exception:  # a broken triton install must not break the other backends; the probe reports it
-        return False
-    return bool(triton.knobs.runtime.interpret)
+# Read once, as @triton.jit reads it: setting TRITON_INTERPRET later changes neither.
+INTERPRET = interprets()
 
 
-INTERPRET = _triton_interprets()
+@torch.compiler.assume_constant_result  # a first probe inside torch.compile runs eagerly: its torch calls return no tensor
+def _run_probe(probe: Callable[[], str]) -> str:
+    return probe()
 
 
 @dataclass(frozen=True)
@@ -76,7 +72,7 @@ class Backend:
     def unavailable(self) -> str:
         """ "" when this backend can run here, else why not (probed once)."""
         if "why" not in self._cache:
-            self._cache["why"] = self.probe()
+            self._cache["why"] = _run_probe(self.probe)
         return self._cache["why"]
 
     @property
@@ -150,9 +146,11 @@ def _cpp_backward_op() -> Callable[..., tuple[Tensor, ...]]:
 
 def _cuda_probe() -> str:
     if not torch._C._dispatch_has_kernel_for_dispatch_key(FORWARD, "CUDA"):
+        if torch.version.cuda is None:
+            return "this torch is a CPU-only build (install a CUDA build of torch, then rebuild resnet_fused)"
         return (
-            "the extension was built without CUDA kernels (CPU-only build: no nvcc was found, "
-            "or RESNET_FUSED_BUILD_CUDA=0); rebuild with a CUDA toolkit to get them"
+            "the extension was built without CUDA kernels (CPU-only build: no usable CUDA toolkit was found, as the "
+            "build log says, or RESNET_FUSED_BUILD_CUDA=0); rebuild with a CUDA toolkit to get them"
         )
     if not torch.cuda.is_available():
         return "the extension has CUDA kernels, but torch.cuda.is_available() is False (no GPU or driver)"
@@ -166,7 +164,7 @@ def _triton_probe() -> str:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if not (torch.cuda.is_available() or INTERPRET):
-        return "no CUDA device, and TRITON_INTERPRET=1 is not set"
+        return "no CUDA device, and TRITON_INTERPRET=1 was not set when resnet_fused was imported"
     try:
         import resnet_fused.triton.op  # noqa: F401  (registers the Triton ops)
     except Exception as e:  # a broken triton install must not break the other backends
@@ -183,7 +181,8 @@ def _triton_op() -> Callable[..., Tensor]:
 BACKENDS = Table(
     [
         # Two nodes in eager training: the train step's allocator peak is then no higher than the unfused graph's.
-        Backend("cpu", ("cpu",), ("cpu",), _cpp_op, lambda: "", load_backward=_cpp_backward_op),
+        # Meta tensors (shape inference, as for nn.Conv2d) take the dispatcher op's fake kernel.
+        Backend("cpu", ("cpu", "meta"), ("cpu", "meta"), _cpp_op, lambda: "", load_backward=_cpp_backward_op),
         Backend("cuda", ("cuda",), ("cuda",), _cpp_op, _cuda_probe),
         # Under the interpreter Triton runs on CPU tensors; auto never picks it there.
         Backend("triton", ("cuda", "cpu") if INTERPRET else ("cuda",), ("cuda",), _triton_op, _triton_probe),

@@ -83,6 +83,17 @@ def linked_cxx_runtime(so: Path) -> tuple[bool, list[str]]:
     return bool(re.search(r"NEEDED.*\[libstdc\+\+\.so", dynamic)), [s for s in CXX_RUNTIME_SYMBOLS if s in defined]
 
 
+def test_a_missing_extension_says_how_to_build_it():
+    """Importing a source tree without a built extension (or one built against another torch) named a "circular
+    import"; the error says what is wrong and how to build."""
+    code = "import sys; sys.modules['resnet_fused._C'] = None; import resnet_fused"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    said = done.stderr.strip().splitlines()[-1]
+    assert "ImportError: resnet_fused's C++ extension is missing, or was built against another torch" in said, said
+    assert f"({torch.__version__})" in said and "pip install --no-build-isolation ." in said, said
+
+
 def test_extension_links_the_shared_cxx_runtime():
     """The .so uses the process's libstdc++.so (torch's) and holds no copy of its own, even where the compiler
     wrapper links it statically: with a private copy beside the process's own, a C++ error message with a number

@@ -320,3 +320,35 @@ def test_tracers_and_dispatch_modes_are_never_timed(setup):
     graph = make_fx(f)(x)
     assert [n.target for n in graph.graph.nodes if n.op == "call_function"] == [torch.ops.aten.mul.Tensor]
     assert timer.calls == [] and select.cached_choices() == {}
+
+
+def test_a_first_probe_inside_torch_compile_fullgraph():
+    """The first ``auto`` call on a device may happen inside torch.compile, where the probe's torch calls (the
+    dispatcher's kernel query, the CUDA checks) return no tensor: it runs eagerly, once, as a constant."""
+    from resnet_fused.backends import _cpp_op, _cuda_probe
+
+    row = Backend("cuda", ("cuda",), ("cuda",), _cpp_op, _cuda_probe)
+    torch._dynamo.reset()
+    try:
+        x = torch.ones(2)
+        y = torch.compile(lambda x: x + len(row.unavailable()), fullgraph=True, backend="eager")(x)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(y, x + len(_cuda_probe())) and row.unavailable() == _cuda_probe()
+
+
+def test_meta_tensors_infer_shapes_as_conv2d_does():
+    """Meta tensors (shape inference, FLOP counting) run the dispatcher op's fake kernel, forward and backward,
+    through ``auto``, the modules and convert, as nn.Conv2d runs on them."""
+    from resnet_fused.nn import FusedConv2d
+
+    x = torch.empty(2, 3, 9, 9, device="meta", requires_grad=True)
+    w = torch.empty(4, 3, 3, 3, device="meta", requires_grad=True)
+    r = torch.empty(2, 4, 5, 5, device="meta")
+    y = resnet_fused.conv_bias_add_relu(x, w, None, r, stride=2, padding=1)
+    assert y.device.type == "meta" and y.shape == torch.nn.functional.conv2d(x, w, stride=2, padding=1).shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
+    m = FusedConv2d(3, 4, 3, stride=2, padding=1, device="meta")
+    assert m(x).shape == torch.nn.Conv2d(3, 4, 3, stride=2, padding=1, device="meta")(x).shape
+    assert resnet_fused.explain(x.detach(), w.detach()).startswith("cpu: ")

@@ -400,10 +400,25 @@ def test_each_variant_is_tuned_on_its_own(launch, recorder, variant):
 
 @pytest.mark.parametrize(("value", "want"), [("1", True), ("true", True), ("on", True), ("0", False), ("", False)])
 def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, want):
-    from resnet_fused import backends
+    from resnet_fused.triton import interprets
 
     monkeypatch.setenv("TRITON_INTERPRET", value)
-    assert backends._triton_interprets() is want
+    assert interprets() is want
+
+
+@pytest.mark.parametrize(("value", "want"), [("1", True), ("true", False), ("0", False)])
+def test_triton_interpret_is_read_as_a_triton_before_knobs_reads_it(monkeypatch, value, want):
+    """Triton < 3.4 (torch 2.6 and 2.7 ship 3.2 and 3.3) has no ``triton.knobs`` and takes "1" only."""
+    import importlib.machinery
+    import types
+
+    from resnet_fused.triton import interprets
+
+    old = types.ModuleType("triton")
+    old.__spec__ = importlib.machinery.ModuleSpec("triton", None)
+    monkeypatch.setitem(sys.modules, "triton", old)
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interprets() is want
 
 
 @pytest.mark.skipif(bool(INTERPRETER_BROKEN), reason=INTERPRETER_BROKEN)

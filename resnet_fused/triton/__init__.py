@@ -3,3 +3,24 @@
 ``resnet_fused.triton.op`` registers ``resnet_fused::conv_bias_add_relu_triton`` and its backward; the backend table
 (:mod:`resnet_fused.backends`) imports it when Triton can run here (a GPU, or ``TRITON_INTERPRET=1``).
 """
+
+import importlib.util
+import os
+
+
+def interprets() -> bool:
+    """Whether Triton runs its interpreter, read as Triton reads TRITON_INTERPRET.
+
+    triton is imported only when the variable is set: with it unset, or triton absent, importing resnet_fused
+    imports no triton.
+    """
+    if not os.environ.get("TRITON_INTERPRET") or importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton
+    except Exception:  # a broken triton install must not break the other backends; the probe reports it
+        return False
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None:  # Triton < 3.4 took "1" only
+        return os.environ["TRITON_INTERPRET"] == "1"
+    return bool(knobs.runtime.interpret)  # 1, true, on, yes...

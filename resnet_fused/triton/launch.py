@@ -31,11 +31,12 @@ import triton
 import triton.language as tl
 
 from resnet_fused.contract import conv_output_shape, memory_format
+from resnet_fused.triton import interprets
 
 from .kernels import _dgrad_kernel, _forward_kernel, _wgrad_kernel
 
 # Read as @triton.jit read it when kernels.py was imported.
-INTERPRET = bool(triton.knobs.runtime.interpret)
+INTERPRET = interprets()
 _INT32_MAX = 2**31 - 1
 # Enough programs to fill the largest GPU twice over; the wgrad split aims for this many.
 _TARGET_PROGRAMS = 264
