@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .backends import check_name
 from .nn import _BN_FORWARDS, BasicBlock, Bottleneck, FusedConv2d, _has_hooks, check_residual, norm_scale_shift
 
 __all__ = ["ConversionReport", "convert"]
@@ -83,13 +84,15 @@ def _tv():
     return tv_resnet, tv_utils
 
 
-def _batchnorm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor] | None:
+def _batchnorm_scale_shift(norm: nn.Module, where: str = "a BatchNorm") -> tuple[Tensor, Tensor] | None:
     """(scale, shift) of a BatchNorm from its running statistics, whatever its mode; None for a subclass with its own
-    forward (see ``norm_scale_shift``)."""
+    forward (see ``norm_scale_shift``). ``where`` names the norm in the error."""
     if "forward" in norm.__dict__ or type(norm).forward not in _BN_FORWARDS:
         return None  # its own forward: kept as a module, whatever its statistics
     if norm.running_var is None:
-        raise ValueError(f"convert: freeze_bn=True needs running statistics, but {norm} has track_running_stats=False")
+        raise ValueError(
+            f"convert: freeze_bn=True needs running statistics, but {where} ({norm}) has track_running_stats=False"
+        )
     was_training = norm.training
     norm.eval()
     try:
@@ -167,9 +170,10 @@ def _check_block(name: str, block: nn.Module) -> tuple[type, list[str], list[nn.
     ours = BasicBlock if base is tv_resnet.BasicBlock else Bottleneck
     layers = ["1", "2"] if ours is BasicBlock else ["1", "2", "3"]
     convs = [getattr(block, "conv" + i) for i in layers]
-    for conv in convs:
+    for i, conv in zip(layers, convs, strict=True):
         if type(conv) is not nn.Conv2d:
-            raise TypeError(f"convert: {name or '<model>'}: expected nn.Conv2d layers, got {type(conv).__name__}")
+            where = f"{name}.conv{i}" if name else f"conv{i}"
+            raise TypeError(f"convert: {where}: expected an nn.Conv2d, got {type(conv).__name__}")
     in_channels, out_channels = convs[0].in_channels, convs[-1].out_channels
     stride = tuple(math.prod(c.stride[i] for c in convs) for i in range(2))
     check_residual(f"convert: {name or '<model>'}", in_channels, out_channels, stride, block.downsample)
@@ -334,6 +338,10 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
+    for arg, value in (("inplace", inplace), ("freeze_bn", freeze_bn)):
+        if not isinstance(value, bool):  # a truthy string from a config would change the caller's model
+            raise TypeError(f"convert: {arg}: expected a bool, got {value!r}")
+    check_name(backend)
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError("convert: cannot convert a scripted model; convert the eager model first")
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
@@ -361,13 +369,15 @@ def convert(
     # block shared by two parents becomes one fused block in both.
     found = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, blocks + stem_parents)]
     # Check every block before changing anything: a refused model is left as it was (inplace=True).
+    paths = {id(m): n for n, m in reversed(list(model.named_modules(remove_duplicate=False)))}  # first path wins
     for name, module in found:
         if isinstance(module, blocks):
             _check_block(name, module)
         if freeze_bn:
             for norm in _norms_to_fuse(module):
                 if isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm)) and norm.training:
-                    _batchnorm_scale_shift(norm)  # raises where there are no running statistics to freeze
+                    # raises where there are no running statistics to freeze
+                    _batchnorm_scale_shift(norm, paths.get(id(norm), "a BatchNorm"))
     done: dict[int, tuple[nn.Module, str]] = {}  # id(original) -> (its replacement, status)
     for name, module in found:
         if id(module) in done:
@@ -391,15 +401,20 @@ def convert(
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name), attr, new)
     if not (report.folded or report.scale_shift or report.unfused or report.kept):
+        if any(isinstance(m, (FusedConv2d, BasicBlock, Bottleneck)) for m in model.modules()):
+            raise ValueError(
+                f"convert: found no torchvision ResNet block (BasicBlock/Bottleneck) or stem in "
+                f"{type(model).__name__}, only resnet_fused modules: it is converted already"
+            )
         raise ValueError(
             f"convert: found no torchvision ResNet block (BasicBlock/Bottleneck) or stem in "
             f"{type(model).__name__}; build custom models from resnet_fused.nn modules instead"
         )
     if report.unfused:
         warnings.warn(
-            f"convert: norms left unfused (BatchNorm in train mode, other norms, norms with hooks) in "
-            f"{', '.join(n or '<model>' for n in report.unfused)}; call model.eval() before "
-            f"convert to fold BatchNorm, or pass freeze_bn=True",
+            f"convert: norms left unfused (BatchNorm in train mode or without running statistics, other norms, "
+            f"norms with hooks) in {', '.join(n or '<model>' for n in report.unfused)}; to fold a BatchNorm that "
+            f"has running statistics, call model.eval() before convert, or pass freeze_bn=True to freeze it",
             stacklevel=2,
         )
     if report.kept:

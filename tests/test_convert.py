@@ -316,6 +316,34 @@ def test_clear_errors():
         convert(nn.Sequential(tv.BasicBlock(8, 16, stride=2)))
     with pytest.raises(ValueError, match="residual add"):
         convert(nn.Sequential(tv.Bottleneck(16, 16)))
+    block = tv.BasicBlock(4, 4)
+    block.conv2 = nn.Sequential(block.conv2)
+    with pytest.raises(TypeError, match=r"convert: 0\.conv2: expected an nn\.Conv2d, got Sequential"):
+        convert(nn.Sequential(block))
+
+
+@pytest.mark.parametrize("arg", ["inplace", "freeze_bn"])
+def test_flags_must_be_bools_and_leave_the_model_as_it_was(arg):
+    """A truthy string from a config ("no", "False") must not convert the caller's model in place or freeze BN."""
+    model = torchvision.models.resnet18()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=rf"convert: {arg}: expected a bool, got 'no'"):
+        convert(model, **{arg: "no"})
+    assert_unchanged(model, before)
+
+
+def test_backend_is_checked_where_no_conv_is_built():
+    """A model whose only block convert keeps (for its hooks) builds no FusedConv2d, which checked the name."""
+    block = tv.BasicBlock(4, 4)
+    block.register_forward_hook(lambda *a: None)
+    with pytest.raises(ValueError, match=r"backend: expected one of .*, got 12345"):
+        convert(nn.Sequential(block), backend=12345)
+
+
+def test_converting_twice_says_so():
+    model, _ = convert(torchvision.models.resnet18().eval())
+    with pytest.raises(ValueError, match="only resnet_fused modules: it is converted already"):
+        convert(model)
 
 
 def test_converted_model_under_compile_and_channels_last():
@@ -536,7 +564,7 @@ def test_freeze_bn_without_running_statistics_is_refused_before_any_change():
     model = torchvision.models.resnet18().train()
     model.layer4[1].bn2 = nn.BatchNorm2d(512, track_running_stats=False)
     before = snapshot(model)
-    with pytest.raises(ValueError, match="freeze_bn=True needs running statistics"):
+    with pytest.raises(ValueError, match=r"freeze_bn=True needs running statistics, but layer4\.1\.bn2 \(Batch"):
         convert(model, inplace=True, freeze_bn=True)
     assert_unchanged(model, before)
 
