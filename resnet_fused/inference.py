@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from resnet_fused import contract
+from resnet_fused import contract, select
 from resnet_fused import nn as fused_nn
 from resnet_fused.nn import BasicBlock, Bottleneck, FusedConv2d, _global_hooks, _has_hooks, hand_over
 
@@ -58,6 +58,8 @@ _jit_tracing = torch._C._is_tracing
 # always takes the pass: torch's binary op fuses only channels_last. The C++ CPU kernel's kBinaryPostOpMaxBytes
 # (csrc/cpu/onednn_conv.cpp) is the same rule.
 BINARY_POST_OP_MAX_BYTES = 4 << 20
+# Input shapes a prepared conv keeps a packed weight for (the most recently used ones): each is a copy of the weight.
+MAX_PACKED_SHAPES = 4
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
@@ -77,6 +79,12 @@ def _traced(x: Tensor, residual: Tensor | None) -> bool:
         or _jit_tracing()
         or _dispatch_modes() != 0
     )
+
+
+def _forced_backend() -> str | None:
+    """The backend ``RESNET_FUSED_BACKEND`` forces, or None (unset or "auto")."""
+    value = os.environ.get(select.ENV_VAR, "").strip().lower()
+    return None if value in ("", "auto") else value
 
 
 def onednn_supports(dtype: torch.dtype) -> bool:
@@ -104,8 +112,9 @@ class PackedFusedConv2d(FusedConv2d):
     _pack_state: tuple = (None, {})
     # True: ReLU inside the oneDNN primitive (see optimize_for_inference's fuse_relu).
     _fuse_relu: bool = False
-    # The last call that passed every check, as (signature, the tensors whose ids it holds, launch arguments): a
-    # call with the same signature, the steady state of serving, goes straight to oneDNN.
+    # The last call that passed every check, as (signature, the tensors whose ids it holds, launch arguments, the
+    # scale folded into the pack): a call with the same signature and scale, the steady state of serving, goes
+    # straight to oneDNN.
     _last_call: tuple | None = None
     # Counts _drop_packs calls: a call that packed before a drop in another thread (an optimizer step's hook) must
     # not publish its _last_call after it.
@@ -119,7 +128,8 @@ class PackedFusedConv2d(FusedConv2d):
             _PACKED.discard(self)
 
     def train(self, mode: bool = True) -> PackedFusedConv2d:
-        self._drop_packs()
+        if mode:  # packs are made in eval mode only: eval() keeps them (a serving loop may call it per request)
+            self._drop_packs()
         return super().train(mode)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
@@ -141,19 +151,26 @@ class PackedFusedConv2d(FusedConv2d):
         """The packed weights by input shape."""
         return self._pack_state[1]
 
-    def _packed_weight(self, x: Tensor, scale: Tensor | None, stride, padding, dilation) -> Tensor:
-        """The (scale-folded) weight reordered for ``x``'s shape; rebuilt when its source changed."""
+    def _packed_weight(
+        self, x: Tensor, scale: Tensor | None, stride, padding, dilation
+    ) -> tuple[Tensor, Tensor | None]:
+        """The (scale-folded) weight reordered for ``x``'s shape, rebuilt when its source changed, and the copy of
+        the scale it was folded with."""
         w = self.weight
-        source = (w, w._version, w.data_ptr(), w.dtype, w.device)
+        # Shape and strides too: a .data swap for another view of the same memory (a transpose) keeps the rest.
+        source = (w, w._version, w.data_ptr(), w.dtype, w.device, w.shape, w.stride())
+        n = len(source)
         old, packs = self._pack_state  # read once: a thread with another scale may publish its own meanwhile
         same = (
             old is not None
             and old[0] is w
-            and old[1:5] == source[1:]
-            and (old[5] is None) == (scale is None)
-            and (scale is None or torch.equal(old[5], scale))
+            and old[1:n] == source[1:]
+            and (old[n] is None) == (scale is None)
+            and (scale is None or torch.equal(old[n], scale))
         )
-        if not same:
+        if same:
+            frozen = old[n]
+        else:
             # The weight's storage rides along: while it lives, no new one (a weight.data swap) can take its
             # address, so an equal data_ptr means the same memory.
             frozen = None if scale is None else scale.detach().clone()
@@ -161,15 +178,20 @@ class PackedFusedConv2d(FusedConv2d):
             self._pack_state = ((*source, frozen, w.untyped_storage()), packs)
             _track(self)
         key = tuple(x.shape)
-        packed = packs.get(key)
+        packed = packs.pop(key, None)  # put back last: the dict runs from least to most recently used
         if packed is None:
             with torch.no_grad():
                 folded = w if scale is None else w * scale.reshape(-1, 1, 1, 1)
                 packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
                     folded.contiguous().to_mkldnn(), list(padding), list(stride), list(dilation), self.groups, list(key)
                 )
-            packs[key] = packed
-        return packed
+            while len(packs) >= MAX_PACKED_SHAPES:  # variable image sizes must not hold a weight copy each
+                try:
+                    packs.pop(next(iter(packs)))
+                except (KeyError, StopIteration, RuntimeError):  # another thread changed the dict meanwhile
+                    break
+        packs[key] = packed
+        return packed, frozen
 
     def _signature(self, x: Tensor, residual: Tensor | None, scale: Tensor | None, bias: Tensor | None, relu: bool):
         """Everything the checks, the packed weight and the launch depend on, as plain values: the inputs' metadata;
@@ -182,11 +204,11 @@ class PackedFusedConv2d(FusedConv2d):
             return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
 
         def held(t: Tensor | None) -> tuple | None:
-            return None if t is None else (id(t), t._version, t.data_ptr(), t.dtype, t.device)
+            return None if t is None else (id(t), t._version, t.data_ptr(), t.dtype, t.device, t.shape, t.stride())
 
         fused = relu and (self._fuse_relu or os.environ.get(RELU_MODE_VAR) == "fused")
-        conv = (self.stride, self.padding, self.dilation, self.groups, self.padding_mode)
-        switches = (torch.is_autocast_enabled("cpu"), torch.backends.mkldnn.enabled)
+        conv = (self.stride, self.padding, self.dilation, self.groups, self.padding_mode, self.backend)
+        switches = (torch.is_autocast_enabled("cpu"), torch.backends.mkldnn.enabled, os.environ.get(select.ENV_VAR))
         try:
             tensors = (held(w), held(scale), held(bias))
         except RuntimeError:  # "Inference tensors do not track version counter"
@@ -196,6 +218,8 @@ class PackedFusedConv2d(FusedConv2d):
     def _packed_path_ok(self, x: Tensor, residual: Tensor | None, scale: Tensor | None, bias: Tensor | None) -> bool:
         if self.training or x.device.type != "cpu" or x.dim() != 4 or x.shape[0] == 0:
             return False
+        if self.backend not in ("auto", "cpu") or _forced_backend() not in (None, "cpu"):
+            return False  # another backend asked for (to compare numerics, say): the ordinary op runs it
         if self._padding_plan()[0] is not None or torch.is_autocast_enabled("cpu"):
             return False
         tensors = [t for t in (x, self.weight, residual, scale, bias) if t is not None]
@@ -255,7 +279,9 @@ class PackedFusedConv2d(FusedConv2d):
         if weight is None and not torch.is_grad_enabled():
             signature = self._signature(x, residual, scale, bias, relu)
             last = self._last_call
-            if last is not None and last[0] == signature:  # never when signature is None: _last_call holds none
+            # never when signature is None: _last_call holds none. The scale by value: a write that bumps no
+            # version counter (.data, NumPy, a broadcast of buffers) still changes the folded weight.
+            if last is not None and last[0] == signature and (scale is None or torch.equal(scale, last[3])):
                 return _launch(x, residual, bias, relu, *last[2], donate_residual)
         if weight is not None or not self._packed_path_ok(x, residual, scale, bias):
             return super().conv_bias_add_relu(
@@ -266,13 +292,13 @@ class PackedFusedConv2d(FusedConv2d):
         stride, padding, dilation = contract.check_inputs(
             x, self.weight, bias, residual, scale, self.stride, padding, self.dilation, self.groups, relu
         )
-        packed = self._packed_weight(x, scale, stride, padding, dilation)
+        packed, frozen = self._packed_weight(x, scale, stride, padding, dilation)
         fused = relu and (self._fuse_relu or os.environ.get(RELU_MODE_VAR) == "fused")
         launch = (packed, (list(padding), list(stride), list(dilation), self.groups), contract.memory_format(x), fused)
         if signature is not None and generation == self._generation:
             # Holding the tensors keeps their ids unique, and their storages their data_ptrs (a .data swap frees one).
             held = (self.weight, scale, bias, *(t.untyped_storage() for t in (self.weight, scale) if t is not None))
-            self._last_call = (signature, held, launch)
+            self._last_call = (signature, held, launch, frozen)
         return _launch(x, residual, bias, relu, *launch, donate_residual)
 
 
@@ -438,10 +464,12 @@ def optimize_for_inference(model: nn.Module, *, fuse_relu: bool = False) -> nn.M
         raise TypeError(f"optimize_for_inference: fuse_relu: expected a bool, got {type(fuse_relu).__name__}")
     if model.training:
         raise ValueError("optimize_for_inference: expected a model in eval mode (call model.eval()), got training=True")
-    found, unpackable = 0, []
+    found, unpackable, subclassed = 0, [], []
     for name, m in model.named_modules():
         if type(m) is FusedConv2d:
             m.__class__ = PackedFusedConv2d
+        elif isinstance(m, FusedConv2d) and not isinstance(m, PackedFusedConv2d):
+            subclassed.append(f"{name or '<model>'} ({type(m).__name__})")
         if type(m) is nn.Sequential and any(type(child) in _BLOCKS for child in m):
             m.__class__ = PreparedSequential
         if isinstance(m, PackedFusedConv2d):
@@ -450,11 +478,17 @@ def optimize_for_inference(model: nn.Module, *, fuse_relu: bool = False) -> nn.M
             found += 1
             if isinstance(m.weight, Tensor) and m.weight.is_inference():
                 unpackable.append(name or "<model>")
+    # A subclass may override what a call computes: packing it would skip that.
+    kept = f"subclasses of FusedConv2d keep their own class, unpacked: {', '.join(subclassed[:3])}" + (
+        ", ..." if len(subclassed) > 3 else ""
+    )
     if not found:
         raise ValueError(
-            "optimize_for_inference: expected a model holding resnet_fused.nn.FusedConv2d modules, got none; "
-            "run resnet_fused.convert(model) first"
+            "optimize_for_inference: expected a model holding resnet_fused.nn.FusedConv2d modules, got none"
+            + (f" ({kept})" if subclassed else "; run resnet_fused.convert(model) first")
         )
+    if subclassed:
+        warnings.warn(f"optimize_for_inference: {len(subclassed)} {kept}", stacklevel=2)
     if unpackable:
         warnings.warn(
             f"optimize_for_inference: {len(unpackable)} of {found} fused convs have a weight made under "

@@ -86,6 +86,23 @@ def test_packed_path_follows_each_input_shape():
     assert packs(net) == 2 * 2
 
 
+def test_packs_are_kept_for_the_most_recently_used_shapes_only():
+    """Variable image sizes (a detection backbone) must not keep one weight copy per size for the process's life."""
+    net = optimize_for_inference(small_net())
+    shapes = [(1, 4, 5 + i, 5) for i in range(inference.MAX_PACKED_SHAPES + 3)]
+    steady = shapes[0]
+    for shape in shapes:
+        for s in (shape, steady):  # the steady shape, used between the others, stays packed
+            x = torch.randn(s)
+            with torch.no_grad():
+                y = net(x)
+                expected = FusedConv2d.forward(net[1], FusedConv2d.forward(net[0], x))
+            torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    held = list(net[0]._packs)  # least recently used first
+    assert held[-2:] == [shapes[-1], steady] and shapes[1] not in held
+    assert packs(net) == 2 * inference.MAX_PACKED_SHAPES
+
+
 def assert_fresh(net: nn.Module, x: torch.Tensor) -> None:
     """The prepared net's output equals a plain copy's (same parameters, the unpacked op)."""
     plain = copy.deepcopy(net)
@@ -394,6 +411,20 @@ def test_clear_errors():
         optimize_for_inference(3)
     with pytest.raises(TypeError, match=r"fuse_relu: expected a bool, got str"):
         optimize_for_inference(small_net(), fuse_relu="yes")
+
+
+class MyConv(FusedConv2d):
+    pass
+
+
+def test_fused_conv_subclasses_are_named_not_packed():
+    """A subclass may change what a call computes, so it is not packed; that is said, not silent."""
+    with pytest.raises(ValueError, match=r"got none \(subclasses of FusedConv2d keep their own class, unpacked: 0 "):
+        optimize_for_inference(nn.Sequential(MyConv(3, 3, 1)).eval())
+    net = nn.Sequential(MyConv(4, 4, 1), *small_net()).eval()
+    with pytest.warns(UserWarning, match=r"1 subclasses of FusedConv2d keep their own class, unpacked: 0 \(MyConv\)"):
+        optimize_for_inference(net)
+    assert type(net[0]) is MyConv and type(net[1]) is PackedFusedConv2d
 
 
 def test_weights_made_under_inference_mode_are_named_in_a_warning():
@@ -868,3 +899,93 @@ def test_a_weight_data_swap_is_never_served_stale():
                 break
         expected = F.conv2d(x.double(), w.double(), prepared[0].bias.double())
         assert_close(prepared(x), expected, torch.float32, "y", reductions=4096)
+
+
+# Other views of a (6, 6, 3, 3) weight's memory, with the same data pointer.
+SAME_MEMORY = {
+    "transpose(0, 1)": lambda w: w.transpose(0, 1),
+    "transpose(2, 3)": lambda w: w.transpose(2, 3),
+    # the same flat buffer reinstalled in another shape (weights loaded from one vector)
+    "reshaped": lambda w: w.flatten().view(6, 3, 3, 6).permute(0, 3, 1, 2),
+}
+
+
+@pytest.mark.parametrize("view", list(SAME_MEMORY))
+def test_a_data_swap_for_another_view_of_the_same_memory_is_never_served_stale(view):
+    """``weight.data = weight.data.transpose(...)`` keeps the version counter, the storage and the data pointer; only
+    the shape or strides tell the new weight from the one that was packed."""
+    torch.manual_seed(0)
+    prepared = optimize_for_inference(nn.Sequential(FusedConv2d(6, 6, 3, padding=1)).eval())
+    conv = prepared[0]
+    x = torch.randn(2, 6, 7, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for _ in range(2):  # the second call is the fast path's
+            prepared(x)
+        conv.weight.data = SAME_MEMORY[view](conv.weight.data)
+        assert conv.weight.data_ptr() == conv.weight.untyped_storage().data_ptr()
+        for _ in range(2):
+            expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1).relu()
+            assert_close(prepared(x), expected, torch.float32, "y", reductions=54)
+
+
+def test_a_scale_written_without_a_version_bump_is_seen_by_the_fast_path():
+    """A frozen BatchNorm's scale changed through ``.data`` (or a NumPy view, or a broadcast of buffers) keeps its
+    version counter: the fast path compares the scale by value, as the pack does."""
+    torch.manual_seed(0)
+    conv = FusedConv2d(4, 6, 3, padding=1, bias=False)
+    conv.scale, conv.shift = torch.rand(6) + 0.5, torch.randn(6)
+    optimize_for_inference(nn.Sequential(conv).eval())
+    x = torch.randn(2, 4, 7, 7).contiguous(memory_format=torch.channels_last)
+
+    def expected() -> torch.Tensor:
+        y = F.conv2d(x.double(), conv.weight.double(), padding=1) * conv.scale.double().reshape(-1, 1, 1)
+        return (y + conv.shift.double().reshape(-1, 1, 1)).relu()
+
+    with torch.no_grad():
+        for _ in range(2):
+            conv(x)
+        conv.scale.data.mul_(3.0)
+        conv.scale.numpy()[0] = -2.0
+        for _ in range(2):
+            assert_close(conv(x), expected(), torch.float32, "y", reductions=36)
+
+
+def test_eval_keeps_the_packs_and_train_drops_them():
+    """A serving loop may call model.eval() before every request: that changes nothing, so it must not repack."""
+    net = optimize_for_inference(small_net())
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        y = net(x)
+    assert packs(net) == 2
+    net.eval()
+    assert packs(net) == 2
+    with torch.no_grad():
+        assert torch.equal(net(x), y)
+    net.train()
+    assert packs(net) == 0
+
+
+@pytest.mark.parametrize("how", ["module", "env"])
+def test_another_backend_asked_for_runs_instead_of_the_packs(monkeypatch, how):
+    """``backend="reference"`` (say, to compare numerics) or RESNET_FUSED_BACKEND runs that backend, never the packs;
+    a backend that cannot run here fails as the unprepared module does."""
+    net = optimize_for_inference(small_net())
+    x = torch.randn(2, 4, 9, 9)
+    calls = []
+    real = resnet_fused.reference.conv_bias_add_relu
+    monkeypatch.setattr(resnet_fused.reference, "conv_bias_add_relu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    if how == "module":
+        resnet_fused.nn.set_backend(net, "reference")
+    else:
+        monkeypatch.setenv("RESNET_FUSED_BACKEND", "reference")
+    with torch.no_grad():
+        for _ in range(2):
+            assert_fresh(net, x)
+    assert packs(net) == 0 and len(calls) == 8  # two convs, two calls, prepared and plain each
+    if "cuda" not in resnet_fused.available_backends():
+        if how == "module":
+            resnet_fused.nn.set_backend(net, "cuda")
+        else:
+            monkeypatch.setenv("RESNET_FUSED_BACKEND", "cuda")
+        with torch.no_grad(), pytest.raises(RuntimeError, match="'cuda' is not available in this install"):
+            net(x)
