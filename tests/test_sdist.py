@@ -89,6 +89,9 @@ def test_sdist_holds_every_source_the_build_needs(sdist):
     assert not missing, f"the sdist lacks {missing}"
     built = sorted(n for n in names if n.endswith((".so", ".o", ".pyc")))
     assert not built, f"the sdist holds build outputs: {built}"
+    assert "resnet_fused/py.typed" in names
+    tests = sorted(n for n in names if n.startswith("tests/"))
+    assert not tests, f"the sdist holds tests without the repository they need: {tests}"
 
 
 CHECK = """
@@ -159,6 +162,7 @@ def test_wheel_from_the_sdist_installs_and_runs_in_a_fresh_venv(sdist, tmp_path)
         names = zf.namelist()
     assert any(n.startswith(f"{NAME}/_C") and n.endswith(".so") for n in names), names
     assert not any(n.startswith("csrc/") for n in names), "the wheel ships C++ sources"
+    assert f"{NAME}/py.typed" in names, "the wheel does not say the package is typed"
 
     # A venv without the repository or the dev venv on its path; torch (and torchvision, for convert) come from a
     # .pth naming the directory that holds them. A .pth line adds the directory without running its own .pth
