@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
 
-.PHONY: all venv build test lint format bench bench-full clean gpu-build gpu-test gpu-sanitize gpu-equivalence gpu-bench gpu-check
+.PHONY: FORCE all venv build test lint format bench bench-full clean gpu-build gpu-test gpu-sanitize gpu-equivalence gpu-bench gpu-check
 
 all: build
 
@@ -18,7 +18,15 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed
 
-$(VENV)/.built: $(VENV)/.installed $(SOURCES)
+# What the build depends on besides the sources: another CUDA setting or toolkit rebuilds.
+BUILD_CONFIG := RESNET_FUSED_BUILD_CUDA=$(RESNET_FUSED_BUILD_CUDA) CUDA_HOME=$(CUDA_HOME) \
+	RESNET_FUSED_CUDA_ARCHS=$(RESNET_FUSED_CUDA_ARCHS) CC=$(CC) nvcc=$(shell command -v nvcc)
+
+$(VENV)/.build-config: FORCE
+	@mkdir -p $(VENV)
+	@echo '$(BUILD_CONFIG)' | cmp -s - $@ || echo '$(BUILD_CONFIG)' > $@
+
+$(VENV)/.built: $(VENV)/.installed $(VENV)/.build-config $(SOURCES)
 	@echo "building resnet_fused (log: $(VENV)/build.log)"
 	@$(PY) -m pip install -v --no-deps --no-build-isolation -e . > $(VENV)/build.log 2>&1 \
 		|| (tail -60 $(VENV)/build.log; exit 1)
