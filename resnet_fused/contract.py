@@ -673,13 +673,32 @@ def _make_vmap(op: Callable) -> Callable:
 _LIBS: list[torch.library.Library] = []
 
 
+def _register_flops(forward_packet, backward_packet) -> None:
+    """FLOP counters (``torch.utils.flop_counter.FlopCounterMode``) count the op as the conv it holds, by torch's own
+    conv formulas, forward and backward: a converted model counts what the original did (the epilogue, like the
+    unfused bias, add and ReLU, counts nothing)."""
+    from torch.utils.flop_counter import conv_backward_flop, conv_flop_count, register_flop_formula
+
+    @register_flop_formula(forward_packet)
+    def forward_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+    @register_flop_formula(backward_packet)
+    def backward_flops(grad_out_shape, out, x_shape, w_shape, scale, stride, padding, dilation, groups, relu,
+                       output_mask, out_shape=None, **kwargs) -> int:  # fmt: skip
+        mask = [bool(output_mask[0]), bool(output_mask[1]), False]  # grad_bias: a sum, not counted for convs either
+        return conv_backward_flop(grad_out_shape, x_shape, w_shape, None, stride, padding, dilation, False, [0, 0],
+                                  groups, mask, out_val=[x_shape, w_shape, None])  # fmt: skip
+
+
 def register_op(forward: str, backward: str) -> None:
     """Give one backend's op pair (qualified names, e.g. ``"resnet_fused::conv_bias_add_relu"``) the contract:
-    fake kernels, the shared autograd, the vmap rule and the autocast rule."""
+    fake kernels, the shared autograd, the vmap rule, the autocast rule and the FLOP count."""
     torch.library.register_fake(forward)(forward_fake)
     torch.library.register_fake(backward)(backward_fake)
     namespace, name = backward.split("::")
     backward_op = getattr(getattr(torch.ops, namespace), name).default
+    _register_flops(getattr(getattr(torch.ops, namespace), forward.split("::")[1]), backward_op.overloadpacket)
     torch.library.register_autograd(forward, _make_backward(backward_op), setup_context=_setup_context)
     lib = torch.library.Library(namespace, "FRAGMENT")
     _LIBS.append(lib)  # a Library deregisters its kernels when collected

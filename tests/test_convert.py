@@ -588,3 +588,24 @@ def test_hooks_stay_the_callers_objects():
     with torch.no_grad():
         converted(torch.randn(1, 3, 32, 32))
     assert counter.calls == 1
+
+
+@pytest.mark.parametrize("block", ["basic", "bottleneck-groups"])
+def test_flop_counters_count_a_converted_model_as_the_original(block):
+    """FlopCounterMode counts each fused call as the conv it holds, forward and backward, by torch's own formulas."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    if block == "basic":
+        model = small_resnet()
+    else:
+        model = tv.ResNet(tv.Bottleneck, [1, 1, 1, 1], groups=2, width_per_group=32)
+    model.eval()
+    fused, _ = convert(model)
+    counts = []
+    for m in (model, fused):
+        x = torch.randn(2, 3, 32, 32, requires_grad=True)
+        with FlopCounterMode(display=False) as counter:
+            m(x).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] > 0 and counts[1] == counts[0], counts
