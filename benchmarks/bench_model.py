@@ -1,7 +1,10 @@
 """Model-level benchmark: whole ResNets, inference and a training step, fused against unfused.
 
 - **Inference** (``mode="inference"``), under ``torch.no_grad()``, at batch 1 and the training batch, each variant
-  checked against eager's output (``max_abs_diff_vs_eager``) before it is timed:
+  checked against eager's output before it is timed: ``max |y - eager| / max(max |eager|, 1)`` within
+  :data:`OUTPUT_TOL` of the dtype, and finite (``max_abs_diff_vs_eager`` in the record). A variant that fails gets
+  the status "wrong result", is not timed, is left out of the targets (listed as not measured), and makes the script
+  exit with status 1:
 
   - ``eager``: torchvision ``resnet18``/``resnet50`` in eval mode;
   - ``fused``: the same model through ``resnet_fused.convert.convert`` (BatchNorm folded, blocks and stem fused);
@@ -15,6 +18,9 @@
   - ``ort``: ONNX Runtime's CPU execution provider (fp32; intra-op threads = the benchmark's), on the original
     model exported by ``torch.onnx.export`` (export and session set-up time reported apart). Without onnxruntime,
     the row says "not installed"; its memory is not measured (it allocates outside torch's allocator).
+
+  A variant that cannot run has a row saying why ("not installed", "not available", "skipped", e.g. the compiled
+  ones under ``--no-compile``), and the targets that need it are listed as not measured.
 - **Training** (``mode="train"``), one SGD step (forward, cross-entropy, backward, optimizer step):
   - ``bn-free``: a BN-free ResNet built from ``resnet_fused.nn`` blocks (convs with biases; the last conv of each
     block scaled down so activations stay bounded), ``fused``, against the same weights in torchvision's own blocks
@@ -36,6 +42,7 @@ import contextlib
 import copy
 import functools
 import io
+import math
 import os
 import sys
 import time
@@ -49,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks import timing
-from benchmarks.bench_ops import DTYPES, LAYOUTS, OUT_DIR, _split, add_common_args, check_lists
+from benchmarks.bench_ops import DTYPES, LAYOUTS, OUT_DIR, _split, add_common_args, check_lists, packed_bytes
 
 ARCHS = {
     "resnet18": ("basic", [2, 2, 2, 2]),
@@ -69,6 +76,10 @@ TRAIN_VARIANTS = ("bn-free", "frozen-bn")
 # of its own variant, so that each is timed warm, whatever ran before it.
 ORT_SETTLE_MS = 100.0
 CLASSES = 1000
+# Largest max |y - eager| / max(max |eager|, 1) of a variant's logits, by dtype. Measured (resnet18/50, 32x32 and
+# 224x224, batch 1): fp32 about 2e-6 (folded norms, other conv algorithms), bf16 up to 1.6e-2 (roundings over ~50
+# layers); a variant off by a factor, or NaN, is far outside.
+OUTPUT_TOL = {"fp64": 1e-9, "fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
 
 
 def bn_free_resnet(arch: str, num_classes: int = CLASSES) -> nn.Module:
@@ -184,11 +195,6 @@ def optimize_for_inference_hook() -> Callable[[nn.Module], nn.Module] | None:
     return optimize_for_inference
 
 
-def packed_bytes(model: nn.Module) -> int:
-    """Bytes of the oneDNN weight copies a prepared model holds between calls (outside any call's peak)."""
-    return sum(t.numel() * t.element_size() for m in model.modules() for t in getattr(m, "_packs", {}).values())
-
-
 def export_onnx(model: nn.Module, x: Tensor) -> tuple[bytes, str]:
     """``model`` as a serialized ONNX model for inputs shaped like ``x`` (static shapes), and the exporter used.
 
@@ -261,7 +267,9 @@ def inference_impls(
             out.impls[name] = functools.partial(model, x)
             out.held[name] = functools.partial(packed_bytes, model)
 
-    if with_compile:
+    if not with_compile:
+        out.skipped.update({name: "skipped: --no-compile" for name in ("compile", "compile-freezing")})
+    else:
         compiled = torch.compile(eager)
         # A copy, and the option given to torch.compile itself: dynamo serves a graph it already compiled for the same
         # code and backend, so the frozen variant would otherwise run the plain compile's graph, unfrozen.
@@ -290,8 +298,31 @@ def inference_impls(
 
 
 def max_abs_diff(y: object, ref: Tensor) -> float:
-    """max |y - ref| in float64, ``y`` a model's output (a tensor, or ONNX Runtime's)."""
+    """max |y - ref| in float64, ``y`` a model's output (a tensor, or ONNX Runtime's); NaN where either has one."""
     return (torch.as_tensor(y).double().cpu() - ref.double().cpu()).abs().max().item()
+
+
+def check_output(y: object, ref: Tensor, dtype_name: str) -> tuple[float, str]:
+    """(max |y - ref|, "" or why ``y`` is a wrong result): ``max |y - ref| / max(max |ref|, 1)`` above
+    ``OUTPUT_TOL[dtype_name]``, a NaN or inf, or another shape."""
+    y = torch.as_tensor(y).detach().double().cpu()
+    ref = ref.detach().double().cpu()
+    if y.shape != ref.shape:
+        return math.nan, f"wrong result: output shape {tuple(y.shape)}, eager's {tuple(ref.shape)}"
+    diff = (y - ref).abs().max().item()
+    if not (torch.isfinite(y).all() and torch.isfinite(ref).all()):
+        return diff, "wrong result: a NaN or inf in the output (or in eager's)"
+    err = diff / max(ref.abs().max().item(), 1.0)
+    if err > OUTPUT_TOL[dtype_name]:
+        return diff, (
+            f"wrong result: max |y - eager| / max(max |eager|, 1) = {err:.2e}, tolerance {OUTPUT_TOL[dtype_name]:.0e}"
+        )
+    return diff, ""
+
+
+def wrong_results(records: Sequence[dict]) -> list[dict]:
+    """The records of variants whose output failed the check against eager's."""
+    return [r for r in records if r.get("status", "").startswith("wrong result")]
 
 
 def _randomize_bn(model: nn.Module) -> None:
@@ -375,8 +406,6 @@ def run(
     Training steps run at ``batch``; inference at each of ``inference_batches`` (default: 1 and ``batch``).
     ``train_rounds`` (default ``rounds``) times the train steps, whose per-round ratios scatter most.
     """
-    from tqdm import tqdm
-
     dev, machine = timing.start(device, threads)
     inference_batches = default_inference_batches(batch) if inference_batches is None else list(inference_batches)
     work = []
@@ -389,7 +418,7 @@ def run(
                     work += [(arch, d, lay, "train", v, batch) for v in train_variants]
     records: list[dict] = []
     t0 = time.perf_counter()
-    bar = tqdm(work, desc="models", unit="run", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = timing.progress(work, desc="models", unit="run", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for arch, dtype_name, layout, mode, variant, n in bar:
         bar.set_postfix_str(f"{arch} {mode} {variant} {dtype_name} {layout} batch {n}", refresh=False)
         dtype, fmt = DTYPES[dtype_name], LAYOUTS[layout]
@@ -405,14 +434,20 @@ def run(
             inf = inference_impls(arch, dtype, fmt, dev, with_compile, x, machine["threads"], with_ort)
             impls, setup, held = inf.impls, inf.setup, inf.held
             records += [{**base, "impl": name, "status": why} for name, why in inf.skipped.items()]
-            # Every variant must compute the same function: a wrong one would be timed for nothing.
+            # Every variant must compute the same function: a wrong one is not timed, and fails the run.
             ref = impls["eager"]()
-            diffs = {name: max_abs_diff(fn(), ref) for name, fn in impls.items()}
+            for name, fn in list(impls.items()):
+                diffs[name], why = check_output(fn(), ref, dtype_name)
+                if why:
+                    records.append({**base, "impl": name, "status": why, "max_abs_diff_vs_eager": diffs[name]})
+                    del impls[name]
             baselines = tuple(b for b in INFERENCE_BASELINES if b in impls)
         else:
             y = torch.randint(0, CLASSES, (n,), generator=g).to(dev)
             impls = train_impls(arch, variant, dtype, fmt, dev, x, y)
             baselines = ("unfused",)
+        if not impls:  # eager's own output was not finite: nothing to time
+            continue
         stats = timing.time_interleaved(
             impls,
             rounds=rounds if mode == "inference" else (train_rounds or rounds),
@@ -475,59 +510,77 @@ PEER_TARGETS = (("compile-freezing", 1.05, 1.15), ("ort", 0.90, 1.0))
 TRAIN_TARGET = (1.05, 1.10)
 
 
-def _verdict(ratio: dict, goal: float) -> bool | None:
+def _verdict(ratio: dict, goal: float, rounds: int | None) -> bool | None:
     """Met (True) when the median ratio's whole 95 % interval reaches ``goal``, missed (False) when none of it does,
-    else undecided (None): one run cannot tell."""
-    if ratio["ci_lo"] >= goal:
-        return True
-    return None if ratio["ci_hi"] >= goal else False
+    else undecided (None): one run cannot tell; so too with fewer than ``timing.MIN_ROUNDS`` rounds."""
+    return timing.verdict(ratio["ci_lo"], ratio["ci_hi"], goal, rounds)
 
 
-def _speed(ratio: dict, goal: float, rounds: int | None = None) -> dict:
+def _speed(ratio: dict, goal: float, rounds: int | None) -> dict:
     """A speed target's figure (median, its 95 % interval, rounds) and verdict, by the rule of :func:`_verdict`."""
-    text = f"{ratio['median']:.3f} (95% CI {ratio['ci_lo']:.3f}-{ratio['ci_hi']:.3f}"
-    return {"measured": text + (f", {rounds} rounds)" if rounds else ")"), "met": _verdict(ratio, goal)}
+    text = f"{ratio['median']:.3f} (95% CI {ratio['ci_lo']:.3f}-{ratio['ci_hi']:.3f}, {rounds} rounds)"
+    return {"measured": text, "met": _verdict(ratio, goal, rounds)}
+
+
+def _why_not(records: Sequence[dict], impls: Sequence[str], **kw: object) -> str:
+    """Why a target over ``impls`` has no figure: the first of them with no record or a status."""
+    for impl in impls:
+        rec = _find(records, impl=impl, **kw)
+        if rec is None:
+            return f"{impl}: not run"
+        if "status" in rec:
+            return f"{impl}: {rec['status']}"
+    return "no figure"
+
+
+def _speed_target(records: Sequence[dict], target: str, impl: str, peer: str, goal: float, **kw: object) -> dict:
+    """The target ``impl`` >= ``goal`` x ``peer``'s speed, or not measured (and why) where either did not run."""
+    rec = _find(records, impl=impl, **kw)
+    key = f"speedup_vs_{peer}"
+    if rec is not None and key in rec and "status" not in rec:
+        return {"target": target, **_speed(rec[key], goal, rec.get("rounds"))}
+    return timing.not_measured(target, _why_not(records, (impl, peer), **kw))
+
+
+def _memory_target(records: Sequence[dict], target: str, impl: str, peer: str, **kw: object) -> dict:
+    a, b = _find(records, impl=impl, **kw), _find(records, impl=peer, **kw)
+    if a is None or b is None or a.get("peak_mem_bytes") is None or b.get("peak_mem_bytes") is None:
+        return timing.not_measured(target, _why_not(records, (impl, peer), **kw))
+    return {"target": target, "measured": f"{_mib(a)} MiB vs {_mib(b)} MiB",
+            "met": a["peak_mem_bytes"] <= b["peak_mem_bytes"]}  # fmt: skip
 
 
 def targets(records: Sequence[dict]) -> list[dict]:
-    """The model-level targets (CPU, fp32, channels_last, 224x224; batch 8, and batch 1 for the peers), met, missed
-    or, for a speed whose 95 % interval straddles the goal, undecided (``"met"``: True / False / None), with the
-    figures."""
+    """The model-level targets (CPU, fp32, channels_last, 224x224; batch 8, and batch 1 for the peers) of the modes and
+    batches this run covered: met, missed or, for a speed whose 95 % interval straddles the goal, undecided
+    (``"met"``: True / False / None), with the figures; a target whose variant or peer did not run or gave a wrong
+    result is listed as not measured, with the reason."""
     out = []
     base = {"dtype": "fp32", "layout": "channels_last", "input_hw": 224}
     inf = {"model": "resnet50", "mode": "inference", **base}
-    fused = _find(records, impl="fused", batch=8, **inf)
-    eager = _find(records, impl="eager", batch=8, **inf)
-    if fused and "speedup_vs_eager" in fused:
-        out.append({"target": "resnet50 inference b8: converted >= 1.3x over eager torchvision",
-                    **_speed(fused["speedup_vs_eager"], 1.3)})  # fmt: skip
-    if fused and "speedup_vs_compile" in fused:
-        out.append({"target": "resnet50 inference b8: converted no slower than torch.compile of the original",
-                    **_speed(fused["speedup_vs_compile"], 1.0)})  # fmt: skip
-    if fused and eager and fused.get("peak_mem_bytes") is not None and eager.get("peak_mem_bytes") is not None:
-        out.append({"target": "resnet50 inference b8: peak memory not above eager's",
-                    "measured": f"{_mib(fused)} MiB vs {_mib(eager)} MiB",
-                    "met": fused["peak_mem_bytes"] <= eager["peak_mem_bytes"]})  # fmt: skip
-    for n in (1, 8):
+    ran = [n for n in (1, 8) if _find(records, batch=n, **inf) is not None]
+    if 8 in ran:
+        kw = {"batch": 8, **inf}
+        out.append(_speed_target(records, "resnet50 inference b8: converted >= 1.3x over eager torchvision",
+                                 "fused", "eager", 1.3, **kw))  # fmt: skip
+        out.append(_speed_target(records, "resnet50 inference b8: converted no slower than torch.compile of the "
+                                 "original", "fused", "compile", 1.0, **kw))  # fmt: skip
+        out.append(_memory_target(records, "resnet50 inference b8: peak memory not above eager's", "fused", "eager",
+                                  **kw))  # fmt: skip
+    for n in ran:
         for impl in ("prepared", "prepared-fuse-relu"):
-            prepared = _find(records, impl=impl, batch=n, **inf)
             for peer, goal, aim in PEER_TARGETS:
-                key = f"speedup_vs_{peer}"
-                if prepared and key in prepared:
-                    out.append({"target": f"resnet50 inference b{n}: {impl} >= {goal}x over {peer} (aim {aim}x)",
-                                **_speed(prepared[key], goal)})  # fmt: skip
+                target = f"resnet50 inference b{n}: {impl} >= {goal}x over {peer} (aim {aim}x)"
+                out.append(_speed_target(records, target, impl, peer, goal, batch=n, **inf))
     for variant in TRAIN_VARIANTS:
-        f = _find(records, model="resnet50", mode="train", variant=variant, impl="fused", batch=8, **base)
-        u = _find(records, model="resnet50", mode="train", variant=variant, impl="unfused", batch=8, **base)
-        if f and "speedup_vs_unfused" in f:
-            r = f["speedup_vs_unfused"]
-            goal, aim = TRAIN_TARGET
-            out.append({"target": f"resnet50 train step ({variant}) b8: fused >= {goal}x over unfused (aim {aim}x)",
-                        **_speed(r, goal, f["rounds"])})  # fmt: skip
-        if f and u:
-            out.append({"target": f"resnet50 train step ({variant}) b8: peak memory not above unfused",
-                        "measured": f"{_mib(f)} MiB vs {_mib(u)} MiB",
-                        "met": f["peak_mem_bytes"] <= u["peak_mem_bytes"]})  # fmt: skip
+        kw = {"model": "resnet50", "mode": "train", "variant": variant, "batch": 8, **base}
+        if _find(records, **kw) is None:
+            continue
+        goal, aim = TRAIN_TARGET
+        target = f"resnet50 train step ({variant}) b8: fused >= {goal}x over unfused (aim {aim}x)"
+        out.append(_speed_target(records, target, "fused", "unfused", goal, **kw))
+        out.append(_memory_target(records, f"resnet50 train step ({variant}) b8: peak memory not above unfused",
+                                  "fused", "unfused", **kw))  # fmt: skip
     return out
 
 
@@ -539,7 +592,10 @@ def table_markdown(records: Sequence[dict], memory_method: str | None = None) ->
     for r in records:
         key = [r["model"], r["mode"], r["variant"], r["dtype"], r["layout"], str(r["batch"]), r["impl"]]
         if "median_ms" not in r:
-            lines.append("| " + " | ".join(key + ["-"] * (len(head) - len(key) - 1) + [r["status"]]) + " |")
+            row = key + ["-"] * (len(head) - len(key) - 1) + [r["status"]]
+            if "max_abs_diff_vs_eager" in r:  # a wrong result: by how much
+                row[head.index("max abs diff vs eager")] = f"{r['max_abs_diff_vs_eager']:.2g}"
+            lines.append("| " + " | ".join(row) + " |")
             continue
         sp = [f"{r[k]['median']:.2f}x vs {k[len('speedup_vs_') :]}" for k in r if k.startswith("speedup_vs_")]
         sp = [s for s in sp if not s.endswith(f"vs {r['impl']}")]
@@ -567,8 +623,7 @@ def targets_text(target_list: Sequence[dict]) -> str:
     if not target_list:
         return ""
     lines = ["targets (CPU, fp32, channels_last, 224x224):"]
-    verdicts = {True: "met", False: "MISSED", None: "undecided"}
-    lines += [f"  [{verdicts[t['met']]}] {t['target']}: {t['measured']}" for t in target_list]
+    lines += [f"  [{timing.verdict_label(t)}] {t['target']}: {t['measured']}" for t in target_list]
     return "\n".join(lines)
 
 
@@ -626,6 +681,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(targets_text(payload["targets"]))
     for p in write_outputs(payload, a.json, a.md):
         print(f"wrote {p}")
+    if wrong_results(payload["records"]):
+        print("WRONG RESULTS: see the table; those variants were not timed.")
+        return 1
     return 0
 
 

@@ -34,7 +34,13 @@ by its name:
     inference path's floor.
 
 Each fused implementation is reported against the floor with the same weight handling: ``time / conv_alone`` for
-the backends (the training path), ``time / conv_prepacked`` for the prepacked rows.
+the backends (the training path), ``time / conv_prepacked`` for the prepacked rows. Before they are timed, the
+prepacked rows' outputs are checked against float64 on the batch's first sample (:data:`PREPACKED_TOL`); a row out of
+tolerance, or with a NaN, gets the status "wrong result", is not timed and makes the script exit with status 1. Their
+peak memory leaves out the packed weight they hold between calls; each record gives its size (``held_bytes``).
+
+A backend that cannot run here, or a row left out (``--no-compile``), is listed under "not timed" with the reason,
+and the targets it would have had are listed as "not measured".
 
 Forward runs under ``torch.no_grad()``; forward+backward has ``x``, ``weight``, ``bias`` and ``residual`` all
 requiring grad as in training, back-propagates a fixed random ``grad_out`` and clears the grads each step.
@@ -45,6 +51,7 @@ requiring grad as in training, back-propagates a fixed random ``grad_out`` and c
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -69,7 +76,11 @@ EPILOGUES = ("bias+relu", "bias+res+relu", "bias")
 FLOORS = ("conv_alone", "conv_prepacked")
 BASE_IMPLS = ("eager", "compile", *FLOORS)  # every other implementation is a fused op: a backend or a prepacked row
 PREPACKED_IMPLS = ("prepacked", "prepacked-fuse-relu", "onednn_prepacked")
+PACKAGE_PREPACKED = ("prepacked", "prepacked-fuse-relu")  # the package's own; onednn_prepacked stands in without it
 OUT_DIR = Path(__file__).resolve().parent / "out"
+# Largest error of a prepacked row's output against float64, over max(max |ref|, 1), by dtype: a few roundings of the
+# output (bf16 and fp16 keep 8 and 11 significant bits) and fp32's accumulation, with room to spare.
+PREPACKED_TOL = {"fp64": 1e-10, "fp32": 1e-4, "fp16": 4e-3, "bf16": 2e-2}
 
 
 @dataclass(frozen=True)
@@ -281,8 +292,24 @@ def prepack_unsupported(device: torch.device, dtype: torch.dtype) -> str:
     return ""
 
 
+def packed_bytes(model: nn.Module) -> int:
+    """Bytes of the oneDNN weight copies a prepared model holds between calls (outside any call's peak)."""
+    return sum(t.numel() * t.element_size() for m in model.modules() for t in getattr(m, "_packs", {}).values())
+
+
+def package_prepack_unavailable() -> str:
+    """ "" when the package offers its prepacked conv (``resnet_fused.inference.optimize_for_inference``), else why
+    not (then ``onednn_prepacked`` is timed in its place)."""
+    try:
+        from resnet_fused.inference import optimize_for_inference  # noqa: F401
+    except ImportError as e:
+        return f"resnet_fused.inference.optimize_for_inference is not importable ({e}); onednn_prepacked stands in"
+    return ""
+
+
 def _package_prepacked(case: ConvCase, inp: CaseInputs, fuse_relu: bool = False) -> Callable[[], Tensor] | None:
-    """The package's prepacked fused conv on the case's tensors, or None where the package does not offer one."""
+    """The package's prepacked fused conv on the case's tensors, or None where the package does not offer one. Its
+    ``held_bytes()`` gives the size of the packed weight it keeps between calls."""
     try:
         from resnet_fused.inference import optimize_for_inference
     except ImportError:
@@ -297,7 +324,12 @@ def _package_prepacked(case: ConvCase, inp: CaseInputs, fuse_relu: bool = False)
     module.weight = nn.Parameter(inp.weight.detach(), requires_grad=False)
     module.bias = nn.Parameter(inp.bias.detach(), requires_grad=False)
     module = optimize_for_inference(module.eval(), fuse_relu=fuse_relu)
-    return lambda: module(inp.x, inp.residual)
+
+    def call() -> Tensor:
+        return module(inp.x, inp.residual)
+
+    call.held_bytes = lambda: packed_bytes(module)  # type: ignore[attr-defined]
+    return call
 
 
 def prepacked_impls(case: ConvCase, inp: CaseInputs) -> dict[str, Callable[[], Tensor]]:
@@ -324,8 +356,41 @@ def prepacked_impls(case: ConvCase, inp: CaseInputs) -> dict[str, Callable[[], T
             return pointwise.binary(inp.x, inp.residual, packed, inp.bias, *geometry, "add", 1.0, "relu", [], None)
 
         impls["onednn_prepacked"] = onednn_prepacked
-    impls["conv_prepacked"] = lambda: pointwise(inp.x, packed, None, *geometry, "none", [], None)
+
+    def conv_prepacked() -> Tensor:
+        return pointwise(inp.x, packed, None, *geometry, "none", [], None)
+
+    impls["conv_prepacked"] = conv_prepacked
+    for name in ("onednn_prepacked", "conv_prepacked"):
+        if name in impls:
+            impls[name].held_bytes = lambda: packed.numel() * packed.element_size()  # type: ignore[attr-defined]
     return impls
+
+
+def check_prepacked(
+    case: ConvCase, inp: CaseInputs, dtype_name: str, impls: dict[str, Callable[[], Tensor]]
+) -> dict[str, tuple[float, bool]]:
+    """name -> (error, passed) of each prepacked row's output (one call): the batch's first sample against float64
+    (``max |y - ref| / max(max |ref|, 1)``) within ``PREPACKED_TOL[dtype_name]``, and no NaN or inf anywhere."""
+    conv = case.conv_args
+    x = inp.x.detach()[:1].double()
+    w = inp.weight.detach().double()
+    res = None if inp.residual is None else inp.residual.detach()[:1].double()
+    fused = resnet_fused.reference.conv_bias_add_relu(
+        x, w, inp.bias.detach().double(), res, **conv, relu=case.epilogue != "bias"
+    )
+    out = {}
+    for name, fn in impls.items():
+        if name not in PREPACKED_IMPLS and name != "conv_prepacked":
+            continue
+        want = F.conv2d(x, w, None, **conv) if name == "conv_prepacked" else fused
+        with torch.no_grad():
+            y = fn()
+        # The whole batch must be finite, not only the sample compared.
+        err = (y[:1].double() - want).abs().max().item() / max(want.abs().max().item(), 1.0)
+        finite = bool(torch.isfinite(y).all())
+        out[name] = (err if finite else math.nan, finite and err <= PREPACKED_TOL[dtype_name])
+    return out
 
 
 def as_pass(fwd: Callable[[], Tensor], inp: CaseInputs, pass_: str) -> Callable[[], None]:
@@ -393,8 +458,19 @@ def run_case(
     inp = make_inputs(case, batch, dtype, LAYOUTS[layout], device, requires_grad=pass_ == "fwd+bwd")
     torch._dynamo.reset()
     fwds = op_impls(case, inp, backends, with_compile)
+    base = {"pass": pass_, "dtype": dtype_name, "layout": layout, "batch": batch,
+            "shape": {k: v for k, v in asdict(case).items() if k != "layers"}, "layers": list(case.layers),
+            "models": case.models}  # fmt: skip
+    records = []
+    checked: dict[str, tuple[float, bool]] = {}
     if pass_ == "fwd" and not prepack_unsupported(device, dtype):
         fwds.update(prepacked_impls(case, inp))
+        checked = check_prepacked(case, inp, dtype_name, fwds)
+        for name, (err, ok) in checked.items():
+            if not ok:  # a wrong result is not timed: its speed would mean nothing
+                del fwds[name]
+                why = f"wrong result: error {err:.2e} against float64, tolerance {PREPACKED_TOL[dtype_name]:.0e}"
+                records.append({"case": case.name, "impl": name, **base, "status": why, "max_error_vs_float64": err})
     baselines = ("eager", *(f for f in FLOORS if f in fwds))
     calls = {name: as_pass(fn, inp, pass_) for name, fn in fwds.items()}
     compile_s = None
@@ -413,24 +489,21 @@ def run_case(
         # Each case its own sequence of orders: a position effect left over then averages out over the shapes.
         seed=zlib.crc32(f"{case.name}|{dtype_name}|{layout}|{pass_}".encode()),
     )
-    records = []
     for name, st in stats.items():
         rec = {
             "case": case.name,
             "impl": name,
-            "pass": pass_,
-            "dtype": dtype_name,
-            "layout": layout,
-            "batch": batch,
-            "shape": {k: v for k, v in asdict(case).items() if k != "layers"},
-            "layers": list(case.layers),
-            "models": case.models,
+            **base,
             "gflop": case.flops(batch) * (3 if pass_ == "fwd+bwd" else 1) / 1e9,
             **timing.stats_record(st, baselines=baselines),
             "peak_mem_bytes": timing.peak_memory_bytes(calls[name], device) if measure_memory else None,
         }
         if name == "compile":
             rec["compile_s"] = compile_s
+        if name in checked:
+            rec["max_error_vs_float64"] = checked[name][0]
+        if hasattr(fwds[name], "held_bytes"):  # outside the peak above: kept between calls
+            rec["held_bytes"] = fwds[name].held_bytes()
         records.append(rec)
     torch._dynamo.reset()
     return records
@@ -440,9 +513,10 @@ def run_case(
 
 
 def _by_case(records: Sequence[dict], dtype: str, layout: str, pass_: str, model: str | None) -> dict[str, dict]:
+    """case -> impl -> record, of the timed records (a row with a ``status`` was not timed)."""
     out: dict[str, dict] = {}
     for r in records:
-        if (r["dtype"], r["layout"], r["pass"]) != (dtype, layout, pass_):
+        if "status" in r or (r["dtype"], r["layout"], r["pass"]) != (dtype, layout, pass_):
             continue
         if model is not None and model not in r["models"]:
             continue
@@ -451,11 +525,28 @@ def _by_case(records: Sequence[dict], dtype: str, layout: str, pass_: str, model
 
 
 def groups(records: Sequence[dict]) -> list[tuple[str, str, str]]:
-    """The distinct (dtype, layout, pass) groups, in order of first appearance."""
+    """The distinct (dtype, layout, pass) groups of timed records, in order of first appearance."""
     seen: dict[tuple[str, str, str], None] = {}
     for r in records:
-        seen.setdefault((r["dtype"], r["layout"], r["pass"]), None)
+        if "status" not in r:
+            seen.setdefault((r["dtype"], r["layout"], r["pass"]), None)
     return list(seen)
+
+
+def _impls_of(cases: dict[str, dict]) -> list[str]:
+    """Every implementation timed on some case, in order of first appearance (a row left out of one case, as a wrong
+    result is, still has its column)."""
+    return list(dict.fromkeys(i for v in cases.values() for i in v))
+
+
+def _per_round(num: dict, den: dict) -> list[float]:
+    """``num time / den time`` in each round (the records' samples, taken in the same interleaved rounds)."""
+    return [a / b for a, b in zip(num["samples_ms"], den["samples_ms"], strict=True)]
+
+
+def wrong_results(records: Sequence[dict]) -> list[dict]:
+    """The records of rows whose output failed the check before timing."""
+    return [r for r in records if r.get("status", "").startswith("wrong result")]
 
 
 def summarize(records: Sequence[dict], model: str | None = "resnet50") -> list[dict]:
@@ -466,11 +557,13 @@ def summarize(records: Sequence[dict], model: str | None = "resnet50") -> list[d
         cases = _by_case(records, dtype, layout, pass_, model)
         if not cases:
             continue
-        impls = [i for i in next(iter(cases.values())) if i not in ("eager", *FLOORS)]
+        impls = [i for i in _impls_of(cases) if i not in ("eager", *FLOORS)]
         for impl in impls:
             floor = floor_of(impl)
             speedups = {c: v[impl]["speedup_vs_eager"]["median"] for c, v in cases.items() if impl in v}
             over_floor = {c: 1.0 / v[impl][f"speedup_vs_{floor}"]["median"] for c, v in cases.items() if impl in v}
+            timed = {c: v for c, v in cases.items() if impl in v}
+            held = {c: v[impl]["held_bytes"] for c, v in timed.items() if "held_bytes" in v[impl]}
             mem = {
                 c: (v[impl]["peak_mem_bytes"], v["eager"]["peak_mem_bytes"])
                 for c, v in cases.items()
@@ -494,6 +587,20 @@ def summarize(records: Sequence[dict], model: str | None = "resnet50") -> list[d
                     "max_over_floor": max(over_floor.values()),
                     "max_over_floor_case": max(over_floor, key=over_floor.get),
                     "mem_above_eager": {c: {"impl": a, "eager": b} for c, (a, b) in mem.items() if a > b},
+                    # The intervals the verdicts read (see targets): per shape, and of the geomeans, bootstrapping
+                    # each shape's rounds apart.
+                    "rounds": min(len(v[impl]["samples_ms"]) for v in timed.values()),
+                    "speedup_ci_vs_eager": {
+                        c: [v[impl]["speedup_vs_eager"]["ci_lo"], v[impl]["speedup_vs_eager"]["ci_hi"]]
+                        for c, v in timed.items()
+                    },
+                    "geomean_speedup_ci": list(
+                        timing.geomean_median_ci([_per_round(v["eager"], v[impl]) for v in timed.values()])
+                    ),
+                    "geomean_over_floor_ci": list(
+                        timing.geomean_median_ci([_per_round(v[impl], v[floor]) for v in timed.values()])
+                    ),
+                    **({"held_bytes": held} if held else {}),
                 }
             )
     return out
@@ -503,51 +610,72 @@ FLOOR_GOAL = 1.03  # fused forward time over the conv alone, with the same weigh
 SHAPE_GOAL = 0.98  # no shape's speedup over eager below this
 # pass -> (geomean speedup over eager that must be reached, or None; the aim)
 GEOMEAN_GOALS = {"fwd": (None, 1.10), "fwd+bwd": (1.08, 1.15)}
+TARGET_GROUP = ("fp32", "channels_last", "resnet50")  # (dtype, layout, model shapes) the targets are stated for
 
 
-def targets(summary: Sequence[dict]) -> list[dict]:
-    """The op-level targets of each backend (CPU, fp32, channels_last, ResNet-50 shapes), met or missed."""
+def _target_names(impl: str, pass_: str) -> dict[str, str]:
+    """kind -> the line of each target of ``impl`` in ``pass_``."""
+    goal, aim = GEOMEAN_GOALS[pass_]
+    wanted = f">= {goal} (aim {aim})" if goal else f">= {aim} (aim)"
+    label = f"{impl} {pass_}"
+    names = {
+        "geomean": f"{label}: geomean speedup over eager {wanted}",
+        "shapes": f"{label}: no shape below {SHAPE_GOAL}x of eager",
+    }
+    if pass_ == "fwd":
+        names["floor"] = f"{label}: geomean time / {floor_of(impl)} (same weight handling) <= {FLOOR_GOAL}"
+    names["memory"] = f"{label}: peak memory never above eager's"
+    return names
+
+
+def _ci_text(value: float, ci: Sequence[float], rounds: int | None) -> str:
+    return f"{value:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}, {rounds} rounds)"
+
+
+def targets(
+    summary: Sequence[dict], missing: dict[str, str] | None = None, passes: Sequence[str] = PASSES
+) -> list[dict]:
+    """The op-level targets of each fused implementation (CPU, fp32, channels_last, ResNet-50 shapes): met, missed,
+    or undecided where the 95 % interval straddles the goal (:func:`timing.verdict`): a geomean's interval
+    bootstraps each shape's rounds apart; "no shape below" is missed when some shape's whole interval is below,
+    met when every shape's whole interval is above. ``missing`` (impl -> why) lists the rows that could not be
+    measured: their targets in ``passes`` are listed as not measured."""
     out = []
+    nan2 = [math.nan, math.nan]  # a summary written before the intervals: undecided
     for s in summary:
-        if (s["dtype"], s["layout"], s["model_shapes"]) != ("fp32", "channels_last", "resnet50"):
+        if (s["dtype"], s["layout"], s["model_shapes"]) != TARGET_GROUP:
             continue
-        if s["impl"] in BASE_IMPLS:
+        if s["impl"] in BASE_IMPLS or s["impl"] in (missing or {}):
             continue
+        names = _target_names(s["impl"], s["pass"])
         goal, aim = GEOMEAN_GOALS[s["pass"]]
-        wanted = f">= {goal} (aim {aim})" if goal else f">= {aim} (aim)"
-        label = f"{s['impl']} {s['pass']}"
-        out.append(
-            {
-                "target": f"{label}: geomean speedup over eager {wanted}",
-                "measured": round(s["geomean_speedup_vs_eager"], 3),
-                "met": s["geomean_speedup_vs_eager"] >= (goal or aim),
-            }
-        )
-        below = [c for c, x in s["slower_than_eager"].items() if x < SHAPE_GOAL]
-        out.append(
-            {
-                "target": f"{label}: no shape below {SHAPE_GOAL}x of eager",
-                "measured": f"{len(below)} below ({len(s['slower_than_eager'])} slower); worst "
-                f"{s['min_speedup_vs_eager']:.3f}x ({s['min_speedup_case']})",
-                "met": not below,
-            }
-        )
-        if s["pass"] == "fwd":
-            out.append(
-                {
-                    "target": f"{label}: geomean time / {s['floor']} (same weight handling) <= {FLOOR_GOAL}",
-                    "measured": f"{s['geomean_over_floor']:.3f}; worst {s['max_over_floor']:.3f} "
-                    f"({s['max_over_floor_case']})",
-                    "met": s["geomean_over_floor"] <= FLOOR_GOAL,
-                }
-            )
-        out.append(
-            {
-                "target": f"{label}: peak memory never above eager's",
-                "measured": f"{len(s['mem_above_eager'])} of {s['n_shapes']} shapes above eager",
-                "met": not s["mem_above_eager"],
-            }
-        )
+        rounds = s.get("rounds")
+        ci = s.get("geomean_speedup_ci", nan2)
+        out.append({"target": names["geomean"], "measured": _ci_text(s["geomean_speedup_vs_eager"], ci, rounds),
+                    "met": timing.verdict(*ci, goal or aim, rounds)})  # fmt: skip
+        shape = {c: timing.verdict(*ci, SHAPE_GOAL, rounds) for c, ci in s.get("speedup_ci_vs_eager", {}).items()}
+        below = [c for c, v in shape.items() if v is False]
+        unsure = [c for c, v in shape.items() if v is None]
+        met = False if below else (None if unsure or not shape else True)
+        out.append({"target": names["shapes"],
+                    "measured": f"{len(below)} below, {len(unsure)} undecided ({len(s['slower_than_eager'])} slower, "
+                                f"medians); worst {s['min_speedup_vs_eager']:.3f}x ({s['min_speedup_case']})",
+                    "met": met})  # fmt: skip
+        if "floor" in names:
+            ci = s.get("geomean_over_floor_ci", nan2)
+            out.append({"target": names["floor"],
+                        "measured": _ci_text(s["geomean_over_floor"], ci, rounds)
+                                    + f"; worst {s['max_over_floor']:.3f} ({s['max_over_floor_case']})",
+                        "met": timing.verdict(*ci, FLOOR_GOAL, rounds, higher_is_better=False)})  # fmt: skip
+        held = s.get("held_bytes", {})
+        note = f" (plus up to {max(held.values()) / 2**20:.1f} MiB of packed weight held between calls)" if held else ""
+        out.append({"target": names["memory"],
+                    "measured": f"{len(s['mem_above_eager'])} of {s['n_shapes']} shapes above eager{note}",
+                    "met": not s["mem_above_eager"]})  # fmt: skip
+    for impl, why in (missing or {}).items():
+        for pass_ in passes:
+            if pass_ == "fwd" or impl not in PREPACKED_IMPLS:  # the prepacked rows are forward only
+                out += [timing.not_measured(name, why) for name in _target_names(impl, pass_).values()]
     return out
 
 
@@ -567,7 +695,7 @@ def table_markdown(records: Sequence[dict]) -> str:
     lines = []
     for dtype, layout, pass_ in groups(records):
         cases = _by_case(records, dtype, layout, pass_, None)
-        impls = list(next(iter(cases.values())))
+        impls = _impls_of(cases)
         timed = backend_impls(impls)
         batch = next(iter(next(iter(cases.values())).values()))["batch"]
         lines.append(
@@ -588,15 +716,23 @@ def table_markdown(records: Sequence[dict]) -> str:
                 _fmt_ratio(v.get(i), "speedup_vs_eager") for i in timed + (["compile"] if "compile" in impls else [])
             ]
             for i in timed:
-                r = v[i].get(f"speedup_vs_{floor_of(i)}")
+                r = v.get(i, {}).get(f"speedup_vs_{floor_of(i)}")
                 row.append(f"{1.0 / r['median']:.2f}" if r else "-")
             for i in timed:
-                a, b = v[i].get("peak_mem_bytes"), v["eager"].get("peak_mem_bytes")
+                a, b = v.get(i, {}).get("peak_mem_bytes"), v["eager"].get("peak_mem_bytes")
                 row.append(f"{a / b:.2f}" if a is not None and b else "-")
             if "compile" in impls:
-                cs = v["compile"].get("compile_s")
+                cs = v.get("compile", {}).get("compile_s")
                 row.append(f"{cs:.1f}" if cs is not None else "-")
             lines.append("| " + " | ".join(row) + " |")
+        held = {i: [r["held_bytes"] for v in cases.values() if "held_bytes" in (r := v.get(i, {}))] for i in timed}
+        held = {i: b for i, b in held.items() if b}
+        if held:
+            sizes = ", ".join(f"{i} {min(b) / 2**20:.2f}-{max(b) / 2**20:.2f} MiB" for i, b in held.items())
+            lines.append(
+                f"\nNot in `mem / eager`: the packed weight each prepacked row holds between calls ({sizes} per shape; "
+                "`held_bytes` in the JSON), while eager's peak includes the weight reorder oneDNN makes in every call."
+            )
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
@@ -615,7 +751,7 @@ def summary_text(summary: Sequence[dict], target_list: Sequence[dict], not_timed
     if target_list:
         lines.append("targets (CPU, fp32, channels_last, ResNet-50 shapes):")
         for t in target_list:
-            lines.append(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['measured']}")
+            lines.append(f"  [{timing.verdict_label(t)}] {t['target']}: {t['measured']}")
     return "\n".join(lines)
 
 
@@ -634,7 +770,7 @@ def plot(records: Sequence[dict], path: str | os.PathLike, title: str = "") -> P
     for ax, (dtype, layout, pass_) in zip(axes[:, 0], grp, strict=True):
         cases = _by_case(records, dtype, layout, pass_, None)
         names = list(cases)
-        impls = [i for i in next(iter(cases.values())) if i not in ("eager", *FLOORS)]
+        impls = [i for i in _impls_of(cases) if i not in ("eager", *FLOORS)]
         width = 0.8 / max(1, len(impls))
         for j, impl in enumerate(impls):
             xs, ys, lo, hi = [], [], [], []
@@ -698,8 +834,6 @@ def run(
     progress: bool = True,
 ) -> dict:
     """Run the op benchmark; return the payload (``machine``, ``config``, ``records``, ``summary``, ``targets``)."""
-    from tqdm import tqdm
-
     dev, machine = timing.start(device, threads)
     _configure_dynamo()
     cases = trace_conv_cases(models, hw)
@@ -711,7 +845,7 @@ def run(
     work = [(c, d, lay, p) for d in dtypes for lay in layouts for p in passes for c in cases]
     records: list[dict] = []
     t0 = time.perf_counter()
-    bar = tqdm(work, desc="ops", unit="case", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = timing.progress(work, desc="ops", unit="case", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for case, dtype_name, layout, pass_ in bar:
         bar.set_postfix_str(f"{pass_} {dtype_name} {layout} {case.name}", refresh=False)
         records += run_case(
@@ -732,34 +866,82 @@ def run(
         for d in dtypes
         if "fwd" in passes and (why := prepack_unsupported(dev, DTYPES[d]))
     ]
-    summary = summarize(records, "resnet50") if "resnet50" in models else []
-    if list(models) != ["resnet50"]:
-        summary += summarize(records, None)
+    # Rows this run meant to time but could not: listed, and their targets reported as not measured.
+    unavailable = {
+        row.name: f"not available: {row.unavailable()}"
+        for row in BACKENDS
+        if dev.type in row.auto_devices and row.unavailable() and (backends is None or row.name in backends)
+    }
+    if "fwd" in passes and "fp32" in dtypes:
+        why = prepack_unsupported(dev, torch.float32) or package_prepack_unavailable()
+        unavailable.update({name: f"not available: {why}" for name in PACKAGE_PREPACKED if why})
+    not_timed += [f"{name}: {why}" for name, why in unavailable.items()]
+    if not with_compile:
+        not_timed.append("compile: skipped (--no-compile)")
     config = timing.config_record(
         t0, models=models, input_hw=hw, batch=batch, dtypes=dtypes, layouts=layouts, passes=passes, backends=timed,
         compile=with_compile, rounds=rounds, warmup=warmup, min_sample_ms=min_sample_ms, n_cases=len(cases),
     )  # fmt: skip
-    return {
+    payload = {
         "benchmark": "ops",
         "machine": machine,
         "config": config,
         "records": records,
+        "not_timed": not_timed,
+        "unavailable": unavailable,
+        "targets_apply": timing.targets_apply(dev, batch, hw),
+    }
+    return analyze(payload)
+
+
+def analyze(payload: dict) -> dict:
+    """``payload`` with its ``summary``, ``targets`` and wrong-result lines (in ``not_timed``) computed from its
+    records and config: what :func:`run` returns, and how a saved ops.json is rendered again."""
+    records, config = payload["records"], payload["config"]
+    models = config["models"]
+    summary = summarize(records, "resnet50") if "resnet50" in models else []
+    if list(models) != ["resnet50"]:
+        summary += summarize(records, None)
+    wrong = wrong_results(records)
+    not_timed = [line for line in payload.get("not_timed", []) if not line.startswith("WRONG RESULT")]
+    not_timed += [f"WRONG RESULT, {r['impl']} {r['pass']} {r['dtype']} {r['layout']} {r['case']}: {r['status']}"
+                  for r in wrong]  # fmt: skip
+    dtype, layout, model = TARGET_GROUP
+    # A row with a wrong result on some shape is left out of the targets, which list it as not measured.
+    missing = {}
+    for r in wrong:
+        if (r["dtype"], r["layout"]) == (dtype, layout) and model in r["models"]:
+            missing[r["impl"]] = f"wrong result on {sum(w['impl'] == r['impl'] for w in wrong)} shape(s)"
+    if dtype in config["dtypes"] and layout in config["layouts"] and model in models:
+        missing = {**payload.get("unavailable", {}), **missing}
+    else:
+        missing = {}
+    # Files written before targets_apply was recorded had targets exactly when they applied.
+    applies = payload.get("targets_apply", bool(payload.get("targets")))
+    return {
+        **payload,
         "summary": summary,
         "not_timed": not_timed,
-        "targets": targets(summary) if timing.targets_apply(dev, batch, hw) else [],
+        "targets": targets(summary, missing, config["passes"]) if applies else [],
     }
 
 
 def write_outputs(payload: dict, json_path: str | os.PathLike | None, png_path: str | os.PathLike | None,
                   md_path: str | os.PathLike | None) -> list[Path]:  # fmt: skip
-    """Write the JSON, PNG and markdown table of a :func:`run` payload; returns the paths written."""
+    """Write the JSON, PNG and markdown table of a :func:`run` payload; returns the paths written. Without matplotlib
+    (optional) the PNG is not written, and a line says so."""
     written = []
     if json_path:
         written.append(timing.write_json(json_path, payload))
     if png_path and payload["records"]:
-        m = payload["machine"]
-        title = f"resnet_fused ops on {m['cpu_model']} ({m['threads']} threads), torch {m['torch']}"
-        written.append(plot(payload["records"], png_path, title))
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print(f"not written: {png_path}: matplotlib not installed")
+        else:
+            m = payload["machine"]
+            title = f"resnet_fused ops on {m['cpu_model']} ({m['threads']} threads), torch {m['torch']}"
+            written.append(plot(payload["records"], png_path, title))
     if md_path:
         text = (
             table_markdown(payload["records"])
@@ -836,6 +1018,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(summary_text(payload["summary"], payload["targets"], payload["not_timed"]))
     for p in write_outputs(payload, a.json, a.png, a.md):
         print(f"wrote {p}")
+    if wrong_results(payload["records"]):
+        print("WRONG RESULTS: see the lines above; those rows were not timed.")
+        return 1
     return 0
 
 

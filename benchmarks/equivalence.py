@@ -4,17 +4,29 @@ reference, on every distinct conv of ResNet-18/50 (traced at a small input size)
 Every available row of ``resnet_fused.backends.BACKENDS`` is checked, on a CUDA device when it runs there and one is
 present, else on CPU tensors; the float64 reference is computed on CPU.
 
+Besides the backends, two rows check the prepared inference route on CPU tensors, forward only:
+``prepacked`` and ``prepacked-fuse-relu``, a ``FusedConv2d`` through
+``resnet_fused.inference.optimize_for_inference`` (exact ReLU, and ReLU as oneDNN's post-op), for the dtypes oneDNN
+runs here. Every other (case, layout) of a dtype passes a per-channel ``scale`` (as a frozen BatchNorm's, with the
+bias as its shift), the way converted models call the op, so each case is checked with and without one.
+
 The inputs are random normals rounded to the dtype under test; the float64 reference gets exactly those rounded values,
 so what is measured is the backend's own arithmetic error. For each tensor (out, grad_x, grad_weight, grad_bias,
 grad_residual) the error is ``max |a - ref| / max(max |ref|, 1)``; a tensor passes when every element is within
 ``tol * (max(max |ref|, 1) + |ref|)``, with ``tol`` the dtype's tolerance scaled by ``sqrt(reduction length) / 4``
-(the length of the sums behind an element), as in the test suite.
+(the length of the sums behind an element), as in the test suite. In bf16 and fp16 that bound grows to a quarter of
+the output's range on the longest sums, so every row but ``reference`` is also held to the error of the
+``reference`` row (the unfused eager op, in the same dtype, on the same device and inputs): each element within
+``2 x`` that row's largest error for the tensor plus one ulp of ``|ref|``. A backend that accumulates in fp32 and
+rounds once passes that; one off by a uniform 2 % does not.
 
 The ReLU mask is checked apart: where the backend's ``out > 0`` disagrees with the sign of the float64
 pre-activation ("mask flips", counted), the float64 value must lie within the dtype's rounding band around zero
 (in bf16 a few hundred such elements are normal, for the eager op too). The gradients are then compared with the
 float64 backward *through the backend's own mask*, so a legitimate flip near zero is not counted as a gradient error
 while any error of the backward itself still is.
+
+A row that returns no gradient for an input, an output without a backward, a NaN, or raises, fails with the reason.
 
 On a CUDA device "fp32" runs with TF32 off for convolutions (every backend follows that setting, ``triton`` too), so it
 is held to the fp32 tolerance; "tf32" runs the same fp32 tensors with TF32 on, torch's default for cuDNN convolutions,
@@ -26,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -52,18 +65,60 @@ CHECKED = {
 TENSORS = ("out", "grad_x", "grad_weight", "grad_bias", "grad_residual")
 ROOT = Path(__file__).resolve().parent.parent
 INTERPRETER_MAX_CASES = 3  # the Triton interpreter is slow; it gets the smallest few convs
+# The prepared inference route (forward only, CPU): row name -> optimize_for_inference's fuse_relu.
+PREPACKED_ROWS = {"prepacked": False, "prepacked-fuse-relu": True}
+# Low-precision dtypes, whose general bound grows with sqrt(reduction length): there a row is also held to
+# REF_FACTOR x the reference row's error plus REF_ULPS ulps of |ref| (see the module docstring).
+ANCHORED = {"fp16", "bf16"}
+REF_FACTOR = 2.0
+REF_ULPS = 1.0
 
 
 def _device(backend: str) -> torch.device:
     """Where ``backend`` is checked: a CUDA device when it runs there and one is present, else the CPU."""
+    if backend in PREPACKED_ROWS:
+        return torch.device("cpu")
     cuda = "cuda" in BACKENDS[backend].devices and torch.cuda.is_available()
     return torch.device("cuda" if cuda else "cpu")
 
 
 def _interpreted(backend: str) -> bool:
     """A GPU row (``auto`` picks it on CUDA only) run on CPU tensors: that is the Triton interpreter."""
+    if backend in PREPACKED_ROWS:
+        return False
     auto = BACKENDS[backend].auto_devices
     return INTERPRET and _device(backend).type == "cpu" and "cuda" in auto and "cpu" not in auto
+
+
+def prepacked_unavailable(dtype: torch.dtype | None = None) -> str:
+    """ "" when the prepacked rows can be checked (on ``dtype`` tensors, if given), else why not."""
+    try:
+        from resnet_fused.inference import onednn_supports, optimize_for_inference  # noqa: F401
+    except ImportError as e:
+        return f"resnet_fused.inference.optimize_for_inference is not importable ({e})"
+    if dtype is not None and not onednn_supports(dtype):
+        return f"torch's oneDNN does not run {dtype} convolutions on this CPU"
+    return ""
+
+
+def default_rows() -> tuple[list[str], dict[str, str]]:
+    """(every row that can be checked here: the available backends, then the prepacked rows; row -> why it cannot)."""
+    rows = [row.name for row in BACKENDS if not row.unavailable()]
+    missing = {row.name: row.unavailable() for row in BACKENDS if row.unavailable()}
+    why = prepacked_unavailable()
+    for name in PREPACKED_ROWS:
+        if why:
+            missing[name] = why
+        else:
+            rows.append(name)
+    return rows, missing
+
+
+def _worst(a: float | None, b: float) -> float:
+    """The larger error, NaN if either is (``max(0.0, nan)`` is 0.0)."""
+    if a is None:
+        return b
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
 @contextlib.contextmanager
@@ -88,34 +143,97 @@ def conv_fp32_precision(precision: str | None) -> Iterator[None]:
             conv.fp32_precision = old
 
 
-def _run(backend: str | None, case: ConvCase, leaves: dict[str, Tensor | None], grad_out: Tensor) -> dict[str, Tensor]:
-    """Output and gradients of one call (``backend=None``: the reference), as CPU tensors."""
-    device = torch.device("cpu") if backend is None else _device(backend)
+def _run_prepacked(
+    row: str, case: ConvCase, leaves: dict[str, Tensor | None], scale: Tensor | None
+) -> tuple[dict[str, Tensor], list[str]]:
+    """The output of a prepared ``FusedConv2d`` (``optimize_for_inference``) on the case, under no_grad."""
+    from resnet_fused.inference import optimize_for_inference
+    from resnet_fused.nn import FusedConv2d
+
+    module = FusedConv2d(
+        case.c, case.k, (case.r, case.s), case.stride, case.padding, case.dilation, bias=scale is None,
+        device="meta", relu=case.epilogue != "bias",
+    )  # fmt: skip
+    module.weight = torch.nn.Parameter(leaves["weight"].detach().clone(), requires_grad=False)
+    if scale is None:
+        module.bias = torch.nn.Parameter(leaves["bias"].detach().clone(), requires_grad=False)
+    else:  # a converted conv after a frozen norm: scale and shift
+        module.set_scale_shift(scale, leaves["bias"].detach())
+    module = optimize_for_inference(module.eval(), fuse_relu=PREPACKED_ROWS[row])
+    residual = leaves["residual"]
+    with torch.no_grad():
+        out = module(leaves["x"].detach(), None if residual is None else residual.detach().clone())
+    problems = [] if module._packs else ["the packed path did not run (the call took the ordinary op)"]
+    return {"out": out.cpu()}, problems
+
+
+def _run(
+    backend: str | None,
+    case: ConvCase,
+    leaves: dict[str, Tensor | None],
+    grad_out: Tensor,
+    scale: Tensor | None = None,
+    device: torch.device | None = None,
+) -> tuple[dict[str, Tensor], list[str]]:
+    """Output and gradients of one call (``backend=None``: the float64 reference), as CPU tensors, and what went
+    wrong (a raise, no backward, a missing gradient): a row with problems fails, the check goes on."""
+    if backend in PREPACKED_ROWS:
+        try:
+            return _run_prepacked(backend, case, leaves, scale)
+        except Exception as e:  # a failing row is reported in the table; the other rows are still checked
+            return {}, [f"raised {type(e).__name__}: {e}"]
+    device = device or (torch.device("cpu") if backend is None else _device(backend))
     leaves = {
         k: None if v is None else v.detach().to(device, copy=True).requires_grad_(True) for k, v in leaves.items()
     }
     kwargs = {**case.conv_args, "relu": case.epilogue != "bias"}
+    if scale is not None:
+        kwargs["scale"] = scale.to(device)
     args = (leaves["x"], leaves["weight"], leaves["bias"], leaves["residual"])
     if backend is None:
         out = resnet_fused.reference.conv_bias_add_relu(*args, **kwargs)
+        out.backward(grad_out.to(device=device, dtype=out.dtype))
     else:
-        out = resnet_fused.conv_bias_add_relu(*args, **kwargs, backend=backend)
-    out.backward(grad_out.to(device=device, dtype=out.dtype))
+        try:
+            out = resnet_fused.conv_bias_add_relu(*args, **kwargs, backend=backend)
+        except Exception as e:  # reported as a failure of this row
+            return {}, [f"raised {type(e).__name__}: {e}"]
+        if out.grad_fn is None:
+            return {"out": out.detach().cpu()}, ["the output has no grad_fn: no backward to check"]
+        try:
+            out.backward(grad_out.to(device=device, dtype=out.dtype))
+        except Exception as e:
+            return {"out": out.detach().cpu()}, [f"backward raised {type(e).__name__}: {e}"]
     res = {"out": out.detach().cpu()}
+    problems = []
     for k, v in leaves.items():
-        if v is not None:
+        if v is None:
+            continue
+        if v.grad is None:
+            problems.append(f"no gradient for {k}")
+        else:
             res[f"grad_{k}"] = v.grad.cpu()
-    return res
+    return res, problems
+
+
+def _linear(case: ConvCase, lv: dict[str, Tensor | None], scale: Tensor | None) -> Tensor:
+    """``conv(x, w) * scale + b + residual`` (the pre-activation) from float64 leaves."""
+    conv = torch.nn.functional.conv2d
+    if scale is None:
+        lin = conv(lv["x"], lv["weight"], lv["bias"], **case.conv_args)
+    else:
+        lin = conv(lv["x"], lv["weight"], None, **case.conv_args) * scale.double().view(1, -1, 1, 1)
+        lin = lin + lv["bias"].view(1, -1, 1, 1)
+    return lin if lv["residual"] is None else lin + lv["residual"]
 
 
 def _masked_reference(
-    case: ConvCase, leaves: dict[str, Tensor | None], grad_out: Tensor, mask: Tensor | None
+    case: ConvCase, leaves: dict[str, Tensor | None], grad_out: Tensor, mask: Tensor | None, scale: Tensor | None = None
 ) -> dict[str, Tensor]:
-    """float64 gradients of ``conv(x, w) + b + residual`` for ``grad_out * mask``: the backward given a ReLU mask."""
+    """float64 gradients of ``conv(x, w) * scale + b + residual`` for ``grad_out * mask``: the backward given a ReLU
+    mask."""
     lv = {k: None if v is None else v.double().detach().requires_grad_(True) for k, v in leaves.items()}
-    lin = torch.nn.functional.conv2d(lv["x"], lv["weight"], lv["bias"], **case.conv_args)
-    if lv["residual"] is not None:
-        lin = lin + lv["residual"]
+    lin = _linear(case, lv, scale)
     g = grad_out.double() if mask is None else grad_out.double() * mask
     lin.backward(g)
     return {f"grad_{k}": v.grad for k, v in lv.items() if v is not None}
@@ -133,11 +251,18 @@ def _reductions(case: ConvCase, batch: int) -> dict[str, int]:
 
 
 def check_case(
-    case: ConvCase, backends: Sequence[str], checked: str, layout: str, batch: int, seed: int = 0
+    case: ConvCase,
+    backends: Sequence[str],
+    checked: str,
+    layout: str,
+    batch: int,
+    seed: int = 0,
+    scaled: bool = False,
 ) -> dict[str, dict]:
-    """backend -> {tensor -> (normalized max error, passed)} plus mask-flip counts, for one case.
+    """backend -> {tensor -> (normalized max error, passed)} plus mask-flip counts and ``problems``, for one case.
 
-    ``checked`` is a key of ``CHECKED`` (the tensors' dtype, TF32 on or off, the tolerance).
+    ``checked`` is a key of ``CHECKED`` (the tensors' dtype, TF32 on or off, the tolerance); ``scaled`` passes a
+    per-channel scale (the bias then being its shift).
     """
     dtype, precision, base_tol = CHECKED[checked]
     g = torch.Generator().manual_seed(seed)
@@ -156,42 +281,69 @@ def check_case(
         "residual": rand(batch, case.k, p, q) if case.epilogue == "bias+res+relu" else None,
     }
     grad_out = rand(batch, case.k, p, q)
-    ref = _run(None, case, {k: None if v is None else v.double() for k, v in leaves.items()}, grad_out.double())
+    # A frozen norm's gamma / sqrt(var + eps): positive, around 1.
+    scale = (torch.rand(case.k, generator=g, dtype=torch.float64) + 0.5).to(dtype) if scaled else None
+    f64 = {k: None if v is None else v.double() for k, v in leaves.items()}
+    ref, _ = _run(None, case, f64, grad_out.double(), None if scale is None else scale.double())
     relu = case.epilogue != "bias"
     with torch.no_grad():
-        pre = torch.nn.functional.conv2d(
-            leaves["x"].double(), leaves["weight"].double(), leaves["bias"].double(), **case.conv_args
-        )
-        if leaves["residual"] is not None:
-            pre = pre + leaves["residual"].double()
+        pre = _linear(case, f64, scale)
     red = _reductions(case, batch)
+    tol = {name: base_tol * max(1.0, red[name] ** 0.5 / 4) for name in TENSORS}
+    eps = torch.finfo(dtype).eps
+
+    def expected_for(got: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The float64 results to compare ``got`` with: its gradients through its own ReLU mask."""
+        if not relu or "out" not in got or len(got) == 1 or not bool(((got["out"] > 0) != (pre > 0)).any()):
+            return ref
+        mask = (got["out"] > 0).double()
+        return {"out": ref["out"], **_masked_reference(case, leaves, grad_out, mask, scale)}
+
+    # The reference row's own largest error per tensor, per device: the anchor of the low-precision bound.
+    anchors: dict[str, dict[str, float]] = {}
+
+    def anchor(device: torch.device) -> dict[str, float]:
+        if device.type not in anchors:
+            with conv_fp32_precision(precision):
+                got, _ = _run("reference", case, leaves, grad_out, scale, device=device)
+            exp = expected_for(got)
+            anchors[device.type] = {n: (got[n].double() - exp[n]).abs().max().item() for n in got if got[n].numel()}
+        return anchors[device.type]
+
     results: dict[str, dict] = {}
-    for backend in backends:
+    for backend in sorted(backends, key=lambda b: b != "reference"):  # the reference row first: it is the anchor
         with conv_fp32_precision(precision):
-            got = _run(backend, case, leaves, grad_out)
-        row: dict = {"mask_flips": 0, "mask_flips_outside_band": 0}
-        expected = ref
-        if relu:
-            tol_out = base_tol * max(1.0, red["out"] ** 0.5 / 4)
-            band = 4 * tol_out * max(pre.abs().max().item(), 1.0)
+            got, problems = _run(backend, case, leaves, grad_out, scale)
+        row: dict = {"mask_flips": 0, "mask_flips_outside_band": 0, "problems": problems}
+        if relu and "out" in got:
+            band = 4 * tol["out"] * max(pre.abs().max().item(), 1.0)
             flips = (got["out"] > 0) != (pre > 0)
             row["mask_flips"] = int(flips.sum())
             row["mask_flips_outside_band"] = int((flips & (pre.abs() > band)).sum())
-            if row["mask_flips"]:
-                mask = (got["out"] > 0).double()
-                expected = {"out": ref["out"], **_masked_reference(case, leaves, grad_out, mask)}
-        for name in TENSORS:
+        expected = expected_for(got)
+        if backend == "reference":
+            anchors[_device(backend).type] = {
+                n: (got[n].double() - expected[n]).abs().max().item() for n in got if got[n].numel()
+            }
+        anchored = checked in ANCHORED and backend != "reference"
+        for name in ("out",) if backend in PREPACKED_ROWS else TENSORS:  # the prepared route is forward only
             if name not in expected:
                 continue
+            if name not in got:  # a gradient the row did not return, or an output it did not make
+                row[name] = (math.nan, False)
+                continue
             a, e = got[name].double(), expected[name]
-            tol = base_tol * max(1.0, red[name] ** 0.5 / 4)
             mag = max(e.abs().max().item() if e.numel() else 0.0, 1.0)
             diff = (a - e).abs()
             err = diff.max().item() / mag if diff.numel() else 0.0
-            ok = bool((diff <= tol * (mag + e.abs())).all()) and bool(torch.isfinite(a).all())
+            allowed = tol[name] * (mag + e.abs())
+            if anchored and diff.numel():
+                ref_err = anchor(_device(backend)).get(name, 0.0)
+                allowed = torch.minimum(allowed, REF_FACTOR * ref_err + REF_ULPS * eps * e.abs())
+            ok = bool((diff <= allowed).all()) and bool(torch.isfinite(a).all())
             row[name] = (err, ok)
         results[backend] = row
-    return results
+    return {b: results[b] for b in backends}
 
 
 def run(
@@ -206,44 +358,57 @@ def run(
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
 ) -> dict:
-    """Check every backend on every case; returns per (backend, dtype) the max error per tensor and pass/fail.
+    """Check every row on every case; returns per (row, dtype) the max error per tensor and pass/fail.
 
+    ``backends`` (default: every row that can run here, see :func:`default_rows`) may name the prepacked rows too.
     ``dtypes`` are keys of ``CHECKED``; "tf32" checks only backends that run on a CUDA device. ``shard=(i, n)``
     checks every n-th (case, dtype, layout) from the i-th, for :func:`merge` to combine.
     """
-    from tqdm import tqdm
-
-    backends = list(backends or BACKENDS.available())
+    if backends:
+        backends, not_checked = list(backends), {}
+    else:
+        backends, not_checked = default_rows()
     cases = trace_conv_cases(models, hw)
     if max_cases is not None:
         cases = cases[:max_cases]
     small = sorted(cases, key=lambda c: c.c * c.k * c.r * c.s)[:INTERPRETER_MAX_CASES]
     table: dict[tuple[str, str], dict] = {}
-    work = [(c, d, lay) for d in dtypes for lay in layouts for c in cases][shard[0] :: shard[1]]
-    for case, dtype_name, layout in tqdm(work, desc="equivalence", unit="case", disable=not progress, leave=False):
+    # Every other (case, layout) of a dtype with a scale: each case is checked both ways over the two layouts.
+    work = [
+        (c, d, lay, (i + j + k) % 2 == 1)
+        for k, d in enumerate(dtypes)
+        for j, lay in enumerate(layouts)
+        for i, c in enumerate(cases)
+    ][shard[0] :: shard[1]]
+    bar = timing.progress(work, desc="equivalence", unit="case", disable=not progress, leave=False)
+    for case, dtype_name, layout, scaled in bar:
         todo = [b for b in backends if case in small or not _interpreted(b)]
         if CHECKED[dtype_name][1] == "tf32":  # TF32 exists on CUDA devices only
             todo = [b for b in todo if _device(b).type == "cuda"]
+        todo = [b for b in todo if b not in PREPACKED_ROWS or not prepacked_unavailable(CHECKED[dtype_name][0])]
         if not todo:
             continue
-        res = check_case(case, todo, dtype_name, layout, batch)
+        res = check_case(case, todo, dtype_name, layout, batch, scaled=scaled)
+        label = f"{case.name}{' +scale' if scaled else ''} {layout}"
         for backend, row in res.items():
-            agg = table.setdefault(
-                (backend, dtype_name), {"cases": 0, "passed": True, "mask_flips": 0, "failures": [], "errors": {}}
-            )
+            agg = table.setdefault((backend, dtype_name), _empty_row())
             agg["cases"] += 1
+            agg["scaled_cases"] += scaled
             agg["mask_flips"] += row["mask_flips"]
             if row["mask_flips_outside_band"]:
                 agg["passed"] = False
-                agg["failures"].append(f"{case.name} {layout}: {row['mask_flips_outside_band']} ReLU mask flips")
+                agg["failures"].append(f"{label}: {row['mask_flips_outside_band']} ReLU mask flips")
+            for problem in row["problems"]:
+                agg["passed"] = False
+                agg["failures"].append(f"{label}: {problem}")
             for name in TENSORS:
                 if name not in row:
                     continue
                 err, ok = row[name]
-                agg["errors"][name] = max(agg["errors"].get(name, 0.0), err)
+                agg["errors"][name] = _worst(agg["errors"].get(name), err)
                 if not ok:
                     agg["passed"] = False
-                    agg["failures"].append(f"{case.name} {layout}: {name} error {err:.2e}")
+                    agg["failures"].append(f"{label}: {name} error {err:.2e}")
     return {
         "config": {
             "models": list(models),
@@ -253,12 +418,18 @@ def run(
             "layouts": list(layouts),
             "n_cases": len(cases),
             "backends": backends,
+            "scale": "every other (case, layout) of a dtype",
             "shard": list(shard),
         },
         "results": [{"backend": b, "dtype": d, **v} for (b, d), v in table.items()],
+        "not_checked": not_checked,
         # Nothing checked (say "tf32" alone on CPU tensors) is no pass.
         "passed": bool(table) and all(v["passed"] for v in table.values()),
     }
+
+
+def _empty_row() -> dict:
+    return {"cases": 0, "scaled_cases": 0, "passed": True, "mask_flips": 0, "failures": [], "errors": {}}
 
 
 def merge(parts: Sequence[dict]) -> dict:
@@ -267,19 +438,19 @@ def merge(parts: Sequence[dict]) -> dict:
     table: dict[tuple[str, str], dict] = {}
     for part in parts:
         for r in part["results"]:
-            agg = table.setdefault(
-                (r["backend"], r["dtype"]), {"cases": 0, "passed": True, "mask_flips": 0, "failures": [], "errors": {}}
-            )
+            agg = table.setdefault((r["backend"], r["dtype"]), _empty_row())
             agg["cases"] += r["cases"]
+            agg["scaled_cases"] += r.get("scaled_cases", 0)
             agg["passed"] &= r["passed"]
             agg["mask_flips"] += r["mask_flips"]
             agg["failures"] += r["failures"]
             for name, err in r["errors"].items():
-                agg["errors"][name] = max(agg["errors"].get(name, 0.0), err)
+                agg["errors"][name] = _worst(agg["errors"].get(name), err)
     order = sorted(table, key=lambda k: (config["dtypes"].index(k[1]), config["backends"].index(k[0])))
     return {
         "config": {**config, "shard": [0, 1]},
         "results": [{"backend": b, "dtype": d, **table[(b, d)]} for b, d in order],
+        "not_checked": parts[0].get("not_checked", {}),
         "passed": bool(table) and all(v["passed"] for v in table.values()),
     }
 
@@ -311,21 +482,23 @@ def _run_jobs(argv: Sequence[str], jobs: int, tmp: Path) -> dict:
 
 
 def format_table(result: dict) -> str:
-    """Console table: max normalized error per tensor for each (backend, dtype)."""
-    head = f"{'backend':10s} {'dtype':5s} {'cases':>5s} " + " ".join(f"{t:>13s}" for t in TENSORS) + "  flips  result"
+    """Console table: max normalized error per tensor for each (backend, dtype), then the rows not checked."""
+    width = max([10, *(len(r["backend"]) for r in result["results"])])  # "prepacked-fuse-relu" is longer than 10
+    head = f"{'backend':{width}s} {'dtype':5s} {'cases':>5s} " + " ".join(f"{t:>13s}" for t in TENSORS)
     lines = [
         "equivalence vs float64 reference (max |a - ref| / max(max |ref|, 1); 'reference' is the unfused eager op "
         "in that dtype, for comparison)",
-        head,
+        head + "  flips  result",
     ]
     for r in result["results"]:
         errs = " ".join(f"{r['errors'][t]:13.2e}" if t in r["errors"] else f"{'-':>13s}" for t in TENSORS)
         lines.append(
-            f"{r['backend']:10s} {r['dtype']:5s} {r['cases']:5d} {errs} {r['mask_flips']:6d}  "
+            f"{r['backend']:{width}s} {r['dtype']:5s} {r['cases']:5d} {errs} {r['mask_flips']:6d}  "
             f"{'PASS' if r['passed'] else 'FAIL'}"
         )
         for f in r["failures"][:5]:
             lines.append(f"    {f}")
+    lines += [f"not checked: {name}: {why}" for name, why in result.get("not_checked", {}).items()]
     return "\n".join(lines)
 
 
@@ -334,7 +507,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=None, help="also write the result as JSON")
     parser.add_argument("--max-cases", type=int, default=None, help="only the first N distinct convs")
-    parser.add_argument("--backends", default=None, help="comma list (default: every available backend)")
+    parser.add_argument(
+        "--backends",
+        default=None,
+        help="comma list of backends and prepacked rows (default: every one that can run here)",
+    )
     parser.add_argument("--dtypes", default="fp32,tf32,bf16", help=f"comma list of {','.join(CHECKED)}")
     parser.add_argument("--layouts", default="channels_last,nchw", help=f"comma list of {','.join(LAYOUTS)}")
     parser.add_argument("--jobs", type=int, default=1, help="processes to spread the cases over (default 1)")

@@ -13,14 +13,24 @@ training, in fp32 and bf16. ``--no-model`` leaves the model benchmark out.
 
 Writes ``ops.json``, ``ops.md``, ``ops.png``, ``summary.md`` (and ``model.json``, ``model.md`` with a model run) to
 ``--out`` (default ``benchmarks/out/``), and everything in one JSON to ``--json`` (default ``<out>/bench.json``).
+Any of these files in ``--out`` that this run did not write (``model.md`` of an earlier run under ``--no-model``,
+``equivalence.json`` under ``--skip-equivalence``) is removed, so that every file there is of this run.
+
+A wrong result (a model variant or prepacked op row whose output fails its check before timing) is not timed and
+makes the exit status 1, as an equivalence failure does.
+
+``--render BENCH_JSON`` times nothing: it writes the tables, summary and verdicts again from a saved ``bench.json``
+(recomputing the op summary and the targets from its records), e.g. after a change to how they are judged.
 
     python -m benchmarks.main            # make bench
     python -m benchmarks.main --full     # make bench-full
+    python -m benchmarks.main --render benchmarks/results/bench.json --out benchmarks/results
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -36,8 +46,12 @@ TINY_MODEL = {"models": ("resnet18",), "modes": ("inference",), "inference_batch
               "hw": 32, "batch": 2, "rounds": 2, "warmup": 1, "min_sample_ms": 1.0}  # fmt: skip
 
 
-def _header(device: torch.device, threads: int) -> str:
-    m = timing.machine_info(threads, device)
+# Every file a run may write to --out; those this run did not write are removed.
+OUTPUTS = ("equivalence.json", "ops.json", "ops.md", "ops.png", "model.json", "model.md", "summary.md", "bench.json")
+
+
+def _header(m: dict) -> str:
+    """The machine lines of ``timing.machine_info``'s record ``m``, taken before any timing."""
     gpu = f", GPU {m['gpu']}" if "gpu" in m else ""
     return (
         f"machine: {m['cpu_model']} ({m['cpus_usable']} usable CPUs, flags {' '.join(m['cpu_flags'])}){gpu}; "
@@ -66,6 +80,66 @@ def _write_summary(path: Path, header: str, combined: dict) -> Path:
     return path
 
 
+def _remove_stale(out: Path, written: Sequence[Path]) -> list[Path]:
+    """Remove the files of :data:`OUTPUTS` in ``out`` that this run did not write (an earlier run's); returns them."""
+    keep = {p.resolve() for p in written}
+    stale = [out / name for name in OUTPUTS if (out / name).is_file() and (out / name).resolve() not in keep]
+    for p in stale:
+        p.unlink()
+    return stale
+
+
+def _failures(combined: dict) -> list[str]:
+    """Why the run fails: an equivalence failure, a wrong result in the op or model benchmark."""
+    out = []
+    if "equivalence" in combined and not combined["equivalence"]["passed"]:
+        out.append("EQUIVALENCE CHECK FAILED: see the table at the top; the timings above are of a wrong result.")
+    wrong = bench_ops.wrong_results(combined["ops"]["records"])
+    if "model" in combined:
+        wrong += bench_model.wrong_results(combined["model"]["records"])
+    if wrong:
+        out.append(f"WRONG RESULTS: {len(wrong)} row(s) failed the output check before timing (not timed): "
+                   + "; ".join(f"{r['impl']}: {r['status']}" for r in wrong[:5]))  # fmt: skip
+    return out
+
+
+def _finish(out: Path, json_path: Path, header: str, combined: dict, written: list[Path]) -> int:
+    """Write bench.json and summary.md, remove an earlier run's files, print what was written; the exit status."""
+    written.append(timing.write_json(json_path, combined))
+    written.append(_write_summary(out / "summary.md", header, combined))
+    print()
+    for p in written:
+        print(f"wrote {p}")
+    for p in _remove_stale(out, written):
+        print(f"removed {p} (an earlier run's; this run did not produce it)")
+    print(f"total {combined['wall_s']:.0f} s")
+    failures = _failures(combined)
+    for line in failures:
+        print(line)
+    return 1 if failures else 0
+
+
+def render(bench_json: Path, out: Path, json_path: Path | None = None) -> int:
+    """Write every table, summary.md and the verdicts again from a saved ``bench.json``, timing nothing: the op
+    summary and targets and the model targets are recomputed from the records by the current rules."""
+    combined = json.loads(Path(bench_json).read_text())
+    ops = combined["ops"] = bench_ops.analyze(combined["ops"])
+    written = bench_ops.write_outputs(ops, out / "ops.json", out / "ops.png", out / "ops.md")
+    if "equivalence" in combined:
+        written.append(timing.write_json(out / "equivalence.json", combined["equivalence"]))
+    if "model" in combined:
+        model = combined["model"]
+        if model["targets"]:  # they applied to that run
+            model["targets"] = bench_model.targets(model["records"])
+        written += bench_model.write_outputs(model, out / "model.json", out / "model.md")
+    print(bench_ops.summary_text(ops["summary"], ops["targets"], ops["not_timed"]))
+    if "model" in combined:
+        print(bench_model.targets_text(combined["model"]["targets"]))
+    # The header main took before timing; a file written before it was kept has the op benchmark's.
+    header = _header(combined.get("machine", ops["machine"]))
+    return _finish(out, json_path or out / "bench.json", header, combined, written)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the equivalence check and the benchmark suite; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -87,19 +161,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all usable CPUs)")
     parser.add_argument("--skip-equivalence", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--render", default=None, metavar="BENCH_JSON",
+                        help="time nothing: write the outputs again from a saved bench.json")  # fmt: skip
     parser.add_argument(
         timing.DEFAULT_MALLOC_FLAG, action="store_true",
         help="keep glibc's default heap trimming (by default the run re-executes with freed blocks kept on the heap)",
     )  # fmt: skip
     a = parser.parse_args(argv)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" noise on CPU compiles
-    t_start = time.perf_counter()
     out = Path(a.out)
+    if a.render:
+        return render(Path(a.render), out, Path(a.json) if a.json else None)
+    t_start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     threads = timing.set_threads(a.threads)
     progress = not a.no_progress
-    print(_header(device, threads), flush=True)
-    combined: dict = {}
+    # Taken once, before any timing: the load average it records is the one the timings started under.
+    machine = timing.machine_info(threads, device)
+    header = _header(machine)
+    print(header, flush=True)
+    combined: dict = {"machine": machine}
 
     # 1. equivalence
     if not a.skip_equivalence:
@@ -109,7 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         eq["wall_s"] = time.perf_counter() - t0
         print("\n" + equivalence.format_table(eq) + f"\n({eq['wall_s']:.0f} s)", flush=True)
         combined["equivalence"] = eq
-        timing.write_json(out / "equivalence.json", eq)
+        written = [timing.write_json(out / "equivalence.json", eq)]
+    else:
+        written = []
 
     # 2. ops
     if a.tiny:
@@ -125,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(bench_ops.table_markdown(ops["records"]))
     print(bench_ops.summary_text(ops["summary"], ops["targets"], ops["not_timed"]), flush=True)
     combined["ops"] = ops
-    written = bench_ops.write_outputs(ops, out / "ops.json", out / "ops.png", out / "ops.md")
+    written += bench_ops.write_outputs(ops, out / "ops.json", out / "ops.png", out / "ops.md")
 
     # 3. models: resnet50 inference against its peers; the train steps with --with-model; everything with --full
     if not a.no_model:
@@ -148,16 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         written += bench_model.write_outputs(model, out / "model.json", out / "model.md")
 
     combined["wall_s"] = time.perf_counter() - t_start
-    written.append(timing.write_json(a.json or out / "bench.json", combined))
-    written.append(_write_summary(out / "summary.md", _header(device, threads), combined))
-    print()
-    for p in written:
-        print(f"wrote {p}")
-    print(f"total {combined['wall_s']:.0f} s")
-    if "equivalence" in combined and not combined["equivalence"]["passed"]:
-        print("EQUIVALENCE CHECK FAILED: see the table at the top; the timings above are of a wrong result.")
-        return 1
-    return 0
+    return _finish(out, Path(a.json) if a.json else out / "bench.json", header, combined, written)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,73 @@ def geomean(values: Sequence[float]) -> float:
     return math.exp(sum(math.log(v) for v in vals) / len(vals))
 
 
+def geomean_median_ci(
+    per_case: Sequence[Sequence[float]], level: float = 0.95, resamples: int = 2000
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the geomean over cases of each case's median: every resample draws each
+    case's rounds again, independently (cases are timed apart), and takes the geomean of their medians."""
+    if not per_case or any(not v for v in per_case):
+        return float("nan"), float("nan")
+    rng = random.Random(0)
+    geos = []
+    for _ in range(resamples):
+        meds = [statistics.median(rng.choices(v, k=len(v))) for v in per_case]
+        geos.append(geomean(meds))
+    geos.sort()
+    tail = (1 - level) / 2
+    return quantile(geos, tail), quantile(geos, 1 - tail)
+
+
+# Fewer rounds than this make no interval worth a verdict: a bootstrap of 2 values spans little more than the values.
+MIN_ROUNDS = 5
+
+
+def verdict(lo: float, hi: float, goal: float, rounds: int | None, higher_is_better: bool = True) -> bool | None:
+    """Met (True) when the whole 95 % interval ``[lo, hi]`` is on the goal's good side, missed (False) when all of it
+    is on the other, else undecided (None), as it is with fewer than :data:`MIN_ROUNDS` rounds or no interval."""
+    if rounds is None or rounds < MIN_ROUNDS or not (math.isfinite(lo) and math.isfinite(hi)):
+        return None
+    if not higher_is_better:
+        lo, hi, goal = -hi, -lo, -goal
+    if lo >= goal:
+        return True
+    return None if hi >= goal else False
+
+
+def verdict_label(target: dict) -> str:
+    """How a target's line reads: met, MISSED, undecided, or not measured (a row that could not run)."""
+    if target.get("not_measured"):
+        return "not measured"
+    return {True: "met", False: "MISSED", None: "undecided"}[target["met"]]
+
+
+def not_measured(target: str, why: str) -> dict:
+    """A target whose figure this run could not take, and why (it is listed, not dropped)."""
+    return {"target": target, "measured": f"not measured: {why}", "met": None, "not_measured": why}
+
+
+class _NoProgress:
+    """What the benchmarks use of a tqdm bar, for when tqdm is not installed."""
+
+    def __init__(self, iterable: object, **_: object) -> None:
+        self._iterable = iterable
+
+    def __iter__(self):
+        return iter(self._iterable)
+
+    def set_postfix_str(self, *_: object, **__: object) -> None:
+        pass
+
+
+def progress(iterable: object, **kwargs: object) -> object:
+    """A tqdm progress bar over ``iterable``, or a silent stand-in when tqdm is not installed (it is optional)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoProgress(iterable)
+    return tqdm(iterable, **kwargs)
+
+
 def set_threads(threads: int | None) -> int:
     """Fix torch's intra-op thread count (default: every CPU this process may run on) and return it."""
     if threads is None or threads <= 0:
@@ -348,14 +415,21 @@ def _version(dist: str) -> str | None:
         return None
 
 
+# What the numbers depend on: the package, its build and the benchmark code. Results are outputs, not inputs.
+DIRTY_PATHS = ("csrc", "resnet_fused", "benchmarks", "setup.py", "pyproject.toml", "requirements.txt",
+               ":(exclude)benchmarks/results", ":(exclude)benchmarks/out")  # fmt: skip
+
+
 def _git_commit() -> str | None:
+    """HEAD, with "+dirty" when the code measured differs from it: a change, tracked or new (untracked and not
+    ignored), under :data:`DIRTY_PATHS`."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "csrc", "resnet_fused"],
+            ["git", "status", "--porcelain", "--untracked-files=all", "--", *DIRTY_PATHS],
             cwd=root,
             capture_output=True,
             text=True,
