@@ -137,6 +137,7 @@ def render(bench_json: Path, out: Path, json_path: Path | None = None) -> int:
         print(bench_model.targets_text(combined["model"]["targets"]))
     # The header main took before timing; a file written before it was kept has the op benchmark's.
     header = _header(combined.get("machine", ops["machine"]))
+    header += f"\nrendered again by the rules at {timing._git_commit()} from the saved records (nothing re-timed)"
     return _finish(out, json_path or out / "bench.json", header, combined, written)
 
 
