@@ -409,6 +409,8 @@ def _runs_in_fp16(x: Tensor, weight: Tensor) -> bool:
 def _conv_then_affine(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu, backend) -> Tensor:
     """act(conv(x) * scale + bias + residual) with the scale applied after the conv, as differentiable ops: the
     fp16 route of a scale that needs its derivative."""
+    # Cast as the op casts under autocast: a block's later convs get an fp16 x with fp32 weights and residual.
+    x, weight, bias, residual = contract.autocast_inputs(x, weight, bias, residual)
     contract.check_inputs(x, weight, bias, residual, None, stride, padding, dilation, groups, relu)
     y = conv_bias_add_relu(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups, relu=False,
                            backend=backend)  # fmt: skip

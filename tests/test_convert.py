@@ -349,7 +349,8 @@ def test_converting_twice_says_so():
 def test_converted_model_under_compile_and_channels_last():
     """The detection fine-tuning case: FrozenBN as scale/shift epilogues, trained through compile."""
     torch.manual_seed(0)
-    model, _ = convert(randomize_norms_(small_resnet(norm_layer=FrozenBatchNorm2d)))
+    original = randomize_norms_(small_resnet(norm_layer=FrozenBatchNorm2d))
+    model, _ = convert(original)
     x = torch.randn(2, 3, 32, 32)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     loss = compiled(x).square().mean()
@@ -360,10 +361,22 @@ def test_converted_model_under_compile_and_channels_last():
     for g, rg in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, rg)
 
+    # channels_last: outputs and gradients (x and every parameter, by name) against the original in float64.
     cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        y = cl_model(x.contiguous(memory_format=torch.channels_last))
-        torch.testing.assert_close(y, model(x), rtol=1e-4, atol=1e-5)
+    x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    x64 = x.double().requires_grad_()
+    ref = copy.deepcopy(original).double()
+    y = cl_model(x_cl)
+    expected = ref(x64)
+    assert_close(y, expected, torch.float32, "channels_last y", reductions=4608)
+    grad_out = torch.randn(y.shape, dtype=torch.float64)
+    names = [n for n, _ in cl_model.named_parameters()]
+    grads = torch.autograd.grad(y, [x_cl, *cl_model.parameters()], grad_out.float())
+    ref_params = dict(ref.named_parameters())
+    ref_grads = torch.autograd.grad(expected, [x64, *(ref_params[n] for n in names)], grad_out)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    for name, g, rg in zip(["x", *names], grads, ref_grads, strict=True):
+        assert_close(g, rg, torch.float32, f"channels_last grad {name}", reductions=4608)
 
 
 @pytest.mark.parametrize("activation", [nn.SiLU, nn.ReLU6, nn.LeakyReLU])

@@ -181,11 +181,30 @@ def test_train_mode_runs_the_ordinary_op_with_gradients():
 
 
 def test_grad_enabled_eval_call_keeps_autograd():
+    """An eval-mode call with autograd takes the ordinary op, after a packed one for the same shape: y and the
+    gradients of x and of both convs' weights and biases match float64's, NaN and Inf in x included."""
     net = optimize_for_inference(small_net())
-    x = torch.randn(2, 4, 9, 9, requires_grad=True)
+    ref = copy.deepcopy(net).double()
+    x = torch.randn(2, 4, 9, 9)
+    x[0, 0, 1, 1], x[1, 2, 3, 3] = float("nan"), float("inf")
+    _, ops = trace(net, x)
+    assert PACKED_OP in ops
+    x.requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+
     y = net(x)
-    (grad_x,) = torch.autograd.grad(y.sum(), x)
-    assert grad_x.abs().sum() > 0
+    expected = nn.Conv2d.forward(ref[1], F.relu(nn.Conv2d.forward(ref[0], x64)))
+
+    assert_close(y, expected, torch.float32, "y", reductions=36)
+    grad_out = torch.randn(y.shape, dtype=torch.float64)
+    names = ["x", *(n for n, _ in net.named_parameters())]
+    grads = torch.autograd.grad(y, [x, *net.parameters()], grad_out.float())
+    ref_params = dict(ref.named_parameters())
+    ref_grads = torch.autograd.grad(expected, [x64, *(ref_params[n] for n in names[1:])], grad_out)
+    for name, g, rg in zip(names, grads, ref_grads, strict=True):
+        assert_close(g, rg, torch.float32, f"grad {name}", reductions=2 * 9 * 9)
+    # NaN spreads to the weight gradients of the channels that saw it; others stay finite.
+    assert grads[1].isnan().any() and grads[1].isfinite().any() and grads[0].isfinite().all()
 
 
 def test_nan_inf_like_the_unpacked_path():
@@ -785,6 +804,38 @@ def test_stage_in_low_precision_matches_float64(dtype_name):
     assert y.dtype == dtype
     assert_close(y, expected, dtype, "prepared y", reductions=216)
     assert_close(unpacked, expected, dtype, "unpacked y", reductions=216)
+
+
+def test_fp16_without_onednn_kernels_takes_the_ordinary_op(monkeypatch):
+    """Where oneDNN has no fp16 convolutions (hidden on a CPU that has them), a prepared fp16 model builds no packs and
+    runs the ordinary op, within fp16's tolerance of float64; that op never writes into a donated residual."""
+    supports = inference.onednn_supports
+    monkeypatch.setattr(inference, "onednn_supports", lambda dtype: dtype != torch.float16 and supports(dtype))
+    model = stage_of_blocks("bottleneck").half()
+    prepared = optimize_for_inference(copy.deepcopy(model))
+    x = torch.randn(2, 3, 12, 12).half().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = copy.deepcopy(model).double()(x.double())
+    for _ in range(2):  # the first call and a repeated one
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y = prepared(x)
+        ops = {e.name for e in prof.events()}
+        assert "resnet_fused::conv_bias_add_relu" in ops and PACKED_OP not in ops and SUM_INTO not in ops, sorted(ops)
+        assert packs(prepared) == 0 and y.dtype == torch.float16
+        assert_close(y, expected, torch.float16, "prepared y", reductions=216)
+
+    conv = prepared[1][1].conv3  # the last conv of an identity block: the one a block donates its residual to
+    assert conv.relu and conv.scale is None
+    h = torch.randn(2, 4, 6, 6).half().contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(2, 16, 6, 6).half().contiguous(memory_format=torch.channels_last)
+    before = residual.clone()
+    with torch.no_grad():
+        y = conv(h, residual, donate_residual=True)
+        ref = copy.deepcopy(conv).double()
+        expected = F.relu(nn.Conv2d.forward(ref, h.double()) + residual.double())
+    assert packs(prepared) == 0
+    assert y.data_ptr() != residual.data_ptr() and torch.equal(residual, before)
+    assert_close(y, expected, torch.float16, "donated call y", reductions=4)
 
 
 def test_threads_sharing_a_prepared_model_get_their_own_results():

@@ -121,8 +121,12 @@ def test_scale_shift_is_a_frozen_batchnorm():
     expected = F.relu(bn.double()(nn.Conv2d.forward(ref_conv, x.double())) + residual.double())
     assert_close(y, expected, torch.float32, "y", reductions=36)
     assert not conv.scale.requires_grad and {"scale", "shift"} <= conv.state_dict().keys()
-    y.sum().backward()  # the conv's own weight and bias stay trainable
-    assert conv.weight.grad is not None and conv.bias.grad is not None
+    # The conv's own weight and bias stay trainable, with the frozen norm's scale in their gradients.
+    grad_out = torch.randn(y.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(y, [conv.weight, conv.bias], grad_out.float())
+    ref_grads = torch.autograd.grad(expected, [ref_conv.weight, ref_conv.bias], grad_out)
+    for name, g, rg in zip(["weight", "bias"], grads, ref_grads, strict=True):
+        assert_close(g, rg, torch.float32, f"grad {name}", reductions=2 * 25)
 
     fresh = FusedConv2d(4, 6, 3, padding=1, bias=True)
     fresh.load_state_dict(conv.state_dict(), strict=True)
@@ -407,12 +411,21 @@ def test_channels_last(mode):
     block.train(mode == "train")
     ref = copy.deepcopy(tv_block).double().train(mode == "train")
     block = block.to(memory_format=torch.channels_last)
-    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
     y = block(x)
+    expected = ref(x64)
     assert y.is_contiguous(memory_format=torch.channels_last)
-    assert_close(y, ref(x.double()), torch.float32, "y", reductions=9 * 8 * 3)
-    y.sum().backward()
-    assert block.conv1.weight.grad is not None
+    reductions = 9 * 8 * 3
+    assert_close(y, expected, torch.float32, "y", reductions=reductions)
+    grad_out = torch.randn(y.shape, dtype=torch.float64)
+    names = ["x", *(n for n, _ in block.named_parameters())]
+    grads = torch.autograd.grad(y, [x, *block.parameters()], grad_out.float())
+    ref_params = dict(ref.named_parameters())
+    ref_grads = torch.autograd.grad(expected, [x64, *(ref_params[n] for n in names[1:])], grad_out)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    for name, g, rg in zip(names, grads, ref_grads, strict=True):
+        assert_close(g, rg, torch.float32, f"grad {name}", reductions=27 * reductions)
 
 
 def test_torch_export():
@@ -661,3 +674,55 @@ def test_fp16_scale_with_a_derivative_is_applied_after_the_conv():
     t = {k: torch.zeros_like(v) for k, v in p.items()}
     y_jvp, _ = torch.func.jvp(lambda p: torch.func.functional_call(m, p, (x,)), (p,), (t,))
     torch.testing.assert_close(y_jvp, want)
+
+
+class _MaskedReLU(nn.Module):
+    """A ReLU whose masks come from the tested forward, in call order: a pre-activation within rounding of zero may
+    land on either side, and the reference's backward must follow the forward it is compared with."""
+
+    def __init__(self, masks: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.masks = masks
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.masks.pop(0)
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: f"{c[0].__name__}-{c[2:]}")
+@pytest.mark.parametrize("how", ["fp16", "autocast_fp16"])
+def test_fp16_eval_bn_block_with_trainable_norms_matches_float64(case, how):
+    """Eval-mode BN whose gamma needs its gradient, in fp16 (module or autocast): each scale is applied after its
+    conv, then the shift, the residual and the ReLU. Outputs and the gradients of x, the convs and the norms against
+    torchvision's block in float64."""
+    block, tv_block = make_block_pair(*case)
+    block.load_state_dict(tv_block.state_dict())
+    block.eval()
+    if how == "fp16":
+        block.half()
+    ref = copy.deepcopy(tv_block).double().eval()
+    ref.load_state_dict(block.state_dict())  # the values the tested block holds (rounded to fp16 for "fp16")
+    masks: list[torch.Tensor] = []
+    for name in ("conv1", "conv2", "conv3"):
+        if hasattr(block, name):
+            getattr(block, name).register_forward_hook(lambda m, i, out: masks.append((out > 0).double()))
+    ref.relu = _MaskedReLU(masks)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, case[2], 9, 9, generator=g).to(block.conv1.weight.dtype).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+
+    with torch.autocast("cpu", dtype=torch.float16, enabled=how == "autocast_fp16"):
+        y = block(x)
+    expected = ref(x64)
+
+    assert y.dtype == torch.float16 and not masks
+    # The longest sum in these blocks: a weight gradient's, over N * H * W.
+    reductions = 2 * 9 * 9
+    assert_close(y, expected, torch.float16, "y", reductions=reductions)
+    assert (y == 0).any() and (y > 0).any()  # the ReLU decides something here
+    grad_out = torch.randn(y.shape, generator=g).half()
+    names = ["x", *(n for n, _ in block.named_parameters())]
+    grads = torch.autograd.grad(y, [x, *block.parameters()], grad_out)
+    ref_params = dict(ref.named_parameters())
+    ref_grads = torch.autograd.grad(expected, [x64, *(ref_params[n] for n in names[1:])], grad_out.double())
+    for name, got, want in zip(names, grads, ref_grads, strict=True):
+        assert_close(got, want, torch.float16, f"grad {name}", reductions=reductions)
