@@ -41,11 +41,11 @@ from helpers import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import resnet_fused
 from resnet_fused import reference
 from resnet_fused.backends import BACKENDS
-from resnet_fused.contract import conv_output_shape
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 CL = "channels_last"
@@ -299,6 +299,43 @@ def test_nan_inf_propagate_like_reference(target, layout, relu):
         torch.testing.assert_close(g, gr, equal_nan=True, msg=lambda m, name=name: f"grad_{name}: {m}")
 
 
+# 7x7 output planes (49 elements) and K = 9: neither a multiple of a CPU vector's 8 (fp32) or 16 (bf16, fp16) lanes,
+# so the last pixel of each NCHW plane, channel 8 of each channels_last pixel, and the tensor's last elements take
+# the passes' scalar tails.
+NAN_TAIL_CASE = Case(2, 4, 7, 7, 9, 3, 3, 1, 1)
+
+
+def nan_tail_variants(t: Target) -> list:
+    full = [(d, lay, bias) for d in (F32, BF16, F16) for lay in ("nchw", CL) for bias in (True, False)]
+    return [(F32, CL, True), (BF16, "nchw", True), (F16, CL, False)] if t.slow else full
+
+
+@pytest.mark.parametrize("target,variant", target_params(nan_tail_variants))
+def test_nan_inf_in_vector_tails_match_float64(target, variant):
+    """NaN and Inf outputs in the scalar tails: y and all four gradients against float64, NaN and Inf positions
+    equal. A NaN output passes its gradient on (the mask blocks only out <= 0), into grad_residual and grad_bias.
+    With a bias the backward sums the masked gradient per block; without one the channels_last mask pass walks the
+    flat tensor, whose last elements are its tail."""
+    dtype, layout, bias = variant
+    inputs = make_inputs(NAN_TAIL_CASE, dtype, layout, Epilogue(bias, True, True, True), device=target.device)
+    t, grad_out = inputs.tensors, inputs.grad_out
+    with torch.no_grad():
+        # Inside the image: oneDNN's bf16 channels_last wgrad (eager's too) turns an Inf on the border into NaN in
+        # grad_weight taps that never meet it.
+        t["x"][0, 1, 5, 5] = float("nan")  # every channel of output pixels (0, 4:7, 4:7)
+        t["x"][1, 0, 3, 3] = float("inf")
+        t["residual"][1, 8, 6, 6] = float("nan")  # the last element in either layout
+        t["residual"][0, 8, 2, 6] = float("inf")  # channel 8: each channels_last pixel's scalar tail
+        t["residual"][1, 8, 4, 4] = float("-inf")
+        # A zero gradient would hide a blocked one: exact inputs draw zeros.
+        grad_out.masked_fill_(grad_out == 0, 0.5)
+    y = run(target, inputs)
+    for idx in ((1, 8, 6, 6), (0, 8, 6, 6), (0, 5, 6, 6)):
+        assert y[idx].isnan(), f"y{list(idx)} should be NaN"
+    assert y[0, 8, 2, 6] == float("inf")
+    check_call(y, inputs, dtype, f"{target} {variant}")
+
+
 @pytest.mark.parametrize("target", [p for p in target_params() if p.values[0].device == "cpu"])
 @pytest.mark.parametrize("layout", ["nchw", CL])
 def test_gradients_are_deterministic_across_thread_counts(target, layout):
@@ -498,35 +535,114 @@ def test_bad_input_errors_from_every_forward_op(backend, make, error, match):
         forward_op(backend)(*_op_args(x, weight, kw))
 
 
-def _r0_case(g, x, w):
-    w0 = w[:, :, :0]
-    shape = conv_output_shape(x.shape, w0.shape, (1, 1), (1, 1), (1, 1))
-    return torch.randn(shape), torch.randn(shape), x, w0, True, [True] * 4
+def _bwd(**over) -> dict:
+    """The backward op's arguments for x (2, 4, 8, 8), weight (6, 4, 3, 3), padding 1 (y: (2, 6, 8, 8)), all valid,
+    with ``over`` replacing some."""
+    args = dict(
+        grad_out=torch.randn(2, 6, 8, 8), out=torch.randn(2, 6, 8, 8), x=torch.randn(2, 4, 8, 8),
+        weight=torch.randn(6, 4, 3, 3), scale=torch.rand(6) + 0.5, stride=[1, 1], padding=[1, 1], dilation=[1, 1],
+        groups=1, relu=True, output_mask=[True] * 4,
+    )  # fmt: skip
+    args.update(over)
+    return args
 
 
+# A second device for the device checks: with CUDA the op's own check answers; without it a meta tensor sends the
+# call to the fake kernel, which must say the same.
+OTHER_DEVICE = "cuda" if torch.cuda.is_available() else "meta"
+I32 = torch.int32
+
+# The forward's BAD_INPUTS for the backward ops, plus their own arguments: grad_out, out and output_mask.
 BAD_BACKWARD = [
-    ("grad_out_shape", lambda g, x, w: (torch.randn(2, 6, 8, 7), g, x, w, True, [True] * 4), ValueError,
+    ("x_dims", lambda: _bwd(x=torch.randn(4, 8, 8)), ValueError,
+     r"x: expected a 4-D tensor \(N, C, H, W\), got 3-D with shape \(4, 8, 8\)"),
+    ("weight_dims", lambda: _bwd(weight=torch.randn(6, 4, 3)), ValueError,
+     r"weight: expected a 4-D tensor \(K, C/groups, R, S\), got 3-D with shape \(6, 4, 3\)"),
+    ("grad_out_dims", lambda: _bwd(grad_out=torch.randn(6, 8, 8)), ValueError,
+     r"grad_out: expected the output's shape \(2, 6, 8, 8\), got \(6, 8, 8\)"),
+    ("grad_out_shape", lambda: _bwd(grad_out=torch.randn(2, 6, 8, 7)), ValueError,
      r"grad_out: expected the output's shape \(2, 6, 8, 8\), got \(2, 6, 8, 7\)"),
-    ("out_dtype", lambda g, x, w: (g, g.double(), x, w, True, [True] * 4), TypeError,
+    ("out_shape", lambda: _bwd(out=torch.randn(2, 6, 7, 8)), ValueError,
+     r"out: expected the output's shape \(2, 6, 8, 8\), got \(2, 6, 7, 8\)"),
+    ("grad_out_dtype", lambda: _bwd(grad_out=torch.randn(2, 6, 8, 8, dtype=F64)), TypeError,
+     r"grad_out: expected dtype torch.float32 \(x's\), got torch.float64"),
+    ("out_dtype", lambda: _bwd(out=torch.randn(2, 6, 8, 8, dtype=F64)), TypeError,
      r"out: expected dtype torch.float32 \(x's\), got torch.float64"),
-    ("mask_residual_without_relu", lambda g, x, w: (g, g, x, w, False, [True] * 4), ValueError,
-     r"output_mask: grad_residual is grad_out itself when relu=False"),
-    ("mask_len", lambda g, x, w: (g, g, x, w, True, [True] * 3), ValueError,
-     r"output_mask: expected 4 bools \(x, weight, bias, residual\), got \[True, True, True\]"),
-    ("kernel_r0", _r0_case, ValueError, r"weight: expected a kernel size \(R, S\) >= 1, got \(0, 3\)"),
-    ("c0", lambda g, x, w: (g, g, x[:, :0], w[:, :0], True, [True] * 4), ValueError,
+    ("weight_dtype", lambda: _bwd(weight=torch.randn(6, 4, 3, 3, dtype=F64)), TypeError,
+     r"weight: expected dtype torch.float32 \(x's\), got torch.float64"),
+    ("scale_dtype", lambda: _bwd(scale=torch.rand(6, dtype=F64)), TypeError,
+     r"scale: expected dtype torch.float32 \(x's\), got torch.float64"),
+    ("scale_len", lambda: _bwd(scale=torch.rand(7)), ValueError, r"scale: expected shape \(6,\), got \(7,\)"),
+    ("scale_dims", lambda: _bwd(scale=torch.rand(6, 1)), ValueError, r"scale: expected shape \(6,\), got \(6, 1\)"),
+    ("grad_out_device", lambda: _bwd(grad_out=torch.randn(2, 6, 8, 8, device=OTHER_DEVICE)), ValueError,
+     rf"grad_out: expected device cpu \(x's\), got {OTHER_DEVICE}"),
+    ("out_device", lambda: _bwd(out=torch.randn(2, 6, 8, 8, device=OTHER_DEVICE)), ValueError,
+     rf"out: expected device cpu \(x's\), got {OTHER_DEVICE}"),
+    ("scale_device", lambda: _bwd(scale=torch.rand(6, device=OTHER_DEVICE)), ValueError,
+     rf"scale: expected device cpu \(x's\), got {OTHER_DEVICE}"),
+    ("dtype_int", lambda: _bwd(**{k: torch.ones(s, dtype=I32) for k, s in
+                                  (("grad_out", (2, 6, 8, 8)), ("out", (2, 6, 8, 8)), ("x", (2, 4, 8, 8)),
+                                   ("weight", (6, 4, 3, 3)), ("scale", (6,)))}),
+     TypeError, r"x: expected a floating dtype \(float32, float16, bfloat16, float64\), got torch.int32"),
+    ("stride_zero", lambda: _bwd(stride=[0, 0]), ValueError, r"stride: expected values >= 1, got \(0, 0\)"),
+    ("stride_neg", lambda: _bwd(stride=[1, -1]), ValueError, r"stride: expected values >= 1, got \(1, -1\)"),
+    ("padding_neg", lambda: _bwd(padding=[-1, -1]), ValueError, r"padding: expected values >= 0, got \(-1, -1\)"),
+    ("dilation_zero", lambda: _bwd(dilation=[0, 0]), ValueError, r"dilation: expected values >= 1, got \(0, 0\)"),
+    ("groups_zero", lambda: _bwd(groups=0), ValueError, r"groups: expected an int >= 1, got 0"),
+    ("groups_divide", lambda: _bwd(x=torch.randn(2, 3, 8, 8), weight=torch.randn(6, 1, 3, 3), groups=2), ValueError,
+     r"x: expected channels divisible by groups=2, got C=3"),
+    ("weight_channels", lambda: _bwd(weight=torch.randn(6, 3, 3, 3)), ValueError,
+     r"weight: expected shape\[1\] == C/groups = 4, got 3"),
+    ("kernel_too_big", lambda: _bwd(x=torch.randn(2, 4, 5, 5), weight=torch.randn(6, 4, 7, 7), padding=[0, 0]),
+     ValueError, r"weight: expected a \(dilated\) kernel no larger than the padded input, got kernel extent 7 > "
+     r"padded input 5"),
+    ("dilation_wraps_int64", lambda: _bwd(dilation=[2**62, 2**62]), ValueError,
+     r"weight: expected a \(dilated\) kernel no larger than the padded input, got kernel extent \S+ > padded input 10"),
+    ("kernel_r0", lambda: _bwd(weight=torch.randn(6, 4, 0, 3)), ValueError,
+     r"weight: expected a kernel size \(R, S\) >= 1, got \(0, 3\)"),
+    ("c0", lambda: _bwd(x=torch.randn(2, 0, 8, 8), weight=torch.randn(6, 0, 3, 3)), ValueError,
      r"x: expected at least 1 input channel, got C=0"),
-    ("k0", lambda g, x, w: (g[:, :0], g[:, :0], x, w[:0], True, [True] * 4), ValueError,
+    ("k0", lambda: _bwd(weight=torch.randn(0, 4, 3, 3), scale=None), ValueError,
      r"weight: expected at least 1 output channel, got K=0"),
+    ("h0", lambda: _bwd(x=torch.randn(2, 4, 0, 8)), ValueError, r"x: expected a spatial size \(H, W\) >= 1, got \(0, 8\)"),
+    ("mask_residual_without_relu", lambda: _bwd(relu=False), ValueError,
+     r"output_mask: grad_residual is grad_out itself when relu=False; expected output_mask\[3\]=false, got true"),
+    ("mask_len", lambda: _bwd(output_mask=[True] * 3), ValueError,
+     r"output_mask: expected 4 bools \(x, weight, bias, residual\), got \[True, True, True\]"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("backend,make,error,match", op_cases(BAD_BACKWARD, registered_forward_ops()))
 def test_bad_input_errors_from_every_backward_op(backend, make, error, match):
-    x, weight, good = torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3, 3), torch.randn(2, 6, 8, 8)
-    grad_out, out, x, weight, relu, mask = make(good, x, weight)
+    """A direct call of a registered backward op checks every argument before it reads one: unchecked, a float64
+    grad_out beside a float32 x and out would have the mask pass read out's buffer as float64, past its end."""
     with pytest.raises(error, match=match):
-        backward_op(backend)(grad_out, out, x, weight, None, [1, 1], [1, 1], [1, 1], 1, relu, mask)
+        backward_op(backend)(*make().values())
+
+
+def fake_cases() -> list:
+    """op_cases for a FakeTensorMode and for meta tensors; all on meta, the device cases' tensors no longer differ."""
+    params = []
+    for route in ("fake_mode", "meta"):
+        table = [b for b in BAD_BACKWARD if route != "meta" or not b[0].endswith("_device")]
+        params += [
+            pytest.param(route, *p.values, id=f"{route}-{p.id}") for p in op_cases(table, registered_forward_ops())
+        ]
+    return params
+
+
+@pytest.mark.parametrize("route,backend,make,error,match", fake_cases())
+def test_bad_input_errors_from_every_backward_fake(route, backend, make, error, match):
+    """The fake kernel (torch.compile's tracing, meta tensors) refuses what the op refuses, with the same message."""
+    args = list(make().values())
+    if route == "meta":
+        with pytest.raises(error, match=match):
+            backward_op(backend)(*(v.to("meta") if isinstance(v, torch.Tensor) else v for v in args))
+        return
+    mode = FakeTensorMode()
+    fakes = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in args]
+    with mode, pytest.raises(error, match=match):
+        backward_op(backend)(*fakes)
 
 
 def test_scale_requiring_grad_is_an_error():

@@ -9,7 +9,8 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, to_layout
+from helpers import Inputs, assert_close, reference_grads, to_layout
+from helpers import reductions as grad_reductions
 
 import resnet_fused
 from resnet_fused import inference, reference
@@ -72,6 +73,31 @@ def pass_takes_epilogue(kw, relu: bool, fused: bool = False) -> bool:
 def reductions(kw) -> int:
     w = kw["weight"]
     return w.shape[1] * w.shape[2] * w.shape[3]
+
+
+def with_leaves(kw) -> dict:
+    """kw with x, weight and the bias and residual that are there as fresh leaves that require grad."""
+    return {
+        **kw,
+        **{k: kw[k].detach().requires_grad_() for k in ("x", "weight", "bias", "residual") if kw[k] is not None},
+    }
+
+
+def check_grads(kw, y, relu: bool, what: str = "") -> None:
+    """Every gradient of kw's leaves against float64, with the ReLU mask of the tested y (NaN/Inf positions equal)."""
+    tensors = {k: kw[k] for k in ("x", "weight", "bias", "residual")}
+    conv = {k: kw[k] for k in ("stride", "padding", "dilation", "groups")}
+    gen = torch.Generator().manual_seed(7)
+    inputs = Inputs(
+        tensors, dict(scale=kw["scale"], relu=relu, **conv), torch.randn(y.shape, generator=gen).to(y.dtype)
+    )
+    leaves = {k: t for k, t in tensors.items() if t is not None}
+    grads = torch.autograd.grad(y, list(leaves.values()), inputs.grad_out)
+    expected = reference_grads(inputs, y)
+    red = grad_reductions(inputs, y.shape)
+    for (name, t), g in zip(leaves.items(), grads, strict=True):
+        assert g.shape == t.shape and g.dtype == t.dtype, f"{what} grad_{name}: {g.dtype} {tuple(g.shape)}"
+        assert_close(g, expected[name], t.dtype, f"{what} grad_{name}", red[name])
 
 
 GEOMETRIES = {
@@ -179,7 +205,8 @@ def test_equals_eager_conv_bias_add_relu(residual, relu):
 @pytest.mark.parametrize("layout, residual", [("channels_last", True), ("channels_last", False), ("nchw", False)])
 @pytest.mark.parametrize("relu", [True, False])
 def test_nan_inf_like_the_reference(layout, residual, relu):
-    # Without scale, every case but an exact ReLU over a residual (the pass) runs the primitive.
+    # Without scale, every case but an exact ReLU over a residual (the pass) runs the primitive. The gradients come
+    # from the one backward of every route, here behind a forward whose NaN and Inf came from oneDNN.
     kw = case(torch.float32, layout, residual=residual, scale=False)
     with torch.no_grad():
         kw["x"][0, 0, 2, 3] = float("nan")
@@ -188,11 +215,42 @@ def test_nan_inf_like_the_reference(layout, residual, relu):
             kw["residual"][0, 3, 0, 0] = float("-inf")
             kw["residual"][1, 2, 7, 7] = float("nan")
             kw["residual"][1, 4, 4, 1] = float("inf")
+    kw = with_leaves(kw)
     y, ops = run_and_trace(**kw, relu=relu)
     assert (ONEDNN_OP in ops) == (not (relu and residual)), sorted(ops)
-    expected = reference.conv_bias_add_relu(**kw, relu=relu)
+    expected = reference.conv_bias_add_relu(**{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()},
+                                            relu=relu)  # fmt: skip
     assert y.isnan().any() and (y.isinf().any() or not relu)
-    assert_close(y, expected.double(), torch.float32, "y", reductions(kw))
+    assert_close(y, expected, torch.float32, "y", reductions(kw))
+    check_grads(kw, y, relu)
+
+
+@pytest.mark.skipif(not onednn_supports(torch.float32), reason="torch's oneDNN is not available here")
+@pytest.mark.parametrize("residual", [True, False], ids=["binary", "unary"])
+def test_a_call_onednn_refuses_takes_the_pass(residual):
+    """Where torch's oneDNN op raises for a call the route gave it, the conv + epilogue pass computes y instead. Here
+    its CPU kernels are fallthroughs, for this test only: the dispatcher then finds no kernel and raises, as the op's
+    own checks do."""
+    relu = not residual  # no exact ReLU over a residual, whose pass would take the call before oneDNN sees it
+    kw = with_leaves(case(torch.float32, "channels_last", scale=False, residual=residual))
+    assert ONEDNN_OP in run_and_trace(**kw, relu=relu)[1]
+    lib = torch.library.Library("mkldnn", "IMPL")
+    try:
+        for overload in ("_convolution_pointwise", "_convolution_pointwise.binary"):
+            lib.impl(overload, torch.library.fallthrough_kernel, "CPU")
+        with pytest.raises(NotImplementedError):  # a c10::Error from C++, as oneDNN's own checks raise
+            torch.ops.mkldnn._convolution_pointwise(kw["x"], kw["weight"], None, [1, 1], [1, 1], [1, 1], 1, "none",
+                                                    [], None)  # fmt: skip
+        y, ops = run_and_trace(**kw, relu=relu)
+    finally:
+        lib._destroy()
+    assert "aten::convolution" in ops, sorted(ops)
+    expected = reference.conv_bias_add_relu(**{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()},
+                                            relu=relu)  # fmt: skip
+    assert_close(y, expected, torch.float32, "y", reductions(kw))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    check_grads(kw, y, relu)
+    assert ONEDNN_OP in run_and_trace(**kw, relu=relu)[1], "oneDNN's kernels were not restored"
 
 
 @pytest.mark.parametrize("relu", [True, False])

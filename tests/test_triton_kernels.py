@@ -10,7 +10,7 @@ cuDNN. Every case x dtype x layout x epilogue runs in the shared suite, tests/te
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import INTERPRET
+from helpers import FULL, INTERPRET, Case, check_call, make_inputs
 
 HAS_GPU = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(
@@ -119,6 +119,31 @@ def _run_and_check(shape, dtype, channels_last, relu, bias=True, residual=True, 
     names = names[:2] + [n for n, t in zip(names[2:], (b, res), strict=True) if t is not None]
     for name, got, want in zip(names, grads, ref_grads, strict=True):
         _assert_close(name, got, want, dtype)
+
+
+# More channels per group than one interpreter tile (32 wide, launch.INTERPRET_CONFIG), so that the second block of
+# output channels (the forward's columns, wgrad's rows) and of input channels (dgrad's columns) runs in a program
+# of its own; the shared suite's cases stay below it.
+WIDE_CASES = {
+    "wide_3x3": Case(1, 36, 5, 4, 34, 3, 3, 1, 1),
+    "wide_grouped_1x1": Case(2, 68, 3, 3, 70, 1, 1, groups=2),
+}
+
+
+@pytest.mark.parametrize(
+    "name,dtype,layout",
+    [("wide_3x3", torch.float32, "nchw"), ("wide_grouped_1x1", torch.float32, "channels_last"),
+     ("wide_3x3", torch.bfloat16, "channels_last")],
+)  # fmt: skip
+def test_channel_blocks_past_the_first_tile_match_float64(name, dtype, layout):
+    case = WIDE_CASES[name]
+    if INTERPRET:
+        tile = launch.INTERPRET_CONFIG.kwargs
+        cg, kg = case.c // case.groups, case.k // case.groups
+        assert min(cg, kg) > max(tile["BLOCK_M"], tile["BLOCK_N"]), "the case no longer spans two tiles"
+    inputs = make_inputs(case, dtype, layout, FULL, device=DEVICE)
+    y = resnet_fused.conv_bias_add_relu(**inputs.tensors, **inputs.kwargs, backend="triton")
+    check_call(y, inputs, dtype, f"{name} {dtype} {layout}")
 
 
 @pytest.mark.parametrize("splits", [1, 3])
