@@ -83,6 +83,14 @@ def pair(value: IntPair, name: str, min_value: int) -> tuple[int, int]:
 _INT64_MAX = 2**63 - 1
 
 
+def check_op_pairs(stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> None:
+    """The ops' ``int[]`` arguments hold exactly two values, as the C++ ops check; only the public function takes an
+    int or one value (it passes pairs)."""
+    for name, value in (("stride", stride), ("padding", padding), ("dilation", dilation)):
+        if len(value) != 2:
+            raise ValueError(f"{name}: expected 2 values, got {len(value)}")
+
+
 def conv_output_shape(
     x_shape: Sequence[int],
     weight_shape: Sequence[int],
@@ -308,6 +316,7 @@ def _register_autocast(lib: torch.library.Library, qualname: str) -> None:
 
 
 def forward_fake(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu):
+    check_op_pairs(stride, padding, dilation)
     stride, padding, dilation = check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
     shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
@@ -369,6 +378,7 @@ def epilogue_fake(y, bias, residual, scale, relu) -> None:
 
 
 def backward_fake(grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu, output_mask):
+    check_op_pairs(stride, padding, dilation)
     check_backward_inputs(grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu, output_mask)
     need_x, need_w, need_b, need_r = output_mask
     fmt = memory_format(x)

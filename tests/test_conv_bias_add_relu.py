@@ -7,6 +7,7 @@ variants, every code path still covered); on a GPU the same suite runs on cuda a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -1009,3 +1010,23 @@ def test_conv_arguments_as_conv2d_takes_them():
     for bad in (True, np.bool_(True), (2, 2, 2), (), 2.0, torch.tensor(2)):
         with pytest.raises(TypeError, match=r"stride: expected an int or a pair of ints"):
             resnet_fused.conv_bias_add_relu(x, weight, stride=bad)
+
+
+@pytest.mark.parametrize("route", ["op", "fake_mode", "meta"])
+@pytest.mark.parametrize("backend", sorted(registered_forward_ops()))
+@pytest.mark.parametrize("name", ["stride", "padding", "dilation"])
+def test_every_op_takes_exactly_two_values_per_pair(name, backend, route):
+    """The ops' int[] arguments hold two values, as the C++ op checks; a fake or Triton op that took one would let
+    a traced graph through that the real op refuses. (The public function takes an int or one value.)"""
+    args = dict(zip(["stride", "padding", "dilation"], [[1, 1], [1, 1], [1, 1]], strict=True))
+    args[name] = [1]
+    x, w = torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3, 3)
+    fwd = (x, w, None, None, None, args["stride"], args["padding"], args["dilation"], 1, True)
+    bwd = _bwd(**args, scale=None).values()
+    mode = FakeTensorMode() if route == "fake_mode" else contextlib.nullcontext()
+    for op, call in ((forward_op(backend), fwd), (backward_op(backend), bwd)):
+        call = [v.to("meta") if route == "meta" and isinstance(v, torch.Tensor) else v for v in call]
+        if route == "fake_mode":
+            call = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in call]
+        with mode, pytest.raises(ValueError, match=rf"{name}: expected 2 values, got 1"):
+            op(*call)
