@@ -188,8 +188,15 @@ def check_inputs(
             raise ValueError(f"{name}: expected shape ({k},), got {tuple(t.shape)}")
     if residual is not None:
         out_shape = conv_output_shape(xs, ws, stride, padding, dilation)
-        if list(residual.shape) != out_shape:
-            raise ValueError(f"residual: expected the output's shape {tuple(out_shape)}, got {tuple(residual.shape)}")
+        rs = list(residual.shape)
+        if len(rs) == len(out_shape) and (
+            torch.compiler.is_compiling() or any(isinstance(v, torch.SymInt) for v in (*rs, *out_shape))
+        ):
+            # A traced size may be data-dependent (unbacked): a Python compare cannot guard on it; an assert can.
+            for r, o in zip(rs, out_shape, strict=True):
+                torch._check(r == o, lambda: "residual: expected the output's shape")
+        elif rs != out_shape:
+            raise ValueError(f"residual: expected the output's shape {tuple(out_shape)}, got {tuple(rs)}")
     return stride, padding, dilation
 
 

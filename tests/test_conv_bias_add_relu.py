@@ -172,6 +172,32 @@ def test_compile_fullgraph(target):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("residual_batch", ["unbacked", "static"])
+def test_compile_with_an_unbacked_batch(residual_batch):
+    """A data-dependent (unbacked) batch size, as after a filter: the residual's shape check cannot compare in
+    Python there, so it is a runtime assert. (A mismatched call of the same graph trips a dynamo guard assertion in
+    torch 2.14 before the assert runs, so it is not tested here; eager calls keep the ValueError.)"""
+    from torch._dynamo.decorators import mark_unbacked
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    x, w, r = (torch.randn(s, generator=g) for s in [(4, 3, 8, 8), (5, 3, 3, 3), (4, 5, 8, 8)])
+
+    def block(x, r):
+        return resnet_fused.conv_bias_add_relu(x, w, None, r, padding=1)
+
+    mark_unbacked(x, 0)
+    if residual_batch == "unbacked":
+        mark_unbacked(r, 0)
+    try:
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+        y = compiled(x, r)
+        expected = (F.conv2d(x.double(), w.double(), padding=1) + r.double()).relu()
+        assert_close(y, expected, torch.float32, "y", reductions=27)
+    finally:
+        torch._dynamo.reset()
+
+
 # ---- the random sweep ----
 
 
