@@ -20,6 +20,7 @@ Each exported graph is built for any batch size: the per-channel vectors are res
 import importlib.abc
 import importlib.util
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Optional
 
@@ -94,23 +95,42 @@ def _register_onnxscript() -> None:
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Runs ``callback`` once, right after the module ``name`` is first imported (its own body done)."""
+    """Runs ``callback`` once, right after the module ``name`` is first imported (its own body done).
+
+    It stays on ``sys.meta_path`` until then: a lookup that imports nothing (``importlib.util.find_spec``, as code
+    checking whether a package is installed calls it) gets a spec whose loader is discarded, so the hook must still
+    be there for the real import. A callback that fails warns: it must not break the import it rides on.
+    """
 
     def __init__(self, name: str, callback: Callable[[], None]) -> None:
         self.name, self.callback = name, callback
+        self._looking = False  # the lookup below must not find this finder again
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != self.name:
+        if fullname != self.name or self._looking:
             return None
-        sys.meta_path.remove(self)  # once; and the lookup below must not find this finder again
-        spec = importlib.util.find_spec(fullname)
+        self._looking = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._looking = False
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_call(module) -> None:
             exec_module(module)
-            self.callback()
+            if self not in sys.meta_path:
+                return  # another spec's loader already ran the callback
+            sys.meta_path.remove(self)
+            try:
+                self.callback()
+            except Exception as e:
+                warnings.warn(
+                    f"resnet_fused: registering the ONNX translation with {self.name} failed ({type(e).__name__}: "
+                    f"{e}); torch.onnx.export(..., dynamo=True) of fused models will fail, dynamo=False still works",
+                    stacklevel=2,
+                )
 
         spec.loader.exec_module = exec_then_call
         return spec

@@ -414,19 +414,47 @@ def run_fresh(code: str) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("onnxscript_first", [False, True], ids=["resnet_fused first", "onnxscript first"])
-def test_dynamo_translation_registers_when_onnxscript_is_imported(onnxscript_first):
+@pytest.mark.parametrize("order", ["resnet_fused first", "onnxscript first", "looked up first"])
+def test_dynamo_translation_registers_when_onnxscript_is_imported(order):
     """``import resnet_fused`` does not import onnxscript (nor onnx); the dynamo exporter, which imports it, still
-    finds the translation, whichever of the two was imported first."""
+    finds the translation, whichever of the two was imported first, and after a lookup that imports nothing
+    (``importlib.util.find_spec``, as a check for an installed package does)."""
     code = (
-        "import io, sys, warnings, torch\n"
-        + ("import onnxscript\n" if onnxscript_first else "")
+        "import importlib.util, io, sys, warnings, torch\n"
+        + ("import onnxscript\n" if order == "onnxscript first" else "")
         + "import resnet_fused\n"
-        + ("" if onnxscript_first else "assert 'onnxscript' not in sys.modules and 'onnx' not in sys.modules\n")
+        + (
+            ""
+            if order == "onnxscript first"
+            else "assert 'onnxscript' not in sys.modules and 'onnx' not in sys.modules\n"
+        )
+        + ("assert importlib.util.find_spec('onnxscript') is not None\n" if order == "looked up first" else "")
         + "m = resnet_fused.nn.FusedConv2d(3, 4, 3, relu=True).eval()\n"
         "warnings.simplefilter('ignore')\n"
         "program = torch.onnx.export(m, (torch.randn(1, 3, 8, 8),), dynamo=True)\n"
         "ops = {(n.domain, n.op_type) for n in program.model_proto.graph.node}\n"
         "assert ('', 'Conv') in ops and all(d in ('', 'ai.onnx') for d, _ in ops), ops\n"
+    )
+    run_fresh(code)
+
+
+def test_a_failing_registration_warns_and_leaves_onnxscript_working():
+    """Were onnxscript's registry to move, registering the translation would fail inside ``import onnxscript``: that
+    must warn, not break the import (and every other model's dynamo export) for the process."""
+    code = (
+        "import io, sys, warnings, torch, resnet_fused\n"
+        "from resnet_fused.onnx_export import _AfterImport\n"
+        "(hook,) = [f for f in sys.meta_path if isinstance(f, _AfterImport)]\n"
+        "def moved():\n"
+        "    raise ImportError('registration moved')\n"
+        "hook.callback = moved\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import onnxscript\n"
+        "said = [str(w.message) for w in caught if 'resnet_fused' in str(w.message)]\n"
+        "assert said and 'registration moved' in said[0] and 'dynamo=False still works' in said[0], said\n"
+        "warnings.simplefilter('ignore')\n"
+        "program = torch.onnx.export(torch.nn.Conv2d(3, 4, 3).eval(), (torch.randn(1, 3, 8, 8),), dynamo=True)\n"
+        "assert any(n.op_type == 'Conv' for n in program.model_proto.graph.node)\n"
     )
     run_fresh(code)
