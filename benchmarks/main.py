@@ -103,16 +103,19 @@ def _failures(combined: dict) -> list[str]:
     return out
 
 
-def _finish(out: Path, json_path: Path, header: str, combined: dict, written: list[Path]) -> int:
-    """Write bench.json and summary.md, remove an earlier run's files, print what was written; the exit status."""
+def _finish(
+    out: Path, json_path: Path, header: str, combined: dict, written: list[Path], remove_stale: bool = True
+) -> int:
+    """Write bench.json and summary.md, remove an earlier run's files (``remove_stale``), print what was written; the
+    exit status."""
     written.append(timing.write_json(json_path, combined))
     written.append(_write_summary(out / "summary.md", header, combined))
     print()
     for p in written:
         print(f"wrote {p}")
-    for p in _remove_stale(out, written):
+    for p in _remove_stale(out, written) if remove_stale else []:
         print(f"removed {p} (an earlier run's; this run did not produce it)")
-    print(f"total {combined['wall_s']:.0f} s")
+    print(f"total {combined['wall_s']:.0f} s" + ("" if remove_stale else " (the saved run's)"))
     failures = _failures(combined)
     for line in failures:
         print(line)
@@ -138,7 +141,8 @@ def render(bench_json: Path, out: Path, json_path: Path | None = None) -> int:
     # The header main took before timing; a file written before it was kept has the op benchmark's.
     header = _header(combined.get("machine", ops["machine"]))
     header += f"\nrendered again by the rules at {timing._git_commit()} from the saved records (nothing re-timed)"
-    return _finish(out, json_path or out / "bench.json", header, combined, written)
+    # Everything in out is the saved run's, the record it reads included: nothing there is stale.
+    return _finish(out, json_path or out / "bench.json", header, combined, written, remove_stale=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

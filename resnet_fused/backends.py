@@ -183,9 +183,11 @@ BACKENDS = Table(
         # Two nodes in eager training: the train step's allocator peak is then no higher than the unfused graph's.
         # Meta tensors (shape inference, as for nn.Conv2d) take the dispatcher op's fake kernel.
         Backend("cpu", ("cpu", "meta"), ("cpu", "meta"), _cpp_op, lambda: "", load_backward=_cpp_backward_op),
-        Backend("cuda", ("cuda",), ("cuda",), _cpp_op, _cuda_probe),
+        Backend("cuda", ("cuda", "meta"), ("cuda",), _cpp_op, _cuda_probe),
         # Under the interpreter Triton runs on CPU tensors; auto never picks it there.
-        Backend("triton", ("cuda", "cpu") if INTERPRET else ("cuda",), ("cuda",), _triton_op, _triton_probe),
+        Backend(
+            "triton", ("cuda", "cpu", "meta") if INTERPRET else ("cuda", "meta"), ("cuda",), _triton_op, _triton_probe
+        ),
         Backend("reference", ("cpu", "cuda", "meta"), (), lambda: _reference_op, lambda: ""),
     ]
 )

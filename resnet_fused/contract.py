@@ -82,6 +82,11 @@ def pair(value: IntPair, name: str, min_value: int) -> tuple[int, int]:
 
 _INT64_MAX = 2**63 - 1
 
+try:  # torch >= 2.8
+    from torch.fx.experimental.symbolic_shapes import guard_or_false as _guard_or_false
+except ImportError:
+    _guard_or_false = None
+
 
 def check_op_pairs(stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> None:
     """The ops' ``int[]`` arguments hold exactly two values, as the C++ ops check; only the public function takes an
@@ -189,14 +194,16 @@ def check_inputs(
     if residual is not None:
         out_shape = conv_output_shape(xs, ws, stride, padding, dilation)
         rs = list(residual.shape)
-        if len(rs) == len(out_shape) and (
-            torch.compiler.is_compiling() or any(isinstance(v, torch.SymInt) for v in (*rs, *out_shape))
-        ):
-            # A traced size may be data-dependent (unbacked): a Python compare cannot guard on it; an assert can.
+        said = "residual: expected the output's shape"
+        symbolic = torch.compiler.is_compiling() or any(isinstance(v, torch.SymInt) for v in (*rs, *out_shape))
+        if len(rs) != len(out_shape) or not symbolic or _guard_or_false is None:
+            if rs != out_shape:
+                raise ValueError(f"{said} {tuple(out_shape)}, got {tuple(rs)}")
+        elif any(_guard_or_false(r != o) for r, o in zip(rs, out_shape, strict=True)):  # known to differ
+            raise ValueError(f"{said} {tuple(out_shape)}, got {tuple(rs)}")
+        else:  # a data-dependent (unbacked) size cannot be compared while tracing: asserted when the graph runs
             for r, o in zip(rs, out_shape, strict=True):
-                torch._check(r == o, lambda: "residual: expected the output's shape")
-        elif rs != out_shape:
-            raise ValueError(f"residual: expected the output's shape {tuple(out_shape)}, got {tuple(rs)}")
+                torch._check(r == o, lambda: said)
     return stride, padding, dilation
 
 

@@ -404,7 +404,8 @@ def convert(
         if any(isinstance(m, (FusedConv2d, BasicBlock, Bottleneck)) for m in model.modules()):
             raise ValueError(
                 f"convert: found no torchvision ResNet block (BasicBlock/Bottleneck) or stem in "
-                f"{type(model).__name__}, only resnet_fused modules: it is converted already"
+                f"{type(model).__name__}, only resnet_fused modules (converted already, or built from "
+                f"resnet_fused.nn): nothing to convert"
             )
         raise ValueError(
             f"convert: found no torchvision ResNet block (BasicBlock/Bottleneck) or stem in "

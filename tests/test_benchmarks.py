@@ -510,6 +510,26 @@ def test_equivalence_checks_the_scale_and_the_prepared_route(monkeypatch):
     assert rows["cpu"]["passed"]
 
 
+def test_equivalence_prepacked_fp16_with_a_scale_is_the_ordinary_op_by_design(monkeypatch):
+    """Where oneDNN runs fp16 (emulated here), a prepared conv with a scale still takes the ordinary op (w * scale
+    may overflow in fp16): that is the route, not a failure of the row."""
+    from benchmarks import equivalence
+    from benchmarks.bench_ops import ConvCase
+    from resnet_fused import inference
+
+    monkeypatch.setattr(inference, "onednn_supports", lambda dtype: True)
+    case = ConvCase(8, 6, 3, 3, 1, 1, 1, 5, 5, "bias+relu")
+    g = torch.Generator().manual_seed(0)
+    leaves = {"x": torch.randn(2, 8, 5, 5, generator=g).half(), "weight": torch.randn(6, 8, 3, 3, generator=g).half(),
+              "bias": torch.randn(6, generator=g).half(), "residual": None}  # fmt: skip
+    scale = (torch.rand(6, generator=g) + 0.5).half()
+    got, problems = equivalence._run_prepacked("prepacked", case, leaves, scale)
+    assert problems == []
+    y = F.conv2d(leaves["x"].double(), leaves["weight"].double(), padding=1) * scale.double().view(-1, 1, 1)
+    expected = (y + leaves["bias"].double().view(-1, 1, 1)).relu()
+    assert_close(got["out"], expected, torch.float16, "out", reductions=72)
+
+
 def test_equivalence_bf16_fails_a_backend_two_percent_off(monkeypatch):
     """In bf16 a row is held to twice the reference row's error plus an ulp, not to the sqrt(n)-grown dtype bound
     (a quarter of the output's range on the longest sums): a backend uniformly 2 % off fails, the real ones pass."""
@@ -909,6 +929,12 @@ def test_main_writes_one_runs_files_with_the_header_taken_before_timing(tmp_path
     rendered = (again / "summary.md").read_text()
     said = re.search(r"\nrendered again by the rules at \S+ from the saved records \(nothing re-timed\)", rendered)
     assert (again / "ops.md").read_text() == md and said and rendered.replace(said[0], "") == summary
+    # Rendered in place with the combined record written elsewhere: the record it read is not an earlier run's.
+    other = tmp_path / "other.json"
+    assert (
+        main.main(["--render", str(tmp_path / "bench.json"), "--out", str(tmp_path), "--json", str(other)]) == expected
+    )
+    assert (tmp_path / "bench.json").is_file() and other.is_file() and "removed" not in capsys.readouterr().out
     failures = main._failures(
         {"ops": {"records": []}, "model": {"records": [{"impl": "fused", "status": "wrong result"}]}}
     )

@@ -198,6 +198,19 @@ def test_compile_with_an_unbacked_batch(residual_batch):
         torch._dynamo.reset()
 
 
+def test_compiled_residual_shape_error_names_the_shapes():
+    """With static shapes a wrong residual is known while tracing: the error names both shapes, as in eager."""
+    torch._dynamo.reset()
+    x, w, r = torch.randn(2, 4, 8, 8), torch.randn(4, 4, 3, 3), torch.randn(2, 4, 7, 7)
+    try:
+        with pytest.raises(
+            Exception, match=re.escape("residual: expected the output's shape (2, 4, 8, 8), got (2, 4, 7, 7)")
+        ):
+            torch.compile(lambda x, r: resnet_fused.conv_bias_add_relu(x, w, None, r, padding=1), fullgraph=True)(x, r)
+    finally:
+        torch._dynamo.reset()
+
+
 # ---- the random sweep ----
 
 

@@ -342,7 +342,7 @@ def test_backend_is_checked_where_no_conv_is_built():
 
 def test_converting_twice_says_so():
     model, _ = convert(torchvision.models.resnet18().eval())
-    with pytest.raises(ValueError, match="only resnet_fused modules: it is converted already"):
+    with pytest.raises(ValueError, match=r"only resnet_fused modules \(converted already, or built from"):
         convert(model)
 
 
