@@ -31,8 +31,10 @@ rule. The C++ op checks its arguments with the same messages (csrc/conv_bias_add
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -145,6 +147,22 @@ def check_inputs(
     relu: bool = True,
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """Validate the forward's arguments; returns ``(stride, padding, dilation)`` as pairs."""
+    if torch._C._is_tracing():
+        with quiet_tracer():
+            return _check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
+    return _check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
+
+
+@contextlib.contextmanager
+def quiet_tracer() -> Iterator[None]:
+    """For argument checks under ``torch.jit.trace``: they only raise, and the trace records none of them, so its
+    "might not generalize" warnings about their comparisons of traced sizes are noise."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
+
+
+def _check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu):
     _check_tensor("x", x, None, optional=False)
     xs = x.shape  # read once: every .shape builds a new torch.Size
     if len(xs) != 4:

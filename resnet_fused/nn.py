@@ -315,7 +315,7 @@ class FusedConv2d(nn.Conv2d):
         # norm(conv * cs + cb) = conv * (s * cs) + (s * cb + t), in the norm's dtype, which may be wider than the
         # conv's (a float32 BatchNorm after bf16 convs, which BatchNorm accepts): rounded once to the conv's.
         s, t = affine
-        if isinstance(s, Tensor) and s.shape != (self.out_channels,):  # not an fx Proxy, whose shape is unknown
+        if isinstance(s, Tensor) and _shape_is_not(s, (self.out_channels,)):  # not an fx Proxy (shape unknown)
             raise ValueError(
                 f"norm: expected a per-channel map of out_channels={self.out_channels} channels, got "
                 f"{type(norm).__name__} of {s.numel()}"
@@ -404,6 +404,13 @@ def _runs_in_fp16(x: Tensor, weight: Tensor) -> bool:
     if device in contract.AUTOCAST_DEVICES and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device) == torch.float16 and x.dtype != torch.float64
     return weight.dtype == torch.float16
+
+
+def _shape_is_not(t: Tensor, shape: tuple[int, ...]) -> bool:
+    if torch.jit.is_tracing():
+        with contract.quiet_tracer():
+            return t.shape != shape
+    return t.shape != shape
 
 
 def _conv_then_affine(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu, backend) -> Tensor:
