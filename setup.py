@@ -48,12 +48,17 @@ def cuda_build_flag() -> bool | None:
     return CUDA_FLAG_VALUES[value]
 
 
+def cuda_archs() -> list[str]:
+    """The GPU architectures to build SASS for (RESNET_FUSED_CUDA_ARCHS, e.g. "80;90")."""
+    return [a for a in os.environ.get("RESNET_FUSED_CUDA_ARCHS", "80;90").split(";") if a]
+
+
 def nvcc_problem(cuda_home: str) -> str:
     """ "" when the toolkit at cuda_home can build the extension for this torch, else why not.
 
     torch's BuildExtension refuses an nvcc whose CUDA major version differs from torch's, and nvcc refuses a host
-    compiler outside its supported range or (before CUDA 12) C++20: a trial compile of an empty kernel finds those
-    in seconds, before the build spends minutes.
+    compiler outside its supported range, C++20 (before CUDA 12) or an architecture it does not know: a trial compile
+    of an empty kernel for the archs to build finds those in seconds, before the build spends minutes.
     """
     nvcc = os.path.join(cuda_home, "bin", "nvcc")
     try:
@@ -74,14 +79,16 @@ def nvcc_problem(cuda_home: str) -> str:
         with open(source, "w") as f:
             f.write("__global__ void probe() {}\n")
         host = ["-ccbin", os.environ["CC"]] if os.environ.get("CC") else []  # as torch's BuildExtension passes it
-        command = [nvcc, *host, "-std=c++20", "-c", source, "-o", os.path.join(tmp, "probe.o")]
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in cuda_archs()]
+        command = [nvcc, *host, "-std=c++20", *gencode, "-c", source, "-o", os.path.join(tmp, "probe.o")]
         try:
             trial = subprocess.run(command, capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.SubprocessError) as e:
             return f"`{' '.join(command)}` failed ({e})"
         if trial.returncode != 0:
             said = " ".join((trial.stderr + trial.stdout).split())[-400:]
-            return f"{nvcc} cannot compile a C++20 kernel with this host compiler: {said}"
+            archs = ", ".join(f"sm_{a}" for a in cuda_archs())
+            return f"{nvcc} cannot compile a C++20 kernel for {archs} with this host compiler: {said}"
     return ""
 
 
@@ -158,7 +165,7 @@ def make_extension():
         if os.path.isdir(wheel_inc):
             include_dirs.append(wheel_inc)
             break
-    archs = [a for a in os.environ.get("RESNET_FUSED_CUDA_ARCHS", "80;90").split(";") if a]
+    archs = cuda_archs()
     # SASS for each arch, plus PTX for the newest, which the driver JIT-compiles on GPUs newer than every arch built.
     newest = max(archs, key=lambda a: int("".join(c for c in a if c.isdigit())))
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-Xptxas=-v,-warn-spills", "-lineinfo"]

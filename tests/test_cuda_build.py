@@ -124,7 +124,7 @@ def setup_link_args() -> list[str]:
     return setup_code("shared_cxx_runtime", "LINK_ARGS")["LINK_ARGS"]
 
 
-SETUP_CUDA_CHOICE = ("CUDA_FLAG_VALUES", "cuda_build_flag", "nvcc_problem", "want_cuda")
+SETUP_CUDA_CHOICE = ("CUDA_FLAG_VALUES", "cuda_build_flag", "cuda_archs", "nvcc_problem", "want_cuda")
 
 
 def fake_toolkit(tmp_path: Path, release: str, compile_error: str = "") -> str:
@@ -189,8 +189,11 @@ def test_auto_build_leaves_out_cuda_when_nvcc_cannot_compile(monkeypatch, tmp_pa
     home = fake_toolkit(tmp_path, torch.version.cuda, compile_error=refusal)
     code = setup_code(*SETUP_CUDA_CHOICE)
     monkeypatch.delenv("RESNET_FUSED_BUILD_CUDA", raising=False)
+    monkeypatch.setenv("RESNET_FUSED_CUDA_ARCHS", "80;90")
     assert code["want_cuda"](home) is False
-    assert "cannot compile a C++20 kernel with this host compiler: " + refusal in capsys.readouterr().out
+    assert (
+        "cannot compile a C++20 kernel for sm_80, sm_90 with this host compiler: " + refusal in capsys.readouterr().out
+    )
     monkeypatch.setenv("RESNET_FUSED_BUILD_CUDA", "yes")
     with pytest.raises(SystemExit, match="unsupported GNU version"):
         code["want_cuda"](home)
@@ -469,3 +472,14 @@ def test_cuda_probe_checks_the_current_device_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
     monkeypatch.setattr(torch.ops, "resnet_fused", Ops)
     assert backends._cuda_probe() == "" and asked == [2]
+
+
+def test_an_arch_the_toolkit_does_not_know_leaves_out_cuda(monkeypatch):
+    """RESNET_FUSED_CUDA_ARCHS naming an arch this nvcc cannot build failed every .cu file minutes into the build."""
+    other_cuda_major()
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("no nvcc on this machine")
+    monkeypatch.setenv("RESNET_FUSED_CUDA_ARCHS", "90;12")
+    why = setup_code(*SETUP_CUDA_CHOICE)["nvcc_problem"](str(Path(nvcc).resolve().parents[1]))
+    assert "cannot compile a C++20 kernel for sm_90, sm_12 with this host compiler: " in why and "12" in why, why
