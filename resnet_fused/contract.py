@@ -147,7 +147,7 @@ def check_inputs(
     relu: bool = True,
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """Validate the forward's arguments; returns ``(stride, padding, dilation)`` as pairs."""
-    if torch._C._is_tracing():
+    if torch.jit.is_tracing():  # (dynamo folds this; it cannot trace torch._C._is_tracing)
         with quiet_tracer():
             return _check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
     return _check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
