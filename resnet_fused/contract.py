@@ -213,7 +213,13 @@ def _check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, g
         out_shape = conv_output_shape(xs, ws, stride, padding, dilation)
         rs = list(residual.shape)
         said = "residual: expected the output's shape"
-        symbolic = torch.compiler.is_compiling() or any(isinstance(v, torch.SymInt) for v in (*rs, *out_shape))
+        # Asked of the tensors (one attribute each), not of every size: this runs on every call with a residual.
+        symbolic = (
+            torch.compiler.is_compiling()
+            or x._has_symbolic_sizes_strides
+            or weight._has_symbolic_sizes_strides
+            or residual._has_symbolic_sizes_strides
+        )
         if len(rs) != len(out_shape) or not symbolic or _guard_or_false is None:
             if rs != out_shape:
                 raise ValueError(f"{said} {tuple(out_shape)}, got {tuple(rs)}")
