@@ -1,4 +1,5 @@
-"""A converted model under DDP (gloo, 2 CPU processes) trains like the original."""
+"""A converted model under DDP (gloo, 2 CPU processes) trains like the original: with frozen BN (a scale/shift
+epilogue), BN-free (fused convs and nothing else) and train-mode BN (kept as modules between fused convs)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import datetime
 import os
 import socket
 import time
+import warnings
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from test_nn import randomize_norms_
 from torchvision.ops import FrozenBatchNorm2d
 
 from resnet_fused.convert import convert
+from resnet_fused.nn import FusedConv2d
 
 WORLD_SIZE = 2
 STEPS = 4
@@ -24,10 +27,19 @@ GLOBAL_BATCH = 8
 TIMEOUT_S = 180
 
 
-def make_model() -> torch.nn.Module:
-    """A small detection-style ResNet (FrozenBatchNorm2d), the same in every process."""
+NORMS = {
+    "frozen_bn": FrozenBatchNorm2d,  # detection-style
+    "bn_free": lambda channels: torch.nn.Identity(),
+    "train_bn": torch.nn.BatchNorm2d,
+}
+# What convert() must make of each kind's norms (a ConversionReport field), so each test covers the route it names.
+REPORTED = {"frozen_bn": "scale_shift", "bn_free": "folded", "train_bn": "unfused"}
+
+
+def make_model(norm: str) -> torch.nn.Module:
+    """A small ResNet with ``norm``'s layers, the same in every process."""
     torch.manual_seed(0)
-    model = tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], num_classes=5, norm_layer=FrozenBatchNorm2d)
+    model = tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], num_classes=5, norm_layer=NORMS[norm])
     return randomize_norms_(model)
 
 
@@ -56,17 +68,29 @@ def train(model, x, target, rank=0, world_size=1) -> list[float]:
     return losses
 
 
-def _worker(rank: int, port: int, out_path: str) -> None:
+def _worker(rank: int, port: int, out_path: str, norm: str) -> None:
     torch.set_num_threads(1)  # two processes on two cores
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=60))
     try:
-        model, report = convert(make_model())
-        assert report.scale_shift, report
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        losses = train(ddp, *make_data(), rank=rank, world_size=WORLD_SIZE)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # train-mode BN: "kept unfused" names the blocks
+            model, report = convert(make_model(norm))
+        assert getattr(report, REPORTED[norm]), report
+        assert sum(isinstance(m, FusedConv2d) for m in model.modules()) > 0
+        result = {"report": str(report)}
+        for name, m in (("converted", model), ("original", make_model(norm))):
+            # Train-mode BN normalizes each rank's shard by its own statistics: only the original under DDP is
+            # comparable, so both run here (one after the other, same data).
+            if name == "original" and norm != "train_bn":
+                continue
+            ddp = torch.nn.parallel.DistributedDataParallel(m)
+            result[name] = {
+                "losses": train(ddp, *make_data(), rank=rank, world_size=WORLD_SIZE),
+                "state": m.state_dict(),
+            }
         if rank == 0:
-            torch.save({"losses": losses, "state": model.state_dict()}, out_path)
+            torch.save(result, out_path)
     finally:
         dist.destroy_process_group()
 
@@ -78,9 +102,14 @@ def free_port() -> int:
 
 
 @pytest.mark.skipif(not dist.is_gloo_available(), reason="torch.distributed without gloo")
-def test_ddp_matches_single_process_training_of_the_original(tmp_path):
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_ddp_trains_like_the_original(tmp_path, norm):
+    """frozen_bn and bn_free against single-process training of the original on the global batch; train_bn against
+    the original under DDP."""
     out_path = str(tmp_path / "rank0.pt")
-    ctx = mp.start_processes(_worker, args=(free_port(), out_path), nprocs=WORLD_SIZE, join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _worker, args=(free_port(), out_path, norm), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=1):
@@ -92,14 +121,19 @@ def test_ddp_matches_single_process_training_of_the_original(tmp_path):
                 p.terminate()
     result = torch.load(out_path)
 
-    original = make_model()
-    losses = train(original, *make_data())
+    if norm == "train_bn":
+        losses, reference = result["original"]["losses"], result["original"]["state"]
+        trained = list(reference)  # parameters and the BN running statistics DDP broadcasts
+    else:
+        original = make_model(norm)
+        losses = train(original, *make_data())
+        reference = original.state_dict()
+        trained = [n for n, p in original.named_parameters()]
+    converted = result["converted"]
 
     assert losses[-1] < losses[0]
-    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses), rtol=1e-4, atol=1e-5)
-    reference = original.state_dict()
-    for name, value in result["state"].items():
+    torch.testing.assert_close(torch.tensor(converted["losses"]), torch.tensor(losses), rtol=1e-4, atol=1e-5)
+    for name, value in converted["state"].items():
         if name in reference:  # FrozenBN buffers became the convs' scale/shift
             torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
-    trained = [n for n, p in original.named_parameters()]
-    assert set(trained) <= set(result["state"])  # every trained weight was compared
+    assert set(trained) <= set(converted["state"]), result["report"]  # every trained weight was compared
