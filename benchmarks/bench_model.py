@@ -15,6 +15,8 @@
   - ``compile``: ``torch.compile`` of the original;
   - ``compile-freezing``: the same with Inductor freezing (weights folded as constants and prepacked), compiled
     under ``torch.no_grad()``; compile times are reported apart;
+  - ``fused-compile-freezing``: ``fused`` compiled the same way, what a user who compiles a converted model gets
+    (Inductor sees the fused op as one opaque call: it neither prepacks its weight nor fuses into it);
   - ``ort``: ONNX Runtime's CPU execution provider (fp32; intra-op threads = the benchmark's), on the original
     model exported by ``torch.onnx.export`` (export and session set-up time reported apart). Without onnxruntime,
     the row says "not installed"; its memory is not measured (it allocates outside torch's allocator).
@@ -64,7 +66,8 @@ ARCHS = {
     "resnet50": ("bottleneck", [3, 4, 6, 3]),
 }
 MODES = ("inference", "train")
-INFERENCE_IMPLS = ("eager", "fused", "prepared", "prepared-fuse-relu", "compile", "compile-freezing", "ort")
+COMPILED_IMPLS = ("compile", "compile-freezing", "fused-compile-freezing")  # skipped under --no-compile
+INFERENCE_IMPLS = ("eager", "fused", "prepared", "prepared-fuse-relu", *COMPILED_IMPLS, "ort")
 INFERENCE_BASELINES = ("eager", "compile", "compile-freezing", "ort")  # ratios of every variant against these
 # Variants whose memory torch's CPU allocator does not see, so the allocator peak would read near zero.
 OUTSIDE_ALLOCATOR = {"ort": "not measured: ONNX Runtime allocates from its own arena, outside torch's allocator"}
@@ -243,7 +246,8 @@ def inference_impls(
     with_ort: bool = True,
 ) -> InferenceSetup:
     """Every inference variant of torchvision's ``arch`` on input ``x``: ``eager``, ``fused`` (converted),
-    ``prepared`` (converted, then ``optimize_for_inference``), ``compile``, ``compile-freezing`` and ``ort``."""
+    ``prepared`` (converted, then ``optimize_for_inference``), ``compile``, ``compile-freezing``,
+    ``fused-compile-freezing`` and ``ort``."""
     import torchvision
 
     from resnet_fused.convert import convert
@@ -268,14 +272,16 @@ def inference_impls(
             out.held[name] = functools.partial(packed_bytes, model)
 
     if not with_compile:
-        out.skipped.update({name: "skipped: --no-compile" for name in ("compile", "compile-freezing")})
+        out.skipped.update({name: "skipped: --no-compile" for name in COMPILED_IMPLS})
     else:
         compiled = torch.compile(eager)
         # A copy, and the option given to torch.compile itself: dynamo serves a graph it already compiled for the same
         # code and backend, so the frozen variant would otherwise run the plain compile's graph, unfrozen.
         frozen = torch.compile(copy.deepcopy(eager), options={"freezing": True})
-        for name, fn in (("compile", compiled), ("compile-freezing", frozen)):
-            with torch.no_grad(), torch._inductor.config.patch(freezing=name == "compile-freezing"):
+        fused_frozen = torch.compile(copy.deepcopy(fused), options={"freezing": True})
+        variants = (("compile", compiled), ("compile-freezing", frozen), ("fused-compile-freezing", fused_frozen))
+        for name, fn in variants:
+            with torch.no_grad(), torch._inductor.config.patch(freezing=name != "compile"):
                 t0 = time.perf_counter()
                 fn(x)
                 timing.synchronize(device)
