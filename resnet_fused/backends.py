@@ -40,9 +40,19 @@ torch.library.register_fake(EPILOGUE)(contract.epilogue_fake)
 INTERPRET = interprets()
 
 
-@torch.compiler.assume_constant_result  # a first probe inside torch.compile runs eagerly: its torch calls return no tensor
-def _run_probe(probe: Callable[[], str]) -> str:
-    return probe()
+# A row's first use may happen inside torch.compile. The probe then runs eagerly, as a constant (its torch calls would
+# return no tensor in the trace), and fills the whole cache at once: a key added later, during a trace, would fail the
+# trace's guard on the cache at the next call and compile the whole model a second time.
+@torch.compiler.assume_constant_result
+def _probed(row: Backend) -> str:
+    cache = row._cache
+    if "why" not in cache:
+        cache["why"] = row.probe()
+        if not cache["why"]:
+            cache["op"] = row.load()
+            if row.load_backward is not None:
+                cache["backward"] = row.load_backward()
+    return cache["why"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +64,8 @@ class Backend:
         devices: device types (``torch.device.type``) whose tensors it takes.
         auto_devices: device types on which ``backend="auto"`` may pick it (the first listed row wins without
             timing; several candidates are timed).
-        load: returns the forward callable, with the contract's positional argument list. Called once.
+        load: returns the forward callable, with the contract's positional argument list. Called once, right
+            after a probe that finds the backend available.
         probe: returns "" when the backend can run in this process, else the reason. Called once.
         load_backward: returns the backward op, given when eager training records a call as two autograd nodes
             (:func:`resnet_fused.contract.record_split_graph`), which frees the incoming gradient and the saved
@@ -71,14 +82,13 @@ class Backend:
 
     def unavailable(self) -> str:
         """ "" when this backend can run here, else why not (probed once)."""
-        if "why" not in self._cache:
-            self._cache["why"] = _run_probe(self.probe)
-        return self._cache["why"]
+        return _probed(self)
 
     @property
     def op(self) -> Callable[..., Tensor]:
         """The forward callable: ``op(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)``."""
-        if "op" not in self._cache:
+        _probed(self)
+        if "op" not in self._cache:  # an unavailable row: load() says why it cannot
             self._cache["op"] = self.load()
         return self._cache["op"]
 
@@ -87,6 +97,7 @@ class Backend:
         """The backward op for :func:`resnet_fused.contract.record_split_graph`, or None (see ``load_backward``)."""
         if self.load_backward is None:
             return None
+        _probed(self)
         if "backward" not in self._cache:
             self._cache["backward"] = self.load_backward()
         return self._cache["backward"]

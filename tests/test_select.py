@@ -337,6 +337,29 @@ def test_a_first_probe_inside_torch_compile_fullgraph():
     assert torch.equal(y, x + len(_cuda_probe())) and row.unavailable() == _cuda_probe()
 
 
+def test_a_first_probe_and_load_inside_torch_compile_leave_no_guard():
+    """A row probed and loaded for the first time inside torch.compile (the first call of a compiled converted model
+    in a fresh process) must not guard on the row's cache: filling it during the trace failed that guard on the next
+    call, and the whole model compiled a second time."""
+    from resnet_fused.backends import _cpp_backward_op, _cpp_op
+
+    row = Backend("cpu", ("cpu",), ("cpu",), _cpp_op, lambda: "", load_backward=_cpp_backward_op)
+    x, w = torch.randn(1, 2, 3, 3), torch.randn(2, 2, 1, 1)
+
+    def f(x):
+        assert row.unavailable() == "" and row.split_backward is not None
+        return row.op(x, w, None, None, None, [1, 1], [0, 0], [1, 1], 1, True)
+
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled = torch.compile(f, fullgraph=True, backend="eager")
+            for _ in range(3):
+                assert torch.equal(compiled(x), f(x))
+    finally:
+        torch._dynamo.reset()
+
+
 def test_meta_tensors_infer_shapes_as_conv2d_does():
     """Meta tensors (shape inference, FLOP counting) run the dispatcher op's fake kernel, forward and backward,
     through ``auto``, the modules and convert, as nn.Conv2d runs on them."""
