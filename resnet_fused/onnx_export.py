@@ -17,15 +17,13 @@ Importing this module registers the translations, so ``torch.onnx.export(model, 
 Each exported graph is built for any batch size: the per-channel vectors are reshaped to ``(K, 1, 1)`` and broadcast.
 """
 
-import importlib.abc
-import importlib.util
-import sys
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
 from torch.onnx import symbolic_helper
+
+from resnet_fused._after_import import when_imported
 
 # The op and its Triton twin share one schema, so one translation serves both. The Triton op exists only where
 # Triton runs; registering by name is harmless when it does not.
@@ -94,56 +92,12 @@ def _register_onnxscript() -> None:
         return op.Relu(y) if relu else y
 
 
-class _AfterImport(importlib.abc.MetaPathFinder):
-    """Runs ``callback`` once, right after the module ``name`` is first imported (its own body done).
-
-    It stays on ``sys.meta_path`` until then: a lookup that imports nothing (``importlib.util.find_spec``, as code
-    checking whether a package is installed calls it) gets a spec whose loader is discarded, so the hook must still
-    be there for the real import. A callback that fails warns: it must not break the import it rides on.
-    """
-
-    def __init__(self, name: str, callback: Callable[[], None]) -> None:
-        self.name, self.callback = name, callback
-        self._looking = False  # the lookup below must not find this finder again
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != self.name or self._looking:
-            return None
-        self._looking = True
-        try:
-            spec = importlib.util.find_spec(fullname)
-        finally:
-            self._looking = False
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_then_call(module) -> None:
-            exec_module(module)
-            if self not in sys.meta_path:
-                return  # another spec's loader already ran the callback
-            sys.meta_path.remove(self)
-            try:
-                self.callback()
-            except Exception as e:
-                warnings.warn(
-                    f"resnet_fused: registering the ONNX translation with {self.name} failed ({type(e).__name__}: "
-                    f"{e}); torch.onnx.export(..., dynamo=True) of fused models will fail, dynamo=False still works",
-                    stacklevel=2,
-                )
-
-        spec.loader.exec_module = exec_then_call
-        return spec
-
-
-def _register_onnxscript_when_imported() -> None:
-    # Hooked on the package, not a submodule: its body imports what the translation needs, so the registration
-    # runs once that body is complete.
-    if "onnxscript" in sys.modules:
-        _register_onnxscript()
-    elif importlib.util.find_spec("onnxscript") is not None:
-        sys.meta_path.insert(0, _AfterImport("onnxscript", _register_onnxscript))
-
-
 _register_symbolic()
-_register_onnxscript_when_imported()
+# Hooked on the package, not a submodule: its body imports what the translation needs, so the registration runs once
+# that body is complete.
+when_imported(
+    "onnxscript",
+    _register_onnxscript,
+    "registering the ONNX translation with onnxscript failed; torch.onnx.export(..., dynamo=True) of fused models "
+    "will fail, dynamo=False still works",
+)

@@ -443,8 +443,8 @@ def test_a_failing_registration_warns_and_leaves_onnxscript_working():
     must warn, not break the import (and every other model's dynamo export) for the process."""
     code = (
         "import io, sys, warnings, torch, resnet_fused\n"
-        "from resnet_fused.onnx_export import _AfterImport\n"
-        "(hook,) = [f for f in sys.meta_path if isinstance(f, _AfterImport)]\n"
+        "from resnet_fused._after_import import AfterImport\n"
+        "(hook,) = [f for f in sys.meta_path if isinstance(f, AfterImport) and f.name == 'onnxscript']\n"
         "def moved():\n"
         "    raise ImportError('registration moved')\n"
         "hook.callback = moved\n"

@@ -1,0 +1,50 @@
+"""``torch.compile`` on CPU: Inductor receives the fused op as the unfused aten ops it stands for.
+
+Inductor cannot look into a custom op. It called the fused op as one opaque kernel, so it neither prepacked its weight
+nor fused the epilogue its own way: a converted resnet50 compiled with freezing ran at the converted model's eager
+speed, about 1.5x slower at batch 1 than the original compiled the same way. A decomposition in Inductor's table (as
+torchao registers its ops) hands Inductor the conv, scale, bias, residual add and ReLU instead, for CPU tensors: it
+then compiles a converted model as it compiles the original (with freezing: prepacked oneDNN convs with the bias, the
+add and the ReLU as post-ops). Elsewhere (CUDA) the op stays whole and runs this package's kernels.
+
+Only Inductor reads this table: eager calls, the other ``torch.compile`` backends, ``torch.export``, the jit tracer and
+the ONNX exporters keep the op. It is registered when ``torch._inductor.decomposition`` is first imported (by the
+first ``torch.compile`` with Inductor), so ``import resnet_fused`` does not import it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from resnet_fused import reference
+from resnet_fused._after_import import when_imported
+from resnet_fused.backends import FORWARD  # the C++ op of the cpu and cuda rows; the Triton op stays whole
+from resnet_fused.contract import memory_format
+
+
+def decomposed(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu) -> Tensor:
+    """The op's forward as aten ops, in the op's argument order, for Inductor's decomposition table; NotImplemented
+    (keep the op) off CPU. Shapes as :func:`resnet_fused.conv_bias_add_relu`; y in x's memory format, as the op's."""
+    if x.device.type != "cpu":
+        return NotImplemented
+    y = reference.conv_bias_add_relu(
+        x, weight, bias, residual, scale=scale, stride=stride, padding=padding, dilation=dilation, groups=groups,
+        relu=relu,
+    )  # fmt: skip
+    return y.contiguous(memory_format=memory_format(x))
+
+
+def _register() -> None:
+    from torch._inductor.decomposition import register_decomposition
+
+    namespace, name = FORWARD.split("::")
+    register_decomposition([getattr(getattr(torch.ops, namespace), name).default])(decomposed)
+
+
+when_imported(
+    "torch._inductor.decomposition",
+    _register,
+    "registering the fused op's decomposition with Inductor failed; torch.compile of fused models on CPU runs the op "
+    "whole, at the unfused model's speed",
+)

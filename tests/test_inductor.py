@@ -1,0 +1,113 @@
+"""torch.compile with Inductor on CPU compiles the fused op from its aten decomposition (resnet_fused.inductor): the
+same results as the op, float64-checked, with and without freezing, and no opaque call left in the generated code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import ALL_EPILOGUES, CASES, FULL, PREACT, check_call, make_inputs
+from torch._inductor.utils import run_and_get_code
+
+import resnet_fused
+from resnet_fused import inductor
+from resnet_fused.nn import FusedConv2d
+
+OP_CALL = "torch.ops.resnet_fused"  # how generated code calls the op, where it keeps one
+
+
+def compiled_code(fn, *args, freezing: bool = False):
+    """``fn(*args)`` compiled by Inductor, and the code it generated. Compiled afresh: Inductor's and AOTAutograd's
+    caches key on the graph dynamo traced, which is the same with and without the decomposition."""
+    torch._dynamo.reset()
+    no_cache = {"enable_autograd_cache": False} if hasattr(torch._functorch.config, "enable_autograd_cache") else {}
+    try:
+        with (
+            torch._inductor.config.patch(freezing=freezing, fx_graph_cache=False),
+            torch._functorch.config.patch(**no_cache),
+        ):
+            out, code = run_and_get_code(torch.compile(fn, fullgraph=True), *args)
+    finally:
+        torch._dynamo.reset()
+    return out, "\n".join(code)
+
+
+# Every epilogue on one conv; every layout and conv geometry with the full epilogue and the pre-activation one.
+COMPILED_CASES = [
+    *(("3x3", "channels_last", e) for e in ALL_EPILOGUES),
+    *(("3x3", layout, e) for layout in ("nchw", "noncontig") for e in (FULL, PREACT)),
+    *((case, "nchw", FULL) for case in ("1x1_s2", "groups2", "dilated_rect", "depthwise_s2")),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "layout", "epilogue"),
+    COMPILED_CASES,
+    ids=[f"{c}-{lay}-" + "".join("BSRA"[i] for i, on in enumerate(e) if on) for c, lay, e in COMPILED_CASES],
+)
+def test_compiled_op_is_inductors_own_code(case, layout, epilogue):
+    """Every epilogue, layout and conv geometry: y and the gradients against float64, y in x's memory format (the
+    op's contract), and the op itself gone from the generated code (the backward stays the package's)."""
+    inputs = make_inputs(CASES[case], torch.float32, layout, epilogue)
+    kwargs = inputs.kwargs
+
+    def block(x, weight, bias, residual):
+        return resnet_fused.conv_bias_add_relu(x, weight, bias, residual, **kwargs)
+
+    with torch.no_grad():
+        _, code = compiled_code(block, *inputs.tensors.values())
+    assert "convolution" in code and f"{OP_CALL}.conv_bias_add_relu.default" not in code
+    y, _ = compiled_code(block, *inputs.tensors.values())
+    check_call(y, inputs, torch.float32, f"compiled {case} {layout} {epilogue}")
+
+
+def test_frozen_compile_prepacks_and_fuses_as_for_the_original():
+    """Under freezing, a converted block's convs become Inductor's prepacked oneDNN convs with their post-ops, as the
+    original's do; without the decomposition they stayed opaque calls of the op. Inductor's fused ReLU turns a NaN
+    pre-activation into 0 there, as for any model it freezes; without freezing NaN stays NaN, as in eager."""
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(FusedConv2d(8, 16, 3, padding=1), FusedConv2d(16, 16, 1, relu=False)).eval()
+    block = block.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 10, 10).to(memory_format=torch.channels_last)
+    x_nan = x.clone()
+    x_nan[0, 0, 4, 4] = float("nan")
+    with torch.no_grad():
+        eager, eager_nan = block(x), block(x_nan)
+        for freezing in (False, True):
+            y, code = compiled_code(block, x, freezing=freezing)
+            assert OP_CALL not in code
+            assert ("mkldnn._convolution_pointwise" in code) == freezing, code
+            torch.testing.assert_close(y, eager, rtol=1e-5, atol=1e-5)
+            y_nan, _ = compiled_code(block, x_nan, freezing=freezing)
+            if freezing:
+                assert y_nan.isnan().sum() < eager_nan.isnan().sum()  # NaN -> 0 in the first conv's fused ReLU
+            else:
+                assert torch.equal(y_nan.isnan(), eager_nan.isnan())
+
+
+def test_off_cpu_the_op_stays_whole():
+    """Other devices keep the op (its CUDA kernels): the decomposition declines."""
+    conv = ([1, 1], [0, 0], [1, 1], 1, True)
+    on = {d: (torch.ones(1, 2, 3, 3, device=d), torch.ones(2, 2, 1, 1, device=d)) for d in ("meta", "cpu")}
+    assert inductor.decomposed(*on["meta"], None, None, None, *conv) is NotImplemented
+    assert torch.equal(inductor.decomposed(*on["cpu"], None, None, None, *conv), torch.full((1, 2, 3, 3), 2.0))
+
+
+@pytest.mark.parametrize("order", ["resnet_fused first", "inductor first"])
+def test_registered_when_inductor_is_imported(order):
+    """``import resnet_fused`` does not import Inductor's decomposition table, and the op is in it once Inductor is
+    imported, whichever came first."""
+    table = "torch._inductor.decomposition"
+    code = (
+        "import sys, torch\n"
+        + (f"import {table}\n" if order == "inductor first" else "")
+        + "import resnet_fused\n"
+        + (f"assert '{table}' not in sys.modules\n" if order == "resnet_fused first" else "")
+        + f"import {table} as d\n"
+        "assert torch.ops.resnet_fused.conv_bias_add_relu.default in d.decompositions\n"
+        "assert torch.ops.resnet_fused.conv_bias_add_relu_backward.default not in d.decompositions\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
