@@ -16,7 +16,7 @@
   - ``compile-freezing``: the same with Inductor freezing (weights folded as constants and prepacked), compiled
     under ``torch.no_grad()``; compile times are reported apart;
   - ``fused-compile-freezing``: ``fused`` compiled the same way, what a user who compiles a converted model gets
-    (Inductor sees the fused op as one opaque call: it neither prepacks its weight nor fuses into it);
+    (Inductor compiles the fused op from its aten decomposition, :mod:`resnet_fused.inductor`);
   - ``ort``: ONNX Runtime's CPU execution provider (fp32; intra-op threads = the benchmark's), on the original
     model exported by ``torch.onnx.export`` (export and session set-up time reported apart). Without onnxruntime,
     the row says "not installed"; its memory is not measured (it allocates outside torch's allocator).

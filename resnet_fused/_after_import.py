@@ -16,7 +16,7 @@ class AfterImport(importlib.abc.MetaPathFinder):
     It stays on ``sys.meta_path`` until then: a lookup that imports nothing (``importlib.util.find_spec``, as code
     checking whether a package is installed calls it) gets a spec whose loader is discarded, so the hook must still
     be there for the real import. A callback that fails warns with ``failure`` (what then does not work): it must not
-    break the import it rides on.
+    break the import it rides on, nor ``import resnet_fused``.
     """
 
     def __init__(self, name: str, callback: Callable[[], None], failure: str) -> None:
@@ -40,19 +40,23 @@ class AfterImport(importlib.abc.MetaPathFinder):
             if self not in sys.meta_path:
                 return  # another spec's loader already ran the callback
             sys.meta_path.remove(self)
-            try:
-                self.callback()
-            except Exception as e:
-                warnings.warn(f"resnet_fused: {self.failure} ({type(e).__name__}: {e})", stacklevel=2)
+            _call(self.callback, self.failure)
 
         spec.loader.exec_module = exec_then_call
         return spec
 
 
+def _call(callback: Callable[[], None], failure: str) -> None:
+    try:
+        callback()
+    except Exception as e:
+        warnings.warn(f"resnet_fused: {failure} ({type(e).__name__}: {e})", stacklevel=3)
+
+
 def when_imported(name: str, callback: Callable[[], None], failure: str) -> None:
     """``callback()`` now if ``name`` is imported already, else right after its first import; never if it is not
-    installed."""
+    installed. A failing callback warns with ``failure``."""
     if name in sys.modules:
-        callback()
+        _call(callback, failure)
     elif importlib.util.find_spec(name) is not None:
         sys.meta_path.insert(0, AfterImport(name, callback, failure))

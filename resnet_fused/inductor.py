@@ -36,10 +36,12 @@ def decomposed(x, weight, bias, residual, scale, stride, padding, dilation, grou
 
 
 def _register() -> None:
-    from torch._inductor.decomposition import register_decomposition
+    from torch._inductor.decomposition import decompositions, register_decomposition
 
     namespace, name = FORWARD.split("::")
-    register_decomposition([getattr(getattr(torch.ops, namespace), name).default])(decomposed)
+    op = getattr(getattr(torch.ops, namespace), name).default
+    if op not in decompositions:  # a reloaded module: the table refuses a second entry
+        register_decomposition([op])(decomposed)
 
 
 when_imported(

@@ -111,3 +111,25 @@ def test_registered_when_inductor_is_imported(order):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_failing_registration_warns_and_the_op_stays_whole():
+    """Were Inductor's private registry to move, ``import resnet_fused`` must still work: it warns, and compiled
+    models call the op whole."""
+    code = (
+        "import warnings, torch\n"
+        "import torch._inductor.decomposition as d\n"
+        "def moved(*a, **k):\n"
+        "    raise ImportError('registry moved')\n"
+        "d.register_decomposition = moved\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import resnet_fused\n"
+        "said = [str(w.message) for w in caught if 'resnet_fused' in str(w.message)]\n"
+        "assert said and 'registry moved' in said[0] and 'runs the op whole' in said[0], said\n"
+        "x, w = torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3)\n"
+        "f = lambda x: resnet_fused.conv_bias_add_relu(x, w, padding=1)\n"
+        "assert torch.allclose(torch.compile(f, fullgraph=True)(x), f(x))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
