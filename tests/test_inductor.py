@@ -35,22 +35,27 @@ def compiled_code(fn, *args, freezing: bool = False):
 
 
 # Every epilogue on one conv; every layout and conv geometry with the full epilogue and the pre-activation one.
+F32 = torch.float32
 COMPILED_CASES = [
-    *(("3x3", "channels_last", e) for e in ALL_EPILOGUES),
-    *(("3x3", layout, e) for layout in ("nchw", "noncontig") for e in (FULL, PREACT)),
-    *((case, "nchw", FULL) for case in ("1x1_s2", "groups2", "dilated_rect", "depthwise_s2")),
+    *(("3x3", "channels_last", e, F32) for e in ALL_EPILOGUES),
+    *(("3x3", layout, e, F32) for layout in ("nchw", "noncontig") for e in (FULL, PREACT)),
+    *((case, "nchw", FULL, F32) for case in ("1x1_s2", "groups2", "dilated_rect", "depthwise_s2")),
+    *(("3x3", "channels_last", FULL, dtype) for dtype in (torch.bfloat16, torch.float64)),
 ]
 
 
 @pytest.mark.parametrize(
-    ("case", "layout", "epilogue"),
+    ("case", "layout", "epilogue", "dtype"),
     COMPILED_CASES,
-    ids=[f"{c}-{lay}-" + "".join("BSRA"[i] for i, on in enumerate(e) if on) for c, lay, e in COMPILED_CASES],
+    ids=[
+        f"{c}-{lay}-{str(d)[6:]}-" + "".join("BSRA"[i] for i, on in enumerate(e) if on)
+        for c, lay, e, d in COMPILED_CASES
+    ],
 )
-def test_compiled_op_is_inductors_own_code(case, layout, epilogue):
+def test_compiled_op_is_inductors_own_code(case, layout, epilogue, dtype):
     """Every epilogue, layout and conv geometry: y and the gradients against float64, y in x's memory format (the
     op's contract), and the op itself gone from the generated code (the backward stays the package's)."""
-    inputs = make_inputs(CASES[case], torch.float32, layout, epilogue)
+    inputs = make_inputs(CASES[case], dtype, layout, epilogue)
     kwargs = inputs.kwargs
 
     def block(x, weight, bias, residual):
@@ -60,7 +65,7 @@ def test_compiled_op_is_inductors_own_code(case, layout, epilogue):
         _, code = compiled_code(block, *inputs.tensors.values())
     assert "convolution" in code and f"{OP_CALL}.conv_bias_add_relu.default" not in code
     y, _ = compiled_code(block, *inputs.tensors.values())
-    check_call(y, inputs, torch.float32, f"compiled {case} {layout} {epilogue}")
+    check_call(y, inputs, dtype, f"compiled {case} {layout} {dtype} {epilogue}")
 
 
 def test_frozen_compile_prepacks_and_fuses_as_for_the_original():
