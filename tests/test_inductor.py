@@ -12,7 +12,6 @@ from helpers import ALL_EPILOGUES, CASES, FULL, PREACT, check_call, make_inputs
 from torch._inductor.utils import run_and_get_code
 
 import resnet_fused
-from resnet_fused import inductor
 from resnet_fused.nn import FusedConv2d
 
 OP_CALL = "torch.ops.resnet_fused"  # how generated code calls the op, where it keeps one
@@ -92,12 +91,40 @@ def test_frozen_compile_prepacks_and_fuses_as_for_the_original():
                 assert torch.equal(y_nan.isnan(), eager_nan.isnan())
 
 
-def test_off_cpu_the_op_stays_whole():
-    """Other devices keep the op (its CUDA kernels): the decomposition declines."""
-    conv = ([1, 1], [0, 0], [1, 1], 1, True)
-    on = {d: (torch.ones(1, 2, 3, 3, device=d), torch.ones(2, 2, 1, 1, device=d)) for d in ("meta", "cpu")}
-    assert inductor.decomposed(*on["meta"], None, None, None, *conv) is NotImplemented
-    assert torch.equal(inductor.decomposed(*on["cpu"], None, None, None, *conv), torch.full((1, 2, 3, 3), 2.0))
+def test_a_compile_before_import_still_sees_the_decomposition():
+    """Inductor reads its table through a cached copy: a compile before ``import resnet_fused`` made one without the
+    op, and the op then stayed opaque, silently."""
+    code = (
+        "import torch, torch._inductor.config as c, torch._functorch.config as f\n"
+        "from torch._inductor.utils import run_and_get_code\n"
+        "c.fx_graph_cache = False\n"
+        "f.enable_autograd_cache = False\n"
+        "torch.compile(lambda x: x.relu() + 1)(torch.randn(4))\n"
+        "import resnet_fused\n"
+        "x, w = torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3)\n"
+        "f = lambda x: resnet_fused.conv_bias_add_relu(x, w, padding=1)\n"
+        "with torch.no_grad():\n"
+        "    y, code = run_and_get_code(torch.compile(f, fullgraph=True), x)\n"
+        "assert 'torch.ops.resnet_fused' not in '\\n'.join(code)\n"
+        "assert torch.allclose(y, f(x))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_an_unbacked_batch_compiles_without_layout_optimization():
+    """With a data-dependent batch, torch 2.14's Inductor fails NCHW convs in its layout optimization (a plain
+    F.conv2d as well); turning that off compiles the decomposition correctly."""
+    from torch._dynamo.decorators import mark_unbacked
+
+    g = torch.Generator().manual_seed(0)
+    x, w, r = (torch.randn(s, generator=g) for s in [(4, 3, 8, 8), (5, 3, 3, 3), (4, 5, 8, 8)])
+    mark_unbacked(x, 0)
+    mark_unbacked(r, 0)
+    with torch._inductor.config.patch(layout_optimization=False):
+        y, code = compiled_code(lambda x, r: resnet_fused.conv_bias_add_relu(x, w, None, r, padding=1), x, r)
+    assert OP_CALL not in code
+    torch.testing.assert_close(y, resnet_fused.conv_bias_add_relu(x, w, None, r, padding=1))
 
 
 @pytest.mark.parametrize("order", ["resnet_fused first", "inductor first"])
