@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -450,3 +452,9 @@ __all__ = [
     "make_inputs", "make_tensor", "reference_forward", "reference_grads", "registered_forward_ops", "sweep_draws",
     "target_params", "targets", "to_layout", "tolerance",
 ]  # fmt: skip
+
+
+def run_fresh(code: str) -> None:
+    """Run ``code`` in a fresh interpreter, where nothing was imported before it; it must succeed."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

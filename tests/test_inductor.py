@@ -3,12 +3,9 @@ same results as the op, float64-checked, with and without freezing, and no opaqu
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
-from helpers import ALL_EPILOGUES, CASES, FULL, PREACT, check_call, make_inputs
+from helpers import ALL_EPILOGUES, CASES, FULL, PREACT, check_call, make_inputs, run_fresh
 from torch._inductor.utils import run_and_get_code
 
 import resnet_fused
@@ -108,8 +105,7 @@ def test_a_compile_before_import_still_sees_the_decomposition():
         "assert 'torch.ops.resnet_fused' not in '\\n'.join(code)\n"
         "assert torch.allclose(y, f(x))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_fresh(code)
 
 
 def test_an_unbacked_batch_compiles_without_layout_optimization():
@@ -141,8 +137,7 @@ def test_registered_when_inductor_is_imported(order):
         "assert torch.ops.resnet_fused.conv_bias_add_relu.default in d.decompositions\n"
         "assert torch.ops.resnet_fused.conv_bias_add_relu_backward.default not in d.decompositions\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_fresh(code)
 
 
 def test_a_failing_registration_warns_and_the_op_stays_whole():
@@ -163,5 +158,4 @@ def test_a_failing_registration_warns_and_the_op_stays_whole():
         "f = lambda x: resnet_fused.conv_bias_add_relu(x, w, padding=1)\n"
         "assert torch.allclose(torch.compile(f, fullgraph=True)(x), f(x))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_fresh(code)

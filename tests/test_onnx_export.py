@@ -10,8 +10,6 @@ from __future__ import annotations
 import copy
 import io
 import itertools
-import subprocess
-import sys
 import warnings
 from typing import NamedTuple
 
@@ -21,6 +19,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torchvision
+from helpers import run_fresh
 from torch import Tensor, nn
 
 import resnet_fused
@@ -406,12 +405,6 @@ def test_import_resnet_fused_alone_registers_exporters():
         "torch.onnx.export(m, (torch.randn(1, 3, 8, 8),), io.BytesIO(), dynamo=False)\n"
     )
     run_fresh(code)
-
-
-def run_fresh(code: str) -> None:
-    """Run ``code`` in a fresh interpreter, where nothing was imported before it; it must succeed."""
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("order", ["resnet_fused first", "onnxscript first", "looked up first"])
