@@ -160,3 +160,19 @@ def test_a_failing_registration_warns_and_the_op_stays_whole():
         "assert torch.allclose(torch.compile(f, fullgraph=True)(x), f(x))\n"
     )
     run_fresh(code)
+
+
+def test_a_prepared_model_compiles_from_the_decomposition_too():
+    """A prepared model under torch.compile runs the ordinary op (the packs are eager-only), which Inductor then
+    compiles from its decomposition: frozen, it matches the prepared model's eager output."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model, _ = resnet_fused.convert(torchvision.models.resnet18(num_classes=10).eval())
+    prepared = resnet_fused.optimize_for_inference(model.to(memory_format=torch.channels_last))
+    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        eager = prepared(x)
+        y, code = compiled_code(prepared, x, freezing=True)
+    assert OP_CALL not in code and "mkldnn._convolution_pointwise" in code
+    torch.testing.assert_close(y, eager)  # fp32's default tolerance: 3e-7 apart here
