@@ -49,8 +49,15 @@ __all__ = ["PackedFusedConv2d", "PreparedSequential", "optimize_for_inference"]
 RELU_MODE_VAR = "RESNET_FUSED_ONEDNN_RELU"
 
 
-# torch.jit.is_tracing() is this call behind an is_scripting() check; both run on every prepared call.
+# Bound once: these run on every prepared call. torch.jit.is_tracing() is _is_tracing behind an is_scripting() check;
+# torch.backends.mkldnn.enabled is _get_mkldnn_enabled behind a property.
 _jit_tracing = torch._C._is_tracing
+_grad_enabled = torch.is_grad_enabled
+_autocast_enabled = torch.is_autocast_enabled
+_mkldnn_enabled = torch._C._get_mkldnn_enabled
+_getenv = os.environ.get
+_forward_ad = torch.autograd.forward_ad
+_peek_interpreter = torch._C._functorch.peek_interpreter_stack
 
 # The largest output (bytes) whose residual add rides in oneDNN's binary post-op when no ReLU pass follows. Up to
 # about 3 MiB the post-op beat a separate pass (the residual comes from cache); from about 6 MiB it stalled on memory,
@@ -79,6 +86,11 @@ def _traced(x: Tensor, residual: Tensor | None) -> bool:
         or _jit_tracing()
         or _dispatch_modes() != 0
     )
+
+
+def _held(t: Tensor) -> tuple:
+    """What a pack depends on in ``t``: its identity, version, memory and metadata."""
+    return (id(t), t._version, t.data_ptr(), t.dtype, t.device, t.shape, t.stride())
 
 
 def _forced_backend() -> str | None:
@@ -198,22 +210,23 @@ class PackedFusedConv2d(FusedConv2d):
         the identity, version and storage of weight, scale and bias; the conv's settings; the global switches.
         None where one of them is an inference tensor (e.g. a scale computed under inference_mode), which has no
         version counter: such a call is checked every time."""
+        # Tuples built inline, not by nested helpers: this runs on every prepared call, where each Python call counts.
         w = self.weight
-
-        def meta(t: Tensor | None) -> tuple | None:
-            return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
-
-        def held(t: Tensor | None) -> tuple | None:
-            return None if t is None else (id(t), t._version, t.data_ptr(), t.dtype, t.device, t.shape, t.stride())
-
-        fused = relu and (self._fuse_relu or os.environ.get(RELU_MODE_VAR) == "fused")
-        conv = (self.stride, self.padding, self.dilation, self.groups, self.padding_mode, self.backend)
-        switches = (torch.is_autocast_enabled("cpu"), torch.backends.mkldnn.enabled, os.environ.get(select.ENV_VAR))
+        fused = relu and (self._fuse_relu or _getenv(RELU_MODE_VAR) == "fused")
         try:
-            tensors = (held(w), held(scale), held(bias))
+            return (
+                (x.shape, x.stride(), x.dtype, x.device),
+                None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device),
+                _held(w),
+                None if scale is None else _held(scale),
+                None if bias is None else _held(bias),
+                relu,
+                fused,
+                (self.stride, self.padding, self.dilation, self.groups, self.padding_mode, self.backend),
+                (_autocast_enabled("cpu"), _mkldnn_enabled(), _getenv(select.ENV_VAR)),
+            )
         except RuntimeError:  # "Inference tensors do not track version counter"
             return None
-        return (meta(x), meta(residual), *tensors, relu, fused, conv, switches)
 
     def _packed_path_ok(self, x: Tensor, residual: Tensor | None, scale: Tensor | None, bias: Tensor | None) -> bool:
         if self.training or x.device.type != "cpu" or x.dim() != 4 or x.shape[0] == 0:
@@ -255,8 +268,10 @@ class PackedFusedConv2d(FusedConv2d):
     ) -> Tensor:
         """As :meth:`FusedConv2d.conv_bias_add_relu`, on the prepacked weight when the call allows it; there a
         donated channels_last ``residual`` receives the output in place."""
-        fused_nn._check_donate(donate_residual)
-        relu = self.relu if relu is None else relu
+        if type(donate_residual) is not bool:
+            fused_nn._check_donate(donate_residual)
+        if relu is None:
+            relu = self.relu
         if type(relu) is not bool:  # 1 == True: the cached signature would let it pass; the ordinary op refuses it
             return super().conv_bias_add_relu(
                 x, residual, weight=weight, scale=scale, bias=bias, relu=relu, fold_trainable_scale=fold_trainable_scale
@@ -264,11 +279,16 @@ class PackedFusedConv2d(FusedConv2d):
         # Forward AD runs even under no_grad, where the packed path would drop a tangent (the weight's too); under
         # vmap the ordinary op batches in one call, while the packed path has no batching rule.
         # A trace, export or compile records the ordinary op (see _traced); checked before the fast path below.
-        w = self.weight if weight is None else weight
         if (
             _traced(x, residual)
             or contract.functorch_active()
-            or contract.differentiated_by_transform(x, w, residual, scale, bias)
+            # Its checks, where there is anything to check: a dual level entered or a functorch interpreter pushed.
+            or (
+                (_forward_ad._current_level >= 0 or _peek_interpreter() is not None)
+                and contract.differentiated_by_transform(
+                    x, self.weight if weight is None else weight, residual, scale, bias
+                )
+            )
         ):
             return super().conv_bias_add_relu(
                 x, residual, weight=weight, scale=scale, bias=bias, relu=relu, fold_trainable_scale=fold_trainable_scale
@@ -276,7 +296,7 @@ class PackedFusedConv2d(FusedConv2d):
         # Without autograd, a call like the last checked one skips the checks (their inputs are all in the
         # signature) and the pack lookup. With autograd, every call is checked.
         signature = None
-        if weight is None and not torch.is_grad_enabled():
+        if weight is None and not _grad_enabled():
             signature = self._signature(x, residual, scale, bias, relu)
             last = self._last_call
             # never when signature is None: _last_call holds none. The scale by value: a write that bumps no
