@@ -35,6 +35,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_globals  # the global hook registries
 
 from resnet_fused import contract
 from resnet_fused.backends import check_name
@@ -568,9 +569,7 @@ def _plain_relu(act: nn.Module) -> bool:
 
 def _global_hooks() -> bool:
     """Whether a global forward (pre-)hook is registered: it sees every module's inputs or outputs, and may keep them."""
-    from torch.nn.modules import module
-
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+    return bool(_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks)
 
 
 # An input handed to the next block call that receives exactly this tensor (resnet_fused.inference.PreparedSequential
