@@ -55,7 +55,6 @@ _jit_tracing = torch._C._is_tracing
 _grad_enabled = torch.is_grad_enabled
 _autocast_enabled = torch.is_autocast_enabled
 _mkldnn_enabled = torch._C._get_mkldnn_enabled
-_getenv = os.environ.get
 _forward_ad = torch.autograd.forward_ad
 _peek_interpreter = torch._C._functorch.peek_interpreter_stack
 
@@ -212,21 +211,24 @@ class PackedFusedConv2d(FusedConv2d):
         version counter: such a call is checked every time."""
         # Tuples built inline, not by nested helpers: this runs on every prepared call, where each Python call counts.
         w = self.weight
-        fused = relu and (self._fuse_relu or _getenv(RELU_MODE_VAR) == "fused")
+        fused = relu and (self._fuse_relu or os.environ.get(RELU_MODE_VAR) == "fused")
+        # Outside the try: an input without strides (sparse, nested) raises here, as the ordinary op would.
+        inputs = (
+            (x.shape, x.stride(), x.dtype, x.device),
+            None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device),
+        )
         try:
-            return (
-                (x.shape, x.stride(), x.dtype, x.device),
-                None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device),
-                _held(w),
-                None if scale is None else _held(scale),
-                None if bias is None else _held(bias),
-                relu,
-                fused,
-                (self.stride, self.padding, self.dilation, self.groups, self.padding_mode, self.backend),
-                (_autocast_enabled("cpu"), _mkldnn_enabled(), _getenv(select.ENV_VAR)),
-            )
+            tensors = (_held(w), None if scale is None else _held(scale), None if bias is None else _held(bias))
         except RuntimeError:  # "Inference tensors do not track version counter"
             return None
+        return (
+            *inputs,
+            *tensors,
+            relu,
+            fused,
+            (self.stride, self.padding, self.dilation, self.groups, self.padding_mode, self.backend),
+            (_autocast_enabled("cpu"), _mkldnn_enabled(), os.environ.get(select.ENV_VAR)),
+        )
 
     def _packed_path_ok(self, x: Tensor, residual: Tensor | None, scale: Tensor | None, bias: Tensor | None) -> bool:
         if self.training or x.device.type != "cpu" or x.dim() != 4 or x.shape[0] == 0:
