@@ -1040,3 +1040,23 @@ def test_another_backend_asked_for_runs_instead_of_the_packs(monkeypatch, how):
             monkeypatch.setenv("RESNET_FUSED_BACKEND", "cuda")
         with torch.no_grad(), pytest.raises(RuntimeError, match="'cuda' is not available in this install"):
             net(x)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval-no-grad"])
+def test_a_parametrized_weight_is_computed_as_an_unprepared_conv_computes_it(mode):
+    # spectral_norm's training forward runs one power iteration per read of conv.weight: a prepared conv must read it
+    # as often as an unprepared one, or its weight (and output) drift from the converted model's.
+    def run(prepare: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        net = nn.Sequential(FusedConv2d(4, 8, 3, padding=1)).eval()
+        conv = (optimize_for_inference(net) if prepare else net)[0]
+        nn.utils.parametrizations.spectral_norm(conv, "weight")
+        conv.train(mode == "train")
+        x = torch.randn(2, 4, 6, 6)
+        with torch.no_grad() if mode == "eval-no-grad" else torch.enable_grad():
+            ys = [conv(x) for _ in range(3)]
+        return torch.stack(ys), conv.parametrizations.weight[0]._u.clone()
+
+    (y, u), (y_ref, u_ref) = run(prepare=True), run(prepare=False)
+    torch.testing.assert_close(u, u_ref, rtol=0, atol=0)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
