@@ -10,7 +10,7 @@
 - :class:`SkipBlock` (skip over 1, 2 or 3 layers) and :class:`PreActBlock` (pre-activation, linear
   skip path) show how other residual shapes are built from :class:`FusedConv2d`.
 
-How a conv and the norm after it run (``conv(x, residual, norm=norm)``, :meth:`FusedConv2d.forward`):
+How a conv and the norm after it run (``conv(x, residual=residual, norm=norm)``, :meth:`FusedConv2d.forward`):
 
 - no norm: the conv's own bias (and frozen scale/shift, if set) in the fused epilogue;
 - ``torchvision.ops.FrozenBatchNorm2d``, or ``nn.BatchNorm2d`` in eval mode: folded on the fly
@@ -490,12 +490,12 @@ def norm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor] | None:
 
 
 def conv_norm(conv: FusedConv2d, norm: nn.Module | None, x: Tensor, residual: Tensor | None = None) -> Tensor:
-    """``act(norm(conv(x)) + residual)``, fused as far as ``norm`` allows (act: ``conv.relu``): ``conv(x, residual,
-    norm=norm)``.
+    """``act(norm(conv(x)) + residual)``, fused as far as ``norm`` allows (act: ``conv.relu``):
+    ``conv(x, residual=residual, norm=norm)``.
 
     Shapes: ``x`` ``(N, C_in, H, W)``; ``residual`` and the result ``(N, C_out, H_out, W_out)``.
     """
-    return conv(x, residual, norm=norm)
+    return conv(x, residual=residual, norm=norm)
 
 
 def _conv3x3(
@@ -677,12 +677,12 @@ class BasicBlock(nn.Module):
             act = self.relu
             out = act(self.conv1(x, norm=self.bn1, relu=False))
             residual, _ = _shortcut(self, x, self.conv1, self.conv2, False)
-            return act(self.conv2(out, residual, norm=self.bn2, relu=False))
+            return act(self.conv2(out, residual=residual, norm=self.bn2, relu=False))
         out = self.conv1(x, norm=self.bn1)
         # The shortcut last, as torchvision: autograd then runs its backward first and frees its input gradient
         # before the main branch's backward allocates (a lower training peak).
         residual, owned = _shortcut(self, x, self.conv1, self.conv2, donate_input)
-        return self.conv2(out, residual, norm=self.bn2, donate_residual=owned)
+        return self.conv2(out, residual=residual, norm=self.bn2, donate_residual=owned)
 
 
 class Bottleneck(nn.Module):
@@ -733,13 +733,13 @@ class Bottleneck(nn.Module):
             out = act(self.conv1(x, norm=self.bn1, relu=False))
             out = act(self.conv2(out, norm=self.bn2, relu=False))
             residual, _ = _shortcut(self, x, self.conv1, self.conv3, False)
-            return act(self.conv3(out, residual, norm=self.bn3, relu=False))
+            return act(self.conv3(out, residual=residual, norm=self.bn3, relu=False))
         out = self.conv1(x, norm=self.bn1)
         out = self.conv2(out, norm=self.bn2)
         # The shortcut last, as torchvision: autograd then runs its backward first and frees its input gradient
         # before the main branch's backward allocates (a lower training peak).
         residual, owned = _shortcut(self, x, self.conv1, self.conv3, donate_input)
-        return self.conv3(out, residual, norm=self.bn3, donate_residual=owned)
+        return self.conv3(out, residual=residual, norm=self.bn3, donate_residual=owned)
 
 
 class SkipBlock(nn.Module):

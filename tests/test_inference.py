@@ -544,15 +544,16 @@ def test_nchw_block_does_not_sum_in_place_and_matches():
 
 @pytest.mark.parametrize("hook_on", ["projection", "projection-norm", "last-conv", "global"])
 def test_no_donation_when_a_hook_can_see_the_shortcut(hook_on):
-    """A forward hook may keep the projection's output, or see it as the last conv's input: the block then never
-    writes into it, and what the hook kept stays what it saw."""
+    """A forward hook may keep the projection's output, or see it as the last conv's residual argument: the block then
+    never writes into it, and what the hook kept stays what it saw."""
     model = projection_block("bottleneck")
     block = model[0]
     x = torch.randn(2, 8, 10, 10).contiguous(memory_format=torch.channels_last)
     kept = []
 
-    def keep(module, inputs, output):
-        kept.append((output, output.clone()) if module is not block.conv3 else (inputs[1], inputs[1].clone()))
+    def keep(module, args, kwargs, output):
+        seen = output if module is not block.conv3 else kwargs["residual"]
+        kept.append((seen, seen.clone()))
 
     prepared = optimize_for_inference(copy.deepcopy(model))
     block = prepared[0]
@@ -562,7 +563,7 @@ def test_no_donation_when_a_hook_can_see_the_shortcut(hook_on):
             lambda m, i, o: kept.append((o, o.clone())) if m is block.downsample[0] else None
         )
     else:
-        handle = target[hook_on].register_forward_hook(keep)
+        handle = target[hook_on].register_forward_hook(keep, with_kwargs=True)
     try:
         y, ops = trace(prepared, x)
     finally:

@@ -44,6 +44,29 @@ def test_forward_hooks_fire_on_every_conv_of_a_converted_model():
         assert sorted(calls) == sorted(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_hooks_on_a_blocks_last_conv_see_its_input_as_on_nn_conv2d(arch):
+    """The residual goes to a block's last conv by keyword: its hooks see one positional input, as nn.Conv2d's do, so a
+    pre-hook that returns a changed input keeps the residual and a full backward hook gets one grad_input."""
+    torch.manual_seed(0)
+    ref = randomize_norms_(getattr(torchvision.models, arch)(weights=None, num_classes=10), 0).double().eval()
+    ours, _ = resnet_fused.convert(copy.deepcopy(ref))
+    last = "conv2" if arch == "resnet18" else "conv3"
+    seen = []
+    for model in (ref, ours):
+        getattr(model.layer1[0], last).register_forward_pre_hook(lambda m, args: seen.append(len(args)) or args[0] / 2)
+        getattr(model.layer2[1], last).register_full_backward_hook(lambda m, grad_in, grad_out: (grad_in[0] * 2,))
+    xs = [torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) for _ in range(2)]
+    ys = []
+    for model, x in zip((ref, ours), xs, strict=True):
+        x.requires_grad_()
+        ys.append(model(x))
+        ys[-1].sum().backward()
+    assert seen == [1, 1]
+    assert_close(ys[1], ys[0], torch.float64, "output")
+    assert_close(xs[1].grad, xs[0].grad, torch.float64, "grad x")
+
+
 @pytest.mark.parametrize("name", ["layer1.0.conv2", "layer2.0.downsample.0", "conv1"])
 def test_pruning_inside_a_converted_block_is_applied_and_follows_weight_orig(name):
     """prune's forward pre-hook recomputes ``weight`` from ``weight_orig`` and the mask on every call: the fused
