@@ -282,6 +282,10 @@ class FusedConv2d(nn.Conv2d):
         and the result ``(N, C_out, H_out, W_out)`` or ``(C_out, H_out, W_out)``.
         """
         relu = self.relu if relu is None else relu
+        if isinstance(relu, Tensor) and relu.dtype == torch.bool and relu.dim() == 0 and torch.jit.is_tracing():
+            # The TorchScript ONNX exporter passes a bool input as a tensor: the trace keeps its value, as `if relu:`
+            # does in any module.
+            relu = bool(relu)
         # Only True donates: the TorchScript ONNX exporter passes the default as tensor(False), and a truthy typo must
         # not let the conv write into the caller's residual.
         donate_residual = donate_residual is True

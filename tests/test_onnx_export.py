@@ -375,6 +375,29 @@ def test_channels_last_model_exports():
     assert_matches(actual, float64_outputs(model, (x_run,))[0], "channels_last bn_free_resnet")
 
 
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_a_fused_conv_exported_with_a_relu_argument(exporter):
+    """forward's ``relu`` override given as an export argument: the TorchScript exporter passes it as a tensor."""
+    torch.manual_seed(0)
+    conv = FusedConv2d(4, 6, 3, padding=1, relu=True).eval()
+    x = torch.randn(2, 4, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice and its tracer's
+        if exporter == "dynamo":
+            proto = torch.onnx.export(conv, (x,), kwargs={"relu": False}, dynamo=True).model_proto
+        else:
+            f = io.BytesIO()
+            torch.onnx.export(conv, (x,), f, kwargs={"relu": False}, dynamo=False)
+            proto = onnx.load_from_string(f.getvalue())
+    assert custom_domain_nodes(proto) == [] and "Relu" not in op_counts(proto)
+    with torch.no_grad():
+        expected = copy.deepcopy(conv).double()(x.double(), relu=False)
+    assert (expected < 0).any()  # a ReLU would have changed the output
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (feed,) = session.get_inputs()  # the bool is no graph input: its value is in the graph
+    assert_matches(session.run(None, {feed.name: x.numpy()})[0], expected, "relu=False")
+
+
 @pytest.mark.parametrize("opset", [7, 13, 20])
 def test_torchscript_exporter_opsets(opset):
     """The TorchScript translation holds from the exporter's oldest opset to its newest."""
