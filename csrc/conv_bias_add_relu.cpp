@@ -158,8 +158,9 @@ void check_conv_bias_add_relu_args(
       c % groups == 0, "x: expected channels divisible by groups=", groups,
       ", got C=", c);
   TORCH_CHECK_VALUE(
-      weight.size(1) * groups == c, "weight: expected shape[1] == C/groups = ",
-      c / groups, ", got ", weight.size(1));
+      weight.size(1) * groups == c,
+      "x: expected C = weight.shape[1] * groups = ", weight.size(1) * groups,
+      " channels, got C=", c);
   TORCH_CHECK_VALUE(
       k % groups == 0, "weight: expected out channels divisible by groups=",
       groups, ", got K=", k);

@@ -193,7 +193,7 @@ def _check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, g
     if c % groups:
         raise ValueError(f"x: expected channels divisible by groups={groups}, got C={c}")
     if ws[1] * groups != c:
-        raise ValueError(f"weight: expected shape[1] == C/groups = {c // groups}, got {ws[1]}")
+        raise ValueError(f"x: expected C = weight.shape[1] * groups = {ws[1] * groups} channels, got C={c}")
     if k % groups:
         raise ValueError(f"weight: expected out channels divisible by groups={groups}, got K={k}")
     if ws[2] < 1 or ws[3] < 1:

@@ -494,7 +494,7 @@ BAD_INPUTS = [
     ("groups_divide", lambda: (torch.randn(2, 3, 8, 8), torch.randn(6, 1, 3, 3), {"groups": 2}), ValueError,
      r"x: expected channels divisible by groups=2, got C=3"),
     ("weight_channels", lambda: (torch.randn(2, 4, 8, 8), torch.randn(6, 3, 3, 3), {}), ValueError,
-     r"weight: expected shape\[1\] == C/groups = 4, got 3"),
+     r"x: expected C = weight.shape\[1\] \* groups = 3 channels, got C=4"),
     ("dtype_mix", lambda: _args(bias=torch.randn(6, dtype=torch.float64)), TypeError,
      r"bias: expected dtype torch.float32 \(x's\), got torch.float64"),
     ("dtype_int", lambda: (torch.ones(2, 4, 8, 8, dtype=torch.int32), torch.ones(6, 4, 3, 3, dtype=torch.int32), {}),
@@ -632,7 +632,7 @@ BAD_BACKWARD = [
     ("groups_divide", lambda: _bwd(x=torch.randn(2, 3, 8, 8), weight=torch.randn(6, 1, 3, 3), groups=2), ValueError,
      r"x: expected channels divisible by groups=2, got C=3"),
     ("weight_channels", lambda: _bwd(weight=torch.randn(6, 3, 3, 3)), ValueError,
-     r"weight: expected shape\[1\] == C/groups = 4, got 3"),
+     r"x: expected C = weight.shape\[1\] \* groups = 3 channels, got C=4"),
     ("kernel_too_big", lambda: _bwd(x=torch.randn(2, 4, 5, 5), weight=torch.randn(6, 4, 7, 7), padding=[0, 0]),
      ValueError, r"weight: expected a \(dilated\) kernel no larger than the padded input, got kernel extent 7 > "
      r"padded input 5"),
