@@ -289,6 +289,8 @@ class FusedConv2d(nn.Conv2d):
         # Only True donates: the TorchScript ONNX exporter passes the default as tensor(False), and a truthy typo must
         # not let the conv write into the caller's residual.
         donate_residual = donate_residual is True
+        if _channels_last_by_weight(x, self):
+            x = x.contiguous(memory_format=torch.channels_last)
         scale, shift = self.scale_shift()
         if norm is not None and not isinstance(norm, nn.Module):
             raise TypeError(f"norm: expected an nn.Module or None, got {type(norm).__name__}")
@@ -339,6 +341,21 @@ class FusedConv2d(nn.Conv2d):
             fold_trainable_scale=True,
             donate_residual=donate_residual,
         )
+
+
+def _channels_last_by_weight(x: Tensor, conv: nn.Conv2d) -> bool:
+    """Whether nn.Conv2d would run this call channels_last though ``x`` is not: ATen's oneDNN and cuDNN convs go
+    channels_last when x or the weight reads so (a ``.to(memory_format=torch.channels_last)`` model fed NCHW input),
+    while the op follows x alone. Cheapest checks first, the weight last: this runs on every call."""
+    cl = torch.channels_last
+    if isinstance(x, torch.fx.Proxy) or x.dim() != 4 or contract.functorch_active() or torch.jit.is_tracing():
+        return False  # functorch cannot query a batched tensor's layout, nor torch.jit.trace read traced strides
+    if x.is_contiguous(memory_format=cl) and not x.is_contiguous():
+        return False  # x is channels_last already
+    w = conv.weight
+    if not isinstance(w, Tensor) or w.dim() != 4 or not w.is_contiguous(memory_format=cl):
+        return False
+    return contract.memory_format(w) == cl and contract.memory_format(x) != cl
 
 
 def _fused_conv(

@@ -44,6 +44,43 @@ def test_forward_hooks_fire_on_every_conv_of_a_converted_model():
         assert sorted(calls) == sorted(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
 
 
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_a_channels_last_weight_makes_the_conv_channels_last_as_nn_conv2d(kernel):
+    """NCHW x, channels_last weight: nn.Conv2d (oneDNN, cuDNN) runs channels_last; so does FusedConv2d, outputs and
+    gradients in the same layouts (a 1x1 kernel's strides are ambiguous: read as ATen reads them)."""
+    torch.manual_seed(0)
+    ref = nn.Conv2d(4, 8, kernel, padding=kernel // 2).double()
+    ours = FusedConv2d(4, 8, kernel, padding=kernel // 2, relu=False).double()
+    ours.load_state_dict(ref.state_dict())
+    ref, ours = (m.to(memory_format=torch.channels_last) for m in (ref, ours))
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    ys = [ref(xs[0]), ours(xs[1])]
+    assert ys[1].stride() == ys[0].stride() and ys[0].is_contiguous(memory_format=torch.channels_last)
+    assert_close(ys[1], ys[0], torch.float64, "output")
+    grad = torch.randn_like(ys[0])
+    for y in ys:
+        y.backward(grad)
+    assert xs[1].grad.stride() == xs[0].grad.stride() and ours.weight.grad.stride() == ref.weight.grad.stride()
+    assert_close(xs[1].grad, xs[0].grad, torch.float64, "grad x")
+    assert_close(ours.weight.grad, ref.weight.grad, torch.float64, "grad weight")
+
+
+def test_a_channels_last_model_fed_nchw_input_runs_channels_last_as_torchvision():
+    ref, ours = converted_pair()
+    ref, ours = (m.to(memory_format=torch.channels_last) for m in (ref, ours))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)  # NCHW, as images usually come
+    strides = {}
+    for label, model in (("ref", ref), ("ours", ours)):
+        seen = strides.setdefault(label, {})
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Conv2d):
+                m.register_forward_hook(lambda m, args, y, seen=seen, name=name: seen.update({name: y.stride()}))
+    with torch.no_grad():
+        assert_close(ours(x), ref(x), torch.float64, "output")
+    assert strides["ours"] == strides["ref"] and len(strides["ref"]) == 20
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_hooks_on_a_blocks_last_conv_see_its_input_as_on_nn_conv2d(arch):
     """The residual goes to a block's last conv by keyword: its hooks see one positional input, as nn.Conv2d's do, so a
