@@ -295,15 +295,32 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(
     // scratch g is scaled in place, so the peak holds no copy at all. fp16
     // always scales g, as the unfused backward does: its narrow range lets
     // w * s, or the unscaled wgrad, overflow where g * s does not.
-    const bool scale_g = scale.has_value() &&
+    bool scale_g = scale.has_value() &&
         (g.numel() <= weight.numel() || g.scalar_type() == at::kHalf);
+    at::Tensor ws;
+    if (scale.has_value() && !scale_g && scale->is_cpu()) {
+      // So does a non-finite s, or a w * s that overflows: the unfused
+      // backward sums g * s * x, NaN where s * sum(g * x) is +-inf, and
+      // feeds its dgrad g * s, finite where w * s is not. Checked on CPU,
+      // where reading the result costs no device sync.
+      if (need_grad_x) {
+        ws = weight * scale->view({-1, 1, 1, 1});
+        scale_g = !at::isfinite(ws).all().item<bool>(); // s finite if ws is
+        if (scale_g) {
+          ws = at::Tensor(); // not held through the conv backward
+        }
+      } else {
+        scale_g = !at::isfinite(*scale).all().item<bool>();
+      }
+    }
     const bool scale_w = scale.has_value() && !scale_g;
     const at::Tensor gs = !scale_g ? g
         : g_is_scratch             ? g.mul_(scale->view({1, -1, 1, 1}))
                                    : g * scale->view({1, -1, 1, 1});
-    const at::Tensor w = scale_w && need_grad_x
-        ? weight * scale->view({-1, 1, 1, 1})
-        : weight;
+    if (scale_w && need_grad_x && !ws.defined()) {
+      ws = weight * scale->view({-1, 1, 1, 1});
+    }
+    const at::Tensor& w = scale_w && need_grad_x ? ws : weight;
     std::tie(grad_x, grad_weight, std::ignore) = at::convolution_backward(
         gs, x, w, /*bias_sizes=*/std::nullopt, stride, padding, dilation,
         /*transposed=*/false, /*output_padding=*/{0, 0}, groups,

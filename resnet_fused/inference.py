@@ -164,9 +164,9 @@ class PackedFusedConv2d(FusedConv2d):
 
     def _packed_weight(
         self, x: Tensor, scale: Tensor | None, stride, padding, dilation
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor | None, Tensor | None]:
         """The (scale-folded) weight reordered for ``x``'s shape, rebuilt when its source changed, and the copy of
-        the scale it was folded with."""
+        the scale it was folded with; no weight (None) where the folded one is not finite."""
         w = self.weight
         # Shape and strides too: a .data swap for another view of the same memory (a transpose) keeps the rest.
         source = (w, w._version, w.data_ptr(), w.dtype, w.device, w.shape, w.stride())
@@ -193,6 +193,10 @@ class PackedFusedConv2d(FusedConv2d):
         if packed is None:
             with torch.no_grad():
                 folded = w if scale is None else w * scale.reshape(-1, 1, 1, 1)
+                if scale is not None and not torch.isfinite(folded).all():
+                    # A finite scale times a large weight overflowed: conv(x, w * s) would sum +-inf where
+                    # conv(x, w) * s is finite. The ordinary op applies such a scale after the conv.
+                    return None, frozen
                 packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
                     folded.contiguous().to_mkldnn(), list(padding), list(stride), list(dilation), self.groups, list(key)
                 )
@@ -315,6 +319,10 @@ class PackedFusedConv2d(FusedConv2d):
             x, self.weight, bias, residual, scale, self.stride, padding, self.dilation, self.groups, relu
         )
         packed, frozen = self._packed_weight(x, scale, stride, padding, dilation)
+        if packed is None:
+            return super().conv_bias_add_relu(
+                x, residual, weight=weight, scale=scale, bias=bias, relu=relu, fold_trainable_scale=fold_trainable_scale
+            )
         fused = relu and (self._fuse_relu or os.environ.get(RELU_MODE_VAR) == "fused")
         launch = (packed, (list(padding), list(stride), list(dilation), self.groups), contract.memory_format(x), fused)
         if signature is not None and generation == self._generation:

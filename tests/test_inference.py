@@ -238,6 +238,24 @@ def test_an_infinite_scale_takes_the_ordinary_op():
     assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.isinf(), expected.isinf())
 
 
+def test_a_scale_that_overflows_the_folded_weight_takes_the_ordinary_op():
+    """A finite scale (3e38) times a weight of 2 overflows: the folded filter's sums of +inf and -inf were NaN where
+    conv(x, w) * scale (0.25 * 3e38) is finite."""
+    conv = FusedConv2d(2, 4, 1, bias=False, relu=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([2.0, -1.75]).repeat(4, 1).view(4, 2, 1, 1))
+        conv.set_scale_shift(torch.full((4,), 3e38), torch.zeros(4))
+    net = optimize_for_inference(nn.Sequential(conv).eval())
+    x = torch.ones(2, 2, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = copy.deepcopy(net).double()(x.double())
+    assert expected.isfinite().all()
+    for _ in range(2):  # no pack is kept for the fast path to reuse
+        y, ops = trace(net, x)
+        assert PACKED_OP not in ops
+        assert_close(y, expected, torch.float32, "y")
+
+
 def onednn_dtype(name: str) -> torch.dtype:
     dtype = DTYPES[name]
     if not inference.onednn_supports(dtype):

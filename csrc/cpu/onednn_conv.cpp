@@ -183,17 +183,19 @@ at::Tensor onednn_conv_bias_add_relu(
     return at::Tensor();
   }
   // conv(x, w) * s + b == conv(x, w * s) + b: the scale rides in the weight,
-  // but only a finite one (an infinite s makes a whole filter +-inf, whose
-  // sums of +inf and -inf are NaN where conv(x, w) * s is +-inf), and not in
-  // fp16, whose range w * s may leave where conv(x, w) * s stays inside.
-  if (scale.has_value() &&
-      (x.scalar_type() == at::kHalf ||
-       !at::isfinite(*scale).all().item<bool>())) {
+  // but not in fp16, whose range w * s may leave where conv(x, w) * s stays
+  // inside, and only where w * s comes out finite: an infinite s, or a huge
+  // finite one times a large weight, makes filter entries +-inf, whose sums
+  // of +inf and -inf are NaN where conv(x, w) * s is +-inf or finite.
+  if (scale.has_value() && x.scalar_type() == at::kHalf) {
     return at::Tensor();
   }
   const at::Tensor w = scale.has_value()
       ? weight * scale->view({-1, 1, 1, 1})
       : weight.contiguous(weight.suggest_memory_format());
+  if (scale.has_value() && !at::isfinite(w).all().item<bool>()) {
+    return at::Tensor();
+  }
   const at::Tensor xc = x.contiguous(fmt);
   // oneDNN reads the bias as a dense (K,) vector: a strided or expanded one
   // must be copied.
