@@ -66,6 +66,8 @@ ARCHS = {
     "resnet50": ("bottleneck", [3, 4, 6, 3]),
 }
 MODES = ("inference", "train")
+# The fields that name the rounds a record was timed in: records agreeing on them were timed together.
+ROUND_KEYS = ("model", "mode", "variant", "dtype", "layout", "batch", "input_hw")
 COMPILED_IMPLS = ("compile", "compile-freezing", "fused-compile-freezing")  # skipped under --no-compile
 INFERENCE_IMPLS = ("eager", "fused", "prepared", "prepared-fuse-relu", *COMPILED_IMPLS, "ort")
 INFERENCE_BASELINES = ("eager", "compile", "compile-freezing", "ort")  # ratios of every variant against these

@@ -72,6 +72,8 @@ from resnet_fused.backends import BACKENDS
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
 PASSES = ("fwd", "fwd+bwd")
+# The fields that name the rounds a record was timed in: records agreeing on them were timed together.
+ROUND_KEYS = ("case", "pass", "dtype", "layout", "batch")
 EPILOGUES = ("bias+relu", "bias+res+relu", "bias")
 FLOORS = ("conv_alone", "conv_prepacked")
 BASE_IMPLS = ("eager", "compile", *FLOORS)  # every other implementation is a fused op: a backend or a prepacked row

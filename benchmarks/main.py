@@ -126,6 +126,10 @@ def render(bench_json: Path, out: Path, json_path: Path | None = None) -> int:
     """Write every table, summary.md and the verdicts again from a saved ``bench.json``, timing nothing: the op
     summary and targets and the model targets are recomputed from the records by the current rules."""
     combined = json.loads(Path(bench_json).read_text())
+    # The per-round ratios' summaries too, from the saved samples: the records keep the rules they were timed under.
+    timing.refresh_ratio_summaries(combined["ops"]["records"], bench_ops.ROUND_KEYS)
+    if "model" in combined:
+        timing.refresh_ratio_summaries(combined["model"]["records"], bench_model.ROUND_KEYS)
     ops = combined["ops"] = bench_ops.analyze(combined["ops"])
     written = bench_ops.write_outputs(ops, out / "ops.json", out / "ops.png", out / "ops.md")
     if "equivalence" in combined:

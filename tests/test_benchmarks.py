@@ -102,9 +102,38 @@ def test_median_ci_brackets_the_median_and_narrows_with_rounds():
         lo, hi = timing.median_ci(values)
         assert lo <= statistics.median(values) <= hi
     assert timing.median_ci(many)[1] - timing.median_ci(many)[0] < timing.median_ci(few)[1] - timing.median_ci(few)[0]
-    assert timing.median_ci([2.0] * 5) == (2.0, 2.0)
+    assert timing.median_ci([2.0] * 6) == (2.0, 2.0)
     summary = timing.Stats(times_ms=[1.0] * 8, inner=1, ratios={"eager": few}).ratio_summary("eager")
     assert (summary["ci_lo"], summary["ci_hi"]) == timing.median_ci(few)
+
+
+@pytest.mark.parametrize("n, ranks", [(5, None), (6, (1, 6)), (7, (1, 7)), (10, (2, 9)), (15, (4, 12)), (30, (10, 21))])
+def test_median_ci_is_the_order_statistic_interval_that_covers_95_percent(n, ranks):
+    values = [float(v) for v in range(1, n + 1)]
+    random.Random(n).shuffle(values)
+    lo, hi = timing.median_ci(values)
+    if ranks is None:  # no rank covers 95 %: no interval, so no verdict
+        assert math.isnan(lo) and math.isnan(hi)
+        assert timing.verdict(lo, hi, 1.0, n) is None
+        return
+    assert (lo, hi) == ranks
+    # Its coverage, P(lo <= median <= hi) = 1 - 2 P(Binomial(n, 1/2) < j), reaches 95 %, and the next rank's does not.
+    j = ranks[0]
+    coverage = [1 - 2 * sum(math.comb(n, i) for i in range(r)) / 2**n for r in (j, j + 1)]
+    assert coverage[0] >= 0.95 > coverage[1]
+
+
+def test_render_recomputes_ratio_summaries_from_the_saved_samples():
+    base = {"case": "c", "pass": "fwd", "dtype": "fp32", "layout": "nchw", "batch": 8}
+    eager = {**base, "impl": "eager", "samples_ms": [2.0, 2.2, 1.8, 2.0, 2.1, 1.9, 2.0]}
+    fused = {**base, "impl": "cpu", "samples_ms": [1.0, 1.0, 1.0, 1.1, 1.0, 0.9, 1.0],
+             "speedup_vs_eager": {"median": -1.0, "p25": -1.0, "p75": -1.0, "ci_lo": -1.0, "ci_hi": -1.0}}  # fmt: skip
+    other_rounds = {**fused, "batch": 1, "speedup_vs_eager": {"median": -1.0}}  # no eager timed with it: kept
+    timing.refresh_ratio_summaries([eager, fused, other_rounds], bench_ops.ROUND_KEYS)
+    ratios = [e / f for e, f in zip(eager["samples_ms"], fused["samples_ms"], strict=True)]
+    assert fused["speedup_vs_eager"] == timing.ratio_summary(ratios)
+    assert fused["speedup_vs_eager"]["median"] == statistics.median(ratios)
+    assert other_rounds["speedup_vs_eager"] == {"median": -1.0}
 
 
 @pytest.mark.parametrize(
