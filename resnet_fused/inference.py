@@ -278,7 +278,9 @@ class PackedFusedConv2d(FusedConv2d):
             fused_nn._check_donate(donate_residual)
         if relu is None:
             relu = self.relu
-        if type(relu) is not bool:  # 1 == True: the cached signature would let it pass; the ordinary op refuses it
+        # 1 == True: the cached signature would let it pass; the ordinary op refuses it. A weight recomputed on every
+        # read (a parametrization, pruning) is never packed: the ordinary op reads it once, as an unprepared conv does.
+        if type(relu) is not bool or (weight is None and "weight" not in self._parameters):
             return super().conv_bias_add_relu(
                 x, residual, weight=weight, scale=scale, bias=bias, relu=relu, fold_trainable_scale=fold_trainable_scale
             )

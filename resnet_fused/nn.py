@@ -352,8 +352,10 @@ def _channels_last_by_weight(x: Tensor, conv: nn.Conv2d) -> bool:
         return False  # functorch cannot query a batched tensor's layout, nor torch.jit.trace read traced strides
     if x.is_contiguous(memory_format=cl) and not x.is_contiguous():
         return False  # x is channels_last already
-    w = conv.weight
-    if not isinstance(w, Tensor) or w.dim() != 4 or not w.is_contiguous(memory_format=cl):
+    # The parameter itself: reading conv.weight would recompute a parametrized weight (spectral norm's power
+    # iteration, say) once more per call; such a conv keeps x's layout.
+    w = conv._parameters.get("weight")
+    if w is None or w.dim() != 4 or not w.is_contiguous(memory_format=cl):
         return False
     return contract.memory_format(w) == cl and contract.memory_format(x) != cl
 

@@ -1061,21 +1061,62 @@ def test_another_backend_asked_for_runs_instead_of_the_packs(monkeypatch, how):
             net(x)
 
 
-@pytest.mark.parametrize("mode", ["train", "eval-no-grad"])
-def test_a_parametrized_weight_is_computed_as_an_unprepared_conv_computes_it(mode):
-    # spectral_norm's training forward runs one power iteration per read of conv.weight: a prepared conv must read it
-    # as often as an unprepared one, or its weight (and output) drift from the converted model's.
-    def run(prepare: bool) -> tuple[torch.Tensor, torch.Tensor]:
+class _CountReads(nn.Module):
+    """A parametrization that counts how often the weight is computed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        self.reads += 1
+        return w
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last-weight"])
+def test_a_parametrized_weight_is_computed_once_a_call_as_by_nn_conv2d(training, grad, channels_last):
+    """A parametrized weight is recomputed on every read (spectral norm's training forward runs a power iteration per
+    read): prepared or not, a fused conv reads it once a call, as nn.Conv2d does, or its weight drifts from the
+    original model's. With a channels_last weight on NCHW input too (the layout check reads the parameter)."""
+    reads = {}
+    for kind in ("nn.Conv2d", "FusedConv2d", "prepared"):
         torch.manual_seed(0)
-        net = nn.Sequential(FusedConv2d(4, 8, 3, padding=1)).eval()
-        conv = (optimize_for_inference(net) if prepare else net)[0]
+        conv = nn.Conv2d(4, 8, 3, padding=1) if kind == "nn.Conv2d" else FusedConv2d(4, 8, 3, padding=1, relu=False)
+        if kind == "prepared":
+            conv = optimize_for_inference(nn.Sequential(conv).eval())[0]
+        if channels_last:
+            conv = conv.to(memory_format=torch.channels_last)
+        counter = _CountReads()
+        nn.utils.parametrize.register_parametrization(conv, "weight", counter)
+        conv.train(training)
+        counter.reads = 0  # registering computed it once
+        with torch.set_grad_enabled(grad):
+            for _ in range(3):
+                conv(torch.randn(2, 4, 6, 6))
+        reads[kind] = counter.reads
+    assert reads == {"nn.Conv2d": 3, "FusedConv2d": 3, "prepared": 3}
+
+
+def test_spectral_norm_trains_a_prepared_conv_as_nn_conv2d():
+    torch.manual_seed(0)
+    original = nn.Conv2d(4, 8, 3, padding=1)
+    x = torch.randn(2, 4, 6, 6)
+
+    def run(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        conv = copy.deepcopy(original)
+        if kind == "prepared":
+            conv = FusedConv2d(4, 8, 3, padding=1, relu=False)
+            conv.load_state_dict(original.state_dict())
+            conv = optimize_for_inference(nn.Sequential(conv).eval())[0]
+        conv.train()  # before registering: registration computes the weight once, a power iteration in training
+        torch.manual_seed(1)  # spectral norm's random start
         nn.utils.parametrizations.spectral_norm(conv, "weight")
-        conv.train(mode == "train")
-        x = torch.randn(2, 4, 6, 6)
-        with torch.no_grad() if mode == "eval-no-grad" else torch.enable_grad():
+        with torch.no_grad():
             ys = [conv(x) for _ in range(3)]
         return torch.stack(ys), conv.parametrizations.weight[0]._u.clone()
 
-    (y, u), (y_ref, u_ref) = run(prepare=True), run(prepare=False)
-    torch.testing.assert_close(u, u_ref, rtol=0, atol=0)
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    (y_ref, u_ref), (y, u) = run("nn.Conv2d"), run("prepared")
+    torch.testing.assert_close(u, u_ref, rtol=0, atol=0)  # as many power iterations
+    torch.testing.assert_close(y, y_ref)
