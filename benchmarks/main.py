@@ -69,11 +69,16 @@ def _write_summary(path: Path, header: str, combined: dict) -> Path:
     if "equivalence" in combined:
         parts += ["", "```", equivalence.format_table(combined["equivalence"]), "```"]
     ops = combined["ops"]
-    parts += ["", "```", bench_ops.summary_text(ops["summary"], ops["targets"], ops["not_timed"]), "```"]
+    ops_lines = [bench_ops.summary_text(ops["summary"], ops["targets"], ops["not_timed"])]
+    ops_lines += timing.disturbed_text(timing.disturbed_rounds(ops["records"], bench_ops.ROUND_KEYS), "op benchmark")
+    parts += ["", "```", "\n".join(ops_lines), "```"]
     if "model" in combined:
         model = combined["model"]
         parts += ["", bench_model.table_markdown(model["records"], model["machine"]["memory_method"])]
-        parts += ["```", bench_model.targets_text(combined["model"]["targets"]), "```"]
+        model_lines = [bench_model.targets_text(combined["model"]["targets"])]
+        disturbed = timing.disturbed_rounds(model["records"], bench_model.ROUND_KEYS)
+        model_lines += timing.disturbed_text(disturbed, "model benchmark")
+        parts += ["```", "\n".join(model_lines), "```"]
     parts.append(f"\nwall time {combined['wall_s']:.0f} s\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts))

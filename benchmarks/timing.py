@@ -157,6 +157,43 @@ def geomean_median_ci(
     return quantile(geos, tail), quantile(geos, 1 - tail)
 
 
+# A round in which every variant timed together ran at least this many times its own fastest round was slowed by
+# something else on the machine, not by one variant (disturbed_rounds). The fastest, not the median: a spell can last
+# most of a case's rounds (4 of 7 in one record).
+DISTURBED_FACTOR = 1.5
+
+
+def disturbed_rounds(
+    records: Sequence[dict], keys: Sequence[str], factor: float = DISTURBED_FACTOR
+) -> dict[str, list[int]]:
+    """The rounds (0-based) of each group of records timed together (agreeing on ``keys``, two variants or more)
+    in which every variant ran at least ``factor`` times its own fastest round: a slow spell that no ratio of that
+    round can be trusted through. Keyed by the group's ``keys`` values joined by spaces; groups with none are left out."""
+    groups: dict[tuple, list[list[float]]] = {}
+    for r in records:
+        if r.get("samples_ms"):
+            groups.setdefault(tuple(r.get(k) for k in keys), []).append(r["samples_ms"])
+    out = {}
+    for key, samples in groups.items():
+        n = len(samples[0])
+        if len(samples) < 2 or any(len(s) != n for s in samples):
+            continue
+        fastest = [min(s) for s in samples]
+        slow = [i for i in range(n) if all(s[i] >= factor * f for s, f in zip(samples, fastest, strict=True))]
+        if slow:
+            out[" ".join(str(k) for k in key)] = slow
+    return out
+
+
+def disturbed_text(disturbed: dict[str, list[int]], rounds_of: str) -> list[str]:
+    """Lines naming the disturbed rounds of :func:`disturbed_rounds` (none when there are none)."""
+    if not disturbed:
+        return []
+    lines = [f"disturbed rounds ({rounds_of}; every variant at >= {DISTURBED_FACTOR}x its own fastest round there):"]
+    lines += [f"  {key}: rounds {', '.join(str(i + 1) for i in rounds)}" for key, rounds in disturbed.items()]
+    return lines
+
+
 # Fewer rounds than this make no 95 % interval of a median (see median_ci), so no verdict.
 MIN_ROUNDS = 6
 

@@ -123,6 +123,27 @@ def test_median_ci_is_the_order_statistic_interval_that_covers_95_percent(n, ran
     assert coverage[0] >= 0.95 > coverage[1]
 
 
+def test_disturbed_rounds_are_those_where_every_variant_ran_slow():
+    def rec(case, impl, samples):
+        return {"case": case, "pass": "fwd", "dtype": "fp32", "layout": "nchw", "batch": 8, "impl": impl,
+                "samples_ms": samples}  # fmt: skip
+
+    records = [
+        # a spell over most of the rounds (the median is a slow round): rounds 4-7 flagged
+        rec("a", "eager", [3.9, 3.9, 3.9, 24.2, 21.4, 26.5, 24.7]),
+        rec("a", "cpu", [3.8, 3.7, 3.8, 20.0, 19.9, 25.0, 22.0]),
+        # one variant slow alone: its own doing, not the machine's
+        rec("b", "eager", [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]),
+        rec("b", "cpu", [2.0, 9.0, 9.0, 2.0, 2.0, 2.0, 2.0]),
+        # a single variant: nothing to tell a spell by
+        rec("c", "eager", [1.0, 5.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ]
+    found = timing.disturbed_rounds(records, bench_ops.ROUND_KEYS)
+    assert found == {"a fwd fp32 nchw 8": [3, 4, 5, 6]}
+    assert timing.disturbed_text(found, "op benchmark")[1] == "  a fwd fp32 nchw 8: rounds 4, 5, 6, 7"
+    assert timing.disturbed_text({}, "op benchmark") == []
+
+
 def test_render_recomputes_ratio_summaries_from_the_saved_samples():
     base = {"case": "c", "pass": "fwd", "dtype": "fp32", "layout": "nchw", "batch": 8}
     eager = {**base, "impl": "eager", "samples_ms": [2.0, 2.2, 1.8, 2.0, 2.1, 1.9, 2.0]}
