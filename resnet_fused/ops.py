@@ -12,7 +12,7 @@ from torch import Tensor
 
 from resnet_fused import contract, reference
 from resnet_fused.backends import BACKENDS, available_backends, check_name
-from resnet_fused.select import needs_backward, resolve_backend
+from resnet_fused.select import check_transform_backend, needs_backward, resolve_backend
 
 __all__ = ["available_backends", "conv_bias_add_relu"]
 
@@ -90,11 +90,7 @@ def _unfused_for_transform(
     """Forward-mode AD and ``torch.func``'s differentiating transforms, which no fused op supports: ``auto`` and
     ``reference`` compute through the unfused ops (exact derivatives, unfused speed); a named fused backend refuses."""
     check_name(backend, BACKENDS)
-    if backend not in ("auto", "reference"):
-        raise NotImplementedError(
-            f"backend: expected 'auto' or 'reference' under forward-mode AD (dual tensors) or torch.func.grad/jvp/"
-            f"vjp/jacrev/jacfwd, which the fused ops do not support, got {backend!r}"
-        )
+    check_transform_backend(backend)
     contract.check_no_tangent(scale=scale)  # a constant, as under reverse mode
     return reference.conv_bias_add_relu(
         x, weight, bias, residual, scale=scale, stride=stride, padding=padding, dilation=dilation, groups=groups,

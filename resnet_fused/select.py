@@ -12,7 +12,7 @@ Timing is skipped, and the first candidate in table order is used, where it cann
 - while ``torch.compile`` traces or a CUDA graph captures (timing synchronizes); an earlier timed choice for the
   same key is still used.
 
-``RESNET_FUSED_BACKEND`` forces one backend everywhere.
+``RESNET_FUSED_BACKEND`` forces one backend on every call left on ``auto`` (an explicit ``backend=`` wins).
 """
 
 from __future__ import annotations
@@ -117,11 +117,12 @@ def _can_time() -> bool:
 
 
 def _forced(table: Table) -> str | None:
-    value = os.environ.get(ENV_VAR, "").strip().lower()
+    raw = os.environ.get(ENV_VAR, "")
+    value = raw.strip().lower()
     if value in ("", "auto"):
         return None
     if value not in table:
-        raise ValueError(f"{ENV_VAR}: expected one of {table.choices()}, got {value!r}")
+        raise ValueError(f"{ENV_VAR}: expected one of {table.choices()}, got {raw!r}")
     return value
 
 
@@ -250,6 +251,16 @@ def resolve_backend(backend: str, x: Tensor, *args, table: Table = BACKENDS, tim
     return backend
 
 
+def check_transform_backend(backend: str) -> None:
+    """Under forward-mode AD or a differentiating ``torch.func`` transform, which no fused op supports, only ``auto``
+    and ``reference`` run (through the unfused ops); a named fused backend is refused."""
+    if backend not in ("auto", "reference"):
+        raise NotImplementedError(
+            f"backend: expected 'auto' or 'reference' under forward-mode AD (dual tensors) or torch.func.grad/jvp/"
+            f"vjp/jacrev/jacfwd, which the fused ops do not support, got {backend!r}"
+        )
+
+
 def explain(
     x: Tensor,
     weight: Tensor,
@@ -268,8 +279,9 @@ def explain(
 ) -> str:
     """Which backend ``conv_bias_add_relu`` with these arguments would run, and why, as one line.
 
-    With ``backend="auto"`` this does what the call would do: it times the candidates if the case was not timed
-    yet, so the answer is the one the call will use.
+    With ``backend="auto"`` this does what the call would do: it casts as autocast would, answers "reference" under
+    forward-mode AD or a differentiating ``torch.func`` transform (where the call runs the unfused ops), and times
+    the candidates if the case was not timed yet, so the answer is the one the call will use.
 
     Args: those of :func:`resnet_fused.conv_bias_add_relu`: x (N, C, H, W), weight (K, C/groups, R, S), bias and
     scale (K,) or None, residual (N, K, P, Q) or None; ``table`` and ``timer`` replace the backend table and the
@@ -278,10 +290,15 @@ def explain(
     Returns:
         ``"<backend>: <reason>"``, e.g. ``"cpu: the only available backend for cpu tensors"``.
     """
+    # The call's own first steps: autocast's casts, then the route of differentiating transforms.
+    x, weight, bias, residual, scale = contract.autocast_inputs(x, weight, bias, residual, scale)
     stride, padding, dilation = contract.check_inputs(
         x, weight, bias, residual, scale, stride, padding, dilation, groups, relu
     )
     check_name(backend, table)
+    if contract.differentiated_by_transform(x, weight, bias, residual, scale):
+        check_transform_backend(backend)
+        return "reference: forward-mode AD or a differentiating torch.func transform, which no fused op supports"
     if backend != "auto":
         check_runs(table, backend, x)
         return f"{backend}: requested explicitly with backend={backend!r}"

@@ -201,11 +201,13 @@ def test_env_var_forces_a_backend_without_timing(setup, monkeypatch):
 def test_env_var_errors(setup, monkeypatch):
     table, timer, log = setup
     args = make_args()
-    monkeypatch.setenv(select.ENV_VAR, "gpu")
+    monkeypatch.setenv(select.ENV_VAR, " GpU ")  # the value as set, not as normalised
     with pytest.raises(
-        ValueError, match=r"RESNET_FUSED_BACKEND: expected one of \('auto', 'slow', 'fast'\), got 'gpu'"
+        ValueError, match=r"RESNET_FUSED_BACKEND: expected one of \('auto', 'slow', 'fast'\), got ' GpU '"
     ):
         choose(args, table, timer)
+    monkeypatch.setenv(select.ENV_VAR, " Fast ")  # case and surrounding spaces do not matter
+    assert choose(args, table, timer) == "fast"
     broken = Table([fake_row("slow", log, why="not built"), fake_row("fast", log)])
     monkeypatch.setenv(select.ENV_VAR, "slow")
     with pytest.raises(RuntimeError, match=r"RESNET_FUSED_BACKEND=slow: 'slow' is not available .*\(not built\)"):
@@ -375,3 +377,23 @@ def test_meta_tensors_infer_shapes_as_conv2d_does():
     m = FusedConv2d(3, 4, 3, stride=2, padding=1, device="meta")
     assert m(x).shape == torch.nn.Conv2d(3, 4, 3, stride=2, padding=1, device="meta")(x).shape
     assert resnet_fused.explain(x.detach(), w.detach()).startswith("cpu: ")
+
+
+def test_explain_answers_what_the_call_runs_under_transforms_and_autocast():
+    """Under a differentiating torch.func transform the call runs the unfused ops, and refuses a named fused backend;
+    under autocast it casts first. explain says the same."""
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)
+    said = {}
+
+    def loss(w, backend):
+        said[backend] = resnet_fused.explain(x, w, backend=backend)
+        return resnet_fused.conv_bias_add_relu(x, w, backend=backend).sum()
+
+    torch.func.grad(loss)(w, "auto")
+    assert said["auto"].startswith("reference: ")
+    with pytest.raises(NotImplementedError, match=r"backend: expected 'auto' or 'reference' .* got 'cpu'"):
+        torch.func.grad(loss)(w, "cpu")
+    assert "cpu" not in said  # explain refused it first, as the call would
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # x fp32, weight bf16: both cast to bf16 by the call
+        assert resnet_fused.conv_bias_add_relu(x, w.bfloat16()).dtype == torch.bfloat16
+        assert resnet_fused.explain(x, w.bfloat16()).startswith("cpu: ")
