@@ -204,6 +204,27 @@ def test_dgrad_scales_grad_out_as_the_unfused_backward_does():
     _assert_close("grad_x", gx, want, dtype)
 
 
+@pytest.mark.parametrize("relu", [True, False])
+def test_wgrad_scales_before_the_sum_as_the_unfused_backward_does(relu):
+    """An infinite scale entry: the unfused backward sums g * scale * x, NaN where terms of both signs meet; a scale
+    applied after the sum gave +-inf. grad_weight's NaN and Inf positions and its finite values match float64."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 6, 6, generator=g).to(DEVICE)
+    w = torch.randn(4, 3, 3, 3, generator=g).to(DEVICE).requires_grad_()
+    sc = torch.randn(4, generator=g).to(DEVICE)
+    sc[2] = float("inf")
+    y = resnet_fused.conv_bias_add_relu(x, w, scale=sc, padding=1, relu=relu, backend="triton")
+    gy = torch.randn(y.shape, generator=g).to(DEVICE)
+    (gw,) = torch.autograd.grad(y, w, gy)
+    w64 = w.detach().double().requires_grad_()
+    y64 = F.conv2d(x.double(), w64, padding=1) * sc.double()[None, :, None, None]
+    (want,) = torch.autograd.grad(torch.relu(y64) if relu else y64, w64, gy.double())
+    assert want[2].isnan().any()
+    assert torch.equal(gw.isnan(), want.isnan()) and torch.equal(gw.isinf(), want.isinf())
+    finite = want.isfinite()
+    _assert_close("grad_weight", gw[finite], want[finite], torch.float32)
+
+
 @pytest.mark.parametrize("precision", ["ieee", "tf32"])
 def test_fp32_under_the_per_op_tf32_setting(precision):
     """torch's per-op precision API for cuDNN convolutions; the Triton fp32 path reads the same setting."""

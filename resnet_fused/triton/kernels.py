@@ -241,7 +241,8 @@ def _dgrad_kernel(
             sc = tl.load(scale_ptr + g * KG + k, mask=mask_k, other=0.0).to(ACC)
             # Scale the grad tile, not the weight: grad_out * scale rounded to the input dtype is what the
             # unfused backward feeds its conv, whereas a rounded weight * scale can overflow (fp16) where
-            # neither factor does.
+            # neither factor does. (A tap that does not land is a loaded 0 here: times an infinite scale it is
+            # NaN, in a sum the unfused conv never forms; masking it spilled on sm_80.)
             a = (a.to(ACC) * sc[None, :]).to(a.dtype)
         b = tl.load(
             w_col[None, :] + (k.to(tl.int64) * swk)[:, None] + (r * swr + s * sws),
@@ -317,7 +318,7 @@ def _wgrad_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # gw[k, (c,r,s)] = scale[k] * sum_m gm[m, k] * x[n, c, p*st-pad+r*dil, q*st-pad+s*dil],
+    # gw[k, (c,r,s)] = sum_m scale[k] * gm[m, k] * x[n, c, p*st-pad+r*dil, q*st-pad+s*dil],
     # gb[k] = sum_m gm[m, k] and gres = gm, with gm = grad_out * (out > 0) formed on load.
     # The programs of column block 0 also produce gb and gres, so grad_out is read once for them.
     # Program (i, j, g * num_splits + sp) reduces slice sp of the m blocks into partial sp; the
@@ -347,6 +348,8 @@ def _wgrad_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     bsum = tl.zeros((BLOCK_M,), dtype=ACC)
+    if HAS_SCALE and COMPUTE_W:
+        sc = tl.load(scale_ptr + k_glob, mask=mask_ko, other=0.0).to(ACC)
     num_mb = tl.cdiv(M, BLOCK_K)
     blocks_per_split = tl.cdiv(num_mb, num_splits)
     mb_start = sp * blocks_per_split
@@ -375,6 +378,10 @@ def _wgrad_kernel(
                 mask=mask_a & side,
             )
         if COMPUTE_W:
+            if HAS_SCALE:
+                # Scaled before the sum, as the unfused backward scales grad_out (and as dgrad does): an infinite
+                # scale then gives NaN where terms of both signs meet, not +-inf.
+                a = tl.where(mask_a, a.to(ACC) * sc[:, None], 0.0).to(a.dtype)
             h = (p * stride_h - pad_h)[:, None] + (r * dil_h)[None, :]
             w = (q * stride_w - pad_w)[:, None] + (s * dil_w)[None, :]
             valid = mask_m[:, None] & mask_j[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
@@ -385,9 +392,6 @@ def _wgrad_kernel(
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
 
     if COMPUTE_W:
-        if HAS_SCALE:
-            sc = tl.load(scale_ptr + k_glob, mask=mask_ko, other=0.0).to(ACC)
-            acc = acc * sc[:, None]
         gw_ptrs = gw_ptr + sp * sgwn + (k_glob * sgwk)[:, None] + (offs_j * sgwj)[None, :]
         tl.store(gw_ptrs, acc.to(gw_ptr.dtype.element_ty), mask=mask_ko[:, None] & mask_j[None, :])
     if COMPUTE_B:
