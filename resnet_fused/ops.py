@@ -5,14 +5,12 @@
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import Tensor
 
 from resnet_fused import contract, reference
 from resnet_fused.backends import BACKENDS, available_backends, check_name
-from resnet_fused.select import check_transform_backend, needs_backward, resolve_backend
+from resnet_fused.select import call_inputs, check_transform_backend, needs_backward, resolve_backend
 
 __all__ = ["available_backends", "conv_bias_add_relu"]
 
@@ -47,13 +45,9 @@ def conv_bias_add_relu(
     Returns:
         y: (N, K, P, Q) in x's dtype, or under autocast in the dtype autocast gives ``F.conv2d``.
     """
-    # Cast before the checks, as autocast casts conv2d: chained fused layers then see one dtype.
-    x, weight, bias, residual, scale = contract.autocast_inputs(x, weight, bias, residual, scale)
-    stride, padding, dilation = contract.check_inputs(
+    x, weight, bias, residual, scale, stride, padding, dilation, groups = call_inputs(
         x, weight, bias, residual, scale, stride, padding, dilation, groups, relu
     )
-    groups = operator.index(groups)  # a NumPy integer passed the check; the backends take a Python int
-    contract.check_scale_constant(scale)
     if contract.differentiated_by_transform(x, weight, bias, residual, scale):
         return _unfused_for_transform(
             x, weight, bias, residual, scale, stride, padding, dilation, groups, relu, backend

@@ -17,6 +17,7 @@ Timing is skipped, and the first candidate in table order is used, where it cann
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 import time
@@ -251,6 +252,19 @@ def resolve_backend(backend: str, x: Tensor, *args, table: Table = BACKENDS, tim
     return backend
 
 
+def call_inputs(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu) -> tuple:
+    """The call's first steps, shared by :func:`resnet_fused.conv_bias_add_relu` and :func:`explain`: autocast's
+    casts (as autocast casts conv2d, so chained fused layers see one dtype), then the argument checks. Returns
+    ``(x, weight, bias, residual, scale, stride, padding, dilation, groups)``, checked, with the conv arguments as
+    pairs and ``groups`` a Python int (a NumPy integer passes the check)."""
+    x, weight, bias, residual, scale = contract.autocast_inputs(x, weight, bias, residual, scale)
+    stride, padding, dilation = contract.check_inputs(
+        x, weight, bias, residual, scale, stride, padding, dilation, groups, relu
+    )
+    contract.check_scale_constant(scale)
+    return x, weight, bias, residual, scale, stride, padding, dilation, operator.index(groups)
+
+
 def check_transform_backend(backend: str) -> None:
     """Under forward-mode AD or a differentiating ``torch.func`` transform, which no fused op supports, only ``auto``
     and ``reference`` run (through the unfused ops); a named fused backend is refused."""
@@ -290,9 +304,8 @@ def explain(
     Returns:
         ``"<backend>: <reason>"``, e.g. ``"cpu: the only available backend for cpu tensors"``.
     """
-    # The call's own first steps: autocast's casts, then the route of differentiating transforms.
-    x, weight, bias, residual, scale = contract.autocast_inputs(x, weight, bias, residual, scale)
-    stride, padding, dilation = contract.check_inputs(
+    # The call's own first steps, then the route of differentiating transforms.
+    x, weight, bias, residual, scale, stride, padding, dilation, groups = call_inputs(
         x, weight, bias, residual, scale, stride, padding, dilation, groups, relu
     )
     check_name(backend, table)

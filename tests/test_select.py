@@ -397,3 +397,7 @@ def test_explain_answers_what_the_call_runs_under_transforms_and_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # x fp32, weight bf16: both cast to bf16 by the call
         assert resnet_fused.conv_bias_add_relu(x, w.bfloat16()).dtype == torch.bfloat16
         assert resnet_fused.explain(x, w.bfloat16()).startswith("cpu: ")
+    scale = torch.ones(4, requires_grad=True)  # refused by the call (no gradient for scale): by explain too
+    for fn in (resnet_fused.conv_bias_add_relu, resnet_fused.explain):
+        with pytest.raises(ValueError, match=r"scale: expected a constant \(requires_grad=False\)"):
+            fn(x, w, scale=scale)
