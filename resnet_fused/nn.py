@@ -1,7 +1,7 @@
 """Drop-in modules over the fused op ``conv_bias_add_relu``.
 
 - :class:`FusedConv2d` is an ``nn.Conv2d`` (same constructor, parameters and ``state_dict``) whose
-  ``forward(x, residual=None)`` computes ``act(conv(x) + bias + residual)`` in one fused op.
+  ``forward(input, residual=None)`` computes ``act(conv(input) + bias + residual)`` in one fused op.
 - :class:`BasicBlock` and :class:`Bottleneck` take torchvision's constructors with the same defaults,
   so with the same arguments they have torchvision's architecture, parameters and ``state_dict``
   (``norm_layer=None`` means ``nn.BatchNorm2d``) and torchvision checkpoints load with
@@ -259,13 +259,13 @@ class FusedConv2d(nn.Conv2d):
 
     def forward(
         self,
-        x: Tensor,
+        input: Tensor,  # nn.Conv2d's name: conv(input=t) works on either
         residual: Tensor | None = None,
         norm: nn.Module | None = None,
         donate_residual: bool = False,  # not keyword-only: the TorchScript ONNX exporter passes every default by position
         relu: bool | None = None,
     ) -> Tensor:
-        """``act(conv(x) * scale + bias + residual)``; with ``norm``, ``act(norm(conv(x)) + residual)``.
+        """``act(conv(input) * scale + bias + residual)``; with ``norm``, ``act(norm(conv(input)) + residual)``.
 
         ``norm`` (the norm layer after this conv, e.g. a block's ``bn1``) is folded into the epilogue
         where it is a per-channel affine map, else run after the conv (see the module docstring). Called
@@ -278,9 +278,10 @@ class FusedConv2d(nn.Conv2d):
         reads afterwards; every other path leaves ``residual`` untouched. ``relu`` overrides the module's
         ``relu`` for this call.
 
-        Shapes: ``x`` ``(N, C_in, H, W)`` or unbatched ``(C_in, H, W)``, as ``nn.Conv2d``; ``residual``
+        Shapes: ``input`` ``(N, C_in, H, W)`` or unbatched ``(C_in, H, W)``, as ``nn.Conv2d``; ``residual``
         and the result ``(N, C_out, H_out, W_out)`` or ``(C_out, H_out, W_out)``.
         """
+        x = input
         relu = self.relu if relu is None else relu
         if isinstance(relu, Tensor) and relu.dtype == torch.bool and relu.dim() == 0 and torch.jit.is_tracing():
             # The TorchScript ONNX exporter passes a bool input as a tensor: the trace keeps its value, as `if relu:`

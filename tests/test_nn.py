@@ -94,6 +94,8 @@ def test_fused_conv2d_is_a_drop_in_conv2d():
     conv.load_state_dict(fused.state_dict(), strict=True)
     x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
     assert_close(fused.double()(x), conv.double()(x), torch.float64, "relu=False == nn.Conv2d")
+    # Called by keyword as nn.Conv2d is (its forward names the input `input`).
+    assert_close(fused(input=x), conv(input=x), torch.float64, "conv(input=x) == nn.Conv2d")
 
 
 def test_from_conv2d_shares_parameters():
