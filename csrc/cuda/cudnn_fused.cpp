@@ -14,6 +14,7 @@
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <c10/util/accumulate.h>
 #include <c10/util/env.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -116,13 +117,16 @@ at::Tensor try_cudnn_fused(
   const at::Tensor& w = weight;
   const at::Tensor z = residual.has_value()
       ? residual->contiguous(fmt)
-      : at::zeros(shape, x.options().memory_format(fmt));
+      : at::empty(shape, x.options().memory_format(fmt));
   const std::optional<at::Tensor> b = bias.has_value()
       ? std::optional<at::Tensor>(bias->contiguous())
       : std::nullopt;
   const auto key = case_key(x, w, z, b, stride, padding, dilation, groups);
   if (failures().skip(key)) {
     return at::Tensor();
+  }
+  if (!residual.has_value()) {
+    z.zero_(); // after the cache lookup: a known failure pays no memset
   }
   try {
     at::Tensor y = at::cudnn_convolution_add_relu(
@@ -131,6 +135,10 @@ at::Tensor try_cudnn_fused(
     return y.is_contiguous(fmt) ? y : y.contiguous(fmt);
   } catch (const c10::OutOfMemoryError&) {
     throw; // the fallback needs memory too; never remembered as a failure
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+  } catch (const c10::AcceleratorError&) {
+    throw; // a CUDA error (an illegal address, say) is no missing engine
+#endif
   } catch (const c10::Error&) {
     // "unable to find an engine": runtime fusion does not cover every
     // dtype/layout/arch.
