@@ -10,7 +10,7 @@
 - :class:`SkipBlock` (skip over 1, 2 or 3 layers) and :class:`PreActBlock` (pre-activation, linear
   skip path) show how other residual shapes are built from :class:`FusedConv2d`.
 
-How a conv and the norm after it run (``conv(x, residual=residual, norm=norm)``, :meth:`FusedConv2d.forward`):
+How a conv and the norm after it run (``conv(input, residual=residual, norm=norm)``, :meth:`FusedConv2d.forward`):
 
 - no norm: the conv's own bias (and frozen scale/shift, if set) in the fused epilogue;
 - ``torchvision.ops.FrozenBatchNorm2d``, or ``nn.BatchNorm2d`` in eval mode: folded on the fly
