@@ -98,6 +98,16 @@ def test_fused_conv2d_is_a_drop_in_conv2d():
     assert_close(fused(input=x), conv(input=x), torch.float64, "conv(input=x) == nn.Conv2d")
 
 
+@pytest.mark.parametrize("geometry", [{"padding": (1,)}, {"padding": [2]}, {"stride": (2,), "dilation": [2]}])
+def test_one_element_geometry_means_both_dims_as_in_nn_conv2d(geometry):
+    # nn.Conv2d keeps a 1-element tuple as given and F.conv2d repeats it.
+    conv = nn.Conv2d(4, 6, 3, **geometry).double()
+    fused = FusedConv2d(4, 6, 3, relu=False, **geometry).double()
+    fused.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    assert_close(fused(x), conv(x), torch.float64, f"{geometry}")
+
+
 def test_from_conv2d_shares_parameters():
     conv = nn.Conv2d(4, 8, 3, padding="same", padding_mode="reflect")
     fused = FusedConv2d.from_conv2d(conv, relu=True)
