@@ -292,7 +292,7 @@ class FusedConv2d(nn.Conv2d):
         # not let the conv write into the caller's residual.
         donate_residual = donate_residual is True
         if _channels_last_by_weight(x, self):
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = _channels_last(x)
         scale, shift = self.scale_shift()
         if norm is not None and not isinstance(norm, nn.Module):
             raise TypeError(f"norm: expected an nn.Module or None, got {type(norm).__name__}")
@@ -360,6 +360,16 @@ def _channels_last_by_weight(x: Tensor, conv: nn.Conv2d) -> bool:
     if w is None or w.dim() != 4 or not w.is_contiguous(memory_format=cl):
         return False
     return contract.memory_format(w) == cl and contract.memory_format(x) != cl
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    """``x`` (N, C, H, W) with channels_last strides, copied only where its memory is not in that order. With one
+    channel, NCHW memory is in that order too, but ``contiguous`` keeps the NCHW strides, which the layout checks
+    read as NCHW (the output would follow): a view with channels_last strides instead, as nn.Conv2d's output has."""
+    n, c, h, w = x.shape
+    if c == 1 and x.is_contiguous():
+        return x.view(n, h, w, 1).permute(0, 3, 1, 2)
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _fused_conv(
