@@ -252,6 +252,8 @@ def _convert_block(name: str, block: nn.Module, *, freeze_bn: bool, backend: str
         ds.training = block.downsample.training
         statuses.append(status)
     new.downsample = ds  # fused above, or none, or one convert does not know: kept and run as it is
+    # The block's own child order (torchvision's BasicBlock has relu after bn1), as print and named_modules show it.
+    new._modules = {k: new._modules[k] for k in (*block._modules, *new._modules) if k in new._modules}
     new.stride = block.stride
     # Only the block's own mode: every module inside keeps its own (a BatchNorm put in eval mode in a model that
     # trains stays in eval mode).

@@ -287,6 +287,13 @@ def test_converted_state_dict_round_trips(norm):
         assert torch.equal(fresh(x), saved(x))
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_module_names_come_in_torchvision_order(arch):
+    model = getattr(torchvision.models, arch)().eval()
+    converted, _ = convert(model)
+    assert [n for n, _ in converted.named_modules()] == [n for n, _ in model.named_modules()]
+
+
 def test_report_str():
     report = ConversionReport(folded=["conv1", "layer1.0"], unfused=[""])
     text = str(report)
