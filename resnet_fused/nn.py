@@ -296,7 +296,7 @@ class FusedConv2d(nn.Conv2d):
         scale, shift = self.scale_shift()
         if norm is not None and not isinstance(norm, nn.Module):
             raise TypeError(f"norm: expected an nn.Module or None, got {type(norm).__name__}")
-        if norm is None or (isinstance(norm, nn.Identity) and not _has_hooks(norm)):
+        if norm is None or (isinstance(norm, nn.Identity) and _unseen(norm)):
             return self.conv_bias_add_relu(
                 x, residual, scale=scale, bias=shift, relu=relu, donate_residual=donate_residual
             )
@@ -542,7 +542,7 @@ def _conv3x3(
     *,
     bias: bool,
 ) -> FusedConv2d:
-    return FusedConv2d(in_planes, out_planes, 3, stride, dilation, dilation, groups, bias=bias, relu=True)
+    return FusedConv2d(in_planes, out_planes, 3, stride, dilation, dilation, groups, bias=bias, relu=False)
 
 
 def _conv1x1(in_planes: int, out_planes: int, stride: int = 1, *, bias: bool, relu: bool) -> FusedConv2d:
@@ -598,8 +598,35 @@ def _check_donate(donate_residual: object) -> None:
 
 def _plain_relu(act: nn.Module) -> bool:
     """Whether a block's ``relu`` is torchvision's own, unhooked: then the convs apply it in the fused op. Any other
-    module (swapped, or with hooks of its own) is called where torchvision calls it."""
-    return type(act) is nn.ReLU and not _has_hooks(act)
+    module (swapped, with hooks of its own or a forward set on it) is called where torchvision calls it."""
+    return type(act) is nn.ReLU and _unseen(act)
+
+
+def _fused_slots(*convs: nn.Module) -> bool:
+    """Whether each of a block's conv slots holds a FusedConv2d running its class's forward: the block then fuses
+    around them. Anything else there (an nn.Conv2d swapped in, a wrapper, a forward set on the instance) is called
+    as torchvision's block calls it, with one argument (:func:`_unfused_forward`)."""
+    return all(type(c).forward is FusedConv2d.forward and "forward" not in c.__dict__ for c in convs)
+
+
+def _unfused_forward(block: nn.Module, x: Tensor, convs: tuple[nn.Module, ...], norms: tuple[nn.Module, ...]) -> Tensor:
+    """torchvision's block forward, for a block whose conv slots do not all hold fused convs: each conv, norm and
+    ReLU called as a module, the shortcut added in place. A fused conv in it runs as nn.Conv2d (its frozen
+    scale/shift kept), whatever its ``relu``."""
+    out = x
+    for i, (conv, norm) in enumerate(zip(convs, norms, strict=True)):
+        fused = _fused_slots(conv)
+        y = conv(out, relu=False) if fused else conv(out)
+        out = norm(y)
+        if out is y and not fused:
+            # The norm (folded into the conv, or none) passed on the output of a conv that may have kept it: the
+            # in-place ReLU and add below must not change it, as they never change a conv's output in torchvision.
+            out = out.clone()
+        if i < len(convs) - 1:
+            out = block.relu(out)
+    identity = x if block.downsample is None else block.downsample(x)
+    out += identity
+    return block.relu(out)
 
 
 def _global_hooks() -> bool:
@@ -645,7 +672,7 @@ def _shortcut(
     if (
         isinstance(downsample, nn.Sequential)
         and len(downsample) in (1, 2)
-        and isinstance(downsample[0], FusedConv2d)
+        and _fused_slots(downsample[0])
         and not downsample[0].relu  # with its ReLU the Sequential computes norm(relu(conv)), not relu(norm(conv))
         and not _has_hooks(downsample)
     ):
@@ -708,16 +735,18 @@ class BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # An x handed over (hand_over) is the block's to write into: prepared inference sums into it in place.
         donate_input = _handed_over(x)
+        if not _fused_slots(self.conv1, self.conv2):
+            return _unfused_forward(self, x, (self.conv1, self.conv2), (self.bn1, self.bn2))
         if not _plain_relu(self.relu):
             act = self.relu
             out = act(self.conv1(x, norm=self.bn1, relu=False))
             residual, _ = _shortcut(self, x, self.conv1, self.conv2, False)
             return act(self.conv2(out, residual=residual, norm=self.bn2, relu=False))
-        out = self.conv1(x, norm=self.bn1)
+        out = self.conv1(x, norm=self.bn1, relu=True)
         # The shortcut last, as torchvision: autograd then runs its backward first and frees its input gradient
         # before the main branch's backward allocates (a lower training peak).
         residual, owned = _shortcut(self, x, self.conv1, self.conv2, donate_input)
-        return self.conv2(out, residual=residual, norm=self.bn2, donate_residual=owned)
+        return self.conv2(out, residual=residual, norm=self.bn2, donate_residual=owned, relu=True)
 
 
 class Bottleneck(nn.Module):
@@ -750,11 +779,11 @@ class Bottleneck(nn.Module):
         bn1, bias1 = _make_norm(norm_layer, width)
         bn2, bias2 = _make_norm(norm_layer, width)
         bn3, bias3 = _make_norm(norm_layer, planes * self.expansion)
-        self.conv1 = _conv1x1(inplanes, width, bias=bias1, relu=True)
+        self.conv1 = _conv1x1(inplanes, width, bias=bias1, relu=False)
         self.bn1 = bn1
         self.conv2 = _conv3x3(width, width, stride, groups, dilation, bias=bias2)
         self.bn2 = bn2
-        self.conv3 = _conv1x1(width, planes * self.expansion, bias=bias3, relu=True)
+        self.conv3 = _conv1x1(width, planes * self.expansion, bias=bias3, relu=False)
         self.bn3 = bn3
         # Applied inside the fused convs; swapped or hooked, it is called where torchvision calls it.
         self.relu = nn.ReLU(inplace=True)
@@ -763,18 +792,20 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         donate_input = _handed_over(x)  # as in BasicBlock.forward
+        if not _fused_slots(self.conv1, self.conv2, self.conv3):
+            return _unfused_forward(self, x, (self.conv1, self.conv2, self.conv3), (self.bn1, self.bn2, self.bn3))
         if not _plain_relu(self.relu):
             act = self.relu
             out = act(self.conv1(x, norm=self.bn1, relu=False))
             out = act(self.conv2(out, norm=self.bn2, relu=False))
             residual, _ = _shortcut(self, x, self.conv1, self.conv3, False)
             return act(self.conv3(out, residual=residual, norm=self.bn3, relu=False))
-        out = self.conv1(x, norm=self.bn1)
-        out = self.conv2(out, norm=self.bn2)
+        out = self.conv1(x, norm=self.bn1, relu=True)
+        out = self.conv2(out, norm=self.bn2, relu=True)
         # The shortcut last, as torchvision: autograd then runs its backward first and frees its input gradient
         # before the main branch's backward allocates (a lower training peak).
         residual, owned = _shortcut(self, x, self.conv1, self.conv3, donate_input)
-        return self.conv3(out, residual=residual, norm=self.bn3, donate_residual=owned)
+        return self.conv3(out, residual=residual, norm=self.bn3, donate_residual=owned, relu=True)
 
 
 class SkipBlock(nn.Module):

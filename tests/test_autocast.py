@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -52,12 +53,24 @@ def test_converted_resnet18_gradients_under_autocast(dtype):
     ref = set_backend(copy.deepcopy(fused).double(), "reference")
     # The reference applies the ReLU masks of the tested forward: a pre-activation within rounding of zero may land
     # on either side, and the backward must follow the forward it is compared with.
+    # A block passes relu= to its convs; the stem conv applies its own.
     masks: dict[str, torch.Tensor] = {}
+
+    def record_mask(m, args, kwargs, out, name):
+        if kwargs.get("relu", m.relu):
+            masks[name] = out > 0
+
+    def drop_relu(m, args, kwargs):
+        return args, {**kwargs, "relu": False}
+
+    def apply_mask(m, args, kwargs, out, name):
+        return out * masks[name] if name in masks else out
+
     for (name, conv), ref_conv in zip(fused.named_modules(), ref.modules(), strict=True):
-        if isinstance(conv, FusedConv2d) and conv.relu:
-            conv.register_forward_hook(lambda m, i, out, name=name: masks.__setitem__(name, out > 0))
-            ref_conv.relu = False
-            ref_conv.register_forward_hook(lambda m, i, out, name=name: out * masks[name])
+        if isinstance(conv, FusedConv2d):
+            conv.register_forward_hook(functools.partial(record_mask, name=name), with_kwargs=True)
+            ref_conv.register_forward_pre_hook(drop_relu, with_kwargs=True)
+            ref_conv.register_forward_hook(functools.partial(apply_mask, name=name), with_kwargs=True)
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     x64 = x.detach().double().requires_grad_()
 

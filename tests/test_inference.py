@@ -844,12 +844,12 @@ def test_fp16_without_onednn_kernels_takes_the_ordinary_op(monkeypatch):
         assert_close(y, expected, torch.float16, "prepared y", reductions=216)
 
     conv = prepared[1][1].conv3  # the last conv of an identity block: the one a block donates its residual to
-    assert conv.relu and conv.scale is None
+    assert conv.scale is None
     h = torch.randn(2, 4, 6, 6).half().contiguous(memory_format=torch.channels_last)
     residual = torch.randn(2, 16, 6, 6).half().contiguous(memory_format=torch.channels_last)
     before = residual.clone()
     with torch.no_grad():
-        y = conv(h, residual, donate_residual=True)
+        y = conv(h, residual, donate_residual=True, relu=True)  # as the block calls it
         ref = copy.deepcopy(conv).double()
         expected = F.relu(nn.Conv2d.forward(ref, h.double()) + residual.double())
     assert packs(prepared) == 0

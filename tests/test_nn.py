@@ -203,6 +203,67 @@ def test_block_matches_torchvision(case, mode):
             assert_close(a.double(), b.double(), torch.float32, k)
 
 
+class _Doubled(nn.Module):
+    """A wrapper of the kind adapters put in a conv's place: passes any arguments through, changes the output."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x, *args, **kwargs):
+        return 2 * self.conv(x, *args, **kwargs)
+
+
+def _swap_conv(block: nn.Module, slot: str, how: str) -> None:
+    conv = getattr(block, slot)
+    if how == "nn.Conv2d":
+        plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                          conv.dilation, conv.groups, conv.bias is not None).double()  # fmt: skip
+        plain.load_state_dict(conv.state_dict())
+        setattr(block, slot, plain)
+    elif how == "wrapper":
+        setattr(block, slot, _Doubled(conv))
+    else:  # a forward set on the instance
+        forward = conv.forward
+        conv.forward = lambda x, *args, **kwargs: forward(x, *args, **kwargs) - 1
+
+
+@pytest.mark.parametrize("case", [BLOCK_CASES[1], BLOCK_CASES[3]], ids=lambda c: c[0].__name__)
+@pytest.mark.parametrize("slot", ["conv1", "conv2"])
+@pytest.mark.parametrize("how", ["nn.Conv2d", "wrapper", "patched forward"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_conv_slot_changed_after_building_runs_as_in_torchvision(case, slot, how, mode):
+    """torchvision's blocks call each conv with one argument, so anything may sit in a conv slot; a fused block whose
+    slot holds anything but its own fused conv runs torchvision's code (each conv, as nn.Conv2d, then its norm)."""
+    block, tv_block = make_block_pair(*case)
+    block.load_state_dict(tv_block.state_dict(), strict=True)
+    block, ref = block.double(), copy.deepcopy(tv_block).double()
+    for m in (block, ref):
+        _swap_conv(m, slot, how)
+        m.train(mode == "train")
+    xs = [torch.randn(3, case[2], 9, 9, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    with torch.no_grad():
+        xs[1].copy_(xs[0])
+    ys = [block(xs[0]), ref(xs[1])]
+    assert_close(ys[0], ys[1], torch.float64, "y")
+    for y in ys:
+        y.square().sum().backward()
+    assert_close(xs[0].grad, xs[1].grad, torch.float64, "grad x")
+    for (name, p), q in zip(block.named_parameters(), ref.parameters(), strict=True):
+        assert_close(p.grad, q.grad, torch.float64, f"grad {name}")
+
+
+@pytest.mark.parametrize("case", [BLOCK_CASES[1], BLOCK_CASES[3]], ids=lambda c: c[0].__name__)
+def test_a_blocks_conv_called_on_its_own_is_a_conv(case):
+    """As in torchvision, ``block.conv1(x)`` is the convolution alone (the block applies the ReLU in its own call)."""
+    block, _ = make_block_pair(*case)
+    block.double()
+    x = torch.randn(2, case[2], 9, 9, dtype=torch.float64)
+    y = block.conv1(x)
+    assert (y < 0).any()
+    assert_close(y, nn.Conv2d.forward(block.conv1, x), torch.float64, "conv1(x)")
+
+
 @pytest.mark.parametrize(
     ("ours", "theirs", "layers"),
     [(BasicBlock, tv.BasicBlock, [2, 1, 1, 1]), (Bottleneck, tv.Bottleneck, [1, 1, 1, 1])],
@@ -473,7 +534,7 @@ def test_a_downsample_whose_conv_applies_relu_runs_as_its_own_module():
     block = BasicBlock(8, 16, stride=2, downsample=ds).eval()
     x = torch.randn(2, 8, 8, 8)
     with torch.no_grad():
-        expected = block.conv2(block.conv1(x, norm=block.bn1), ds(x), norm=block.bn2)
+        expected = block.conv2(block.conv1(x, norm=block.bn1, relu=True), ds(x), norm=block.bn2, relu=True)
         assert (ds(x) < 0).any()  # the norm after the conv's ReLU makes negatives the other order would not
         torch.testing.assert_close(block(x), expected)
 
