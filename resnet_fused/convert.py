@@ -14,10 +14,12 @@ What happens to each norm after a conv depends on what it is at conversion time:
   residual add (and folds on the fly once the model is put in eval mode). Such blocks are listed in
   ``report.unfused`` and a warning names them. ``freeze_bn=True`` instead freezes them from their
   running statistics into a scale/shift epilogue, like FrozenBatchNorm2d.
-- any other norm (GroupNorm, ...), or a norm with hooks: kept and run unfused, listed in ``report.unfused``.
+- any other norm (GroupNorm, ...), or a norm with hooks or a forward set on the instance: kept and run
+  unfused, listed in ``report.unfused``.
 
-Hooks are never dropped: a block, conv or stem module with hooks keeps its block or stem as it was
-(``report.kept``, with a warning); a block's ``relu`` and its kept norms stay the same module objects.
+Hooks are never dropped, nor a forward set on an instance (``m.forward = ...``): a block, conv or stem module with
+either, or a stem ReLU subclass with its own forward, keeps its block or stem as it was (``report.kept``, with a
+warning); a block's ``relu`` and its kept norms stay the same module objects.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .backends import check_name
-from .nn import _BN_FORWARDS, BasicBlock, Bottleneck, FusedConv2d, _has_hooks, check_residual, norm_scale_shift
+from .nn import _BN_FORWARDS, BasicBlock, Bottleneck, FusedConv2d, _unseen, check_residual, norm_scale_shift
 
 __all__ = ["ConversionReport", "convert"]
 
@@ -107,9 +109,9 @@ def _fuse_conv_norm(
 ) -> tuple[FusedConv2d, nn.Module, str]:
     """``(fused conv, norm to keep or nn.Identity, 'folded' | 'scale_shift' | 'unfused')``."""
     fused = FusedConv2d.from_conv2d(conv, relu=relu, backend=backend)
-    if isinstance(norm, nn.Identity) and not _has_hooks(norm):  # a BN-free block: nothing to fold
+    if isinstance(norm, nn.Identity) and _unseen(norm):  # a BN-free block: nothing to fold
         return fused, norm, "folded"
-    if _has_hooks(norm):  # kept as a module: the fused conv calls it, so its hooks see what they saw
+    if not _unseen(norm):  # kept as a module: the fused conv calls it, so its hooks or own forward see what they saw
         return fused, norm, "unfused"
     is_bn = isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm))
     if is_bn and norm.training and freeze_bn:
@@ -186,30 +188,30 @@ def _fusable_shortcut(block: nn.Module) -> bool:
     return isinstance(ds, nn.Sequential) and len(ds) == 2 and type(ds[0]) is nn.Conv2d
 
 
-def _block_hooks(block: nn.Module) -> bool:
-    """Whether a module that swapping ``block`` replaces has hooks: the block, a conv, or the projection shortcut
-    and its conv. (Its ReLU is kept as it is, and a norm with hooks stays a module.)"""
+def _block_seen(block: nn.Module) -> bool:
+    """Whether a module that swapping ``block`` replaces has hooks or a forward set on the instance: the block, a
+    conv, or the projection shortcut and its conv. (Its ReLU is kept as it is, and such a norm stays a module.)"""
     layers = [m for attr, m in block.named_children() if attr.startswith("conv")]
     if _fusable_shortcut(block):
         layers += [block.downsample, block.downsample[0]]
-    return any(map(_has_hooks, (block, *layers)))
+    return not all(map(_unseen, (block, *layers)))
 
 
 def _norms_to_fuse(module: nn.Module) -> list[nn.Module]:
     """The norms converting a block or a stem parent would fold or freeze (hooked ones stay modules)."""
     tv_resnet, _ = _tv()
     if isinstance(module, (tv_resnet.BasicBlock, tv_resnet.Bottleneck)):
-        if _block_hooks(module):
+        if _block_seen(module):
             return []
         norms = [getattr(module, f"bn{i}") for i in "123" if hasattr(module, f"bn{i}")]
         if _fusable_shortcut(module):
             norms.append(module.downsample[1])
     else:
         parts = _stem_parts(module)
-        if parts is None or any(map(_has_hooks, parts)):
+        if parts is None or _stem_seen(parts):
             return []
         norms = [parts[1]]
-    return [norm for norm in norms if not _has_hooks(norm)]
+    return [norm for norm in norms if _unseen(norm)]
 
 
 def _stem_parts(parent: nn.Module) -> tuple[nn.Conv2d, nn.Module, nn.Module] | None:
@@ -232,6 +234,12 @@ def _stem_parts(parent: nn.Module) -> tuple[nn.Conv2d, nn.Module, nn.Module] | N
     return conv, norm, relu
 
 
+def _stem_seen(parts: tuple[nn.Conv2d, nn.Module, nn.Module]) -> bool:
+    """Whether a stem part has hooks or a forward set on the instance, or its ReLU a forward of its own (a subclass):
+    the stem is then kept as it is."""
+    return not all(map(_unseen, parts)) or type(parts[2]).forward is not nn.ReLU.forward
+
+
 def _convert_block(name: str, block: nn.Module, *, freeze_bn: bool, backend: str) -> tuple[nn.Module, str]:
     ours, layers, convs = _check_block(name, block)
     new = ours.__new__(ours)
@@ -239,7 +247,7 @@ def _convert_block(name: str, block: nn.Module, *, freeze_bn: bool, backend: str
     statuses = []
     for i, conv in zip(layers, convs, strict=True):
         fused, norm, status = _fuse_conv_norm(
-            conv, getattr(block, "bn" + i), relu=True, freeze_bn=freeze_bn, backend=backend
+            conv, getattr(block, "bn" + i), relu=False, freeze_bn=freeze_bn, backend=backend
         )
         setattr(new, "conv" + i, fused)
         setattr(new, "bn" + i, norm)
@@ -295,7 +303,7 @@ def _convert_stem(name: str, parent: nn.Module, *, freeze_bn: bool, backend: str
     if parts is None:
         return None
     conv, norm, relu = parts
-    if any(map(_has_hooks, parts)):
+    if _stem_seen(parts):
         return "kept"
     fused, kept_norm, status = _fuse_conv_norm(conv, norm, relu=True, freeze_bn=freeze_bn, backend=backend)
     if status == "unfused":
@@ -387,7 +395,7 @@ def convert(
         elif isinstance(module, stem_parents):
             status = _convert_stem(name, module, freeze_bn=freeze_bn, backend=backend)
             new = module  # changed in place
-        elif _block_hooks(module):
+        elif _block_seen(module):
             new, status = module, "kept"
         else:
             new, status = _convert_block(name, module, freeze_bn=freeze_bn, backend=backend)
@@ -422,9 +430,9 @@ def convert(
         )
     if report.kept:
         warnings.warn(
-            f"convert: kept as they were, for the hooks on modules convert would replace: "
-            f"{', '.join(n or '<model>' for n in report.kept)}; remove those hooks, convert, and register them on "
-            f"the converted model to fuse these too",
+            f"convert: kept as they were, for the hooks (or forward methods set on an instance) on modules convert "
+            f"would replace: {', '.join(n or '<model>' for n in report.kept)}; remove those hooks, convert, and "
+            f"register them on the converted model to fuse these too",
             stacklevel=2,
         )
     return model, report

@@ -550,6 +550,48 @@ def test_hooked_modules_are_kept_or_stay_modules():
         assert_close(seen[name], out, torch.float32, f"{name}'s hook output")
 
 
+class _HalfReLU(nn.ReLU):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 0.5
+
+
+@pytest.mark.parametrize(
+    ("name", "kept"),
+    [
+        ("layer1.0", "layer1.0"),
+        ("layer2.0.conv2", "layer2.0"),
+        ("layer2.0.downsample.0", "layer2.0"),
+        ("conv1", "conv1"),
+        ("relu", "conv1"),
+        ("layer3.0.bn1", None),
+        ("layer3.0.bn2", None),
+        ("layer4.0.relu", None),
+        ("stem relu subclass", "conv1"),
+    ],
+)
+def test_a_forward_set_on_an_instance_is_kept_as_a_hook_is(name, kept):
+    """``m.forward = ...`` on a module convert would replace keeps its block or stem as it was; on a norm or a block's
+    relu, that module is kept and called; a stem ReLU subclass with its own forward keeps the stem. Either way the
+    output is the original's."""
+    torch.manual_seed(0)
+    model = randomize_norms_(small_resnet()).eval().double()
+    if name == "stem relu subclass":
+        model.relu = _HalfReLU(inplace=True)
+    else:
+        module = model.get_submodule(name)
+        own_forward = type(module).forward
+        module.forward = lambda *args, m=module: own_forward(m, *args) * 0.5
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted, report = convert(model, inplace=True)
+    assert report.kept == ([kept] if kept else [])
+    with torch.no_grad():
+        assert_close(converted(x), expected, torch.float64, "output")
+
+
 def test_a_refused_model_is_left_as_it_was():
     """convert checks every block before changing anything: with inplace=True a refusal leaves the model whole."""
     model = nn.Sequential(randomize_norms_(small_resnet()).eval(), CustomForward(4, 4))
