@@ -185,6 +185,14 @@ class FusedConv2d(nn.Conv2d):
             self.scale, self.shift = torch.ones(self.out_channels, **opts), torch.zeros(self.out_channels, **opts)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def __prepare_scriptable__(self) -> FusedConv2d:
+        # torch.jit.script calls this on every module before compiling: refuse here with the way out, rather than
+        # with the TorchScript compiler's error about the first Python construct it meets in forward.
+        raise TypeError(
+            f"torch.jit.script: {type(self).__name__} cannot be scripted (its forward is Python around a custom op); "
+            "use torch.jit.trace, torch.export, torch.compile or torch.onnx.export, which record the fused op"
+        )
+
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", relu={self.relu}"
         if self.backend != "auto":

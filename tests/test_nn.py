@@ -108,6 +108,12 @@ def test_one_element_geometry_means_both_dims_as_in_nn_conv2d(geometry):
     assert_close(fused(x), conv(x), torch.float64, f"{geometry}")
 
 
+def test_jit_script_is_refused_with_the_alternatives():
+    for module in (FusedConv2d(3, 4, 3), BasicBlock(4, 4), nn.Sequential(nn.ReLU(), Bottleneck(16, 4))):
+        with pytest.raises(TypeError, match=r"torch.jit.script: FusedConv2d cannot be scripted .* torch.jit.trace"):
+            torch.jit.script(module)
+
+
 def test_from_conv2d_shares_parameters():
     conv = nn.Conv2d(4, 8, 3, padding="same", padding_mode="reflect")
     fused = FusedConv2d.from_conv2d(conv, relu=True)
