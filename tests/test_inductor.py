@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ALL_EPILOGUES, CASES, FULL, PREACT, check_call, make_inputs, run_fresh
+from helpers import ALL_EPILOGUES, CASES, FULL, PREACT, assert_close, check_call, make_inputs, run_fresh
 from torch._inductor.utils import run_and_get_code
 
 import resnet_fused
@@ -176,3 +176,37 @@ def test_a_prepared_model_compiles_from_the_decomposition_too():
         y, code = compiled_code(prepared, x, freezing=True)
     assert OP_CALL not in code and "mkldnn._convolution_pointwise" in code
     torch.testing.assert_close(y, eager)  # fp32's default tolerance: 3e-7 apart here
+
+
+def test_an_aot_inductor_package_runs_where_resnet_fused_is_not_installed(tmp_path):
+    """torch.export, then AOTInductor: the package holds Inductor's code for the decomposed op, so a process that never
+    imports resnet_fused loads and runs it (a deployment target needs torch alone). Its output is checked against the
+    original model in float64."""
+    import copy
+
+    import torchvision.models.resnet as tv
+    from test_nn import randomize_norms_
+
+    torch.manual_seed(0)
+    shortcut = torch.nn.Sequential(tv.conv1x1(8, 16, 2), torch.nn.BatchNorm2d(16))
+    model = torch.nn.Sequential(tv.BasicBlock(8, 16, 2, shortcut), tv.Bottleneck(16, 4))
+    model = randomize_norms_(model).eval()
+    converted, _ = resnet_fused.convert(copy.deepcopy(model))
+    x = torch.randn(2, 8, 12, 12)
+    with torch.no_grad():
+        expected = model.double()(x.double())
+    program = torch.export.export(converted, (x,))
+    assert any(str(n.target) == "resnet_fused.conv_bias_add_relu.default" for n in program.graph.nodes)
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
+    with torch.no_grad():
+        y = torch._inductor.aoti_load_package(package)(x)
+    assert_close(y, expected, torch.float32, "y", reductions=9 * 16 * 3)
+    torch.save({"x": x, "y": y}, tmp_path / "io.pt")
+    run_fresh(
+        "import sys, torch\n"
+        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        f"run = torch._inductor.aoti_load_package({package!r})\n"
+        "with torch.no_grad():\n"
+        "    assert torch.equal(run(io['x']), io['y'])\n"
+        "assert 'resnet_fused' not in sys.modules\n"
+    )
