@@ -224,8 +224,8 @@ def _stem_parts(parent: nn.Module) -> tuple[nn.Conv2d, nn.Module, nn.Module] | N
         if isinstance(parent, tv_resnet.ResNet)
         else type(parent).forward is not tv_utils.IntermediateLayerGetter.forward
     )
-    if own:
-        return None  # a subclass with its own forward: convert cannot know how it uses the stem
+    if own or "forward" in parent.__dict__ or "_forward_impl" in parent.__dict__:
+        return None  # a subclass with its own forward, or one set on it: convert cannot know how it uses the stem
     if isinstance(parent, tv_utils.IntermediateLayerGetter) and {"conv1", "bn1", "relu"} & set(parent.return_layers):
         return None  # the stem's intermediate outputs are requested: keep them
     conv, norm, relu = (getattr(parent, a, None) for a in ("conv1", "bn1", "relu"))

@@ -611,16 +611,27 @@ def _plain_relu(act: nn.Module) -> bool:
 
 
 def _fused_slots(*convs: nn.Module) -> bool:
-    """Whether each of a block's conv slots holds a FusedConv2d running its class's forward: the block then fuses
-    around them. Anything else there (an nn.Conv2d swapped in, a wrapper, a forward set on the instance) is called
-    as torchvision's block calls it, with one argument (:func:`_unfused_forward`)."""
-    return all(type(c).forward is FusedConv2d.forward and "forward" not in c.__dict__ for c in convs)
+    """Whether each of a block's conv slots holds a FusedConv2d (a subclass too) with no forward set on the
+    instance: the block then fuses around them, passing ``norm``, ``residual`` and ``relu``. Anything else there
+    (an nn.Conv2d swapped in, a wrapper, a forward set on the instance) is called as torchvision's block calls it,
+    with the input alone (:func:`_unfused_forward`)."""
+    return all(isinstance(c, FusedConv2d) and "forward" not in c.__dict__ for c in convs)
 
 
-def _unfused_forward(block: nn.Module, x: Tensor, convs: tuple[nn.Module, ...], norms: tuple[nn.Module, ...]) -> Tensor:
+def _unfused_forward(
+    block: nn.Module, x: Tensor, slots: tuple[str, ...], convs: tuple[nn.Module, ...], norms: tuple[nn.Module, ...]
+) -> Tensor:
     """torchvision's block forward, for a block whose conv slots do not all hold fused convs: each conv, norm and
     ReLU called as a module, the shortcut added in place. A fused conv in it runs as nn.Conv2d (its frozen
-    scale/shift kept), whatever its ``relu``."""
+    scale/shift kept), asked for no ReLU."""
+    for slot, conv in zip(slots, convs, strict=True):
+        # Called with the input alone, a FusedConv2d inside (a wrapped one, or one with a forward set on it) applies
+        # its own ReLU, before the norm: a conv slot must compute the conv alone.
+        if not _fused_slots(conv) and any(isinstance(m, FusedConv2d) and m.relu for m in conv.modules()):
+            raise ValueError(
+                f"{type(block).__name__}.{slot}: expected the conv alone in a slot the block calls with its input "
+                f"alone, got {type(conv).__name__} holding a FusedConv2d with relu=True (set relu=False on it)"
+            )
     out = x
     for i, (conv, norm) in enumerate(zip(convs, norms, strict=True)):
         fused = _fused_slots(conv)
@@ -628,7 +639,7 @@ def _unfused_forward(block: nn.Module, x: Tensor, convs: tuple[nn.Module, ...], 
         out = norm(y)
         if out is y and not fused:
             # The norm (folded into the conv, or none) passed on the output of a conv that may have kept it: the
-            # in-place ReLU and add below must not change it, as they never change a conv's output in torchvision.
+            # in-place ReLU and add below must not change it (a folded norm made a new tensor in the original).
             out = out.clone()
         if i < len(convs) - 1:
             out = block.relu(out)
@@ -744,7 +755,7 @@ class BasicBlock(nn.Module):
         # An x handed over (hand_over) is the block's to write into: prepared inference sums into it in place.
         donate_input = _handed_over(x)
         if not _fused_slots(self.conv1, self.conv2):
-            return _unfused_forward(self, x, (self.conv1, self.conv2), (self.bn1, self.bn2))
+            return _unfused_forward(self, x, ("conv1", "conv2"), (self.conv1, self.conv2), (self.bn1, self.bn2))
         if not _plain_relu(self.relu):
             act = self.relu
             out = act(self.conv1(x, norm=self.bn1, relu=False))
@@ -801,7 +812,8 @@ class Bottleneck(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         donate_input = _handed_over(x)  # as in BasicBlock.forward
         if not _fused_slots(self.conv1, self.conv2, self.conv3):
-            return _unfused_forward(self, x, (self.conv1, self.conv2, self.conv3), (self.bn1, self.bn2, self.bn3))
+            convs, norms = (self.conv1, self.conv2, self.conv3), (self.bn1, self.bn2, self.bn3)
+            return _unfused_forward(self, x, ("conv1", "conv2", "conv3"), convs, norms)
         if not _plain_relu(self.relu):
             act = self.relu
             out = act(self.conv1(x, norm=self.bn1, relu=False))
@@ -875,20 +887,27 @@ def zero_init_residual_(model: nn.Module) -> nn.Module:
     conv carrying a frozen norm (scale/shift) also gets its shift zeroed, which the branch would add.
     A block whose last norm has no weight (BatchNorm with ``affine=False``) is left alone, as torchvision
     leaves it. Returns ``model``.
+
+    Raises:
+        TypeError: a BN-free block's last conv slot holds something other than an ``nn.Conv2d`` (a wrapper put
+            there); nothing is changed then.
     """
+    zero: list[Tensor] = []
+    for name, m in model.named_modules():
+        if isinstance(m, (BasicBlock, Bottleneck)):
+            slot = "conv3" if isinstance(m, Bottleneck) else "conv2"
+            conv, norm = getattr(m, slot), getattr(m, "bn" + slot[-1])
+            if getattr(norm, "weight", None) is not None:
+                zero.append(norm.weight)
+            elif isinstance(norm, nn.Identity):
+                if not isinstance(conv, nn.Conv2d):
+                    raise TypeError(
+                        f"zero_init_residual_: {name}.{slot}: expected an nn.Conv2d to zero, got {type(conv).__name__}"
+                    )
+                zero += [t for t in (conv.weight, conv.bias, getattr(conv, "shift", None)) if t is not None]
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (BasicBlock, Bottleneck)):
-                last = "3" if isinstance(m, Bottleneck) else "2"
-                conv, norm = getattr(m, "conv" + last), getattr(m, "bn" + last)
-                if getattr(norm, "weight", None) is not None:
-                    norm.weight.zero_()
-                elif isinstance(norm, nn.Identity):
-                    conv.weight.zero_()
-                    if conv.bias is not None:
-                        conv.bias.zero_()
-                    if conv.shift is not None:
-                        conv.shift.zero_()
+        for t in zero:
+            t.zero_()
     return model
 
 

@@ -550,6 +550,26 @@ def test_hooked_modules_are_kept_or_stay_modules():
         assert_close(seen[name], out, torch.float32, f"{name}'s hook output")
 
 
+@pytest.mark.parametrize("attr", ["forward", "_forward_impl"])
+def test_a_resnet_with_a_forward_set_on_it_keeps_its_stem(attr):
+    """As for a subclass with its own forward: convert cannot know how such a model uses its stem."""
+    torch.manual_seed(0)
+    model = randomize_norms_(small_resnet(num_classes=4)).eval().double()
+
+    # A stem without its ReLU: fusing the stem would add one.
+    def stem_without_relu(x, m=model):
+        return m.fc(m.avgpool(m.layer4(m.layer3(m.layer2(m.layer1(m.bn1(m.conv1(x))))))).flatten(1))
+
+    setattr(model, attr, stem_without_relu)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+    converted, report = convert(model, inplace=True)  # the function set calls this model's modules
+    assert type(converted.conv1) is nn.Conv2d and "conv1" not in report.folded
+    with torch.no_grad():
+        assert_close(converted(x), expected, torch.float64, "output")
+
+
 class _HalfReLU(nn.ReLU):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x) * 0.5

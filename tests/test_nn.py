@@ -220,8 +220,21 @@ class _Doubled(nn.Module):
         return 2 * self.conv(x, *args, **kwargs)
 
 
+class _CountingConv(FusedConv2d):
+    """A FusedConv2d subclass with a forward of its own that passes every argument on."""
+
+    def forward(self, *args, **kwargs):
+        self.calls = getattr(self, "calls", 0) + 1
+        return super().forward(*args, **kwargs)
+
+
 def _swap_conv(block: nn.Module, slot: str, how: str) -> None:
     conv = getattr(block, slot)
+    if how == "subclass":
+        if isinstance(conv, FusedConv2d):
+            conv.__class__ = _CountingConv
+            conv.relu = True  # FusedConv2d's default: the block asks for what it needs in each call
+        return  # torchvision's block keeps its nn.Conv2d
     if how == "nn.Conv2d":
         plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                           conv.dilation, conv.groups, conv.bias is not None).double()  # fmt: skip
@@ -234,14 +247,17 @@ def _swap_conv(block: nn.Module, slot: str, how: str) -> None:
         conv.forward = lambda x, *args, **kwargs: forward(x, *args, **kwargs) - 1
 
 
-@pytest.mark.parametrize("case", [BLOCK_CASES[1], BLOCK_CASES[3]], ids=lambda c: c[0].__name__)
-@pytest.mark.parametrize("slot", ["conv1", "conv2"])
-@pytest.mark.parametrize("how", ["nn.Conv2d", "wrapper", "patched forward"])
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: f"{c[0].__name__}-{c[2:]}")
+@pytest.mark.parametrize("slot", ["conv1", "last"])
+@pytest.mark.parametrize("how", ["nn.Conv2d", "wrapper", "patched forward", "subclass"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_a_conv_slot_changed_after_building_runs_as_in_torchvision(case, slot, how, mode):
     """torchvision's blocks call each conv with one argument, so anything may sit in a conv slot; a fused block whose
-    slot holds anything but its own fused conv runs torchvision's code (each conv, as nn.Conv2d, then its norm)."""
+    slot holds anything but a fused conv runs torchvision's code (each conv, as nn.Conv2d, then its norm), and a
+    FusedConv2d subclass with its own forward is called as the block calls a fused conv."""
     block, tv_block = make_block_pair(*case)
+    if slot == "last":
+        slot = "conv3" if case[0] is Bottleneck else "conv2"
     block.load_state_dict(tv_block.state_dict(), strict=True)
     block, ref = block.double(), copy.deepcopy(tv_block).double()
     for m in (block, ref):
@@ -257,6 +273,18 @@ def test_a_conv_slot_changed_after_building_runs_as_in_torchvision(case, slot, h
     assert_close(xs[0].grad, xs[1].grad, torch.float64, "grad x")
     for (name, p), q in zip(block.named_parameters(), ref.parameters(), strict=True):
         assert_close(p.grad, q.grad, torch.float64, f"grad {name}")
+    if how == "subclass":
+        assert getattr(block, slot).calls == 1
+
+
+def test_a_slot_calling_a_fused_conv_with_relu_on_is_refused():
+    """Called with the input alone, a FusedConv2d(relu=True) inside a wrapper would apply its ReLU before the norm."""
+    block = BasicBlock(8, 8)
+    block.conv2 = _Doubled(FusedConv2d(8, 8, 3, padding=1, bias=False))
+    with pytest.raises(ValueError, match=r"BasicBlock.conv2: expected the conv alone .* got _Doubled holding a Fused"):
+        block(torch.randn(1, 8, 6, 6))
+    block.conv2.conv.relu = False
+    block(torch.randn(1, 8, 6, 6))
 
 
 @pytest.mark.parametrize("case", [BLOCK_CASES[1], BLOCK_CASES[3]], ids=lambda c: c[0].__name__)
@@ -331,6 +359,23 @@ def test_zero_init_residual_makes_blocks_identities(norm_layer):
     model(x).sum().backward()
     last = model[0].conv2 if norm_layer is nn.Identity else model[0].bn2
     assert last.weight.grad.abs().sum() > 0  # the zeroed layer still learns
+
+
+def test_zero_init_residual_with_a_swapped_last_conv():
+    """A BN-free block's last slot holding an nn.Conv2d is zeroed like a fused conv; a wrapper there is refused before
+    any block is changed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(BasicBlock(8, 8, norm_layer=nn.Identity), BasicBlock(8, 8, norm_layer=nn.Identity)).eval()
+    model[1].conv2 = nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.rand(2, 8, 5, 5)
+    zero_init_residual_(model)
+    torch.testing.assert_close(model(x), x)
+    model = nn.Sequential(BasicBlock(8, 8, norm_layer=nn.Identity), BasicBlock(8, 8, norm_layer=nn.Identity))
+    model[1].conv2 = _Doubled(nn.Conv2d(8, 8, 3, padding=1))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match=r"zero_init_residual_: 1.conv2: expected an nn.Conv2d to zero, got _Doubled"):
+        zero_init_residual_(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_set_backend_reaches_every_fused_conv_and_rejects_unknown_names():
