@@ -29,6 +29,8 @@ forward hooks see its fused output.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import threading
 from collections.abc import Callable
 
@@ -611,27 +613,34 @@ def _plain_relu(act: nn.Module) -> bool:
 
 
 def _fused_slots(*convs: nn.Module) -> bool:
-    """Whether each of a block's conv slots holds a FusedConv2d (a subclass too) with no forward set on the
-    instance: the block then fuses around them, passing ``norm``, ``residual`` and ``relu``. Anything else there
-    (an nn.Conv2d swapped in, a wrapper, a forward set on the instance) is called as torchvision's block calls it,
-    with the input alone (:func:`_unfused_forward`)."""
-    return all(isinstance(c, FusedConv2d) and "forward" not in c.__dict__ for c in convs)
+    """Whether each of a block's conv slots holds a FusedConv2d with no forward set on the instance, whose forward
+    (a subclass's own too) takes the block's keywords: the block then fuses around them, passing ``norm``,
+    ``residual`` and ``relu``. Anything else there (an nn.Conv2d swapped in, a wrapper, a forward set on the
+    instance, a subclass's ``forward(x)``) is called as torchvision's block calls it, with the input alone
+    (:func:`_unfused_forward`)."""
+    return all(
+        isinstance(c, FusedConv2d)
+        and "forward" not in c.__dict__
+        and (type(c).forward is FusedConv2d.forward or _takes_block_keywords(type(c).forward))
+        for c in convs
+    )
 
 
-def _unfused_forward(
-    block: nn.Module, x: Tensor, slots: tuple[str, ...], convs: tuple[nn.Module, ...], norms: tuple[nn.Module, ...]
-) -> Tensor:
+@functools.cache
+def _takes_block_keywords(forward: Callable) -> bool:
+    """Whether a FusedConv2d subclass's own forward takes the keywords a block passes."""
+    params = inspect.signature(forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return True
+    names = {p.name for p in params if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
+    return {"residual", "norm", "donate_residual", "relu"} <= names
+
+
+def _unfused_forward(block: nn.Module, x: Tensor, convs: tuple[nn.Module, ...], norms: tuple[nn.Module, ...]) -> Tensor:
     """torchvision's block forward, for a block whose conv slots do not all hold fused convs: each conv, norm and
     ReLU called as a module, the shortcut added in place. A fused conv in it runs as nn.Conv2d (its frozen
-    scale/shift kept), asked for no ReLU."""
-    for slot, conv in zip(slots, convs, strict=True):
-        # Called with the input alone, a FusedConv2d inside (a wrapped one, or one with a forward set on it) applies
-        # its own ReLU, before the norm: a conv slot must compute the conv alone.
-        if not _fused_slots(conv) and any(isinstance(m, FusedConv2d) and m.relu for m in conv.modules()):
-            raise ValueError(
-                f"{type(block).__name__}.{slot}: expected the conv alone in a slot the block calls with its input "
-                f"alone, got {type(conv).__name__} holding a FusedConv2d with relu=True (set relu=False on it)"
-            )
+    scale/shift kept), asked for no ReLU; anything else computes what it computes (a FusedConv2d called with the
+    input alone, inside a wrapper say, applies its own ``relu``)."""
     out = x
     for i, (conv, norm) in enumerate(zip(convs, norms, strict=True)):
         fused = _fused_slots(conv)
@@ -755,7 +764,7 @@ class BasicBlock(nn.Module):
         # An x handed over (hand_over) is the block's to write into: prepared inference sums into it in place.
         donate_input = _handed_over(x)
         if not _fused_slots(self.conv1, self.conv2):
-            return _unfused_forward(self, x, ("conv1", "conv2"), (self.conv1, self.conv2), (self.bn1, self.bn2))
+            return _unfused_forward(self, x, (self.conv1, self.conv2), (self.bn1, self.bn2))
         if not _plain_relu(self.relu):
             act = self.relu
             out = act(self.conv1(x, norm=self.bn1, relu=False))
@@ -812,8 +821,7 @@ class Bottleneck(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         donate_input = _handed_over(x)  # as in BasicBlock.forward
         if not _fused_slots(self.conv1, self.conv2, self.conv3):
-            convs, norms = (self.conv1, self.conv2, self.conv3), (self.bn1, self.bn2, self.bn3)
-            return _unfused_forward(self, x, ("conv1", "conv2", "conv3"), convs, norms)
+            return _unfused_forward(self, x, (self.conv1, self.conv2, self.conv3), (self.bn1, self.bn2, self.bn3))
         if not _plain_relu(self.relu):
             act = self.relu
             out = act(self.conv1(x, norm=self.bn1, relu=False))
@@ -890,7 +898,7 @@ def zero_init_residual_(model: nn.Module) -> nn.Module:
 
     Raises:
         TypeError: a BN-free block's last conv slot holds something other than an ``nn.Conv2d`` (a wrapper put
-            there); nothing is changed then.
+            there), or a conv whose weight is computed (pruning, a parametrization); nothing is changed then.
     """
     zero: list[Tensor] = []
     for name, m in model.named_modules():
@@ -903,6 +911,11 @@ def zero_init_residual_(model: nn.Module) -> nn.Module:
                 if not isinstance(conv, nn.Conv2d):
                     raise TypeError(
                         f"zero_init_residual_: {name}.{slot}: expected an nn.Conv2d to zero, got {type(conv).__name__}"
+                    )
+                if "weight" not in conv._parameters:  # recomputed on every call: zeroing it would not last
+                    raise TypeError(
+                        f"zero_init_residual_: {name}.{slot}.weight: expected an nn.Parameter to zero, got a computed "
+                        "weight (pruning, weight norm or a parametrization)"
                     )
                 zero += [t for t in (conv.weight, conv.bias, getattr(conv, "shift", None)) if t is not None]
     with torch.no_grad():

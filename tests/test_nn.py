@@ -277,14 +277,25 @@ def test_a_conv_slot_changed_after_building_runs_as_in_torchvision(case, slot, h
         assert getattr(block, slot).calls == 1
 
 
-def test_a_slot_calling_a_fused_conv_with_relu_on_is_refused():
-    """Called with the input alone, a FusedConv2d(relu=True) inside a wrapper would apply its ReLU before the norm."""
-    block = BasicBlock(8, 8)
-    block.conv2 = _Doubled(FusedConv2d(8, 8, 3, padding=1, bias=False))
-    with pytest.raises(ValueError, match=r"BasicBlock.conv2: expected the conv alone .* got _Doubled holding a Fused"):
-        block(torch.randn(1, 8, 6, 6))
-    block.conv2.conv.relu = False
-    block(torch.randn(1, 8, 6, 6))
+class _InputOnlyConv(FusedConv2d):
+    """A FusedConv2d subclass whose forward takes the input alone, as nn.Conv2d's does."""
+
+    def forward(self, x):
+        return super().forward(x, relu=False) * 3
+
+
+@pytest.mark.parametrize("slot", ["conv2", "downsample.0"])
+def test_a_subclass_whose_forward_takes_the_input_alone_is_called_with_it(slot):
+    torch.manual_seed(0)
+    block, tv_block = make_block_pair(*BLOCK_CASES[1])
+    block.load_state_dict(tv_block.state_dict(), strict=True)
+    block, ref = block.double().eval(), copy.deepcopy(tv_block).double().eval()
+    block.get_submodule(slot).__class__ = _InputOnlyConv
+    conv = ref.get_submodule(slot)
+    conv.forward = lambda x: nn.Conv2d.forward(conv, x) * 3
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(block(x), ref(x), torch.float64, "y")
 
 
 @pytest.mark.parametrize("case", [BLOCK_CASES[1], BLOCK_CASES[3]], ids=lambda c: c[0].__name__)
@@ -374,6 +385,12 @@ def test_zero_init_residual_with_a_swapped_last_conv():
     model[1].conv2 = _Doubled(nn.Conv2d(8, 8, 3, padding=1))
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(TypeError, match=r"zero_init_residual_: 1.conv2: expected an nn.Conv2d to zero, got _Doubled"):
+        zero_init_residual_(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    model[1].conv2 = FusedConv2d(8, 8, 3, padding=1)
+    torch.nn.utils.parametrizations.weight_norm(model[1].conv2)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match=r"zero_init_residual_: 1.conv2.weight: expected an nn.Parameter to zero"):
         zero_init_residual_(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
