@@ -150,6 +150,18 @@ def test_hooks_on_a_norm_run_it_as_a_module_and_see_torchvision_values():
         assert_close(seen[("ours", n)], seen[("tv", n)], torch.float64, f"{n} hook output")
 
 
+def test_forward_hooks_fire_in_the_order_the_readme_gives():
+    """A train-mode Bottleneck (its norms run as modules): each norm's hook fires inside its conv's call, before the
+    conv's own; the projection shortcut runs before the last conv. (A hook on the relu would make it a module call.)"""
+    block, _ = make_block_pair(Bottleneck, tv.Bottleneck, 8, 8, 2, 1, 64)
+    order = []
+    for name, m in block.named_modules():
+        if name and name != "relu":
+            m.register_forward_hook(lambda mod, a, y, name=name: order.append(name))
+    block(torch.randn(2, 8, 9, 9))
+    assert order == ["bn1", "conv1", "bn2", "conv2", "downsample.0", "downsample.1", "downsample", "bn3", "conv3"]
+
+
 def test_hooks_on_the_shortcut_sequential_fire():
     block, tv_block = make_block_pair(BasicBlock, tv.BasicBlock, 8, 16, 2, 1, 64)
     block.load_state_dict(tv_block.state_dict())
