@@ -629,7 +629,10 @@ def _fused_slots(*convs: nn.Module) -> bool:
 @functools.cache
 def _takes_block_keywords(forward: Callable) -> bool:
     """Whether a FusedConv2d subclass's own forward takes the keywords a block passes."""
-    params = inspect.signature(forward).parameters.values()
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a C function, say): called with the input alone
+        return False
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return True
     names = {p.name for p in params if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
