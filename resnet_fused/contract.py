@@ -353,7 +353,8 @@ def _register_autocast(lib: torch.library.Library, qualname: str) -> None:
 # ---- fake kernels: shapes and layouts only, never data ----
 
 
-def forward_fake(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu):
+def forward_fake(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu) -> Tensor:
+    """The forward op's fake kernel: the real one's checks, then an empty ``y`` (N, K, P, Q) in x's memory format."""
     check_op_pairs(stride, padding, dilation)
     stride, padding, dilation = check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
     shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
@@ -412,10 +413,15 @@ def _partial_overlap(a: Tensor, b: Tensor) -> bool:
 
 
 def epilogue_fake(y, bias, residual, scale, relu) -> None:
+    """The in-place epilogue op's fake kernel: the real one's checks (it returns nothing)."""
     check_epilogue_inputs(y, bias, residual, scale, relu)
 
 
-def backward_fake(grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu, output_mask):
+def backward_fake(
+    grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu, output_mask
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward op's fake kernel: the real one's checks, then empty ``(grad_x, grad_weight, grad_bias,
+    grad_residual)`` in the real one's shapes and layouts, those not in ``output_mask`` of shape (0,)."""
     check_op_pairs(stride, padding, dilation)
     check_backward_inputs(grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu, output_mask)
     need_x, need_w, need_b, need_r = output_mask
