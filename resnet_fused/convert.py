@@ -49,11 +49,11 @@ class ConversionReport:
         scale_shift: blocks and stems with at least one norm kept as a frozen scale/shift epilogue
             (FrozenBatchNorm2d, or BatchNorm2d with ``freeze_bn=True``); the others are folded.
         unfused: blocks and stems with a norm left as a module (BatchNorm2d in train mode, other
-            norms, a norm with hooks); their convs still run through the fused op. Unfused stems are not
-            swapped.
-        kept: blocks and stems left as they were because a module convert would replace has hooks
-            (the block itself, one of its convs, a stem's conv, norm or ReLU): they would be dropped, or
-            see other tensors.
+            norms, a norm with hooks or a forward set on the instance); their convs still run through the fused
+            op. Unfused stems are not swapped.
+        kept: blocks and stems left as they were because a module convert would replace has hooks or a forward
+            set on the instance (the block itself, one of its convs, a stem's conv, norm or ReLU): they would be
+            dropped, or see other tensors.
     """
 
     folded: list[str] = field(default_factory=list)
@@ -64,13 +64,13 @@ class ConversionReport:
     def __str__(self) -> str:
         lines = [
             f"ConversionReport: {len(self.folded)} folded, {len(self.scale_shift)} scale/shift, "
-            f"{len(self.unfused)} with unfused norms, {len(self.kept)} kept for their hooks"
+            f"{len(self.unfused)} with unfused norms, {len(self.kept)} kept for their hooks or forwards"
         ]
         for title, names in (
             ("folded", self.folded),
             ("scale/shift", self.scale_shift),
             ("unfused norm", self.unfused),
-            ("kept (hooks)", self.kept),
+            ("kept (hooks or forwards)", self.kept),
         ):
             if names:
                 lines.append(f"  {title}: {', '.join(n or '<model>' for n in names)}")
@@ -198,7 +198,8 @@ def _block_seen(block: nn.Module) -> bool:
 
 
 def _norms_to_fuse(module: nn.Module) -> list[nn.Module]:
-    """The norms converting a block or a stem parent would fold or freeze (hooked ones stay modules)."""
+    """The norms converting a block or a stem parent would fold or freeze (those with hooks or a forward set on the
+    instance stay modules)."""
     tv_resnet, _ = _tv()
     if isinstance(module, (tv_resnet.BasicBlock, tv_resnet.Bottleneck)):
         if _block_seen(module):
@@ -298,7 +299,8 @@ def _check_plain_weights(model: nn.Module, tv_resnet, tv_utils) -> None:
 
 
 def _convert_stem(name: str, parent: nn.Module, *, freeze_bn: bool, backend: str) -> str | None:
-    """Fuse ``parent.conv1 -> bn1 -> relu`` in place; returns the status, "kept" (hooks), or None if no stem."""
+    """Fuse ``parent.conv1 -> bn1 -> relu`` in place; returns the status, "kept" (hooks or a forward set on a part),
+    or None if no stem."""
     parts = _stem_parts(parent)
     if parts is None:
         return None
@@ -322,7 +324,7 @@ def convert(
     ``Sequential`` of blocks, or a block itself. Weights are kept; the module docstring says what
     happens to each kind of norm. The stem (``conv1 -> bn1 -> relu`` of a ResNet or
     IntermediateLayerGetter) becomes one fused conv+bias+relu with ``bn1`` and ``relu`` replaced by
-    ``nn.Identity``; a ResNet subclass with its own ``forward`` keeps its stem. Other modules (maxpool, fc, FPN,
+    ``nn.Identity``; a ResNet with its own ``forward`` (a subclass's, or one set on the instance) keeps its stem. Other modules (maxpool, fc, FPN,
     ...) are untouched, and every module keeps its train/eval mode. A block that appears in several places becomes
     one fused block in all of them.
 
@@ -424,15 +426,15 @@ def convert(
     if report.unfused:
         warnings.warn(
             f"convert: norms left unfused (BatchNorm in train mode or without running statistics, other norms, "
-            f"norms with hooks) in {', '.join(n or '<model>' for n in report.unfused)}; to fold a BatchNorm that "
+            f"norms with hooks or forwards set on the instance) in {', '.join(n or '<model>' for n in report.unfused)}; to fold a BatchNorm that "
             f"has running statistics, call model.eval() before convert, or pass freeze_bn=True to freeze it",
             stacklevel=2,
         )
     if report.kept:
         warnings.warn(
             f"convert: kept as they were, for the hooks (or forward methods set on an instance) on modules convert "
-            f"would replace: {', '.join(n or '<model>' for n in report.kept)}; remove those hooks, convert, and "
-            f"register them on the converted model to fuse these too",
+            f"would replace: {', '.join(n or '<model>' for n in report.kept)}; remove those hooks (or forwards), "
+            f"convert, and register them on the converted model (or set them on its modules) to fuse these too",
             stacklevel=2,
         )
     return model, report

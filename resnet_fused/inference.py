@@ -40,7 +40,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from resnet_fused import contract, select
 from resnet_fused import nn as fused_nn
-from resnet_fused.nn import BasicBlock, Bottleneck, FusedConv2d, _global_hooks, _has_hooks, hand_over
+from resnet_fused.nn import BasicBlock, Bottleneck, FusedConv2d, _global_hooks, hand_over
 
 __all__ = ["PackedFusedConv2d", "PreparedSequential", "optimize_for_inference"]
 
@@ -427,8 +427,8 @@ class PreparedSequential(nn.Sequential):
             return super().forward(x)  # a trace records the modules as they are; a global hook sees every output
         owned = False  # the stage's input is the caller's
         for module in self:
-            # One of our blocks with no hooks and no patched forward: nothing but its forward sees its input first.
-            plain = type(module) in _BLOCKS and not _has_hooks(module) and "forward" not in module.__dict__
+            # One of our blocks with no hooks and no forward set on it: nothing but its forward sees its input first.
+            plain = type(module) in _BLOCKS and fused_nn._unseen(module)
             if plain and owned:
                 hand_over(x)
             try:

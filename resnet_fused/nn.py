@@ -33,6 +33,7 @@ import functools
 import inspect
 import threading
 from collections.abc import Callable
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -187,7 +188,7 @@ class FusedConv2d(nn.Conv2d):
             self.scale, self.shift = torch.ones(self.out_channels, **opts), torch.zeros(self.out_channels, **opts)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def __prepare_scriptable__(self) -> FusedConv2d:
+    def __prepare_scriptable__(self) -> NoReturn:
         # torch.jit.script calls this on every module before compiling: refuse here with the way out, rather than
         # with the TorchScript compiler's error about the first Python construct it meets in forward.
         raise TypeError(
@@ -516,7 +517,7 @@ def norm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor] | None:
     other module.
     """
     if "forward" in norm.__dict__:
-        return None  # a patched forward: it may compute anything
+        return None  # a forward set on the instance: it may compute anything
     if _FrozenBatchNorm2d is not None and isinstance(norm, _FrozenBatchNorm2d):
         if type(norm).forward is not _FrozenBatchNorm2d.forward:
             return None
@@ -555,8 +556,8 @@ def _conv3x3(
     return FusedConv2d(in_planes, out_planes, 3, stride, dilation, dilation, groups, bias=bias, relu=False)
 
 
-def _conv1x1(in_planes: int, out_planes: int, stride: int = 1, *, bias: bool, relu: bool) -> FusedConv2d:
-    return FusedConv2d(in_planes, out_planes, 1, stride, bias=bias, relu=relu)
+def _conv1x1(in_planes: int, out_planes: int, stride: int = 1, *, bias: bool) -> FusedConv2d:
+    return FusedConv2d(in_planes, out_planes, 1, stride, bias=bias, relu=False)
 
 
 def _make_norm(norm_layer: NormLayer | None, channels: int) -> tuple[nn.Module, bool]:
@@ -574,7 +575,7 @@ def projection(inplanes: int, out_channels: int, stride: int = 1, norm_layer: No
     (keys ``0.weight``, ``0.bias``). Shapes: ``(N, inplanes, H, W) -> (N, out_channels, ceil(H / s), ceil(W / s))``.
     """
     norm, bias = _make_norm(norm_layer, out_channels)
-    return nn.Sequential(_conv1x1(inplanes, out_channels, stride, bias=bias, relu=False), norm)
+    return nn.Sequential(_conv1x1(inplanes, out_channels, stride, bias=bias), norm)
 
 
 def check_residual(
@@ -686,8 +687,8 @@ def _handed_over(x: Tensor) -> bool:
 
 
 def _unseen(module: nn.Module | None) -> bool:
-    """Whether nothing but the module's own forward sees its inputs and output: no hooks, no patched forward (a
-    wrapper may keep them)."""
+    """Whether nothing but the module's own forward sees its inputs and output: no hooks, no forward set on the
+    instance (a wrapper may keep them)."""
     return module is None or (not _has_hooks(module) and "forward" not in module.__dict__)
 
 
@@ -705,7 +706,7 @@ def _shortcut(
         and len(downsample) in (1, 2)
         and _fused_slots(downsample[0])
         and not downsample[0].relu  # with its ReLU the Sequential computes norm(relu(conv)), not relu(norm(conv))
-        and not _has_hooks(downsample)
+        and _unseen(downsample)  # its hooks, or a forward set on it, see what the Sequential computes
     ):
         norm = downsample[1] if len(downsample) == 2 else None
         s = downsample[0](x, norm=norm)
@@ -810,11 +811,11 @@ class Bottleneck(nn.Module):
         bn1, bias1 = _make_norm(norm_layer, width)
         bn2, bias2 = _make_norm(norm_layer, width)
         bn3, bias3 = _make_norm(norm_layer, planes * self.expansion)
-        self.conv1 = _conv1x1(inplanes, width, bias=bias1, relu=False)
+        self.conv1 = _conv1x1(inplanes, width, bias=bias1)
         self.bn1 = bn1
         self.conv2 = _conv3x3(width, width, stride, groups, dilation, bias=bias2)
         self.bn2 = bn2
-        self.conv3 = _conv1x1(width, planes * self.expansion, bias=bias3, relu=False)
+        self.conv3 = _conv1x1(width, planes * self.expansion, bias=bias3)
         self.bn3 = bn3
         # Applied inside the fused convs; swapped or hooked, it is called where torchvision calls it.
         self.relu = nn.ReLU(inplace=True)
@@ -901,7 +902,7 @@ def zero_init_residual_(model: nn.Module) -> nn.Module:
 
     Raises:
         TypeError: a BN-free block's last conv slot holds something other than an ``nn.Conv2d`` (a wrapper put
-            there), or a conv whose weight is computed (pruning, a parametrization); nothing is changed then.
+            there), or the layer to zero has a computed weight (pruning, a parametrization); nothing is changed then.
     """
     zero: list[Tensor] = []
     for name, m in model.named_modules():
@@ -909,6 +910,11 @@ def zero_init_residual_(model: nn.Module) -> nn.Module:
             slot = "conv3" if isinstance(m, Bottleneck) else "conv2"
             conv, norm = getattr(m, slot), getattr(m, "bn" + slot[-1])
             if getattr(norm, "weight", None) is not None:
+                if "weight" not in norm._parameters:  # recomputed on every call: zeroing it would not last
+                    raise TypeError(
+                        f"zero_init_residual_: {name}.bn{slot[-1]}.weight: expected an nn.Parameter to zero, got a "
+                        "computed weight (a parametrization)"
+                    )
                 zero.append(norm.weight)
             elif isinstance(norm, nn.Identity):
                 if not isinstance(conv, nn.Conv2d):

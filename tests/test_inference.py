@@ -897,7 +897,7 @@ def _stage_model() -> nn.Module:
     return resnet_fused.convert(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), blocks).eval())[0]
 
 
-@pytest.mark.parametrize("how", ["hooked norm", "patched conv forward"])
+@pytest.mark.parametrize("how", ["hooked norm", "conv forward set on the instance"])
 def test_a_tensor_a_hook_or_wrapper_kept_is_never_summed_into(how):
     """The next block sums into a block's output only where nothing could have kept it: not where the last norm has
     a hook, nor where the last conv's forward is patched (a wrapper may keep its output)."""

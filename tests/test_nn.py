@@ -249,7 +249,7 @@ def _swap_conv(block: nn.Module, slot: str, how: str) -> None:
 
 @pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: f"{c[0].__name__}-{c[2:]}")
 @pytest.mark.parametrize("slot", ["conv1", "last"])
-@pytest.mark.parametrize("how", ["nn.Conv2d", "wrapper", "patched forward", "subclass"])
+@pytest.mark.parametrize("how", ["nn.Conv2d", "wrapper", "forward set on the instance", "subclass"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_a_conv_slot_changed_after_building_runs_as_in_torchvision(case, slot, how, mode):
     """torchvision's blocks call each conv with one argument, so anything may sit in a conv slot; a fused block whose
@@ -282,6 +282,17 @@ class _InputOnlyConv(FusedConv2d):
 
     def forward(self, x):
         return super().forward(x, relu=False) * 3
+
+
+def test_a_forward_set_on_the_projection_sequential_runs_as_in_torchvision():
+    block, tv_block = make_block_pair(*BLOCK_CASES[1])
+    block.load_state_dict(tv_block.state_dict(), strict=True)
+    block, ref = block.double().eval(), copy.deepcopy(tv_block).double().eval()
+    for m in (block, ref):
+        m.downsample.forward = lambda t, f=m.downsample.forward: f(t) * -2
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(block(x), ref(x), torch.float64, "y")
 
 
 @pytest.mark.parametrize("slot", ["conv2", "downsample.0"])
@@ -393,6 +404,10 @@ def test_zero_init_residual_with_a_swapped_last_conv():
     with pytest.raises(TypeError, match=r"zero_init_residual_: 1.conv2.weight: expected an nn.Parameter to zero"):
         zero_init_residual_(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    model = nn.Sequential(BasicBlock(8, 8))
+    torch.nn.utils.parametrize.register_parametrization(model[0].bn2, "weight", nn.Identity())
+    with pytest.raises(TypeError, match=r"zero_init_residual_: 0.bn2.weight: expected an nn.Parameter to zero"):
+        zero_init_residual_(model)
 
 
 def test_set_backend_reaches_every_fused_conv_and_rejects_unknown_names():
