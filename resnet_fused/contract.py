@@ -353,18 +353,7 @@ def _register_autocast(lib: torch.library.Library, qualname: str) -> None:
 # ---- fake kernels: shapes and layouts only, never data ----
 
 
-def forward_fake(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    residual: Tensor | None,
-    scale: Tensor | None,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    relu: bool,
-) -> Tensor:
+def forward_fake(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu) -> Tensor:
     """The forward op's fake kernel: the real one's checks, then an empty ``y`` (N, K, P, Q) in x's memory format."""
     check_op_pairs(stride, padding, dilation)
     stride, padding, dilation = check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
@@ -429,17 +418,7 @@ def epilogue_fake(y: Tensor, bias: Tensor | None, residual: Tensor | None, scale
 
 
 def backward_fake(
-    grad_out: Tensor,
-    out: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    scale: Tensor | None,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    relu: bool,
-    output_mask: Sequence[bool],
+    grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu, output_mask
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The backward op's fake kernel: the real one's checks, then empty ``(grad_x, grad_weight, grad_bias,
     grad_residual)`` in the real one's shapes and layouts, those not in ``output_mask`` of shape (0,)."""
