@@ -209,6 +209,6 @@ def test_an_aot_inductor_package_runs_where_resnet_fused_is_not_installed(tmp_pa
         f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
         f"run = torch._inductor.aoti_load_package({package!r})\n"
         "with torch.no_grad():\n"
-        "    assert torch.equal(run(io['x']), io['y'])\n"
+        "    torch.testing.assert_close(run(io['x']), io['y'])  # the same code; threads may split sums otherwise\n"
         "assert 'resnet_fused' not in sys.modules\n"
     )
