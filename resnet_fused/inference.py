@@ -169,7 +169,7 @@ class PackedFusedConv2d(FusedConv2d):
         the scale it was folded with; no weight (None) where the folded one is not finite."""
         w = self.weight
         # Shape and strides too: a .data swap for another view of the same memory (a transpose) keeps the rest.
-        source = (w, w._version, w.data_ptr(), w.dtype, w.device, w.shape, w.stride())
+        source = (w, *_held(w)[1:])  # the weight itself, not its id: its identity is checked with `is`
         n = len(source)
         old, packs = self._pack_state  # read once: a thread with another scale may publish its own meanwhile
         same = (
