@@ -237,7 +237,7 @@ class PackedFusedConv2d(FusedConv2d):
     def _packed_path_ok(self, x: Tensor, residual: Tensor | None, scale: Tensor | None, bias: Tensor | None) -> bool:
         if self.training or x.device.type != "cpu" or x.dim() != 4 or x.shape[0] == 0:
             return False
-        if self.backend not in ("auto", "cpu") or _forced_backend() not in (None, "cpu"):
+        if self.backend != "cpu" and (self.backend != "auto" or _forced_backend() not in (None, "cpu")):
             return False  # another backend asked for (to compare numerics, say): the ordinary op runs it
         if self._padding_plan()[0] is not None or torch.is_autocast_enabled("cpu"):
             return False

@@ -1061,6 +1061,18 @@ def test_another_backend_asked_for_runs_instead_of_the_packs(monkeypatch, how):
             net(x)
 
 
+def test_an_explicit_cpu_backend_keeps_its_packs_whatever_the_env_var_says(monkeypatch):
+    """``backend="cpu"`` never reads RESNET_FUSED_BACKEND (the module runs cpu whatever it says), so its packs stay."""
+    net = optimize_for_inference(small_net())
+    resnet_fused.nn.set_backend(net, "cpu")
+    x = torch.randn(2, 4, 9, 9)
+    for value in ("reference", "gpu"):
+        monkeypatch.setenv("RESNET_FUSED_BACKEND", value)
+        with torch.no_grad():
+            assert_fresh(net, x)
+        assert packs(net) == 2
+
+
 class _CountReads(nn.Module):
     """A parametrization that counts how often the weight is computed."""
 
