@@ -2,15 +2,20 @@
 
 ``auto`` reads the backend table (:mod:`resnet_fused.backends`): among the available backends whose
 ``auto_devices`` hold x's device type, a single candidate is used as is; several are timed once per call key
-(shapes, dtype, layouts, device, conv options, TF32 setting and whether a backward follows), running what the call
-will run: the forward, plus the backward when autograd will need it. The fastest is remembered for the process.
+(shapes, dtype, layouts, device, conv options, cuDNN settings and which inputs a backward differentiates), running
+what the call will run: the forward, plus the backward when autograd will need it. The fastest is remembered for the
+process, unless a candidate ran out of memory while timed (then the choice holds for that call only, and where every
+candidate did, the call raises their ``torch.OutOfMemoryError``).
 
 Timing is skipped, and the first candidate in table order is used, where it cannot be trusted or cannot run:
 
-- under ``torch.use_deterministic_algorithms(True)`` (a timed choice could change the gradients' bits from run to
-  run);
-- while ``torch.compile`` traces or a CUDA graph captures (timing synchronizes); an earlier timed choice for the
-  same key is still used.
+- under ``torch.use_deterministic_algorithms(True)`` or ``torch.backends.cudnn.deterministic = True`` (a timed choice
+  could change the gradients' bits from run to run);
+- while ``torch.compile`` or ``torch.export`` traces: timing synchronizes, and reading an eagerly timed choice would
+  make the compiled code depend on the cache and on the shapes (a key hashes them, which specializes a dynamic batch
+  size);
+- while a CUDA graph captures or a ``torch.func`` transform runs (timing synchronizes, or sees other shapes); an
+  earlier timed choice for the same key is still used.
 
 ``RESNET_FUSED_BACKEND`` forces one backend on every call left on ``auto`` (an explicit ``backend=`` wins).
 """
@@ -89,17 +94,22 @@ def _layout(t: Tensor | None) -> str:
     return "channels_last" if contract.memory_format(t) == torch.channels_last else "contiguous"
 
 
-@torch.compiler.assume_constant_result  # dynamo does not trace the precision flags; read them eagerly
-def _tf32() -> str:
-    return torch.backends.cudnn.conv.fp32_precision if hasattr(torch.backends.cudnn, "conv") else "n/a"
+@torch.compiler.assume_constant_result  # dynamo does not trace these flags; read them eagerly
+def _cudnn_settings() -> str:
+    """The cuDNN settings a conv's speed depends on: TF32, ``benchmark`` and ``enabled``."""
+    cudnn = torch.backends.cudnn
+    tf32 = cudnn.conv.fp32_precision if hasattr(cudnn, "conv") else "n/a"
+    return f"tf32={tf32} benchmark={cudnn.benchmark} enabled={cudnn.enabled}"
 
 
 def cache_key(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu, *, backward: bool) -> tuple:
-    """What a timed choice depends on: shapes, dtype, layouts, device, the conv options, TF32 and the backward."""
+    """What a timed choice depends on: shapes, dtype, layouts, device, the conv options, the cuDNN settings and, where
+    a backward follows, which of x, weight, bias and residual it differentiates."""
+    grads = tuple(isinstance(t, Tensor) and t.requires_grad for t in (x, weight, bias, residual)) if backward else None
     return (
         tuple(x.shape), tuple(weight.shape), str(x.dtype), _layout(x), _layout(weight), _layout(residual),
         str(x.device), bias is not None, scale is not None, tuple(stride), tuple(padding), tuple(dilation),
-        int(groups), bool(relu), _tf32(), backward,
+        int(groups), bool(relu), _cudnn_settings(), grads,
     )  # fmt: skip
 
 
@@ -112,7 +122,7 @@ def _can_time() -> bool:
     """Timing runs kernels and synchronizes: impossible while tracing or capturing a CUDA graph. Under a torch.func
     transform (vmap) the call is not the per-sample one its shapes describe, nor does ``requires_grad`` tell whether
     autograd records it: a timing there would be cached for the wrong case."""
-    if torch.compiler.is_compiling() or contract.functorch_active():
+    if contract.functorch_active():
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
@@ -189,17 +199,25 @@ def choose(x, weight, bias, residual, scale, stride, padding, dilation, groups, 
             f"{row.name} unavailable: {row.unavailable()}" for row in table if device in row.auto_devices and row.unavailable()
         )  # fmt: skip
         return Choice(names[0], f"the only available backend for {device} tensors" + (f" ({others})" if others else ""))
-    if torch.are_deterministic_algorithms_enabled():
+    if torch.compiler.is_compiling():
+        # Reading an eager call's timing would tie the compiled code to the cache, and hashing traced shapes into a
+        # key specializes a dynamic batch size (or fails on it).
         return Choice(
             names[0],
-            f"torch.use_deterministic_algorithms(True): the first of {names} in the backend table, never by timing",
+            f"traced by torch.compile or torch.export: the first of {names} in the backend table, never by timing",
         )
-    if not torch.compiler.is_compiling() and (torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0):
+    if torch.are_deterministic_algorithms_enabled() or torch.backends.cudnn.deterministic:
+        return Choice(
+            names[0],
+            f"torch.use_deterministic_algorithms(True) or cudnn.deterministic: the first of {names} in the backend "
+            "table, never by timing",
+        )
+    if torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0:
         # A tracer or dispatch mode would record the timing's calls, and the key cannot be read from traced shapes.
         return Choice(
             names[0],
-            f"recorded by torch.jit.trace or a dispatch mode (make_fx, export): the first of {names} in the backend "
-            "table, never by timing",
+            f"recorded by torch.jit.trace or a dispatch mode (make_fx): the first of {names} in the backend table, "
+            "never by timing",
         )
     backward = needs_backward(x, weight, bias, residual)
     args = (x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
@@ -210,8 +228,7 @@ def choose(x, weight, bias, residual, scale, stride, padding, dilation, groups, 
     if not _can_time():
         return Choice(
             names[0],
-            "this case is not timed yet and cannot be timed inside torch.compile tracing, CUDA graph capture or a "
-            "torch.func transform; "
+            "this case is not timed yet and cannot be timed inside CUDA graph capture or a torch.func transform; "
             f"{names[0]!r} (first in the backend table) until a call outside them times it",
         )
     with _LOCK:
@@ -220,22 +237,30 @@ def choose(x, weight, bias, residual, scale, stride, padding, dilation, groups, 
             return hit
         timings: dict[str, float] = {}
         failures: dict[str, str] = {}
+        out_of_memory: torch.OutOfMemoryError | None = None
         for row in candidates:
             try:
                 timings[row.name] = timer(row, _timed_call(row, args, backward), x.device)
+            except torch.OutOfMemoryError as e:  # may pass once memory is freed: never remembered
+                out_of_memory = out_of_memory or e
+                failures[row.name] = "torch.OutOfMemoryError"
             except Exception as e:  # a backend that cannot run this case simply loses
                 failures[row.name] = f"{type(e).__name__}: {e}".splitlines()[0]
         if not timings:
+            if out_of_memory is not None:
+                raise out_of_memory  # the caller's OOM handling (a smaller batch, say) must see its own type
             raise RuntimeError(f"every candidate backend failed on this case: {_format_timings({}, failures)}")
         winner = min(timings, key=timings.__getitem__)
         what = "forward+backward" if backward else "forward"
+        kept = "for this call only, as a candidate ran out of memory" if out_of_memory else "timed once per process"
         choice = Choice(
             winner,
             f"fastest {what} when timed on the first call for this shape/dtype/layout/device/options "
-            f"({_format_timings(timings, failures)}; timed once per process, {ENV_VAR} forces a backend)",
+            f"({_format_timings(timings, failures)}; {kept}, {ENV_VAR} forces a backend)",
             timings,
         )
-        _CACHE[key] = choice
+        if out_of_memory is None:
+            _CACHE[key] = choice
         return choice
 
 
@@ -265,9 +290,12 @@ def call_inputs(x, weight, bias, residual, scale, stride, padding, dilation, gro
     return x, weight, bias, residual, scale, stride, padding, dilation, operator.index(groups)
 
 
-def check_transform_backend(backend: str) -> None:
+def check_transform_backend(backend: str, table: Table = BACKENDS) -> None:
     """Under forward-mode AD or a differentiating ``torch.func`` transform, which no fused op supports, only ``auto``
-    and ``reference`` run (through the unfused ops); a named fused backend is refused."""
+    and ``reference`` run (through the unfused ops); a named fused backend is refused. ``RESNET_FUSED_BACKEND`` is
+    checked as on any ``auto`` call, though the unfused ops run whatever it names."""
+    if backend == "auto":
+        _forced(table)
     if backend not in ("auto", "reference"):
         raise NotImplementedError(
             f"backend: expected 'auto' or 'reference' under forward-mode AD (dual tensors) or torch.func.grad/jvp/"
@@ -310,7 +338,7 @@ def explain(
     )
     check_name(backend, table)
     if contract.differentiated_by_transform(x, weight, bias, residual, scale):
-        check_transform_backend(backend)
+        check_transform_backend(backend, table)
         return "reference: forward-mode AD or a differentiating torch.func transform, which no fused op supports"
     if backend != "auto":
         check_runs(table, backend, x)

@@ -70,16 +70,20 @@ def setup(monkeypatch):
     select.clear_cache()
 
 
-def make_args(n=2, c=8, k=8, hw=6, dtype=torch.float32, channels_last=False, residual=True, grad=False, **opts):
-    x = torch.randn(n, c, hw, hw, dtype=dtype)
+def make_args(n=2, c=8, k=8, hw=6, dtype=torch.float32, channels_last=False, residual=True, grad=False, *,
+              weight_cl=False, residual_cl=False, bias=True, x_grad=False, **opts):  # fmt: skip
+    cl = torch.channels_last
+    x = torch.randn(n, c, hw, hw, dtype=dtype, requires_grad=x_grad)
     if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    w = torch.randn(k, c, 3, 3, dtype=dtype, requires_grad=grad)
-    b = torch.randn(k, dtype=dtype)
+        x = x.detach().to(memory_format=cl).requires_grad_(x_grad)
+    w = torch.randn(k, c, 3, 3, dtype=dtype)
+    w = w.to(memory_format=cl if weight_cl else torch.contiguous_format).requires_grad_(grad)
+    b = torch.randn(k, dtype=dtype) if bias else None
     conv = {"scale": None, "stride": (1, 1), "padding": (1, 1), "dilation": (1, 1), "groups": 1, "relu": True}
     conv.update(opts)
     shape = conv_output_shape(x.shape, w.shape, conv["stride"], conv["padding"], conv["dilation"])
-    r = torch.randn(shape, dtype=dtype) if residual else None
+    r = torch.randn(shape, dtype=dtype).to(memory_format=cl if residual_cl else torch.contiguous_format)
+    r = r if residual else None
     return (x, w, b, r, conv["scale"], conv["stride"], conv["padding"], conv["dilation"], conv["groups"], conv["relu"])
 
 
@@ -127,7 +131,7 @@ def test_times_once_per_key_and_picks_the_fastest(setup):
     "change",
     [{"n": 3}, {"k": 16}, {"hw": 7}, {"dtype": torch.float64}, {"channels_last": True}, {"residual": False},
      {"stride": (2, 2)}, {"padding": (0, 0)}, {"dilation": (2, 2)}, {"relu": False}, {"scale": torch.ones(8)},
-     {"grad": True}],
+     {"grad": True}, {"weight_cl": True}, {"residual_cl": True}, {"bias": False}],
     ids=lambda d: next(iter(d)),
 )  # fmt: skip
 def test_each_key_part_gets_its_own_timing(setup, change):
@@ -136,6 +140,34 @@ def test_each_key_part_gets_its_own_timing(setup, change):
     timer.times = {"slow": 0.5, "fast": 9.0}
     assert choose(make_args(**change), table, timer) == "slow"
     assert len(timer.calls) == 4 and len(select.cached_choices()) == 2
+
+
+def test_which_inputs_the_backward_differentiates_gets_its_own_timing(setup):
+    """A frozen layer's backward (grad_x alone), a first layer's (grad_w alone) and both cost differently."""
+    table, timer, _ = setup
+    assert choose(make_args(grad=True), table, timer) == "fast"
+    timer.times = {"slow": 0.5, "fast": 9.0}
+    assert choose(make_args(x_grad=True), table, timer) == "slow"
+    timer.times = {"slow": 9.0, "fast": 0.5}
+    assert choose(make_args(grad=True, x_grad=True), table, timer) == "fast"
+    assert len(timer.calls) == 6 and len(select.cached_choices()) == 3
+
+
+def test_cudnn_settings_get_their_own_timing(setup):
+    """cudnn.benchmark and cudnn.enabled change the cuda backend's speed: a choice timed under one says nothing of
+    the other."""
+    table, timer, _ = setup
+    assert choose(make_args(), table, timer) == "fast"
+    timer.times = {"slow": 0.5, "fast": 9.0}
+    cudnn, before = torch.backends.cudnn, (torch.backends.cudnn.benchmark, torch.backends.cudnn.enabled)
+    try:
+        cudnn.benchmark = not before[0]
+        assert choose(make_args(), table, timer) == "slow"
+        cudnn.benchmark, cudnn.enabled = before[0], not before[1]
+        assert choose(make_args(), table, timer) == "slow"
+    finally:
+        cudnn.benchmark, cudnn.enabled = before
+    assert len(timer.calls) == 6 and len(select.cached_choices()) == 3
 
 
 def test_timing_runs_the_backward_when_inputs_require_grad(setup):
@@ -218,6 +250,35 @@ def test_env_var_errors(setup, monkeypatch):
         choose(args, gpu_only, timer)
 
 
+def test_env_var_is_checked_under_differentiating_transforms(monkeypatch):
+    """Under torch.func.grad or forward-mode AD the call runs the unfused ops whatever the variable names, but a
+    value that names no backend is still refused, as on any auto call."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)
+
+    def loss(w):
+        return resnet_fused.conv_bias_add_relu(x, w).sum()
+
+    monkeypatch.setenv(select.ENV_VAR, "gpu")
+    with pytest.raises(ValueError, match=r"RESNET_FUSED_BACKEND: expected one of \('auto', .*\), got 'gpu'"):
+        torch.func.grad(loss)(w)
+    said = []
+
+    def explained(w):  # explain refuses it too, before the call would
+        said.append(resnet_fused.explain(x, w))
+        return loss(w)
+
+    with pytest.raises(ValueError, match="RESNET_FUSED_BACKEND: expected one of"):
+        torch.func.grad(explained)(w)
+    assert said == []
+    with fwAD.dual_level(), pytest.raises(ValueError, match="RESNET_FUSED_BACKEND: expected one of"):
+        resnet_fused.conv_bias_add_relu(fwAD.make_dual(x, torch.ones_like(x)), w)
+    monkeypatch.setenv(select.ENV_VAR, "cpu")
+    expected = torch.func.grad(lambda w: reference.conv_bias_add_relu(x, w).sum())(w)
+    torch.testing.assert_close(torch.func.grad(loss)(w), expected, rtol=0, atol=0)
+
+
 def test_single_available_candidate_is_not_timed(setup):
     _, timer, log = setup
     table = Table([fake_row("slow", log, why="no slow here"), fake_row("fast", log)])
@@ -241,6 +302,32 @@ def test_failing_backend_loses(setup):
     assert "fast failed (RuntimeError: unsupported dilation)" in explain(args, table, timer)
 
 
+def test_out_of_memory_while_timing_is_never_remembered(setup):
+    """A candidate out of memory may fit once memory is freed: the other wins this call only, and the next call of
+    the same case times both again."""
+    table, timer, _ = setup
+    timer.fail = {"fast": torch.OutOfMemoryError("CUDA out of memory")}
+    args = make_args()
+    assert choose(args, table, timer) == "slow"
+    assert select.cached_choices() == {}
+    assert "fast failed (torch.OutOfMemoryError); for this call only" in explain(args, table, timer)
+    timer.fail = {}
+    assert choose(args, table, timer) == "fast"
+    assert timer.calls == ["slow", "fast"] * 3 and len(select.cached_choices()) == 1
+
+
+def test_every_candidate_out_of_memory_raises_out_of_memory(setup):
+    """The caller's OOM handling (a smaller batch, say) catches torch.OutOfMemoryError: the chooser raises it."""
+    table, timer, _ = setup
+    timer.fail = {"fast": torch.OutOfMemoryError("fast: no memory"), "slow": torch.OutOfMemoryError("slow: none")}
+    with pytest.raises(torch.OutOfMemoryError, match="slow: none"):
+        choose(make_args(), table, timer)
+    timer.fail = {"fast": RuntimeError("bad"), "slow": torch.OutOfMemoryError("slow: none")}
+    with pytest.raises(torch.OutOfMemoryError, match="slow: none"):
+        choose(make_args(), table, timer)
+    assert select.cached_choices() == {}
+
+
 def test_all_backends_failing_raises(setup):
     table, timer, _ = setup
     timer.fail = {"fast": RuntimeError("bad"), "slow": ValueError("worse")}
@@ -262,21 +349,71 @@ def test_deterministic_mode_never_times(setup):
     assert timer.calls == [] and select.cached_choices() == {}
 
 
+def test_cudnn_deterministic_never_times(setup):
+    """The usual reproducibility recipe sets cudnn.deterministic alone: a timed choice could differ between runs."""
+    table, timer, _ = setup
+    before = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        assert choose(make_args(grad=True), table, timer) == "slow"
+        assert "cudnn.deterministic" in explain(make_args(grad=True), table, timer)
+    finally:
+        torch.backends.cudnn.deterministic = before
+    assert timer.calls == [] and select.cached_choices() == {}
+
+
 def test_choice_traces_under_torch_compile_fullgraph(setup):
-    """Inside torch.compile nothing is timed: the table's first until the case is timed eagerly, then the winner."""
+    """Inside torch.compile nothing is timed, and an eager call's timing is not read either: the compiled code stays
+    the table's first, with no guard on the cache (an eager timing later compiles nothing again)."""
     table, timer, _ = setup
     args = make_args()
     f = doubled_if_slow(args, table, timer)
     x = args[0]
     torch._dynamo.reset()
-    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(x), x * 2.0)
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled = torch.compile(f, fullgraph=True, backend="eager")
+            assert torch.equal(compiled(x), x * 2.0)
+            assert timer.calls == [] and select.cached_choices() == {}
+            assert f(x).equal(x * 3.0)  # eager: times, "fast" wins
+            assert sorted(timer.calls) == ["fast", "slow"]
+            assert torch.equal(compiled(x), x * 2.0)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_dynamic_shapes_stay_dynamic_with_several_candidates(setup):
+    """A key hashes the shapes: read inside a trace, it specialized a dynamic batch size (one compile per batch size
+    under torch.compile(dynamic=True); torch.export with a batch Dim refused or failed)."""
+    table, timer, _ = setup
+    f = doubled_if_slow(make_args(), table, timer)
+    compiles = []
+
+    def counting(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(f, fullgraph=True, dynamic=True, backend=counting)
+        for n in (2, 3, 4):
+            x = torch.randn(n, 8, 6, 6)
+            assert torch.equal(compiled(x), x * 2.0)
+    finally:
+        torch._dynamo.reset()
+    assert len(compiles) == 1
+
+    class Module(torch.nn.Module):
+        def forward(self, x):
+            return f(x)
+
+    batch = torch.export.Dim("batch")
+    for strict in (True, False):
+        program = torch.export.export(Module(), (torch.randn(4, 8, 6, 6),), dynamic_shapes={"x": {0: batch}},
+                                      strict=strict)  # fmt: skip
+        x = torch.randn(3, 8, 6, 6)
+        assert torch.equal(program.module()(x), x * 2.0)
     assert timer.calls == [] and select.cached_choices() == {}
-    assert f(x).equal(x * 3.0)  # eager: times, "fast" wins
-    assert sorted(timer.calls) == ["fast", "slow"]
-    torch._dynamo.reset()
-    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(x), x * 3.0)
-    assert len(timer.calls) == 2
-    torch._dynamo.reset()
 
 
 def test_the_default_timer_runs_the_call_on_cpu():
