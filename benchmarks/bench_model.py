@@ -17,7 +17,8 @@
     under ``torch.no_grad()``; compile times are reported apart;
   - ``fused-compile-freezing``: ``fused`` compiled the same way, what a user who compiles a converted model gets
     (Inductor compiles the fused op from its aten decomposition, :mod:`resnet_fused.inductor`);
-  - ``ort``: ONNX Runtime's CPU execution provider (fp32; intra-op threads = the benchmark's), on the original
+  - ``ort``: ONNX Runtime's CPU execution provider (fp32; intra-op threads = the benchmark's, one inter-op thread,
+    other session options default), on the original
     model exported by ``torch.onnx.export`` (export and session set-up time reported apart). Without onnxruntime,
     the row says "not installed"; its memory is not measured (it allocates outside torch's allocator).
 
@@ -59,6 +60,7 @@ from torch import Tensor, nn
 
 from benchmarks import timing
 from benchmarks.bench_ops import DTYPES, LAYOUTS, OUT_DIR, _split, add_common_args, check_lists, packed_bytes
+from benchmarks.equivalence import REF_FACTOR
 
 ARCHS = {
     "resnet18": ("basic", [2, 2, 2, 2]),
@@ -85,6 +87,9 @@ CLASSES = 1000
 # 224x224, batch 1): fp32 about 2e-6 (folded norms, other conv algorithms), bf16 up to 1.6e-2 (roundings over ~50
 # layers); a variant off by a factor, or NaN, is far outside.
 OUTPUT_TOL = {"fp64": 1e-9, "fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
+# In these, eager's own rounding is large (bf16 resnet50: 8.7e-3 of float64's logits): each variant is also held to
+# REF_FACTOR x eager's error against a float64 run of the same model (measured: fused and prepared rows 0.6-0.8x).
+CHECKED_VS_FLOAT64 = (torch.float16, torch.bfloat16)
 
 
 def bn_free_resnet(arch: str, num_classes: int = CLASSES) -> nn.Module:
@@ -174,12 +179,14 @@ class InferenceSetup:
         setup: name -> one-off costs and facts (``compile_s``, ``export_s``, ``exporter``, ...), merged into the record.
         skipped: name -> why that variant has no timing ("not installed: ...", "skipped: ...").
         held: name -> bytes the variant keeps between calls (packed weights), outside any call's peak.
+        float64: the original model's output in float64 on x, for the dtypes of ``CHECKED_VS_FLOAT64``; else None.
     """
 
     impls: dict[str, Callable[[], object]] = field(default_factory=dict)
     setup: dict[str, dict] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     held: dict[str, Callable[[], int]] = field(default_factory=dict)
+    float64: Tensor | None = None
 
 
 def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:
@@ -258,9 +265,12 @@ def inference_impls(
     original = getattr(torchvision.models, arch)().eval()
     _randomize_bn(original)
     converted, _ = convert(original)
+    out = InferenceSetup()
+    if dtype in CHECKED_VS_FLOAT64:
+        with torch.no_grad():  # x holds the low-precision input: the reference sees the same rounded values
+            out.float64 = _prepare(copy.deepcopy(original), torch.float64, fmt, device)(x.double())
     eager = _prepare(original, dtype, fmt, device)
     fused = _prepare(converted.eval(), dtype, fmt, device)
-    out = InferenceSetup()
     out.impls = {"eager": lambda: eager(x), "fused": lambda: fused(x)}
 
     optimize = optimize_for_inference_hook()
@@ -326,6 +336,17 @@ def check_output(y: object, ref: Tensor, dtype_name: str) -> tuple[float, str]:
             f"wrong result: max |y - eager| / max(max |eager|, 1) = {err:.2e}, tolerance {OUTPUT_TOL[dtype_name]:.0e}"
         )
     return diff, ""
+
+
+def check_vs_float64(y: object, eager: object, float64: Tensor) -> str:
+    """ "" or why ``y`` is a wrong result: its error against the float64 run above ``REF_FACTOR`` x eager's own, both
+    as max |. - float64| / max(max |float64|, 1)."""
+    ref = float64.detach().double().cpu()
+    scale = max(ref.abs().max().item(), 1.0)
+    err, eager_err = ((torch.as_tensor(t).detach().double().cpu() - ref).abs().max().item() / scale for t in (y, eager))
+    if not err <= REF_FACTOR * eager_err:
+        return f"wrong result: error {err:.2e} against float64, above {REF_FACTOR:g} x eager's {eager_err:.2e}"
+    return ""
 
 
 def wrong_results(records: Sequence[dict]) -> list[dict]:
@@ -445,7 +466,10 @@ def run(
             # Every variant must compute the same function: a wrong one is not timed, and fails the run.
             ref = impls["eager"]()
             for name, fn in list(impls.items()):
-                diffs[name], why = check_output(fn(), ref, dtype_name)
+                y_name = fn()
+                diffs[name], why = check_output(y_name, ref, dtype_name)
+                if not why and inf.float64 is not None:
+                    why = check_vs_float64(y_name, ref, inf.float64)
                 if why:
                     records.append({**base, "impl": name, "status": why, "max_abs_diff_vs_eager": diffs[name]})
                     del impls[name]

@@ -163,8 +163,8 @@ def test_render_recomputes_ratio_summaries_from_the_saved_samples():
      ((1.06, 1.12), 3, "undecided"), ((0.97, 1.04), 4, "undecided")],
 )  # fmt: skip
 def test_train_target_is_decided_by_the_interval(ci, rounds, verdict):
-    """Met or missed only when the whole interval is on one side of the goal, and only from 5 rounds on: an interval
-    bootstrapped from fewer says little."""
+    """Met or missed only when the whole interval is on one side of the goal, and only from timing.MIN_ROUNDS rounds
+    on: fewer make no 95 % interval of a median."""
     base = {"model": "resnet50", "mode": "train", "variant": "bn-free", "dtype": "fp32", "layout": "channels_last",
             "input_hw": 224, "batch": 8, "rounds": rounds, "peak_mem_bytes": 1}  # fmt: skip
     ratio = {"median": sum(ci) / 2, "p25": ci[0], "p75": ci[1], "ci_lo": ci[0], "ci_hi": ci[1]}
@@ -390,6 +390,29 @@ def test_bench_model_does_not_time_a_wrong_variant_and_fails(tmp_path, monkeypat
     assert bench_model.check_output(torch.ones(3) * 1.04, torch.ones(3), "bf16")[1] == ""  # bf16 logits: 4 % is fine
     assert bench_model.check_output(torch.ones(3) * 1.04, torch.ones(3), "fp32")[1].startswith("wrong result")
     assert "wrong result" in (tmp_path / "model.md").read_text()
+
+
+def test_bench_model_holds_low_precision_variants_to_float64(tmp_path, monkeypatch):
+    """In bf16 a variant 4 % off passes the check against eager's output (whose own rounding needs 5e-2), but not the
+    one against a float64 run of the model: it may be at most REF_FACTOR x as far from it as eager."""
+    inference_impls = bench_model.inference_impls
+
+    def broken(*args, **kwargs):
+        inf = inference_impls(*args, **kwargs)
+        fused = inf.impls["fused"]
+        inf.impls["fused"] = lambda: fused() * 1.04
+        return inf
+
+    monkeypatch.setattr(bench_model, "inference_impls", broken)
+    path = tmp_path / "model.json"
+    argv = ["--models", "resnet18", "--modes", "inference", "--inference-batches", "2", "--dtypes", "bf16"]
+    argv += ["--no-compile", "--no-ort", "--json", str(path), "--md", str(tmp_path / "model.md")]
+    assert bench_model.main([*argv, *TINY]) == 1
+    records = {r["impl"]: r for r in json.loads(path.read_text())["records"]}
+    assert records["fused"]["max_abs_diff_vs_eager"] > 0
+    assert re.fullmatch(r"wrong result: error \S+ against float64, above 2 x eager's \S+", records["fused"]["status"])
+    for impl in ("eager", "prepared", "prepared-fuse-relu"):
+        _check_record(records[impl])
 
 
 def test_main_tiny(tmp_path, capsys):
@@ -683,6 +706,35 @@ def test_bench_ops_does_not_time_a_wrong_prepacked_row_and_fails(tmp_path, monke
     assert "WRONG RESULT, prepacked fwd fp32 channels_last" in (tmp_path / "ops.md").read_text()
 
 
+def test_a_wrong_prepacked_floor_leaves_its_rows_untimed_and_fails(tmp_path, monkeypatch):
+    """The prepacked conv alone is checked against float64 too: when it is wrong, the rows read against it are not
+    timed (no floor to read them by), their targets say why, and the script exits with status 1 (it crashed with a
+    KeyError after timing everything, writing no file)."""
+    if "prepacked" not in _prepacked_impls() or bench_ops.prepack_unsupported(torch.device("cpu"), torch.float32):
+        pytest.skip("no prepacked rows here")
+    _prepacked_broken(monkeypatch, {"conv_prepacked": lambda y: y * 3})
+    _one_case_judged(monkeypatch)
+    path = tmp_path / "ops.json"
+    argv = ["--models", "resnet50", "--passes", "fwd", "--backends", "cpu", "--no-compile", "--json", str(path)]
+    assert bench_ops.main([*argv, "--png", "", "--md", str(tmp_path / "ops.md"), *TINY]) == 1
+    payload = json.loads(path.read_text())
+    records = {r["impl"]: r for r in payload["records"]}
+    assert records["conv_prepacked"]["status"].startswith("wrong result: error 2.00e+00 against float64")
+    for impl in bench_ops.PREPACKED_IMPLS:
+        if impl in records:
+            assert records[impl]["status"] == bench_ops.FLOOR_FAILED
+    assert {s["impl"] for s in payload["summary"]} == {"cpu"}
+    targets = {t["target"]: t for t in payload["targets"]}
+    assert not [name for name in targets if name.startswith("conv_prepacked")]
+    prepacked = [t for name, t in targets.items() if name.startswith("prepacked fwd")]
+    assert prepacked and all(t["met"] is None for t in prepacked)
+    assert all("conv_prepacked (their floor): wrong result on 1 shape(s)" in t["measured"] for t in prepacked)
+    assert [line for line in payload["not_timed"] if line.startswith("WRONG RESULT")] == [
+        "WRONG RESULT, conv_prepacked fwd fp32 channels_last "
+        f"{records['conv_prepacked']['case']}: {records['conv_prepacked']['status']}"
+    ]
+
+
 @pytest.mark.parametrize("package", [True, False], ids=["package", "onednn-fallback"])
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 @pytest.mark.parametrize("epilogue", bench_ops.EPILOGUES)
@@ -920,6 +972,28 @@ def test_benchmarks_run_without_matplotlib_and_tqdm(tmp_path, monkeypatch, capsy
     assert {r["impl"] for r in _timed(model["records"])} >= {"eager", "fused"}
 
 
+def _one_case_judged(monkeypatch) -> None:
+    """A tiny op run judged as a full one: ResNet-50's first conv stands for all of them, at any size."""
+    trace = bench_ops.trace_conv_cases
+    monkeypatch.setattr(bench_ops, "trace_conv_cases", lambda models, hw: trace(models, hw)[:1])
+    monkeypatch.setattr(bench_ops.timing, "targets_apply", lambda device, batch, hw: True)
+
+
+def test_bench_ops_judges_no_subset_of_the_shapes(tmp_path, monkeypatch):
+    """The op targets hold for every ResNet-50 conv: a run of some of them (--only, --max-cases) gets no verdict,
+    which two 1x1 64->256 convs alone could pass where the 24 miss; its config says which it ran."""
+    monkeypatch.setattr(bench_ops.timing, "targets_apply", lambda device, batch, hw: True)
+    argv = ["--models", "resnet50", "--passes", "fwd", "--backends", "cpu", "--no-compile", "--png", "", *TINY]
+    for subset in (["--only", "1x1 64->256"], ["--max-cases", "1"]):
+        path = tmp_path / "ops.json"
+        assert bench_ops.main([*argv, *subset, "--json", str(path), "--md", str(tmp_path / "ops.md")]) == 0
+        payload = json.loads(path.read_text())
+        assert payload["targets_apply"] is False and payload["targets"] == []
+        assert payload["summary"] and (payload["config"]["only"], payload["config"]["max_cases"]) in (
+            (["1x1 64->256"], None), ([], 1)
+        )  # fmt: skip
+
+
 def test_bench_ops_lists_rows_that_cannot_run_and_their_targets(tmp_path, monkeypatch):
     """A backend that cannot run here and the package's prepacked rows where it has none are listed under "not
     timed" with the reason, and their targets as not measured; the rows that ran keep theirs."""
@@ -927,9 +1001,9 @@ def test_bench_ops_lists_rows_that_cannot_run_and_their_targets(tmp_path, monkey
     monkeypatch.setitem(BACKENDS["cpu"]._cache, "why", "the extension is not built (test)")
     monkeypatch.setattr(bench_ops, "package_prepack_unavailable", lambda: "no optimize_for_inference (test)")
     monkeypatch.setattr(bench_ops, "_package_prepacked", lambda case, inp, fuse_relu=False: None)
-    monkeypatch.setattr(bench_ops.timing, "targets_apply", lambda device, batch, hw: True)  # a tiny run, judged
+    _one_case_judged(monkeypatch)
     path = tmp_path / "ops.json"
-    argv = ["--models", "resnet50", "--max-cases", "1", "--no-compile", "--json", str(path), "--png", ""]
+    argv = ["--models", "resnet50", "--no-compile", "--json", str(path), "--png", ""]
     assert bench_ops.main([*argv, "--md", str(tmp_path / "ops.md"), *TINY]) == 0
     payload = json.loads(path.read_text())
     assert "cpu" not in {r["impl"] for r in payload["records"]}
