@@ -282,3 +282,37 @@ def _grads64(leaves, sc, gy, out):
     l64 = [t.detach().double().requires_grad_() for t in leaves]
     lin = _reference(*l64, sc.double(), 1, 1, 1, 1, False)
     return torch.autograd.grad(lin, l64, gy.double() * (~(out.detach() <= 0)).double())
+
+
+@pytest.mark.skipif(not INTERPRET, reason="calls the kernel on CPU tensors with a pixel count they do not hold")
+@pytest.mark.parametrize("where", ["below_the_window", "window_start", "window_end"])
+def test_wgrad_reduces_every_block_when_the_pixel_count_nears_2_31(where):
+    """The wgrad kernel's count of pixel blocks, cdiv(M, BLOCK_K) in int32, wrapped for M in the last BLOCK_K - 1
+    values below 2^31: the loop never ran, and grad_weight and grad_bias came back 0 with grad_residual never
+    written. A tensor that large does not fit here, so the kernel is called directly with M near 2^31 and a split
+    whose first slice covers exactly the 256 pixels given (the grid runs that slice alone)."""
+    import triton.language as tl
+
+    kernel = launch._KERNELS["wgrad"][0]
+    tile = {k: launch.INTERPRET_CONFIG.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+    block = tile["BLOCK_K"]
+    m = 2**31 - {"below_the_window": 2048, "window_start": block - 1, "window_end": 1}[where]
+    k, c, pixels = 4, 3, 256
+    blocks = -(-m // block)
+    splits = -(-blocks // (pixels // block))
+    assert -(-blocks // splits) == pixels // block  # the first slice is exactly the pixels given
+    gen = torch.Generator().manual_seed(0)
+    go, x = torch.randn(1, k, 1, pixels, generator=gen), torch.randn(1, c, 1, pixels, generator=gen)
+    gw, gb = torch.zeros(1, k, c), torch.zeros(1, k)
+    gres = torch.full((1, k, 1, pixels), float("nan"))
+    shape = (1, m, 1, m, m, c, k, c, 1)  # H, W, P, Q, M, C/groups, K/groups, C*R*S/groups, groups
+    strides = (*go.stride(), *go.stride(), *x.stride(), *gw.stride(), gb.stride(0), *gres.stride())
+    kernel[(1, 1, 1)](
+        go, go, x, go, gw, gb, gres, *shape, *strides, 1, 1, 0, 0, 1, 1, splits, R=1, S=1, HAS_SCALE=False,
+        RELU=False, COMPUTE_W=True, COMPUTE_B=True, STORE_GRES=True, INT64_PIXELS=m > launch._INT32_MAX - launch._MAX_BLOCK,
+        DOT_PRECISION="ieee", UPCAST=False, ACC=tl.float32, **tile,
+    )  # fmt: skip
+    g64, x64 = go[0, :, 0].double(), x[0, :, 0].double()
+    _assert_close("grad_weight", gw[0], g64 @ x64.T, torch.float32)
+    _assert_close("grad_bias", gb[0], g64.sum(1), torch.float32)
+    assert torch.equal(gres, go), "grad_residual was not written"

@@ -350,7 +350,7 @@ def _wgrad_kernel(
     bsum = tl.zeros((BLOCK_M,), dtype=ACC)
     if HAS_SCALE and COMPUTE_W:
         sc = tl.load(scale_ptr + k_glob, mask=mask_ko, other=0.0).to(ACC)
-    num_mb = tl.cdiv(M, BLOCK_K)
+    num_mb = (M - 1) // BLOCK_K + 1  # not tl.cdiv: M + BLOCK_K - 1 wraps int32 when M nears 2^31 (M >= 1 here)
     blocks_per_split = tl.cdiv(num_mb, num_splits)
     mb_start = sp * blocks_per_split
     mb_end = tl.minimum(mb_start + blocks_per_split, num_mb)
