@@ -184,9 +184,20 @@ void check_conv_bias_add_relu_args(
         padded, " in dim ", 2 + d);
   }
   check_channel_vectors(bias, scale, k);
+  const auto out_shape =
+      conv_output_shape(x, weight, stride, padding, dilation);
+  // N * K * P * Q must fit the int64 sizes every kernel and allocation uses;
+  // a wrapped product would read as an empty (or small) output.
+  int64_t numel = 1;
+  bool numel_overflows = false;
+  for (const int64_t size : out_shape) {
+    numel_overflows = numel_overflows || c10::mul_overflows(numel, size, &numel);
+  }
+  TORCH_CHECK_VALUE(
+      !numel_overflows,
+      "padding: expected an output of at most 2**63-1 elements, got shape ",
+      py_shape(out_shape));
   if (residual.has_value()) {
-    const auto out_shape =
-        conv_output_shape(x, weight, stride, padding, dilation);
     TORCH_CHECK_VALUE(
         residual->sizes() == at::IntArrayRef(out_shape),
         "residual: expected the output's shape ", py_shape(out_shape),
@@ -471,6 +482,11 @@ run_conv_bias_add_relu_backward(
   check_conv_bias_add_relu_backward_args(
       grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu,
       output_mask);
+  check_no_tangent(grad_out, "grad_out");
+  check_no_tangent(out, "out");
+  check_no_tangent(x, "x");
+  check_no_tangent(weight, "weight");
+  check_no_tangent(scale, "scale");
   const bool need_x = output_mask.get(0), need_w = output_mask.get(1),
              need_b = output_mask.get(2), need_r = output_mask.get(3);
   const auto fmt = output_memory_format(x);

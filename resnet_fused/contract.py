@@ -32,6 +32,7 @@ rule. The C++ op checks its arguments with the same messages (csrc/conv_bias_add
 from __future__ import annotations
 
 import contextlib
+import math
 import operator
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -209,17 +210,15 @@ def _check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, g
     for name, t in (("bias", bias), ("scale", scale)):
         if t is not None and t.shape != (k,):
             raise ValueError(f"{name}: expected shape ({k},), got {tuple(t.shape)}")
+    out_shape = conv_output_shape(xs, ws, stride, padding, dilation)
+    # Asked of the tensors (one attribute each), not of every size: this runs on every call.
+    symbolic = torch.compiler.is_compiling() or x._has_symbolic_sizes_strides or weight._has_symbolic_sizes_strides
+    if not symbolic and math.prod(out_shape) > _INT64_MAX:  # every kernel and allocation sizes the output in int64
+        raise ValueError(f"padding: expected an output of at most 2**63-1 elements, got shape {tuple(out_shape)}")
     if residual is not None:
-        out_shape = conv_output_shape(xs, ws, stride, padding, dilation)
         rs = list(residual.shape)
         said = "residual: expected the output's shape"
-        # Asked of the tensors (one attribute each), not of every size: this runs on every call with a residual.
-        symbolic = (
-            torch.compiler.is_compiling()
-            or x._has_symbolic_sizes_strides
-            or weight._has_symbolic_sizes_strides
-            or residual._has_symbolic_sizes_strides
-        )
+        symbolic = symbolic or residual._has_symbolic_sizes_strides
         if len(rs) != len(out_shape) or not symbolic or _guard_or_false is None:
             if rs != out_shape:
                 raise ValueError(f"{said} {tuple(out_shape)}, got {tuple(rs)}")
@@ -246,6 +245,7 @@ def check_backward_inputs(
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """Validate the backward's arguments: the forward's, plus grad_out (and out, with relu) shaped like y."""
     stride, padding, dilation = check_inputs(x, weight, None, None, scale, stride, padding, dilation, groups, relu)
+    check_no_tangent(grad_out=grad_out, out=out, x=x, weight=weight, scale=scale)
     shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
     for name, t in (("grad_out", grad_out), ("out", out))[: 2 if relu else 1]:
         _check_tensor(name, t, x, optional=False)
@@ -504,12 +504,19 @@ def _engine_needs(ctx, n: int) -> list[bool]:
     return needs
 
 
+def _differentiable(grad: Tensor) -> bool:
+    """Whether a backward must run the differentiable ops (see _masked_differentiable): under create_graph=True, or
+    forward-over-reverse (a Hessian-vector product), where the incoming gradient is a dual tensor whose tangent the
+    fused backward op would refuse."""
+    return torch.is_grad_enabled() or (torch.autograd.forward_ad._current_level >= 0 and _tangent(grad))
+
+
 def _make_backward(backward_op: Callable) -> Callable:
     def backward(ctx, grad_out: Tensor):
         x, weight, out, scale = ctx.saved_tensors
         need_x, need_w = _engine_needs(ctx, 2)
         need_b, need_r = ctx.needs_input_grad[2:4]
-        if torch.is_grad_enabled():  # create_graph=True: differentiable ops (see _masked_differentiable)
+        if _differentiable(grad_out):
             g = _masked_differentiable(grad_out, out, ctx.relu)
             grad_x, grad_w = _conv_grads_differentiable(g, x, weight, scale, ctx.conv_args, need_x, need_w)
             return (
@@ -575,7 +582,7 @@ class _SplitConv(torch.autograd.Function):
         x, weight, scale = ctx.saved_tensors
         plan = ctx.plan
         need_x, need_w = _engine_needs(ctx, 2)
-        if torch.is_grad_enabled():  # create_graph=True (see _masked_differentiable); scale None if in the epilogue
+        if _differentiable(grad_conv):  # scale None if in the epilogue
             return (*_conv_grads_differentiable(grad_conv, x, weight, scale, plan.conv_args, need_x, need_w), None)
         mask = [need_x, need_w, False, False]
         grad_x, grad_w, _, _ = plan.backward_op(grad_conv, grad_conv, x, weight, scale, *plan.conv_args, False, mask)
@@ -612,7 +619,7 @@ class _SplitEpilogue(torch.autograd.Function):
         plan = ctx.plan
         (need_conv,) = _engine_needs(ctx, 1)
         need_b, need_r = ctx.needs_input_grad[1:3]
-        if torch.is_grad_enabled():  # create_graph=True (see _masked_differentiable)
+        if _differentiable(grad_out):
             g = _masked_differentiable(grad_out, out, plan.relu)
             grad_conv = g * scale.view(1, -1, 1, 1) if need_conv and scale is not None else g
             return (

@@ -515,6 +515,9 @@ BAD_INPUTS = [
     ("dilation_wraps_int64", lambda: (torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3), {"dilation": 2**62}),
      ValueError, r"weight: expected a \(dilated\) kernel no larger than the padded input, got kernel extent \S+ > "
      r"padded input 5"),
+    ("output_numel_wraps_int64", lambda: (torch.randn(1, 1, 2, 2), torch.randn(1, 1, 1, 1), {"padding": 2**31 - 1}),
+     ValueError, r"padding: expected an output of at most 2\*\*63-1 elements, got shape \(1, 1, 4294967296, "
+     r"4294967296\)"),
     ("kernel_r0", lambda: (torch.randn(1, 4, 5, 5), torch.randn(6, 4, 0, 3), {}), ValueError,
      r"weight: expected a kernel size \(R, S\) >= 1, got \(0, 3\)"),
     ("kernel_s0", lambda: (torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 0), {}), ValueError,
@@ -638,6 +641,8 @@ BAD_BACKWARD = [
      r"padded input 5"),
     ("dilation_wraps_int64", lambda: _bwd(dilation=[2**62, 2**62]), ValueError,
      r"weight: expected a \(dilated\) kernel no larger than the padded input, got kernel extent \S+ > padded input 10"),
+    ("output_numel_wraps_int64", lambda: _bwd(padding=[2**31, 2**31]), ValueError,
+     r"padding: expected an output of at most 2\*\*63-1 elements, got shape \(2, 6, 4294967302, 4294967302\)"),
     ("kernel_r0", lambda: _bwd(weight=torch.randn(6, 4, 0, 3)), ValueError,
      r"weight: expected a kernel size \(R, S\) >= 1, got \(0, 3\)"),
     ("c0", lambda: _bwd(x=torch.randn(2, 0, 8, 8), weight=torch.randn(6, 0, 3, 3)), ValueError,
@@ -1003,6 +1008,19 @@ def test_dual_tensor_refused_by_every_forward_op(target, name):
         if name == "scale":  # a constant for the public function too
             with pytest.raises(NotImplementedError, match="scale: expected a constant without a forward-mode tangent"):
                 resnet_fused.conv_bias_add_relu(**call.tensors, **call.kwargs)
+
+
+@pytest.mark.parametrize("name", ["grad_out", "out", "x", "weight", "scale"])
+@pytest.mark.parametrize("target", target_params())
+def test_dual_tensor_refused_by_every_backward_op(target, name):
+    """A direct backward op call with a dual tensor (forward-over-reverse: a dual incoming gradient) raises, naming
+    the argument, instead of losing its tangent."""
+    args = {k: v.to(target.device) if isinstance(v, torch.Tensor) else v for k, v in _bwd().items()}
+    with torch.autograd.forward_ad.dual_level():
+        args[name] = torch.autograd.forward_ad.make_dual(args[name], torch.ones_like(args[name]))
+        expected = "a constant" if name == "scale" else "a tensor"
+        with pytest.raises(NotImplementedError, match=f"{name}: expected {expected} without a forward-mode tangent"):
+            backward_op(target.backend)(*args.values())
 
 
 def test_inference_mode_matches_reference():

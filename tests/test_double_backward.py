@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torchvision
 from helpers import (
     ALL_EPILOGUES,
@@ -174,6 +175,27 @@ def test_create_graph_gives_the_fast_paths_gradients(target, variant):
         assert a.shape == b.shape and a.dtype == b.dtype and a.device == b.device, name
         assert a.requires_grad, f"grad_{name} is not differentiable"
         assert_close(a, b, F64, f"{target} {graph} grad_{name}")
+
+
+@pytest.mark.parametrize("target,variant", target_params(same_grad_variants))
+def test_a_dual_incoming_gradient_keeps_its_tangent(target, variant):
+    """Forward-over-reverse (a Hessian-vector product as the jvp of a vjp): autograd.grad with a dual grad_outputs
+    inside fwAD.dual_level(). Each gradient's primal and tangent are the unfused ops' in float64; the fused backward
+    op, which has no jvp rule, dropped the tangents without a word."""
+    layout, epilogue, graph = variant
+    inputs = make_inputs(case_for(target, layout, epilogue), F64, layout, epilogue, device=target.device)
+    leaves = inputs.leaves()
+    tangent = torch.randn_like(inputs.grad_out)
+    got, want = {}, {}
+    for out, run in ((got, lambda: call(target, graph, inputs)), (want, lambda: call(Target("reference", target.device), "split", inputs))):  # fmt: skip
+        y = run()
+        with fwAD.dual_level():
+            grads = torch.autograd.grad(y, list(leaves.values()), fwAD.make_dual(inputs.grad_out, tangent))
+            out.update({name: fwAD.unpack_dual(g) for name, g in zip(leaves, grads, strict=True)})
+    for name in leaves:
+        assert want[name].tangent is not None and got[name].tangent is not None, f"grad_{name} lost its tangent"
+        assert_close(got[name].primal, want[name].primal, F64, f"{target} {graph} grad_{name}")
+        assert_close(got[name].tangent, want[name].tangent, F64, f"{target} {graph} tangent of grad_{name}")
 
 
 def test_plain_backward_runs_the_backward_op():
