@@ -186,19 +186,41 @@ def test_kernels_index_pixels_in_int64(kernel):
     assert not narrow, f"{kernel}: int32 pixel index arithmetic (wraps past 2^31): {narrow}"
 
 
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_deterministic_runs_the_pinned_config_without_timing(launch, recorder, dtype):
-    """fp64 has its own list (its 128x64 dgrad tile overflows shared memory), and so its own pinned configs."""
+def test_deterministic_runs_the_pinned_config_without_timing(launch, recorder, dtype, layout):
+    """fp64 has its own list (its 128x64 dgrad tile overflows shared memory), and NCHW its own first config (the
+    NHWC tiles spill there), and so their own pinned configs."""
     with deterministic(True):
         x, w, b = _problem("cpu", dtype=dtype)
+        if layout == "nhwc":
+            x = x.to(memory_format=torch.channels_last)
         _run_op(launch, x, w, b)
     assert recorder.timed == [], "deterministic mode must not choose a config by timing"
     assert [name for name, *_ in recorder.launches] == ["fwd", "dgrad", "wgrad"]
     for name, _, _, args in recorder.launches:
-        pinned = launch.pinned_config(name, dtype)
-        assert pinned is launch.shipped_configs(name, dtype)[0]
+        pinned = launch.pinned_config(name, dtype, layout)
+        assert pinned is launch.shipped_configs(name, dtype, layout)[0]
+        if layout == "nchw" and not INTERPRET:
+            assert pinned is launch.NCHW_PINNED[name]
         for key, value in pinned.all_kwargs().items():
             assert args[key] == value, f"{name}: {key} = {args[key]}, pinned {value}"
+
+
+@needs_tuning
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_autotuning_times_the_configs_of_the_calls_dtype_and_layout(launch, kernel):
+    """The autotuner holds every config; for a call it keeps the dtype's (fp64's fit its shared memory) and the
+    layout's (NCHW's list starts with a config that does not spill there), read from x's channel stride."""
+    every = launch.shipped_configs(kernel)
+    prune = launch._prune(kernel)
+    for dtype in (torch.float32, torch.float64):
+        t = torch.empty(1, dtype=dtype)
+        for sxc, layout in ((1, "nhwc"), (42, "nchw")):
+            kept = prune(every, {"a_ptr": t, "sxc": sxc})
+            assert kept == [c for c in every if c in launch.shipped_configs(kernel, dtype, layout)]
+            assert set(map(str, kept)) == set(map(str, launch.shipped_configs(kernel, dtype, layout)))
+    assert launch.NCHW_PINNED[kernel] in every
 
 
 @needs_tuning

@@ -9,7 +9,7 @@ How a launch picks its config (the tile sizes, warps and stages; never the math)
   shape, the dtypes, the layouts (channel strides), the groups and every constexpr variant (epilogue, ReLU, TF32...),
   since each variant compiles to another kernel with its own registers and shared memory;
 - under ``torch.use_deterministic_algorithms(True)`` nothing is chosen by timing: each kernel runs its pinned
-  config, the first of its list for the dtype (``pinned_config``), so grad_weight and grad_bias come out with the
+  config, the first of its list for the dtype and layout (``pinned_config``), so grad_weight and grad_bias come out with the
   same bits from run to run and from process to process;
 - while a CUDA graph is being captured, tuning is refused (it synchronizes, which breaks the capture) with an error
   saying to run forward and backward once before capturing; already tuned keys, and pinned configs, launch fine.
@@ -51,10 +51,10 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), chosen with the compile report: none spills on
-# sm_80 or sm_90 in fp32, fp16 or bf16 (128x128 tiles and deeper wgrad pipelines did). No num_warps=8:
-# upstream saw wrong results with it on non-1x1 conv tiles (pytorch#173068), and 4 warps do not spill here.
-# The first config of each list is the pinned one (deterministic mode).
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), chosen with the compile report: on NHWC (channels_last)
+# tensors none spills on sm_80 or sm_90 in fp32, fp16 or bf16 (128x128 tiles and deeper wgrad pipelines did).
+# No num_warps=8: upstream saw wrong results with it on non-1x1 conv tiles (pytorch#173068), and 4 warps do not
+# spill here. The first config of each list is the pinned one (deterministic mode).
 FWD_CONFIGS = [
     _config(128, 64, 32, 4, 4),
     _config(64, 128, 32, 4, 4),
@@ -76,24 +76,40 @@ FP64_CONFIGS = {
     "dgrad": DGRAD_CONFIGS[1:],
     "wgrad": WGRAD_CONFIGS,
 }
+# On NCHW tensors the kernels read channels with a stride, and the forward and dgrad tiles above spill (the
+# forward's 128x64 up to 3.4 KB a thread; the report's nchw rows). Each kernel's NCHW list starts with a config
+# that spills in no dtype on either arch, pinned there; the autotuner still times the others.
+NCHW_PINNED = {
+    "fwd": _config(32, 64, 32, 4, 4),
+    "dgrad": _config(64, 64, 16, 4, 4),
+    "wgrad": WGRAD_CONFIGS[1],
+}
 INTERPRET_CONFIG = _config(32, 32, 16, 4, 1)
 
 
-def shipped_configs(kernel: str, dtype: torch.dtype | None = None) -> list[triton.Config]:
-    """The autotune configs of ``kernel`` ("fwd", "dgrad" or "wgrad") for ``dtype`` in this process.
+def shipped_configs(kernel: str, dtype: torch.dtype | None = None, layout: str | None = None) -> list[triton.Config]:
+    """The autotune configs of ``kernel`` ("fwd", "dgrad" or "wgrad") for ``dtype`` and ``layout`` ("nhwc" or
+    "nchw", see :func:`layout_of`) in this process.
 
-    ``dtype`` None: every config the autotuner holds; those that do not fit a dtype are pruned for it.
+    ``dtype`` and ``layout`` None: every config the autotuner holds; it prunes them to those of the call's.
     """
     if INTERPRET:
         return [INTERPRET_CONFIG]
-    if dtype == torch.float64:
-        return FP64_CONFIGS[kernel]
-    return {"fwd": FWD_CONFIGS, "dgrad": DGRAD_CONFIGS, "wgrad": WGRAD_CONFIGS}[kernel]
+    configs = FP64_CONFIGS[kernel] if dtype == torch.float64 else {"fwd": FWD_CONFIGS, "dgrad": DGRAD_CONFIGS, "wgrad": WGRAD_CONFIGS}[kernel]  # fmt: skip
+    if layout == "nhwc":
+        return configs
+    return [NCHW_PINNED[kernel], *(c for c in configs if c != NCHW_PINNED[kernel])]  # nchw; None: every config
 
 
-def pinned_config(kernel: str, dtype: torch.dtype) -> triton.Config:
-    """The one config ``kernel`` runs on ``dtype`` under deterministic algorithms: the first shipped one."""
-    return shipped_configs(kernel, dtype)[0]
+def layout_of(channel_stride: int) -> str:
+    """ "nhwc" where a tensor's channels are adjacent (channels_last), else "nchw": which configs fit its reads."""
+    return "nhwc" if channel_stride == 1 else "nchw"
+
+
+def pinned_config(kernel: str, dtype: torch.dtype, layout: str = "nhwc") -> triton.Config:
+    """The one config ``kernel`` runs on ``dtype`` and ``layout`` under deterministic algorithms: the first shipped
+    one."""
+    return shipped_configs(kernel, dtype, layout)[0]
 
 
 def _prune(kernel: str) -> Callable:
@@ -101,7 +117,7 @@ def _prune(kernel: str) -> Callable:
     # the key holds the tensors' dtypes, so each dtype is pruned on its own.
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         dtype = next(v.dtype for v in named_args.values() if isinstance(v, torch.Tensor))
-        fits = shipped_configs(kernel, dtype)
+        fits = shipped_configs(kernel, dtype, layout_of(named_args["sxc"]))
         configs = [c for c in configs if c in fits]
         on_cuda = any(isinstance(v, torch.Tensor) and v.is_cuda for v in named_args.values())
         if len(configs) > 1 and on_cuda and torch.cuda.is_current_stream_capturing():
@@ -155,7 +171,7 @@ def _launch(kernel: str, grid: Callable, x: torch.Tensor, *args, **meta) -> None
     guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         if torch.are_deterministic_algorithms_enabled():
-            fn[grid](*args, **meta, **pinned_config(kernel, x.dtype).all_kwargs())
+            fn[grid](*args, **meta, **pinned_config(kernel, x.dtype, layout_of(x.stride(1))).all_kwargs())
         else:
             tuned[grid](*args, **meta)
 

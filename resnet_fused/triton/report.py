@@ -6,8 +6,9 @@ Part 1 compiles every shipped kernel x autotune config x dtype x arch with ``tri
 ``GPUTarget`` and reads the cubin: registers, stack/local bytes (spills land there), shared memory,
 tensor-core instructions (HMMA, DMMA for fp64; HGMMA is sm_90's wgmma) and async copies (LDGSTS = cp.async;
 TMA). fp64, there for gradcheck, is held to compiling and fitting shared memory; its spills cost only speed.
-The kernels are specialised as the runtime would for an NHWC ResNet-50 problem (16-byte aligned
-pointers, channel stride 1), with every epilogue option on.
+The kernels are specialised as the runtime would for a ResNet-50 problem (16-byte aligned pointers) in both
+layouts: NHWC (channels_last, channel stride 1, a constexpr) and NCHW (contiguous, pixel stride 1), with every
+epilogue option on; each layout's own configs (``launch.shipped_configs``).
 
 Part 2 is a MODEL, not a measurement: the minimum DRAM bytes that the fused forward and backward
 must move for each ResNet-50 conv, against the unfused sequence of kernels.
@@ -51,6 +52,7 @@ _PROBLEM = {"3x3": (32, 256, 14, 14, 256, 3, 3, 1, 1), "1x1": (32, 1024, 14, 14,
 class Row:
     kernel: str
     shape: str
+    layout: str
     config: str
     dtype: str
     arch: int
@@ -65,18 +67,23 @@ class Row:
     error: str = ""
 
 
-def _nhwc_strides(n: int, c: int, h: int, w: int) -> tuple[int, int, int, int]:
-    return (h * w * c, 1, w * c, c)
+LAYOUTS = ("nhwc", "nchw")
 
 
-def _args(kernel: str, shape: str) -> dict:
-    """Runtime argument values of one launch of ``kernel`` on the representative problem."""
+def _strides(layout: str, n: int, c: int, h: int, w: int) -> tuple[int, int, int, int]:
+    """(N, C, H, W) strides of a dense tensor: channels_last ("nhwc") or contiguous ("nchw")."""
+    return (h * w * c, 1, w * c, c) if layout == "nhwc" else (c * h * w, h * w, w, 1)
+
+
+def _args(kernel: str, shape: str, layout: str = "nhwc") -> dict:
+    """Runtime argument values of one launch of ``kernel`` on the representative problem, every tensor (the
+    weight too) in ``layout``."""
     n, c, h, w, k, r, s, st, pad = _PROBLEM[shape]
     _, _, p, q = conv_output_shape((n, c, h, w), (k, c, r, s), (st, st), (pad, pad), (1, 1))
     conv = dict(stride_h=st, stride_w=st, pad_h=pad, pad_w=pad, dil_h=1, dil_w=1)
-    xs = _nhwc_strides(n, c, h, w)
-    ys = _nhwc_strides(n, k, p, q)
-    ws = (r * s * c, 1, s * c, c)  # weight (K, C, R, S) stored channels_last
+    xs = _strides(layout, n, c, h, w)
+    ys = _strides(layout, n, k, p, q)
+    ws = _strides(layout, k, c, r, s)
     if kernel == "fwd":
         a = dict(N=n, H=h, W=w, P=p, Q=q, M=n * p * q, CG=c, KG=k, G=1)
         a.update(zip(("sxn", "sxc", "sxh", "sxw"), xs, strict=True))
@@ -104,12 +111,12 @@ def _args(kernel: str, shape: str) -> dict:
     return a
 
 
-def _source(kernel: str, shape: str, dtype: str, config: triton.Config, **overrides) -> ASTSource:
+def _source(kernel: str, shape: str, dtype: str, config: triton.Config, layout: str = "nhwc", **overrides) -> ASTSource:
     """An ASTSource specialised the way the JIT would specialise the real launch (``overrides``: argument values)."""
     from triton._C.libtriton import native_specialize_impl
 
     fn = KERNELS[kernel]
-    values = {**_args(kernel, shape), "ACC": tl.float64 if dtype == "fp64" else tl.float32, **overrides}
+    values = {**_args(kernel, shape, layout), "ACC": tl.float64 if dtype == "fp64" else tl.float32, **overrides}
     values.update(config.kwargs, DOT_PRECISION="tf32" if dtype == "fp32" else "ieee")
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -138,13 +145,13 @@ def _count(pattern: str, sass: str) -> int:
     return len(re.findall(pattern, sass))
 
 
-def compile_one(kernel: str, shape: str, dtype: str, cfg_index: int, arch: int) -> Row:
+def compile_one(kernel: str, shape: str, dtype: str, cfg_index: int, arch: int, layout: str = "nhwc") -> Row:
     """Compile one kernel variant for sm_<arch> and read its resources from the cubin."""
-    cfg = launch.shipped_configs(kernel, DTYPES[dtype])[cfg_index]
-    row = Row(kernel, shape, _config_name(cfg), dtype, arch, -1, -1, -1, -1, -1, -1, -1, -1)
+    cfg = launch.shipped_configs(kernel, DTYPES[dtype], layout)[cfg_index]
+    row = Row(kernel, shape, layout, _config_name(cfg), dtype, arch, -1, -1, -1, -1, -1, -1, -1, -1)
     try:
         compiled = triton.compile(
-            _source(kernel, shape, dtype, cfg),
+            _source(kernel, shape, dtype, cfg, layout),
             target=GPUTarget("cuda", arch, 32),
             options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
         )
@@ -180,36 +187,49 @@ def compile_one(kernel: str, shape: str, dtype: str, cfg_index: int, arch: int) 
     return row
 
 
-def jobs(archs: list[int], shapes: list[str] | None = None) -> list[tuple]:
-    """Every (kernel, shape, dtype, config index, arch) that ships."""
+def jobs(archs: list[int], shapes: list[str] | None = None, layouts: tuple[str, ...] = LAYOUTS) -> list[tuple]:
+    """Every (kernel, shape, dtype, config index, arch, layout) that ships."""
     shapes = shapes or list(_PROBLEM)
     return [
-        (kernel, shape, dtype, i, arch)
+        (kernel, shape, dtype, i, arch, layout)
         for kernel in KERNELS
         for shape in shapes
+        for layout in layouts
         for dtype in DTYPES
-        for i in range(len(launch.shipped_configs(kernel, DTYPES[dtype])))
+        for i in range(len(launch.shipped_configs(kernel, DTYPES[dtype], layout)))
         for arch in archs
     ]
 
 
-def compile_all(archs: list[int], shapes: list[str] | None = None, workers: int | None = None) -> list[Row]:
+def compile_all(
+    archs: list[int], shapes: list[str] | None = None, workers: int | None = None, layouts: tuple[str, ...] = LAYOUTS
+) -> list[Row]:
     """compile_one over jobs(), in parallel processes (triton.compile holds the GIL)."""
-    work = jobs(archs, shapes)
+    work = jobs(archs, shapes, layouts)
     workers = workers or max(1, os.cpu_count() or 1)
     with concurrent.futures.ProcessPoolExecutor(workers) as pool:
         return list(pool.map(compile_one, *zip(*work, strict=True)))
 
 
+def held_to_no_spills(r: Row) -> bool:
+    """Every NHWC config, and NCHW's pinned one, in every dtype but fp64 (there for gradcheck: spills cost only
+    speed). NCHW's other configs spill (its channel reads are strided); the autotuner times them, and they are
+    reported, not held."""
+    if r.dtype == "fp64":
+        return False
+    return r.layout == "nhwc" or r.config == _config_name(launch.pinned_config(r.kernel, DTYPES[r.dtype], r.layout))
+
+
 def problems(rows: list[Row]) -> list[str]:
-    """What the shipped configs must never do: fail, spill (but fp64), overflow smem, miss tensor cores."""
+    """What the shipped configs must never do: fail, spill (see held_to_no_spills), overflow smem, miss tensor
+    cores."""
     bad = []
     for r in rows:
-        where = f"{r.kernel}[{r.shape}] {r.config} {r.dtype} sm_{r.arch}"
+        where = f"{r.kernel}[{r.shape} {r.layout}] {r.config} {r.dtype} sm_{r.arch}"
         if r.error:
             bad.append(f"{where}: compile failed: {r.error}")
             continue
-        if (r.stack or r.local) and r.dtype != "fp64":
+        if (r.stack or r.local) and held_to_no_spills(r):
             bad.append(f"{where}: {r.stack} stack / {r.local} local bytes (spills)")
         if r.smem > SMEM_LIMIT[r.arch]:
             bad.append(f"{where}: {r.smem} B shared memory > {SMEM_LIMIT[r.arch]} B")
@@ -297,14 +317,14 @@ def _mb(b: int) -> str:
 
 def format_report(rows: list[Row], model: list[dict], batch: int) -> str:
     out = ["## Part 1: compiled kernels (triton.compile for a GPUTarget; no GPU needed)", ""]
-    head = "kernel shape config              dtype arch regs stack local  smem_B   MMA HGMMA LDGSTS TMA"
+    head = "kernel shape layout config              dtype arch regs stack local  smem_B   MMA HGMMA LDGSTS TMA"
     out.append(head)
     for r in rows:
         if r.error:
-            out.append(f"{r.kernel:6} {r.shape:5} {r.config:19} {r.dtype:5} sm_{r.arch}  ERROR {r.error}")
+            out.append(f"{r.kernel:6} {r.shape:5} {r.layout:6} {r.config:19} {r.dtype:5} sm_{r.arch}  ERROR {r.error}")
             continue
         out.append(
-            f"{r.kernel:6} {r.shape:5} {r.config:19} {r.dtype:5} sm_{r.arch} {r.regs:4} {r.stack:5} "
+            f"{r.kernel:6} {r.shape:5} {r.layout:6} {r.config:19} {r.dtype:5} sm_{r.arch} {r.regs:4} {r.stack:5} "
             f"{r.local:5} {r.smem:7} {r.mma:5} {r.hgmma:5} {r.ldgsts:6} {r.tma:3}"
         )
     bad = problems(rows)
@@ -338,9 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the rows and the model to this file")
     parser.add_argument("--batch", type=int, default=32, help="batch size of the bytes model")
     parser.add_argument("--shapes", nargs="+", choices=list(_PROBLEM), help="default: all")
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
     parser.add_argument("--workers", type=int, help="parallel compile processes (default: CPU count)")
     args = parser.parse_args(argv)
-    rows = compile_all(args.arch, args.shapes, args.workers)
+    rows = compile_all(args.arch, args.shapes, args.workers, tuple(args.layouts))
     model = bytes_model(args.batch)
     print(format_report(rows, model, args.batch))
     if args.json:
