@@ -116,7 +116,21 @@ def conv_output_shape(
 
 def memory_format(t: Tensor) -> torch.memory_format:
     """The memory format y and the activation gradients take from x: channels_last or contiguous."""
-    return torch._prims_common.suggest_memory_format(t)
+    fmt = torch._prims_common.suggest_memory_format(t)
+    if (
+        fmt == torch.contiguous_format
+        and t.dim() == 4
+        and _guard_or_false is not None
+        and t._has_symbolic_sizes_strides
+    ):
+        # A data-dependent (unbacked) batch: torch's rule cannot decide and says contiguous, where the kernels see
+        # channels_last. C, H and W's strides tell it for any N >= 1 (where both layouts fit, contiguous).
+        (c, h, w), (sc, sh, sw) = t.shape[1:], t.stride()[1:]
+        channels_last = all(_guard_or_false(a == b) for a, b in ((sc, 1), (sw, c), (sh, w * c)))
+        contiguous = all(_guard_or_false(a == b) for a, b in ((sw, 1), (sh, w), (sc, h * w)))
+        if channels_last and not contiguous:
+            return torch.channels_last
+    return fmt
 
 
 # ---- argument checks: each message names the argument, the expected value and the actual one ----
