@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp csrc/cuda/*.h)
+# The venv's tools (ninja above all: torch's builds look for it on PATH alone) for the targets that build or run
+# the package; the gpu-* targets keep the machine's own python3.
+VENV_PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: FORCE all venv build test lint format bench bench-full clean gpu-build gpu-test gpu-sanitize gpu-equivalence gpu-bench gpu-check
 
@@ -18,19 +21,23 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed
 
-# What the build depends on besides the sources: another CUDA setting or toolkit rebuilds.
-BUILD_CONFIG := RESNET_FUSED_BUILD_CUDA=$(RESNET_FUSED_BUILD_CUDA) CUDA_HOME=$(CUDA_HOME) \
-	RESNET_FUSED_CUDA_ARCHS=$(RESNET_FUSED_CUDA_ARCHS) CC=$(CC) nvcc=$(shell command -v nvcc)
+# What the build depends on besides the sources' times: another CUDA setting, toolkit or compiler rebuilds, and so
+# does a source file added or deleted.
+BUILD_CONFIG := RESNET_FUSED_BUILD_CUDA=$(RESNET_FUSED_BUILD_CUDA) CUDA_HOME=$(CUDA_HOME) CUDA_PATH=$(CUDA_PATH) \
+	RESNET_FUSED_CUDA_ARCHS=$(RESNET_FUSED_CUDA_ARCHS) CC=$(CC) CXX=$(CXX) nvcc=$(shell command -v nvcc) \
+	cuda=$(shell nvcc --version 2>/dev/null | tail -1) sources=$(sort $(SOURCES))
 
 $(VENV)/.build-config: FORCE
 	@mkdir -p $(VENV)
 	@echo '$(BUILD_CONFIG)' | cmp -s - $@ || echo '$(BUILD_CONFIG)' > $@
 
+$(VENV)/.built: export PATH := $(VENV_PATH)
 $(VENV)/.built: $(VENV)/.installed $(VENV)/.build-config $(SOURCES)
 	@echo "building resnet_fused (log: $(VENV)/build.log)"
 	@$(PY) -m pip install -v --no-deps --no-build-isolation -e . > $(VENV)/build.log 2>&1 \
-		|| (tail -60 $(VENV)/build.log; exit 1)
-	@grep -E "^ *resnet_fused:|warning" $(VENV)/build.log | sort -u | head -40 || true
+		|| (grep -n -E -B2 -A8 "FAILED:|error:|Error:" $(VENV)/build.log | head -80; echo ...; \
+			tail -15 $(VENV)/build.log; exit 1)
+	@grep -i -E "^ *resnet_fused:|warning|falling back" $(VENV)/build.log | sort -u | head -40 || true
 	@grep -hoE "[0-9]+ bytes spill stores" $(VENV)/build.log | sort | uniq -c | sed 's/^/  ptxas (CUDA kernels x archs):/' || true
 	touch $@
 
@@ -46,15 +53,18 @@ format: $(VENV)/.installed
 
 # Main suite, then the Triton kernels on CPU tensors under the interpreter (it must be set before triton loads,
 # hence a second pytest process).
+test: export PATH := $(VENV_PATH)
 test: build lint
 	$(PY) -m pytest -q -n 2 tests
 	TRITON_INTERPRET=1 RESNET_FUSED_TEST_BACKENDS=triton $(PY) -m pytest -q -n 2 \
 		tests/test_conv_bias_add_relu.py tests/test_double_backward.py $(wildcard tests/test_triton_*.py) \
 		$(wildcard tests/test_nn_triton.py)
 
+bench: export PATH := $(VENV_PATH)
 bench: build
 	$(PY) -m benchmarks.main
 
+bench-full: export PATH := $(VENV_PATH)
 bench-full: build
 	$(PY) -m benchmarks.main --full
 
@@ -77,6 +87,7 @@ gpu-check:
 # The CPU extension built out of tree with AddressSanitizer + UBSan, and the CPU correctness suite run against it
 # (scripts/sanitize.py; CI runs its --quick selection from tests/test_sanitize.py). The first build takes minutes.
 .PHONY: sanitize
+sanitize: export PATH := $(VENV_PATH)
 sanitize: $(VENV)/.installed
 	$(PY) scripts/sanitize.py
 

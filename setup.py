@@ -50,7 +50,11 @@ def cuda_build_flag() -> bool | None:
 
 def cuda_archs() -> list[str]:
     """The GPU architectures to build SASS for (RESNET_FUSED_CUDA_ARCHS, e.g. "80;90")."""
-    return [a for a in os.environ.get("RESNET_FUSED_CUDA_ARCHS", "80;90").split(";") if a]
+    raw = os.environ.get("RESNET_FUSED_CUDA_ARCHS", "")
+    archs = [a.strip() for a in (raw or "80;90").split(";") if a.strip()]
+    if not archs:
+        sys.exit(f"RESNET_FUSED_CUDA_ARCHS: expected architectures such as '80;90' (or unset), got {raw!r}")
+    return archs
 
 
 def nvcc_problem(cuda_home: str) -> str:

@@ -38,11 +38,12 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from packaging.version import Version
 from torch import Tensor
 
 # The oldest torch with every torch.library API used here (custom_op, register_fake/autograd, opcheck).
 MIN_TORCH = "2.6"
-if torch.__version__ < MIN_TORCH:
+if Version(torch.__version__).release < Version(MIN_TORCH).release:  # a 2.6 pre-release or dev build counts as 2.6
     raise ImportError(f"resnet_fused needs torch>={MIN_TORCH}; found torch {torch.__version__}")
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -99,6 +99,8 @@ def preload() -> str:
 
 def sanitizer_env(site_dir: str | None = None, so_path: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    # torch's extension builds look for ninja on PATH alone; the venv's own (requirements.txt) sits beside python.
+    env["PATH"] = os.pathsep.join(p for p in (os.path.dirname(sys.executable), env.get("PATH")) if p)
     env["LD_PRELOAD"] = preload()
     # detect_leaks=0: see the module docstring.
     env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=0:print_summary=1"

@@ -24,10 +24,6 @@ from resnet_fused.backends import BACKENDS
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 OPS = ("resnet_fused::conv_bias_add_relu", "resnet_fused::conv_bias_add_relu_backward")
-# The archs setup.py builds for (RESNET_FUSED_CUDA_ARCHS, default "80;90").
-ARCHS = tuple(f"sm_{a}" for a in os.environ.get("RESNET_FUSED_CUDA_ARCHS", "80;90").split(";") if a)
-# setup.py embeds PTX for the newest of them.
-NEWEST = max((a[3:] for a in ARCHS), key=lambda a: int("".join(c for c in a if c.isdigit())))
 # Every __global__ of csrc/cuda, as it appears in mangled names.
 VECTOR_KERNELS = ("epilogue_planes_kernel", "epilogue_rows_kernel", "backward_planes_kernel", "backward_rows_kernel")
 KERNELS = (*VECTOR_KERNELS, "reduce_partials_kernel")
@@ -53,9 +49,10 @@ def find_cuobjdump() -> str | None:
 
 
 def find_nvcc() -> str | None:
-    home = os.environ.get("CUDA_HOME")
-    candidates = [home and os.path.join(home, "bin", "nvcc"), "/usr/local/cuda/bin/nvcc", shutil.which("nvcc")]
-    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+    """The nvcc setup.py builds with (its find_cuda_home)."""
+    home = setup_code("find_cuda_home")["find_cuda_home"]()
+    nvcc = home and os.path.join(home, "bin", "nvcc")
+    return nvcc if nvcc and os.access(nvcc, os.X_OK) else None
 
 
 def test_extension_loads_and_registers_cpu_kernels():
@@ -114,9 +111,16 @@ def setup_code(*names: str) -> dict:
         return {getattr(t, "id", None) for t in targets}
 
     keep = [n for n in tree.body if defines(n) & set(names)]
-    namespace: dict = {"os": os, "re": re, "subprocess": subprocess, "sys": sys, "tempfile": tempfile, "torch": torch}
+    namespace: dict = {"os": os, "re": re, "shutil": shutil, "subprocess": subprocess, "sys": sys,
+                       "tempfile": tempfile, "torch": torch}  # fmt: skip
     exec(compile(ast.Module(body=keep, type_ignores=[]), "setup.py", "exec"), namespace)
     return namespace
+
+
+# The archs setup.py builds for (RESNET_FUSED_CUDA_ARCHS, default "80;90"), read by setup.py's own code.
+ARCHS = tuple(f"sm_{a}" for a in setup_code("cuda_archs")["cuda_archs"]())
+# setup.py embeds PTX for the newest of them.
+NEWEST = max((a[3:] for a in ARCHS), key=lambda a: int("".join(c for c in a if c.isdigit())))
 
 
 def setup_link_args() -> list[str]:
@@ -267,7 +271,7 @@ def test_link_args_keep_the_shared_cxx_runtime_under_a_static_toolchain(tmp_path
 
 def test_forced_cuda_build_has_device_code():
     """A build made with RESNET_FUSED_BUILD_CUDA=1 (as CI does) must not have silently fallen back to CPU-only."""
-    if os.environ.get("RESNET_FUSED_BUILD_CUDA", "").lower() not in ("1", "true", "yes"):
+    if setup_code("CUDA_FLAG_VALUES", "cuda_build_flag")["cuda_build_flag"]() is not True:
         pytest.skip("RESNET_FUSED_BUILD_CUDA=1 is not set for this run, so a CPU-only build is allowed")
     assert so_has_device_code(), f"{so_path()} has no CUDA device code although RESNET_FUSED_BUILD_CUDA=1"
 
@@ -483,3 +487,18 @@ def test_an_arch_the_toolkit_does_not_know_leaves_out_cuda(monkeypatch):
     monkeypatch.setenv("RESNET_FUSED_CUDA_ARCHS", "90;12")
     why = setup_code(*SETUP_CUDA_CHOICE)["nvcc_problem"](str(Path(nvcc).resolve().parents[1]))
     assert "cannot compile a C++20 kernel for sm_90, sm_12 with this host compiler: " in why and "12" in why, why
+
+
+def test_cuda_archs_default_when_empty_and_refuse_an_empty_list(monkeypatch):
+    """RESNET_FUSED_CUDA_ARCHS set but empty (``make build RESNET_FUSED_CUDA_ARCHS=``) means the default; one that
+    names no arch is refused naming the variable (``max()`` of an empty list raised, after a trial compile)."""
+    cuda_archs = setup_code("cuda_archs")["cuda_archs"]
+    monkeypatch.setenv("RESNET_FUSED_CUDA_ARCHS", "")
+    assert cuda_archs() == ["80", "90"]
+    monkeypatch.setenv("RESNET_FUSED_CUDA_ARCHS", " 90 ; 80 ")
+    assert cuda_archs() == ["90", "80"]
+    monkeypatch.setenv("RESNET_FUSED_CUDA_ARCHS", "; ;")
+    with pytest.raises(
+        SystemExit, match=r"RESNET_FUSED_CUDA_ARCHS: expected architectures such as '80;90' .*got '; ;'"
+    ):
+        cuda_archs()
