@@ -4,8 +4,9 @@
 ``auto_devices`` hold x's device type, a single candidate is used as is; several are timed once per call key
 (shapes, dtype, layouts, device, conv options, cuDNN settings and which inputs a backward differentiates), running
 what the call will run: the forward, plus the backward when autograd will need it. The fastest is remembered for the
-process, unless a candidate ran out of memory while timed (then the choice holds for that call only, and where every
-candidate did, the call raises their ``torch.OutOfMemoryError``).
+process, unless a candidate ran out of memory while timed: then the choice holds for that call only (the case is
+timed again on its next calls, ``OUT_OF_MEMORY_RETRIES`` times at most, then kept), and where every candidate did, the
+call raises ``torch.OutOfMemoryError``.
 
 Timing is skipped, and the first candidate in table order is used, where it cannot be trusted or cannot run:
 
@@ -38,6 +39,9 @@ from resnet_fused.backends import BACKENDS, Backend, Table, check_name
 ENV_VAR = "RESNET_FUSED_BACKEND"
 WARMUP_CALLS = 1
 TIMED_CALLS = 3
+# A case whose timing ran out of memory is timed again on its next calls, this many times at most; then its choice
+# is kept, so a step near the memory limit does not time the candidates on every call.
+OUT_OF_MEMORY_RETRIES = 2
 
 # timer(backend, call, device) -> milliseconds per call
 Timer = Callable[[Backend, Callable[[], object], torch.device], float]
@@ -73,6 +77,7 @@ class Choice:
 
 
 _CACHE: dict[tuple, Choice] = {}
+_OUT_OF_MEMORY: dict[tuple, int] = {}  # key -> timings of it that ran out of memory
 _LOCK = threading.RLock()
 
 
@@ -80,6 +85,7 @@ def clear_cache() -> None:
     """Forget every timed choice (they are timed again on the next call)."""
     with _LOCK:
         _CACHE.clear()
+        _OUT_OF_MEMORY.clear()
 
 
 def cached_choices() -> dict[tuple, Choice]:
@@ -237,29 +243,33 @@ def choose(x, weight, bias, residual, scale, stride, padding, dilation, groups, 
             return hit
         timings: dict[str, float] = {}
         failures: dict[str, str] = {}
-        out_of_memory: torch.OutOfMemoryError | None = None
+        out_of_memory = ""  # the first message; the exception itself would keep its frames' tensors alive
         for row in candidates:
             try:
                 timings[row.name] = timer(row, _timed_call(row, args, backward), x.device)
-            except torch.OutOfMemoryError as e:  # may pass once memory is freed: never remembered
-                out_of_memory = out_of_memory or e
+            except torch.OutOfMemoryError as e:  # may pass once memory is freed: remembered only after retries
+                out_of_memory = out_of_memory or str(e)
                 failures[row.name] = "torch.OutOfMemoryError"
             except Exception as e:  # a backend that cannot run this case simply loses
                 failures[row.name] = f"{type(e).__name__}: {e}".splitlines()[0]
         if not timings:
-            if out_of_memory is not None:
-                raise out_of_memory  # the caller's OOM handling (a smaller batch, say) must see its own type
+            if out_of_memory:
+                raise torch.OutOfMemoryError(out_of_memory)  # the caller's OOM handling must see its own type
             raise RuntimeError(f"every candidate backend failed on this case: {_format_timings({}, failures)}")
         winner = min(timings, key=timings.__getitem__)
         what = "forward+backward" if backward else "forward"
-        kept = "for this call only, as a candidate ran out of memory" if out_of_memory else "timed once per process"
+        retry = False
+        if out_of_memory:
+            _OUT_OF_MEMORY[key] = _OUT_OF_MEMORY.get(key, 0) + 1
+            retry = _OUT_OF_MEMORY[key] <= OUT_OF_MEMORY_RETRIES
+        kept = "for this call only, as a candidate ran out of memory" if retry else "timed once per process"
         choice = Choice(
             winner,
             f"fastest {what} when timed on the first call for this shape/dtype/layout/device/options "
             f"({_format_timings(timings, failures)}; {kept}, {ENV_VAR} forces a backend)",
             timings,
         )
-        if out_of_memory is None:
+        if not retry:
             _CACHE[key] = choice
         return choice
 

@@ -302,9 +302,10 @@ def test_failing_backend_loses(setup):
     assert "fast failed (RuntimeError: unsupported dilation)" in explain(args, table, timer)
 
 
-def test_out_of_memory_while_timing_is_never_remembered(setup):
-    """A candidate out of memory may fit once memory is freed: the other wins this call only, and the next call of
-    the same case times both again."""
+def test_out_of_memory_while_timing_is_retried_then_kept(setup):
+    """A candidate out of memory may fit once memory is freed: the other wins this call only, and the next calls of
+    the same case time both again, OUT_OF_MEMORY_RETRIES times at most (a step near the memory limit would
+    otherwise time them on every call); then the choice is kept."""
     table, timer, _ = setup
     timer.fail = {"fast": torch.OutOfMemoryError("CUDA out of memory")}
     args = make_args()
@@ -314,6 +315,32 @@ def test_out_of_memory_while_timing_is_never_remembered(setup):
     timer.fail = {}
     assert choose(args, table, timer) == "fast"
     assert timer.calls == ["slow", "fast"] * 3 and len(select.cached_choices()) == 1
+    select.clear_cache()
+    timer.calls.clear()
+    timer.fail = {"fast": torch.OutOfMemoryError("CUDA out of memory")}
+    for _ in range(select.OUT_OF_MEMORY_RETRIES + 3):
+        assert choose(args, table, timer) == "slow"
+    assert len(timer.calls) == 2 * (select.OUT_OF_MEMORY_RETRIES + 1)
+    assert "timed once per process" in select.cached_choices()[next(iter(select.cached_choices()))].reason
+
+
+def test_out_of_memory_while_timing_frees_the_candidates_tensors(setup):
+    """The exception's frames hold what the timed call allocated: the chooser keeps its message, not the exception,
+    so the next candidate and the caller's step do not run beside that memory."""
+    import weakref
+
+    table, _, _ = setup
+    alive = []
+
+    def timer(backend, call, device):
+        held = torch.empty(1 << 20)
+        alive.append((backend.name, weakref.ref(held)))
+        if backend.name == "fast":
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return 1.0
+
+    assert select.choose(*make_args(), table=table, timer=timer).backend == "slow"
+    assert [name for name, ref in alive if ref() is not None] == []
 
 
 def test_every_candidate_out_of_memory_raises_out_of_memory(setup):
