@@ -207,17 +207,35 @@ def test_deterministic_runs_the_pinned_config_without_timing(launch, recorder, d
             assert args[key] == value, f"{name}: {key} = {args[key]}, pinned {value}"
 
 
+def test_deterministic_dgrad_pins_grad_outs_layout(launch, recorder):
+    """dgrad's loop reads grad_out: an NCHW grad_out (a one-node graph's, beside a channels_last x) runs NCHW's
+    pinned config, which does not spill there, as the others read x's."""
+    with deterministic(True):
+        x, w, b = _problem("cpu")
+        x = x.to(memory_format=torch.channels_last)
+        conv = ((1, 1), (1, 1), (1, 1), 1, True)
+        y = launch.forward(x, w, b, None, b, *conv)
+        go = y.contiguous()
+        launch.backward(go, go, x, w, b, *conv, (True, True, True, True))
+    configs = {name: args for name, _, _, args in recorder.launches}
+    for name, layout in (("fwd", "nhwc"), ("dgrad", "nchw"), ("wgrad", "nhwc")):
+        for key, value in launch.pinned_config(name, torch.float32, layout).all_kwargs().items():
+            assert configs[name][key] == value, f"{name}: {key} = {configs[name][key]}, {layout}'s pinned {value}"
+
+
 @needs_tuning
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_autotuning_times_the_configs_of_the_calls_dtype_and_layout(launch, kernel):
     """The autotuner holds every config; for a call it keeps the dtype's (fp64's fit its shared memory) and the
-    layout's (NCHW's list starts with a config that does not spill there), read from x's channel stride."""
+    layout's (NCHW's list starts with a config that does not spill there), read from the channel stride of the
+    activation the kernel's loop reads (x; grad_out for dgrad)."""
     every = launch.shipped_configs(kernel)
     prune = launch._prune(kernel)
     for dtype in (torch.float32, torch.float64):
         t = torch.empty(1, dtype=dtype)
         for sxc, layout in ((1, "nhwc"), (42, "nchw")):
-            kept = prune(every, {"a_ptr": t, "sxc": sxc})
+            others = {"sxc": 1, "sgc": 1}  # the other tensors' layouts do not pick the list
+            kept = prune(every, {"a_ptr": t, **others, launch._LAYOUT_ARG[kernel]: sxc})
             assert kept == [c for c in every if c in launch.shipped_configs(kernel, dtype, layout)]
             assert set(map(str, kept)) == set(map(str, launch.shipped_configs(kernel, dtype, layout)))
     assert launch.NCHW_PINNED[kernel] in every

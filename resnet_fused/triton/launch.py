@@ -106,6 +106,11 @@ def layout_of(channel_stride: int) -> str:
     return "nhwc" if channel_stride == 1 else "nchw"
 
 
+# The channel stride that picks a kernel's config list: that of the activation its loop reads (x, or grad_out for
+# dgrad), whatever layout the others have.
+_LAYOUT_ARG = {"fwd": "sxc", "dgrad": "sgc", "wgrad": "sxc"}
+
+
 def pinned_config(kernel: str, dtype: torch.dtype, layout: str = "nhwc") -> triton.Config:
     """The one config ``kernel`` runs on ``dtype`` and ``layout`` under deterministic algorithms: the first shipped
     one."""
@@ -117,7 +122,7 @@ def _prune(kernel: str) -> Callable:
     # the key holds the tensors' dtypes, so each dtype is pruned on its own.
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         dtype = next(v.dtype for v in named_args.values() if isinstance(v, torch.Tensor))
-        fits = shipped_configs(kernel, dtype, layout_of(named_args["sxc"]))
+        fits = shipped_configs(kernel, dtype, layout_of(named_args[_LAYOUT_ARG[kernel]]))
         configs = [c for c in configs if c in fits]
         on_cuda = any(isinstance(v, torch.Tensor) and v.is_cuda for v in named_args.values())
         if len(configs) > 1 and on_cuda and torch.cuda.is_current_stream_capturing():
@@ -165,13 +170,14 @@ _KERNELS = {
 
 
 def _launch(kernel: str, grid: Callable, x: torch.Tensor, *args, **meta) -> None:
-    """Run ``kernel`` on x's device: the pinned config for x's dtype under deterministic algorithms, else the
-    autotuned one."""
+    """Run ``kernel`` on x's device: the pinned config for x's dtype and the layout its loop reads under
+    deterministic algorithms, else the autotuned one."""
     fn, tuned = _KERNELS[kernel]
     guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         if torch.are_deterministic_algorithms_enabled():
-            fn[grid](*args, **meta, **pinned_config(kernel, x.dtype, layout_of(x.stride(1))).all_kwargs())
+            layout = layout_of(args[fn.arg_names.index(_LAYOUT_ARG[kernel])])
+            fn[grid](*args, **meta, **pinned_config(kernel, x.dtype, layout).all_kwargs())
         else:
             tuned[grid](*args, **meta)
 
