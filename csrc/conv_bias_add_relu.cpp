@@ -195,7 +195,8 @@ void check_conv_bias_add_relu_args(
   }
   TORCH_CHECK_VALUE(
       !numel_overflows,
-      "padding: expected an output of at most 2**63-1 elements, got shape ",
+      "x, weight and padding: expected an output (N, K, P, Q) of at most "
+      "2**63-1 elements, got shape ",
       py_shape(out_shape));
   if (residual.has_value()) {
     TORCH_CHECK_VALUE(

@@ -125,8 +125,13 @@ def memory_format(t: Tensor) -> torch.memory_format:
         and t._has_symbolic_sizes_strides
     ):
         # A data-dependent (unbacked) batch: torch's rule cannot decide and says contiguous, where the kernels see
-        # channels_last. C, H and W's strides tell it for any N >= 1 (where both layouts fit, contiguous).
-        (c, h, w), (sc, sh, sw) = t.shape[1:], t.stride()[1:]
+        # channels_last. The batch's size does not change the rule's answer past 1, so ask it for a batch of 2;
+        # with symbolic C, H or W strides, read them as a dense channels_last tensor's (where both fit, contiguous).
+        (c, h, w), strides = t.shape[1:], t.stride()
+        if all(type(v) is int for v in (c, h, w, *strides)):
+            like = torch._prims_common.are_strides_like_channels_last_or_false((2, c, h, w), strides)
+            return torch.channels_last if like else fmt
+        sc, sh, sw = strides[1:]
         channels_last = all(_guard_or_false(a == b) for a, b in ((sc, 1), (sw, c), (sh, w * c)))
         contiguous = all(_guard_or_false(a == b) for a, b in ((sw, 1), (sh, w), (sc, h * w)))
         if channels_last and not contiguous:
@@ -229,7 +234,10 @@ def _check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, g
     # Asked of the tensors (one attribute each), not of every size: this runs on every call.
     symbolic = torch.compiler.is_compiling() or x._has_symbolic_sizes_strides or weight._has_symbolic_sizes_strides
     if not symbolic and math.prod(out_shape) > _INT64_MAX:  # every kernel and allocation sizes the output in int64
-        raise ValueError(f"padding: expected an output of at most 2**63-1 elements, got shape {tuple(out_shape)}")
+        raise ValueError(
+            f"x, weight and padding: expected an output (N, K, P, Q) of at most 2**63-1 elements, got shape "
+            f"{tuple(out_shape)}"
+        )
     if residual is not None:
         rs = list(residual.shape)
         said = "residual: expected the output's shape"

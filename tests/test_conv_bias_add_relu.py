@@ -516,8 +516,8 @@ BAD_INPUTS = [
      ValueError, r"weight: expected a \(dilated\) kernel no larger than the padded input, got kernel extent \S+ > "
      r"padded input 5"),
     ("output_numel_wraps_int64", lambda: (torch.randn(1, 1, 2, 2), torch.randn(1, 1, 1, 1), {"padding": 2**31 - 1}),
-     ValueError, r"padding: expected an output of at most 2\*\*63-1 elements, got shape \(1, 1, 4294967296, "
-     r"4294967296\)"),
+     ValueError, r"x, weight and padding: expected an output \(N, K, P, Q\) of at most 2\*\*63-1 elements, got "
+     r"shape \(1, 1, 4294967296, 4294967296\)"),
     ("kernel_r0", lambda: (torch.randn(1, 4, 5, 5), torch.randn(6, 4, 0, 3), {}), ValueError,
      r"weight: expected a kernel size \(R, S\) >= 1, got \(0, 3\)"),
     ("kernel_s0", lambda: (torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 0), {}), ValueError,
@@ -642,7 +642,8 @@ BAD_BACKWARD = [
     ("dilation_wraps_int64", lambda: _bwd(dilation=[2**62, 2**62]), ValueError,
      r"weight: expected a \(dilated\) kernel no larger than the padded input, got kernel extent \S+ > padded input 10"),
     ("output_numel_wraps_int64", lambda: _bwd(padding=[2**31, 2**31]), ValueError,
-     r"padding: expected an output of at most 2\*\*63-1 elements, got shape \(2, 6, 4294967302, 4294967302\)"),
+     r"x, weight and padding: expected an output \(N, K, P, Q\) of at most 2\*\*63-1 elements, got shape "
+     r"\(2, 6, 4294967302, 4294967302\)"),
     ("kernel_r0", lambda: _bwd(weight=torch.randn(6, 4, 0, 3)), ValueError,
      r"weight: expected a kernel size \(R, S\) >= 1, got \(0, 3\)"),
     ("c0", lambda: _bwd(x=torch.randn(2, 0, 8, 8), weight=torch.randn(6, 0, 3, 3)), ValueError,

@@ -126,35 +126,39 @@ def test_an_unbacked_batch_compiles_without_layout_optimization():
     torch.testing.assert_close(y, resnet_fused.conv_bias_add_relu(x, w, None, r, padding=1))
 
 
-def test_an_unbacked_batch_keeps_channels_last_forward_and_backward():
+@pytest.mark.parametrize("view", ["dense", "channel_slice"])
+def test_an_unbacked_batch_keeps_channels_last_forward_and_backward(view):
     """With a data-dependent batch torch's memory-format rule cannot decide and says contiguous; the op's fakes must
-    still say channels_last where x is, as its kernels do. They said NCHW: Inductor's check of the backward op's
-    output strides failed (training a channels_last model), and the forward came out NCHW."""
+    still say channels_last where x is, as its kernels do (a dense x, and a slice of a channels_last x's channels).
+    They said NCHW: Inductor's check of the backward op's output strides failed (training a channels_last model),
+    and the forward came out NCHW."""
     from torch._dynamo.decorators import mark_unbacked
 
     g = torch.Generator().manual_seed(0)
     cl = torch.channels_last
-    x = torch.randn(4, 3, 8, 8, generator=g).contiguous(memory_format=cl).requires_grad_()
+    base = torch.randn(4, 3 if view == "dense" else 6, 8, 8, generator=g).contiguous(memory_format=cl)
+    base.requires_grad_()
     w = torch.randn(5, 3, 3, 3, generator=g, requires_grad=True)
     r = torch.randn(4, 5, 8, 8, generator=g).contiguous(memory_format=cl)
 
-    def f(x, r):
+    def f(base, r):
+        x = base if view == "dense" else base[:, :3]
         return resnet_fused.conv_bias_add_relu(x, w, None, r, padding=1)
 
-    want = f(x, r)
-    want_grads = torch.autograd.grad(want.sum(), (x, w))
-    mark_unbacked(x, 0)
+    want = f(base, r)
+    want_grads = torch.autograd.grad(want.sum(), (base, w))
+    mark_unbacked(base, 0)
     mark_unbacked(r, 0)
     torch._dynamo.reset()
     # Caches off: a graph compiled earlier from other fakes must not stand in for this one.
     caches = torch._inductor.config.patch(layout_optimization=False, fx_graph_cache=False)
     try:
         with caches, torch._functorch.config.patch(enable_autograd_cache=False):
-            y = torch.compile(f, fullgraph=True)(x, r)
-            grads = torch.autograd.grad(y.sum(), (x, w))
+            y = torch.compile(f, fullgraph=True)(base, r)
+            grads = torch.autograd.grad(y.sum(), (base, w))
     finally:
         torch._dynamo.reset()
-    assert y.is_contiguous(memory_format=cl) and grads[0].is_contiguous(memory_format=cl)
+    assert y.stride() == want.stride() and grads[0].stride() == want_grads[0].stride()
     torch.testing.assert_close(y, want)
     for got, expected in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(got, expected)
