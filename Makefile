@@ -23,9 +23,12 @@ venv: $(VENV)/.installed
 
 # What the build depends on besides the sources' times: another CUDA setting, toolkit or compiler rebuilds, and so
 # does a source file added or deleted.
+# The nvcc setup.py picks: CUDA_HOME's, CUDA_PATH's, PATH's, then /usr/local/cuda's.
+NVCC := $(firstword $(if $(CUDA_HOME),$(wildcard $(CUDA_HOME)/bin/nvcc)) $(if $(CUDA_PATH),$(wildcard \
+	$(CUDA_PATH)/bin/nvcc)) $(shell command -v nvcc) $(wildcard /usr/local/cuda/bin/nvcc))
 BUILD_CONFIG := RESNET_FUSED_BUILD_CUDA=$(RESNET_FUSED_BUILD_CUDA) CUDA_HOME=$(CUDA_HOME) CUDA_PATH=$(CUDA_PATH) \
-	RESNET_FUSED_CUDA_ARCHS=$(RESNET_FUSED_CUDA_ARCHS) CC=$(CC) CXX=$(CXX) nvcc=$(shell command -v nvcc) \
-	cuda=$(shell nvcc --version 2>/dev/null | tail -1) sources=$(sort $(SOURCES))
+	RESNET_FUSED_CUDA_ARCHS=$(RESNET_FUSED_CUDA_ARCHS) CC=$(CC) CXX=$(CXX) nvcc=$(NVCC) \
+	cuda=$(if $(NVCC),$(shell $(NVCC) --version 2>/dev/null | tail -1)) sources=$(sort $(SOURCES))
 
 $(VENV)/.build-config: FORCE
 	@mkdir -p $(VENV)

@@ -25,6 +25,7 @@ import glob
 import hashlib
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -99,8 +100,10 @@ def preload() -> str:
 
 def sanitizer_env(site_dir: str | None = None, so_path: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    # torch's extension builds look for ninja on PATH alone; the venv's own (requirements.txt) sits beside python.
-    env["PATH"] = os.pathsep.join(p for p in (os.path.dirname(sys.executable), env.get("PATH")) if p)
+    # torch's extension builds look for ninja on PATH alone; without one there, the venv's own (requirements.txt)
+    # beside python, after the user's PATH (whose compilers stay first).
+    if shutil.which("ninja") is None:
+        env["PATH"] = os.pathsep.join(p for p in (env.get("PATH"), os.path.dirname(sys.executable)) if p)
     env["LD_PRELOAD"] = preload()
     # detect_leaks=0: see the module docstring.
     env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=0:print_summary=1"
