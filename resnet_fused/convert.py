@@ -14,12 +14,13 @@ What happens to each norm after a conv depends on what it is at conversion time:
   residual add (and folds on the fly once the model is put in eval mode). Such blocks are listed in
   ``report.unfused`` and a warning names them. ``freeze_bn=True`` instead freezes them from their
   running statistics into a scale/shift epilogue, like FrozenBatchNorm2d.
-- any other norm (GroupNorm, ...), or a norm with hooks or a forward set on the instance: kept and run
-  unfused, listed in ``report.unfused``.
+- any other norm (GroupNorm, ...), or a norm with hooks, a forward or extra state set on the instance: kept and
+  run unfused, listed in ``report.unfused``.
 
-Hooks are never dropped, nor a forward set on an instance (``m.forward = ...``): a block, conv or stem module with
-either, or a stem ReLU subclass with its own forward, keeps its block or stem as it was (``report.kept``, with a
-warning); a block's ``relu`` and its kept norms stay the same module objects.
+Hooks are never dropped (forward, backward or state-dict hooks), nor a forward set on an instance
+(``m.forward = ...``), nor a parameter, buffer or child its class does not make: a block, conv or stem module with
+any of them, or a stem ReLU subclass with its own forward, keeps its block or stem as it was (``report.kept``, with
+a warning); a block's ``relu`` and its kept norms stay the same module objects.
 """
 
 from __future__ import annotations
@@ -49,11 +50,11 @@ class ConversionReport:
         scale_shift: blocks and stems with at least one norm kept as a frozen scale/shift epilogue
             (FrozenBatchNorm2d, or BatchNorm2d with ``freeze_bn=True``); the others are folded.
         unfused: blocks and stems with a norm left as a module (BatchNorm2d in train mode, other
-            norms, a norm with hooks or a forward set on the instance); their convs still run through the fused
+            norms, a norm with hooks, a forward or extra state set on the instance); their convs still run through the fused
             op. Unfused stems are not swapped.
-        kept: blocks and stems left as they were because a module convert would replace has hooks or a forward
-            set on the instance (the block itself, one of its convs, a stem's conv, norm or ReLU): they would be
-            dropped, or see other tensors.
+        kept: blocks and stems left as they were because a module convert would replace has hooks, a forward or
+            extra state (a parameter, buffer or child its class does not make) set on the instance (the block
+            itself, one of its convs, a stem's conv, norm or ReLU): they would be dropped, or see other tensors.
     """
 
     folded: list[str] = field(default_factory=list)
@@ -64,13 +65,13 @@ class ConversionReport:
     def __str__(self) -> str:
         lines = [
             f"ConversionReport: {len(self.folded)} folded, {len(self.scale_shift)} scale/shift, "
-            f"{len(self.unfused)} with unfused norms, {len(self.kept)} kept for their hooks or forwards"
+            f"{len(self.unfused)} with unfused norms, {len(self.kept)} kept for their hooks, forwards or state"
         ]
         for title, names in (
             ("folded", self.folded),
             ("scale/shift", self.scale_shift),
             ("unfused norm", self.unfused),
-            ("kept (hooks or forwards)", self.kept),
+            ("kept (hooks, forwards or state)", self.kept),
         ):
             if names:
                 lines.append(f"  {title}: {', '.join(n or '<model>' for n in names)}")
@@ -104,14 +105,31 @@ def _batchnorm_scale_shift(norm: nn.Module, where: str = "a BatchNorm") -> tuple
     return affine
 
 
+# What each module convert replaces is made of; anything else on it (an extra parameter, buffer or child), or a
+# state-dict hook, would be dropped with it.
+_CONV_OWN = frozenset({"weight", "bias"})
+_NORM_OWN = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
+_BLOCK_OWN = frozenset({"conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "downsample"})
+_SHORTCUT_OWN = frozenset({"0", "1"})
+_STATE_DICT_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")  # fmt: skip
+
+
+def _kept_as_is(m: nn.Module, own: frozenset[str]) -> bool:
+    """Whether replacing ``m`` would drop something set on the instance: hooks (forward, backward or state-dict), a
+    forward, or a parameter, buffer or child other than ``own``."""
+    if not _unseen(m) or any(getattr(m, table, None) for table in _STATE_DICT_HOOKS):
+        return True
+    return not {*m._parameters, *m._buffers, *m._modules} <= own
+
+
 def _fuse_conv_norm(
     conv: nn.Conv2d, norm: nn.Module, *, relu: bool, freeze_bn: bool, backend: str
 ) -> tuple[FusedConv2d, nn.Module, str]:
     """``(fused conv, norm to keep or nn.Identity, 'folded' | 'scale_shift' | 'unfused')``."""
     fused = FusedConv2d.from_conv2d(conv, relu=relu, backend=backend)
-    if isinstance(norm, nn.Identity) and _unseen(norm):  # a BN-free block: nothing to fold
+    if isinstance(norm, nn.Identity) and not _kept_as_is(norm, _NORM_OWN):  # a BN-free block: nothing to fold
         return fused, norm, "folded"
-    if not _unseen(norm):  # kept as a module: the fused conv calls it, so its hooks or own forward see what they saw
+    if _kept_as_is(norm, _NORM_OWN):  # a module the fused conv calls: its hooks, forward and state see what they saw
         return fused, norm, "unfused"
     is_bn = isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm))
     if is_bn and norm.training and freeze_bn:
@@ -189,12 +207,14 @@ def _fusable_shortcut(block: nn.Module) -> bool:
 
 
 def _block_seen(block: nn.Module) -> bool:
-    """Whether a module that swapping ``block`` replaces has hooks or a forward set on the instance: the block, a
-    conv, or the projection shortcut and its conv. (Its ReLU is kept as it is, and such a norm stays a module.)"""
-    layers = [m for attr, m in block.named_children() if attr.startswith("conv")]
+    """Whether a module that swapping ``block`` replaces has hooks, a forward or state set on the instance (see
+    _kept_as_is): the block, a conv, or the projection shortcut and its conv. (Its ReLU is kept as it is, and such a
+    norm stays a module.)"""
+    layers = [(block, _BLOCK_OWN)]
+    layers += [(m, _CONV_OWN) for attr, m in block.named_children() if attr.startswith("conv")]
     if _fusable_shortcut(block):
-        layers += [block.downsample, block.downsample[0]]
-    return not all(map(_unseen, (block, *layers)))
+        layers += [(block.downsample, _SHORTCUT_OWN), (block.downsample[0], _CONV_OWN)]
+    return any(_kept_as_is(m, own) for m, own in layers)
 
 
 def _norms_to_fuse(module: nn.Module) -> list[nn.Module]:
@@ -212,7 +232,7 @@ def _norms_to_fuse(module: nn.Module) -> list[nn.Module]:
         if parts is None or _stem_seen(parts):
             return []
         norms = [parts[1]]
-    return [norm for norm in norms if _unseen(norm)]
+    return [norm for norm in norms if not _kept_as_is(norm, _NORM_OWN)]
 
 
 def _stem_parts(parent: nn.Module) -> tuple[nn.Conv2d, nn.Module, nn.Module] | None:
@@ -236,9 +256,11 @@ def _stem_parts(parent: nn.Module) -> tuple[nn.Conv2d, nn.Module, nn.Module] | N
 
 
 def _stem_seen(parts: tuple[nn.Conv2d, nn.Module, nn.Module]) -> bool:
-    """Whether a stem part has hooks or a forward set on the instance, or its ReLU a forward of its own (a subclass):
-    the stem is then kept as it is."""
-    return not all(map(_unseen, parts)) or type(parts[2]).forward is not nn.ReLU.forward
+    """Whether a stem part has hooks, a forward or state set on the instance (see _kept_as_is), or its ReLU a forward
+    of its own (a subclass): the stem is then kept as it is."""
+    conv, norm, relu = parts
+    own = ((conv, _CONV_OWN), (norm, _NORM_OWN), (relu, frozenset()))
+    return any(_kept_as_is(m, o) for m, o in own) or type(relu).forward is not nn.ReLU.forward
 
 
 def _convert_block(name: str, block: nn.Module, *, freeze_bn: bool, backend: str) -> tuple[nn.Module, str]:
@@ -426,15 +448,16 @@ def convert(
     if report.unfused:
         warnings.warn(
             f"convert: norms left unfused (BatchNorm in train mode or without running statistics, other norms, "
-            f"norms with hooks or forwards set on the instance) in {', '.join(n or '<model>' for n in report.unfused)}; to fold a BatchNorm that "
+            f"norms with hooks, forwards or extra state set on the instance) in {', '.join(n or '<model>' for n in report.unfused)}; to fold a BatchNorm that "
             f"has running statistics, call model.eval() before convert, or pass freeze_bn=True to freeze it",
             stacklevel=2,
         )
     if report.kept:
         warnings.warn(
-            f"convert: kept as they were, for the hooks (or forward methods set on an instance) on modules convert "
-            f"would replace: {', '.join(n or '<model>' for n in report.kept)}; remove those hooks (or forwards), "
-            f"convert, and register them on the converted model (or set them on its modules) to fuse these too",
+            f"convert: kept as they were, for the hooks (or forward methods, or parameters, buffers or children their "
+            f"class does not make, set on an instance) on modules convert would replace: "
+            f"{', '.join(n or '<model>' for n in report.kept)}; remove them, convert, and set them on the converted "
+            f"model's modules to fuse these too",
             stacklevel=2,
         )
     return model, report

@@ -612,6 +612,60 @@ def test_a_forward_set_on_an_instance_is_kept_as_a_hook_is(name, kept):
         assert_close(converted(x), expected, torch.float64, "output")
 
 
+def _add_state(module: nn.Module, how: str, fired: list[str]) -> None:
+    if how == "state_dict_hook":
+        module.register_state_dict_post_hook(lambda mod, sd, prefix, local: fired.append(prefix))
+    elif how == "load_pre_hook":
+        module.register_load_state_dict_pre_hook(lambda mod, sd, prefix, *rest: fired.append(prefix))
+    elif how == "buffer":
+        module.register_buffer("ema", torch.ones(2, dtype=torch.float64))
+    else:
+        module.register_parameter("extra", nn.Parameter(torch.ones(2, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("how", ["state_dict_hook", "load_pre_hook", "buffer", "parameter"])
+@pytest.mark.parametrize(
+    ("name", "kept", "unfused"),
+    [
+        ("layer1.0", "layer1.0", None),
+        ("layer2.0.conv2", "layer2.0", None),
+        ("layer2.0.downsample", "layer2.0", None),
+        ("layer2.0.downsample.0", "layer2.0", None),
+        ("conv1", "conv1", None),
+        ("bn1", "conv1", None),
+        ("layer3.0.bn1", None, "layer3.0"),
+    ],
+)
+def test_state_set_on_an_instance_is_kept_as_a_hook_is(name, kept, unfused, how):
+    """A state-dict hook, or a parameter or buffer a module's class does not make, on a module convert would replace
+    keeps its block or stem as it was (on a norm, the norm stays a module): swapped, it was dropped without a word.
+    The converted model's state_dict holds it, its hooks fire, and its output is the original's."""
+    torch.manual_seed(0)
+    model = randomize_norms_(small_resnet()).eval().double()
+    fired: list[str] = []
+    _add_state(model.get_submodule(name), how, fired)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+    keys = set(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted, report = convert(model)
+    assert report.kept == ([kept] if kept else [])
+    assert unfused is None or unfused in report.unfused
+    fired.clear()
+    state = converted.state_dict()
+    converted.load_state_dict(state)
+    if how in ("buffer", "parameter"):
+        assert f"{name}.{'ema' if how == 'buffer' else 'extra'}" in state
+    else:
+        assert f"{name}." in fired
+    if kept is not None:  # a block or stem kept as it was has torchvision's keys
+        assert {k for k in keys if k.startswith(f"{kept}.")} <= set(state)
+    with torch.no_grad():
+        assert_close(converted(x), expected, torch.float64, "output")
+
+
 def test_a_refused_model_is_left_as_it_was():
     """convert checks every block before changing anything: with inplace=True a refusal leaves the model whole."""
     model = nn.Sequential(randomize_norms_(small_resnet()).eval(), CustomForward(4, 4))
