@@ -344,10 +344,14 @@ class FusedConv2d(nn.Conv2d):
             s, t = s * scale.to(s.dtype), t + s * shift.to(s.dtype)
         elif shift is not None:
             t = t + s * shift.to(s.dtype)
-        dtype = self.weight.dtype
+        # A computed weight (a parametrization: spectral norm's power iteration) is computed once per call, as
+        # nn.Conv2d computes it; the Parameter itself is left for the op to read (and the packed path to pack).
+        weight = None if "weight" in self._parameters else self.weight
+        dtype = (self._parameters["weight"] if weight is None else weight).dtype
         return self.conv_bias_add_relu(
             x,
             residual,
+            weight=weight,
             scale=s.to(dtype),
             bias=t.to(dtype),
             relu=relu,
@@ -910,7 +914,8 @@ def zero_init_residual_(model: nn.Module) -> nn.Module:
             slot = "conv3" if isinstance(m, Bottleneck) else "conv2"
             conv, norm = getattr(m, slot), getattr(m, "bn" + slot[-1])
             if getattr(norm, "weight", None) is not None:
-                if "weight" not in norm._parameters:  # recomputed on every call: zeroing it would not last
+                # A Parameter, or a buffer (FrozenBatchNorm2d's); else recomputed on every call: zeroing would not last.
+                if "weight" not in norm._parameters and "weight" not in norm._buffers:
                     raise TypeError(
                         f"zero_init_residual_: {name}.bn{slot[-1]}.weight: expected an nn.Parameter to zero, got a "
                         "computed weight (a parametrization)"

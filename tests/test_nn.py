@@ -370,17 +370,50 @@ def test_block_rejects_shapes_without_residual_add(cls):
         cls(16 * cls.expansion, 16, stride=2)
 
 
-@pytest.mark.parametrize("norm_layer", [nn.Identity, nn.BatchNorm2d])
+@pytest.mark.parametrize("norm_layer", [nn.Identity, nn.BatchNorm2d, FrozenBatchNorm2d])
 def test_zero_init_residual_makes_blocks_identities(norm_layer):
+    """FrozenBatchNorm2d keeps its weight as a buffer, which torchvision's zero_init_residual zeroes too (it was
+    refused as a computed weight)."""
     torch.manual_seed(0)
     model = nn.Sequential(BasicBlock(8, 8, norm_layer=norm_layer), Bottleneck(8, 2, norm_layer=norm_layer)).eval()
     x = torch.rand(2, 8, 5, 5)  # >= 0, so relu(0 + x) == x
+    if norm_layer is FrozenBatchNorm2d:
+        for m in model.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
     assert not torch.allclose(model(x), x)
     zero_init_residual_(model)
     torch.testing.assert_close(model(x), x)
+    if norm_layer is FrozenBatchNorm2d:
+        return  # frozen: nothing to learn
     model(x).sum().backward()
     last = model[0].conv2 if norm_layer is nn.Identity else model[0].bn2
     assert last.weight.grad.abs().sum() > 0  # the zeroed layer still learns
+
+
+def test_a_computed_weight_is_computed_once_per_call_with_a_norm():
+    """With ``norm=`` (every block with a BatchNorm in eval mode, or a frozen one) a parametrized weight was computed
+    twice per call: spectral norm's power iteration then ran twice a forward, drifting from torchvision's."""
+
+    class Count(nn.Module):
+        reads = 0
+
+        def forward(self, w):
+            Count.reads += 1
+            return w
+
+    torch.manual_seed(0)
+    conv = FusedConv2d(4, 8, 3, padding=1, relu=False)
+    nn.utils.parametrize.register_parametrization(conv, "weight", Count())
+    norm = nn.BatchNorm2d(8).eval()
+    x = torch.randn(2, 4, 6, 6)
+    for grad in (False, True):
+        Count.reads = 0
+        with torch.set_grad_enabled(grad):
+            y = conv(x, norm=norm)
+        assert Count.reads == 1, (grad, Count.reads)
+    reference = copy.deepcopy(norm).double()(F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1))
+    assert_close(y.detach(), reference, torch.float32, "conv then norm")
 
 
 def test_zero_init_residual_with_a_swapped_last_conv():
