@@ -20,7 +20,7 @@ from torch import Tensor
 
 from resnet_fused import reference
 from resnet_fused.backends import BACKENDS, INTERPRET
-from resnet_fused.contract import conv_output_shape, memory_format, pair
+from resnet_fused.contract import conv_output_shape, pair
 
 
 def _interpreter_breaks_on_numpy() -> str:
@@ -240,9 +240,12 @@ TF32_TOL = 2e-3
 
 def tolerance(dtype: torch.dtype, reductions: int = 1, *, tf32: bool = False) -> float:
     """rtol for ``dtype``, scaled by the reduction length behind each element: the rounding error of a float sum
-    grows like its square root for random rounding errors."""
+    grows like its square root for random rounding errors. fp16 and bf16 sums accumulate in fp32, so their error is
+    the output's rounding: capped at 4x, where bf16's uncapped scale let a weight gradient missing a quarter of its
+    rows pass (9216-long sums: 38 % of the largest gradient)."""
     base = TF32_TOL if (tf32 and dtype == torch.float32) else TOL[dtype]
-    return base * max(1.0, math.sqrt(reductions) / 4)
+    scale = max(1.0, math.sqrt(reductions) / 4)
+    return base * (min(scale, 4.0) if dtype in (torch.float16, torch.bfloat16) else scale)
 
 
 def assert_close(
@@ -353,7 +356,10 @@ def make_inputs(
     x = to_layout(make_tensor((case.n, case.c, case.h, case.w), dtype, gen, exact=exact, device=device), layout)
     weight = make_tensor((case.k, case.c // case.groups, case.r, case.s), dtype, gen, exact=exact, device=device)
     bias = make_tensor((case.k,), dtype, gen, exact=exact, device=device) if epilogue.bias else None
-    scale = make_tensor((case.k,), dtype, gen, exact=exact, device=device).abs() + 0.5 if epilogue.scale else None
+    scale = None
+    if epilogue.scale:  # signed, away from zero: a frozen BatchNorm's gamma may be negative
+        scale = make_tensor((case.k,), dtype, gen, exact=exact, device=device)
+        scale = torch.where(scale < 0, scale - 0.5, scale + 0.5)
     if layout in ("noncontig", "offset"):  # the per-channel vectors and the weight as strided views too
         weight = to_layout(weight, "noncontig")
         bias, scale = (None if t is None else torch.zeros(2 * case.k, dtype=dtype, device=device)[::2].copy_(t)
@@ -413,7 +419,9 @@ def check_call(y: Tensor, inputs: Inputs, dtype: torch.dtype, what: str = "", *,
     red = reductions(inputs, y_ref.shape)
     assert y.dtype == dtype, f"{what}: y dtype {y.dtype}, expected {dtype}"
     assert y.device == x.device, f"{what}: y on {y.device}, expected {x.device}"
-    assert y.is_contiguous(memory_format=memory_format(x)), f"{what}: y is not in x's memory format"
+    # torch's own rule, not the package's (whose rule this checks): x's layout as ATen reads it
+    want = torch._prims_common.suggest_memory_format(x)
+    assert y.is_contiguous(memory_format=want), f"{what}: y is not in x's memory format"
     assert_close(y, y_ref, dtype, f"{what} y", red["y"], tf32=tf32)
     leaves = {k: v for k, v in inputs.leaves().items() if v.requires_grad}
     if not leaves:

@@ -63,8 +63,11 @@ def test_converted_resnet18_gradients_under_autocast(dtype):
     def drop_relu(m, args, kwargs):
         return args, {**kwargs, "relu": False}
 
-    def apply_mask(m, args, kwargs, out, name):
-        return out * masks[name] if name in masks else out
+    def apply_mask(m, args, kwargs, out, name):  # the tested mask only within rounding of zero (see _MaskedReLU)
+        if name not in masks:
+            return out
+        near = out.detach().abs() <= 0.02 * max(out.detach().abs().max().item(), 1.0)
+        return out * torch.where(near, masks[name], out.detach() > 0)
 
     for (name, conv), ref_conv in zip(fused.named_modules(), ref.modules(), strict=True):
         if isinstance(conv, FusedConv2d):

@@ -300,7 +300,7 @@ def test_no_post_op_torch_exposes_keeps_nan_through_relu():
     ]:
         y = op(x, w, None, *geometry, attr, scalars, None)
         assert not y.isnan().any() and y[0, :, 1, 1].eq(0).all(), f"{attr}{scalars}"
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="Unary Fusion behavior undefined"):
         op.binary(x, x.clone(), w, None, *geometry, "add", 1.0, "leaky_relu", [0.0], None)
 
 

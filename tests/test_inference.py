@@ -236,6 +236,13 @@ def test_an_infinite_scale_takes_the_ordinary_op():
         expected = net[:1].double()(x.double())
     assert PACKED_OP not in ops and expected[:, 2].isinf().any()
     assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.isinf(), expected.isinf())
+    conv = net[0]  # and the finite values: relu(conv(x) * scale + shift) in float64, not the package's own model
+    want = F.conv2d(x.double(), conv.weight.double(), None, conv.stride, conv.padding) * scale.double().view(
+        1, -1, 1, 1
+    )
+    want = torch.relu(want)
+    finite = want.isfinite()
+    assert_close(y[finite], want[finite], torch.float32, "finite outputs", reductions=4 * 9)
 
 
 def test_a_scale_that_overflows_the_folded_weight_takes_the_ordinary_op():
