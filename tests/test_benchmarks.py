@@ -685,16 +685,36 @@ def _prepacked_broken(monkeypatch, how: dict[str, Callable[[torch.Tensor], torch
     monkeypatch.setattr(bench_ops, "prepacked_impls", broken)
 
 
+def _run_with_broken_prepacked_rows(tmp_path, monkeypatch, broken: dict, argv: list[str]) -> dict:
+    """The op benchmark's forward on a tiny run with the rows of ``broken`` made wrong (see _prepacked_broken): it
+    must exit with status 1; returns its JSON payload."""
+    if "prepacked" not in _prepacked_impls() or bench_ops.prepack_unsupported(torch.device("cpu"), torch.float32):
+        pytest.skip("no prepacked rows here")
+    _prepacked_broken(monkeypatch, broken)
+    path = tmp_path / "ops.json"
+    argv = [
+        *argv,
+        "--passes",
+        "fwd",
+        "--no-compile",
+        "--json",
+        str(path),
+        "--png",
+        "",
+        "--md",
+        str(tmp_path / "ops.md"),
+    ]
+    assert bench_ops.main([*argv, *TINY]) == 1
+    return json.loads(path.read_text())
+
+
 def test_bench_ops_does_not_time_a_wrong_prepacked_row_and_fails(tmp_path, monkeypatch):
     """A prepacked row whose output is off (x3, or a NaN) gets the status "wrong result", is not timed, and the script
     exits with status 1; the other rows are timed and summarized without it."""
-    if "prepacked" not in _prepacked_impls() or bench_ops.prepack_unsupported(torch.device("cpu"), torch.float32):
-        pytest.skip("no prepacked rows here")
-    _prepacked_broken(monkeypatch, {"prepacked": lambda y: y * 3, "prepacked-fuse-relu": lambda y: y * float("nan")})
-    path = tmp_path / "ops.json"
-    argv = ["--models", "resnet18", "--max-cases", "1", "--passes", "fwd", "--no-compile", "--json", str(path)]
-    assert bench_ops.main([*argv, "--png", "", "--md", str(tmp_path / "ops.md"), *TINY]) == 1
-    payload = json.loads(path.read_text())
+    broken = {"prepacked": lambda y: y * 3, "prepacked-fuse-relu": lambda y: y * float("nan")}
+    payload = _run_with_broken_prepacked_rows(
+        tmp_path, monkeypatch, broken, ["--models", "resnet18", "--max-cases", "1"]
+    )
     records = {r["impl"]: r for r in payload["records"]}
     assert records["prepacked"]["status"].startswith("wrong result: error 2.00e+00 against float64")
     assert math.isnan(records["prepacked-fuse-relu"]["max_error_vs_float64"])
@@ -710,14 +730,11 @@ def test_a_wrong_prepacked_floor_leaves_its_rows_untimed_and_fails(tmp_path, mon
     """The prepacked conv alone is checked against float64 too: when it is wrong, the rows read against it are not
     timed (no floor to read them by), their targets say why, and the script exits with status 1 (it crashed with a
     KeyError after timing everything, writing no file)."""
-    if "prepacked" not in _prepacked_impls() or bench_ops.prepack_unsupported(torch.device("cpu"), torch.float32):
-        pytest.skip("no prepacked rows here")
-    _prepacked_broken(monkeypatch, {"conv_prepacked": lambda y: y * 3})
     _one_case_judged(monkeypatch)
-    path = tmp_path / "ops.json"
-    argv = ["--models", "resnet50", "--passes", "fwd", "--backends", "cpu", "--no-compile", "--json", str(path)]
-    assert bench_ops.main([*argv, "--png", "", "--md", str(tmp_path / "ops.md"), *TINY]) == 1
-    payload = json.loads(path.read_text())
+    broken = {"conv_prepacked": lambda y: y * 3}
+    payload = _run_with_broken_prepacked_rows(
+        tmp_path, monkeypatch, broken, ["--models", "resnet50", "--backends", "cpu"]
+    )
     records = {r["impl"]: r for r in payload["records"]}
     assert records["conv_prepacked"]["status"].startswith("wrong result: error 2.00e+00 against float64")
     for impl in bench_ops.PREPACKED_IMPLS:
