@@ -100,7 +100,6 @@ def _layout(t: Tensor | None) -> str:
     return "channels_last" if contract.memory_format(t) == torch.channels_last else "contiguous"
 
 
-@torch.compiler.assume_constant_result  # dynamo does not trace these flags; read them eagerly
 def _cudnn_settings() -> str:
     """The cuDNN settings a conv's speed depends on: TF32, ``benchmark`` and ``enabled``."""
     cudnn = torch.backends.cudnn
@@ -271,6 +270,7 @@ def choose(x, weight, bias, residual, scale, stride, padding, dilation, groups, 
         )
         if not retry:
             _CACHE[key] = choice
+            _OUT_OF_MEMORY.pop(key, None)
         return choice
 
 
