@@ -50,6 +50,13 @@ def packs(model: nn.Module) -> int:
     return sum(len(m._packs) for m in model.modules() if isinstance(m, PackedFusedConv2d))
 
 
+def assert_like_unpacked(y: torch.Tensor, unpacked: torch.Tensor, what: str, reductions: int) -> None:
+    """A prepared model's fp32 ``y`` against the unprepared model's: NaN and Inf where it has them, finite values
+    within fp32's tolerance. Not bit for bit: on the packed weight oneDNN may run another kernel than on the plain
+    one, which sums in another order (it does on one thread here)."""
+    assert_close(y, unpacked, torch.float32, what, reductions)
+
+
 def trace(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, set[str]]:
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         y = model(x)
@@ -529,17 +536,21 @@ def projection_block(kind: str) -> nn.Module:
 @pytest.mark.parametrize("kind", ["bottleneck", "basic"])
 def test_block_sums_into_its_own_projection_with_nan_inf(kind, fuse_relu, dtype_name):
     """The block owns its projection's output, so the last conv sums into it in place (channels_last): the float64
-    reference's outputs (NaN where it has NaN with the exact ReLU), in fp32 the unpacked model's bit for bit on finite
-    values, and the caller's input untouched."""
+    reference's outputs (NaN where it has NaN with the exact ReLU), in fp32 the out-of-place route's bit for bit on
+    finite values (the same packed weights; oneDNN may pick other kernels for the separate model's plain weights,
+    as it does on one thread), and the caller's input untouched."""
     dtype = onednn_dtype(dtype_name)
     model = projection_block(kind).to(dtype)
     x = torch.randn(2, 8, 10, 10).to(dtype).contiguous(memory_format=torch.channels_last)
     x[0, 1, 2, 2], x[1, 3, 5, 5] = float("nan"), float("inf")
     before = x.clone()
     with torch.no_grad():
-        unpacked = model(x)
         expected = copy.deepcopy(model).double()(x.double())
     prepared = optimize_for_inference(copy.deepcopy(model), fuse_relu=fuse_relu)
+    out_of_place = copy.deepcopy(prepared)
+    out_of_place[0].downsample[0].register_forward_hook(lambda *args: None)  # a hook sees the projection: no sum
+    separate, ops = trace(out_of_place, x)
+    assert SUM_INTO not in ops, sorted(ops)
     for _ in range(2):  # the first call and the remembered launch
         y, ops = trace(prepared, x)
         assert SUM_INTO in ops, sorted(ops)
@@ -551,9 +562,9 @@ def test_block_sums_into_its_own_projection_with_nan_inf(kind, fuse_relu, dtype_
         finite = expected.isfinite()  # the fused ReLU turns a NaN pre-activation into 0
         assert_close(y[finite], expected[finite], dtype, "packed y", reductions=reductions)
         if dtype == torch.float32:
-            assert torch.equal(y[finite], unpacked[finite]), "the sum post-op changed a finite output"
+            assert torch.equal(y[finite], separate[finite]), "the sum changed a finite output"
             if not fuse_relu:
-                assert torch.equal(y.isnan(), unpacked.isnan())
+                assert torch.equal(y.isnan(), separate.isnan())
         torch.testing.assert_close(x, before, rtol=0, atol=0, equal_nan=True)
 
 
@@ -596,7 +607,8 @@ def test_no_donation_when_a_hook_can_see_the_shortcut(hook_on):
     assert SUM_INTO not in ops and PACKED_OP in ops
     assert kept and all(torch.equal(t, snapshot) for t, snapshot in kept)
     with torch.no_grad():
-        assert torch.equal(y, model(x))
+        expected = copy.deepcopy(model).double()(x.double())
+    assert_close(y, expected, torch.float32, "y", reductions=36)
     _, ops = trace(prepared, x)  # hooks gone: the block donates again
     assert SUM_INTO in ops
 
@@ -640,12 +652,13 @@ def test_donate_residual_is_refused_where_the_residual_cannot_take_the_output():
             y = conv(inp, residual, donate_residual=True)
         assert y.data_ptr() != residual.data_ptr(), name
         torch.testing.assert_close(residual, before, rtol=0, atol=0, msg=name)
-        torch.testing.assert_close(y, expected, rtol=0, atol=0, msg=name)
+        assert_like_unpacked(y, expected, name, reductions=8)
     residual = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         expected = plain(x, residual.clone())
         y = conv(x, residual, donate_residual=True)
-    assert y.data_ptr() == residual.data_ptr() and torch.equal(y, expected)  # a donatable one takes the output
+    assert y.data_ptr() == residual.data_ptr()  # a donatable one takes the output
+    assert_like_unpacked(y, expected, "donated y", reductions=8)
 
 
 def stage_of_blocks(kind: str) -> nn.Module:
@@ -662,8 +675,8 @@ def stage_of_blocks(kind: str) -> nn.Module:
 @pytest.mark.parametrize("kind", ["bottleneck", "basic"])
 def test_stage_blocks_sum_into_the_previous_blocks_output(kind, fuse_relu):
     """In a prepared stage every block after the first gets its predecessor's fresh output to sum into: every residual
-    add runs in place, outputs equal the unpacked model's (fp32, bitwise), and the stage's own input, the caller's, is
-    never written."""
+    add runs in place, outputs match the unpacked model's, and the stage's own input, the caller's, is never
+    written."""
     model = stage_of_blocks(kind)
     prepared = optimize_for_inference(copy.deepcopy(model), fuse_relu=fuse_relu)
     stage = prepared[1]
@@ -675,16 +688,16 @@ def test_stage_blocks_sum_into_the_previous_blocks_output(kind, fuse_relu):
         y = prepared(x)
     sums = sum(e.name == SUM_INTO for e in prof.events())
     assert sums == 3 and "resnet_fused::_epilogue_" not in {e.name for e in prof.events()}
-    assert torch.equal(y, expected)
+    assert_like_unpacked(y, expected, "stage y", reductions=72)
     # Called directly, the stage's input is the caller's tensor: read, never written.
     h = prepared[0](x).detach()
     before = h.clone()
     with torch.no_grad():
-        torch.testing.assert_close(stage(h), model[1](h), rtol=0, atol=0)
+        assert_like_unpacked(stage(h), model[1](h), "stage(h)", reductions=72)
     assert torch.equal(h, before)
     for clone in (copy.deepcopy(prepared), pickle.loads(pickle.dumps(prepared))):
         with torch.no_grad():
-            assert torch.equal(clone(x), expected)
+            assert torch.equal(clone(x), y)  # the same packed route
 
 
 @pytest.mark.parametrize(
@@ -733,7 +746,7 @@ def test_stage_does_not_donate_what_a_hook_can_see(hook_on):
         expected = 1
     assert sum(e.name == SUM_INTO for e in prof.events()) == expected
     with torch.no_grad():
-        assert torch.equal(y, model(x))
+        assert_like_unpacked(y, model(x), "stage y", reductions=72)
 
 
 def test_prepared_stage_trains_like_the_converted_one():
@@ -782,14 +795,15 @@ def test_stage_keeps_every_module_call_semantics():
             y = prepared(x)
     finally:
         del second.forward
-    assert len(calls) == 1 and torch.equal(y, expected)
+    assert len(calls) == 1
+    assert_like_unpacked(y, expected, "stage y", reductions=72)
     # The patched block gets no hand-over, nor does the next one get the patched block's output: the projection's
     # sum alone runs in place.
     assert sum(e.name == SUM_INTO for e in prof.events()) == 1
     third = prepared[1][2]
     third.compile(backend="eager")
     with torch.no_grad():
-        assert torch.equal(prepared(x), expected)
+        assert_like_unpacked(prepared(x), expected, "stage y", reductions=72)
 
 
 def test_a_subclassed_projection_conv_keeps_its_output():
@@ -811,7 +825,7 @@ def test_a_subclassed_projection_conv_keeps_its_output():
         y = prepared(x)
         expected = model(x)
     assert torch.equal(projection.kept, projection.snapshot)
-    assert torch.equal(y, expected)
+    assert_like_unpacked(y, expected, "block y", reductions=72)
 
 
 @pytest.mark.parametrize("dtype_name", ["bf16", "fp16"])
@@ -873,12 +887,13 @@ def test_threads_sharing_a_prepared_model_get_their_own_results():
         expected = [model(x) for x in xs]
         prepared(xs[0])  # packed once before the threads start
 
-    def run(i: int) -> bool:
+    def run(i: int) -> None:
         with torch.no_grad():
-            return all(torch.equal(prepared(xs[i]), expected[i]) for _ in range(20))
+            for _ in range(20):
+                assert_like_unpacked(prepared(xs[i]), expected[i], f"thread {i} y", reductions=72)
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        assert all(pool.map(run, range(4)))
+        list(pool.map(run, range(4)))  # re-raises a thread's failure
 
 
 def test_the_fast_path_refuses_a_non_bool_relu_as_the_ordinary_op_does():
