@@ -306,11 +306,13 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(
     // layers, where a 3x3 512-channel weight is 9 MB and g under 1 MB. A
     // scratch g is scaled in place, so the peak holds no copy at all. fp16
     // always scales g, as the unfused backward does: its narrow range lets
-    // w * s, or the unscaled wgrad, overflow where g * s does not.
+    // w * s, or the unscaled wgrad, overflow where g * s does not. So does a
+    // scale on a GPU: whether w * s is finite (below) would cost a sync.
     bool scale_g = scale.has_value() &&
-        (g.numel() <= weight.numel() || g.scalar_type() == at::kHalf);
+        (g.numel() <= weight.numel() || g.scalar_type() == at::kHalf ||
+         !scale->is_cpu());
     at::Tensor ws;
-    if (scale.has_value() && !scale_g && scale->is_cpu()) {
+    if (!scale_g && scale.has_value()) {
       // So does a non-finite s, or a w * s that overflows: the unfused
       // backward sums g * s * x, NaN where s * sum(g * x) is +-inf, and
       // feeds its dgrad g * s, finite where w * s is not. Checked on CPU,

@@ -337,6 +337,37 @@ def test_nan_inf_propagate_like_reference(target, layout, relu):
     check_call(y, inputs, F32, f"{target} {layout} relu={relu}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("kind", ["inf", "huge"])
+@pytest.mark.parametrize("target", target_params())
+def test_a_scale_whose_product_with_the_weight_is_not_finite_matches_float64(target, kind, relu, dtype):
+    """Where the output has many elements beside the weight, the CPU forward folds the scale into the weight and a
+    backward may take w * s for its dgrad and scale its wgrad after the sum. An infinite scale, or a finite one (3e38)
+    whose product with a weight of 2 overflows, must give the unfused ops' results: the fold made filters +-inf,
+    whose sums are NaN where conv * scale is finite (huge) or +-inf, and s * sum(g * x) was +-inf where the
+    unfused sum(g * s * x) is NaN (inf)."""
+    dev = target.device
+    x = torch.ones(2, 2, 8, 8, dtype=dtype, device=dev).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.tensor([2.0, -1.75]).repeat(4, 1).view(4, 2, 1, 1).to(dev, dtype).requires_grad_()  # conv(x, w) = 0.25
+    scale = torch.full((4,), 3e38 if kind == "huge" else 1.5, dtype=dtype, device=dev)
+    if kind == "inf":
+        scale[1] = float("inf")
+    grad = torch.full(
+        (2, 4, 8, 8), 1e-3 if kind == "huge" else 1.0, dtype=dtype, device=dev
+    )  # keeps the huge case's sums finite
+    if kind == "inf":
+        grad[:, :, ::2] *= -0.5  # terms of both signs, not summing to 0: the unfused sums of +-inf are NaN
+    y = resnet_fused.conv_bias_add_relu(x, w, scale=scale, relu=relu, backend=target.backend)
+    gx, gw = torch.autograd.grad(y, (x, w), grad)
+    x64, w64 = (t.detach().cpu().double().requires_grad_() for t in (x, w))
+    y64 = reference.conv_bias_add_relu(x64, w64, scale=scale.cpu().double(), relu=relu)
+    rx, rw = torch.autograd.grad(y64, (x64, w64), grad.cpu().double())
+    for name, got, want, n in (("y", y, y64, 2), ("grad_x", gx, rx, 4), ("grad_weight", gw, rw, 128)):
+        assert_close(got, want, dtype, name, n)  # NaN and Inf positions first
+    assert rw.isnan().any() if kind == "inf" else (y64.isfinite().all() and y64.abs().max() > 1e37)
+
+
 # 7x7 output planes (49 elements) and K = 9: neither a multiple of a CPU vector's 8 (fp32) or 16 (bf16, fp16) lanes,
 # so the last pixel of each NCHW plane, channel 8 of each channels_last pixel, and the tensor's last elements take
 # the passes' scalar tails.

@@ -372,36 +372,6 @@ def test_residual_post_op_only_up_to_its_size_limit(over, fused, monkeypatch):
     assert_close(y, expected, torch.float32, "y", reductions(kw))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("relu", [True, False])
-@pytest.mark.parametrize("kind", ["inf", "huge"])
-def test_a_scale_whose_product_with_the_weight_is_not_finite_matches_float64(kind, relu, dtype):
-    """Where the output has many elements beside the weight, the forward folds the scale into the weight and the
-    backward's dgrad takes w * s and its wgrad is scaled after the sum. An infinite scale, or a finite one (3e38)
-    whose product with a weight of 2 overflows, must give the unfused ops' results: the fold made filters +-inf,
-    whose sums are NaN where conv * scale is finite (huge) or +-inf, and s * sum(g * x) was +-inf where the
-    unfused sum(g * s * x) is NaN (inf)."""
-    x = torch.ones(2, 2, 8, 8, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
-    w = torch.tensor([2.0, -1.75]).repeat(4, 1).view(4, 2, 1, 1).to(dtype).requires_grad_()  # conv(x, w) = 0.25
-    scale = torch.full((4,), 3e38 if kind == "huge" else 1.5, dtype=dtype)
-    if kind == "inf":
-        scale[1] = float("inf")
-    grad = torch.full((2, 4, 8, 8), 1e-3 if kind == "huge" else 1.0, dtype=dtype)  # keeps the huge case's sums finite
-    if kind == "inf":
-        grad[:, :, ::2] *= -0.5  # terms of both signs, not summing to 0: the unfused sums of +-inf are NaN
-    y = resnet_fused.conv_bias_add_relu(x, w, scale=scale, relu=relu, backend="cpu")
-    gx, gw = torch.autograd.grad(y, (x, w), grad)
-    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
-    y64 = reference.conv_bias_add_relu(x64, w64, scale=scale.double(), relu=relu)
-    rx, rw = torch.autograd.grad(y64, (x64, w64), grad.double())
-    for name, got, want, n in (("y", y, y64, 2), ("grad_x", gx, rx, 4), ("grad_weight", gw, rw, 128)):
-        assert torch.equal(got.isnan(), want.isnan()), f"{name}: NaN positions differ"
-        assert torch.equal(got.isinf(), want.isinf()), f"{name}: Inf positions differ"
-        finite = want.isfinite()
-        assert_close(got[finite], want[finite], dtype, name, n)
-    assert rw.isnan().any() if kind == "inf" else (y64.isfinite().all() and y64.abs().max() > 1e37)
-
-
 def test_fp16_backward_scales_grad_out_not_the_weight():
     """With g larger than the weight the backward scaled the weight: fp16's weight * scale (90000) overflowed to inf,
     and so did grad_x, where the unfused backward's grad_out * scale stays in range."""

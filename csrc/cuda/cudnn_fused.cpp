@@ -144,6 +144,11 @@ at::Tensor try_cudnn_fused(
     // dtype/layout/arch.
     failures().record_failure(key);
     return at::Tensor();
+  } catch (const std::exception&) {
+    // cudnn_frontend::cudnnException (a std::runtime_error): ATen builds the
+    // fused graph and its heuristics outside its own catch.
+    failures().record_failure(key);
+    return at::Tensor();
   }
 }
 

@@ -510,6 +510,20 @@ std::string kernel_image_status(int64_t device) {
     return "";
   }
   (void)cudaGetLastError(); // clear it, so the next launch check is not blamed
+  switch (err) {
+    case cudaErrorNoKernelImageForDevice:
+    case cudaErrorInvalidKernelImage:
+    case cudaErrorInvalidDeviceFunction:
+    case cudaErrorUnsupportedPtxVersion:
+    case cudaErrorInvalidPtx:
+    case cudaErrorJitCompilerNotFound:
+      break;
+    default:
+      // Anything else (an earlier kernel's sticky error, a device that is
+      // busy or out of memory) is no fault of the build: raised, and as an
+      // exception it is not remembered as this backend's status.
+      C10_CUDA_CHECK(err);
+  }
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
   return c10::str(
       "resnet_fused's CUDA kernels cannot run on cuda:", device, " (",
