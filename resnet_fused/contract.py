@@ -90,6 +90,10 @@ try:  # torch >= 2.8
     from torch.fx.experimental.symbolic_shapes import guard_or_false as _guard_or_false
 except ImportError:
     _guard_or_false = None
+# torch >= 2.10 has only the first name, earlier versions only the second; on concrete ints both answer alike.
+_strides_like_channels_last = getattr(torch._prims_common, "are_strides_like_channels_last_or_false", None) or getattr(
+    torch._prims_common, "are_strides_like_channels_last", None
+)
 
 
 def check_op_pairs(stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> None:
@@ -129,7 +133,7 @@ def memory_format(t: Tensor) -> torch.memory_format:
         # with symbolic C, H or W strides, read them as a dense channels_last tensor's (where both fit, contiguous).
         (c, h, w), strides = t.shape[1:], t.stride()
         if all(type(v) is int for v in (c, h, w, *strides)):
-            like = torch._prims_common.are_strides_like_channels_last_or_false((2, c, h, w), strides)
+            like = _strides_like_channels_last((2, c, h, w), strides)
             return torch.channels_last if like else fmt
         sc, sh, sw = strides[1:]
         channels_last = all(_guard_or_false(a == b) for a, b in ((sc, 1), (sw, c), (sh, w * c)))

@@ -1,8 +1,8 @@
 """The compile report holds the shipped Triton configs to account, with no GPU.
 
-Compiles every shipped kernel x layout (NHWC, NCHW) x config x dtype for sm_80 and sm_90 (the 3x3
-specialisation; the report itself also prints 1x1) and asserts: no compile failure, zero spill/stack bytes for
-every NHWC config and each NCHW pinned one (but fp64, for gradcheck), shared memory within each arch's per-block
+Compiles every shipped kernel x shape (3x3, 1x1) x layout (NHWC, NCHW) x config x dtype for sm_80 and sm_90 and
+asserts: no compile failure, zero spill/stack bytes for every NHWC config and each NCHW pinned one (but fp64, for
+gradcheck, and the one spill report.ALLOWED_SPILLS names, exactly), shared memory within each arch's per-block
 limit, tensor-core instructions in every GEMM, and software pipelining (cp.async) in every kernel but the 16-bit
 NCHW ones. Runs in the normal (non-interpreter) invocation.
 """
@@ -33,7 +33,7 @@ def report():
 
 @pytest.fixture(scope="module")
 def rows(report):
-    return report.compile_all([80, 90], ["3x3"])
+    return report.compile_all([80, 90])
 
 
 def test_every_shipped_variant_compiled(report, rows):
@@ -56,11 +56,17 @@ def test_no_spills_smem_in_limits_tensor_cores(report, rows):
     held = [r for r in rows if report.held_to_no_spills(r)]
     # Every NHWC config and each NCHW pinned one, in fp32, fp16 and bf16 on both archs.
     assert len({(r.kernel, r.layout, r.dtype, r.arch) for r in held}) == 3 * 2 * 3 * 2
+    allowed = {key: None for key in report.ALLOWED_SPILLS}
     for r in rows:
         assert r.regs > 0
-        if r in held:  # fp64 is there for gradcheck: its spills cost only speed
+        key = (r.kernel, r.shape, r.layout, r.config, r.dtype, r.arch)
+        if key in allowed:
+            allowed[key] = r.stack
+        elif r in held:  # fp64 is there for gradcheck: its spills cost only speed
             assert r.stack == 0 and r.local == 0, r
         assert 0 < r.smem <= report.SMEM_LIMIT[r.arch]
+    # The allowed spill is what the report shows, no more and no less (the docs state it).
+    assert allowed == report.ALLOWED_SPILLS
 
 
 def test_pinned_configs_fit_shared_memory_in_every_dtype(report, rows):
@@ -75,9 +81,11 @@ def test_pinned_configs_fit_shared_memory_in_every_dtype(report, rows):
                 pinned = report._config_name(launch.pinned_config(kernel, dtype, layout))
                 for arch in (80, 90):
                     key = (kernel, layout, dt, pinned, arch)
-                    (row,) = [r for r in rows if (r.kernel, r.layout, r.dtype, r.config, r.arch) == key]
-                    assert not row.error, row.error
-                    assert row.smem <= report.SMEM_LIMIT[arch], f"{key}: {row.smem} B"
+                    found = [r for r in rows if (r.kernel, r.layout, r.dtype, r.config, r.arch) == key]
+                    assert sorted(r.shape for r in found) == ["1x1", "3x3"], key
+                    for row in found:
+                        assert not row.error, row.error
+                        assert row.smem <= report.SMEM_LIMIT[arch], f"{key} {row.shape}: {row.smem} B"
 
 
 def test_tensor_cores_and_pipelining(rows):
@@ -98,6 +106,12 @@ def test_problems_catches_bad_rows(report):
     bad = report.Row("fwd", "3x3", "nhwc", "x", "bf16", 80, 255, 16, 0, 300 * 1024, 0, 0, 0, 0)
     found = report.problems([bad])
     assert len(found) == 3, found
+    # The allowed spill passes at its exact size only
+    (key, stack), *_ = report.ALLOWED_SPILLS.items()
+    kernel, shape, layout, config, dtype, arch = key
+    for spill, flagged in ((stack, 0), (stack + 8, 1)):
+        row = report.Row(kernel, shape, layout, config, dtype, arch, 168, spill, 0, 1024, 1, 0, 1, 0)
+        assert len(report.problems([row])) == flagged, spill
 
 
 def test_bytes_model(report):

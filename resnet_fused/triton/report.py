@@ -211,6 +211,16 @@ def compile_all(
         return list(pool.map(compile_one, *zip(*work, strict=True)))
 
 
+# The one spill the rules allow, exactly (stack bytes by kernel, shape, layout, config, dtype, arch): ptxas caps the
+# 128x64 fp16 dgrad tile of a 1x1 conv at 168 registers on sm_80 (three blocks a multiprocessor) and keeps two values
+# on the stack, reloaded in the epilogue. The 64x64 tile spills nowhere; which is faster is not measured.
+ALLOWED_SPILLS = {("dgrad", "1x1", "nhwc", "128x64x32/w4/s4", "fp16", 80): 8}
+
+
+def _allowed_spill(r: Row) -> bool:
+    return r.local == 0 and r.stack == ALLOWED_SPILLS.get((r.kernel, r.shape, r.layout, r.config, r.dtype, r.arch))
+
+
 def held_to_no_spills(r: Row) -> bool:
     """Every NHWC config, and NCHW's pinned one, in every dtype but fp64 (there for gradcheck: spills cost only
     speed). NCHW's other configs spill (its channel reads are strided); the autotuner times them, and they are
@@ -229,7 +239,7 @@ def problems(rows: list[Row]) -> list[str]:
         if r.error:
             bad.append(f"{where}: compile failed: {r.error}")
             continue
-        if (r.stack or r.local) and held_to_no_spills(r):
+        if (r.stack or r.local) and held_to_no_spills(r) and not _allowed_spill(r):
             bad.append(f"{where}: {r.stack} stack / {r.local} local bytes (spills)")
         if r.smem > SMEM_LIMIT[r.arch]:
             bad.append(f"{where}: {r.smem} B shared memory > {SMEM_LIMIT[r.arch]} B")
