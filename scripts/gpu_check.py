@@ -16,7 +16,8 @@ machine lent for a fixed time never kills the run from outside. Results go to be
 ``environment.json`` (GPU, driver and versions), the test logs and the benchmark JSON/markdown/PNG. The summary is
 rewritten after every step, and ``--bundle PATH`` packs the results folder into one .tgz each time (a lent machine
 returns only a few files). SIGTERM or SIGINT ends the running step's process group and writes the summary. Without
-a GPU every step reports "skipped: no GPU", so the command dry-runs on any machine. Uses the standard library only,
+a GPU every step reports "skipped: no GPU", so the command dry-runs on any machine; a step fails instead where torch
+does not import, does not see the GPU nvidia-smi lists, or (after the build) the cuda or triton backend cannot run. Uses the standard library only,
 so it runs before anything is built.
 """
 
@@ -107,9 +108,54 @@ def _python_info() -> dict:
         except subprocess.TimeoutExpired:
             q = ""
         info["driver"] = q.splitlines()[0] if q else None
+        try:
+            listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60).stdout
+        except subprocess.TimeoutExpired:
+            listed = ""
+        info["smi_gpus"] = sum(line.startswith("GPU ") for line in listed.splitlines())
     info["python"] = platform.python_version()
     info["sanitizer"] = shutil.which("compute-sanitizer")
     return info
+
+
+def _failed(name: str, why: str) -> dict:
+    return {**_skipped(name, ""), "status": f"failed: {why}"}
+
+
+def _no_gpu(info: dict, names: tuple[str, ...], dry_run_why: str = "no GPU") -> list[dict] | None:
+    """Rows for steps that cannot use a GPU: skipped on a machine without one (a dry run), failed where torch does
+    not import or does not see the GPU nvidia-smi lists (a broken GPU machine must not look like a dry run). None
+    when torch sees a GPU."""
+    if "error" in info:
+        return [_failed(name, f"torch does not import: {info['error']}") for name in names]
+    if info.get("gpu"):
+        return None
+    if info.get("smi_gpus"):
+        why = f"nvidia-smi lists {info['smi_gpus']} GPU(s), but torch.cuda.is_available() is False"
+        return [_failed(name, why) for name in names]
+    return [_skipped(name, dry_run_why) for name in names]
+
+
+def _backends_missing(names: tuple[str, ...]) -> list[dict] | None:
+    """Failed rows where the built package cannot run the cuda or triton backend on this GPU (their tests would
+    all be skipped, and a step of skips passes), else None."""
+    code = (
+        "import json\nfrom resnet_fused.backends import BACKENDS\n"
+        "print(json.dumps({name: BACKENDS[name].unavailable() for name in ('cuda', 'triton')}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        why = f"resnet_fused does not import: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}"
+    else:
+        unavailable = {k: v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items() if v}
+        if not unavailable:
+            return None
+        why = "; ".join(f"{k} unavailable: {v}" for k, v in unavailable.items())
+    return [_failed(name, why) for name in names]
+
+
+def _gpu_steps_blocked(info: dict, names: tuple[str, ...]) -> list[dict] | None:
+    return _no_gpu(info, names) or _backends_missing(names)
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -189,8 +235,9 @@ def step_build(info: dict, out: Path) -> list[dict]:
     if _version_tuple(torch_version) < MIN_TORCH:
         need = ".".join(map(str, MIN_TORCH))
         return [{**_skipped("build", ""), "status": f"failed: torch {torch_version} is older than the {need} needed"}]
-    if not info.get("gpu"):
-        return [_skipped("build", "no GPU (the CUDA build itself is covered by tests/test_cuda_build.py)")]
+    blocked = _no_gpu(info, ("build",), "no GPU (the CUDA build itself is covered by tests/test_cuda_build.py)")
+    if blocked:
+        return blocked
     cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-v", "-e", "."]
     # This GPU's arch only: half the build time of the default two (about 50 s against 100 s on the H200).
     env = {"RESNET_FUSED_BUILD_CUDA": "1"}
@@ -206,8 +253,9 @@ def step_build(info: dict, out: Path) -> list[dict]:
 
 
 def step_test(info: dict, out: Path) -> list[dict]:
-    if not info.get("gpu"):
-        return [_skipped(name, "no GPU") for name in ("suite", "gpu-tests")]
+    blocked = _gpu_steps_blocked(info, ("suite", "gpu-tests"))
+    if blocked:
+        return blocked
     pytest, gpu = [*PYTEST, "-rfE"], GPU_ENV
     # Triton compiles each new specialisation on the host: spread the suite over worker processes that share
     # the one GPU (and Triton's on-disk cache), when pytest-xdist is installed.
@@ -226,8 +274,9 @@ def step_test(info: dict, out: Path) -> list[dict]:
 
 def step_sanitize(info: dict, out: Path) -> list[dict]:
     """compute-sanitizer's memcheck and racecheck on a trimmed suite (one process: the tool follows it alone)."""
-    if not info.get("gpu"):
-        return [_skipped(name, "no GPU") for name in ("memcheck", "racecheck")]
+    blocked = _gpu_steps_blocked(info, ("memcheck", "racecheck"))
+    if blocked:
+        return blocked
     sanitizer = info.get("sanitizer")
     results = []
     for tool in ("memcheck", "racecheck"):
@@ -243,8 +292,9 @@ def step_sanitize(info: dict, out: Path) -> list[dict]:
 def step_equivalence(info: dict, out: Path) -> list[dict]:
     """Its own step, over worker processes: Triton compiles every case on the host (on an H200 one process got through
     83 of 136 cases in 285 s)."""
-    if not info.get("gpu"):
-        return [_skipped("equivalence", "no GPU")]
+    blocked = _gpu_steps_blocked(info, ("equivalence",))
+    if blocked:
+        return blocked
     cmd = [sys.executable, "-m", "benchmarks.equivalence", "--no-progress", "--jobs", str(GPU_TEST_WORKERS)]
     cmd += ["--json", str(out / "equivalence.json")]
     return [_run("equivalence", cmd, out / "equivalence.log")]
@@ -253,8 +303,9 @@ def step_equivalence(info: dict, out: Path) -> list[dict]:
 def step_bench(info: dict, out: Path) -> list[dict]:
     """The op benchmark on resnet50's convs, sized for one slot: no torch.compile peer (it compiles every case) and
     short samples (the GPU's are microseconds). The model benchmark did not finish in 10 minutes on the H200."""
-    if not info.get("gpu"):
-        return [_skipped("bench", "no GPU")]
+    blocked = _gpu_steps_blocked(info, ("bench",))
+    if blocked:
+        return blocked
     cmd = [sys.executable, "-m", "benchmarks.bench_ops", "--models", "resnet50", "--no-compile", "--rounds", "5"]
     cmd += ["--min-sample-ms", "5", "--no-progress"]
     cmd += ["--json", str(out / "ops.json"), "--md", str(out / "ops.md"), "--png", str(out / "ops.png")]
@@ -274,7 +325,9 @@ def _write(out: Path, info: dict, results: list[dict], bundle: Path | None = Non
     (out / "environment.json").write_text(json.dumps(info, indent=2) + "\n")
     previous = {}
     summary = out / "gpu_check.json"
-    if summary.exists():  # steps run one at a time accumulate into one summary
+    # Steps run one at a time accumulate into one summary; a build starts a new one (earlier results were of
+    # another build).
+    if summary.exists() and not any(r["name"] == "build" for r in results):
         previous = {r["name"]: r for r in json.loads(summary.read_text()).get("steps", [])}
     previous.update({r["name"]: r for r in results})
     steps = list(previous.values())

@@ -146,3 +146,62 @@ def test_a_run_killed_from_outside_keeps_its_summary_and_ends_its_step(tmp_path)
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [s["name"] for s in summary["steps"]] == ["interrupted"]
     assert_gone(int(pidfile.read_text()))
+
+
+def _gpu_check():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    return gpu_check
+
+
+def test_a_broken_gpu_machine_fails_instead_of_dry_running(tmp_path, monkeypatch):
+    """Where torch does not import, or does not see the GPU nvidia-smi lists, every step fails (exit 1): only a
+    machine with no GPU at all dry-runs."""
+    gpu_check = _gpu_check()
+    broken = {
+        "torch does not import": {"error": ["ModuleNotFoundError: No module named 'torch'"]},
+        "nvidia-smi lists 1 GPU(s), but torch.cuda.is_available() is False": {
+            "torch": torch.__version__, "gpu": None, "smi_gpus": 1,
+        },
+    }  # fmt: skip
+    for why, info in broken.items():
+        monkeypatch.setattr(gpu_check, "_python_info", lambda info=info: info)
+        for steps, names in (
+            ("build", {"build"}),  # a failed build ends the run
+            (
+                "test,sanitize,equivalence,bench",
+                {"suite", "gpu-tests", "memcheck", "racecheck", "equivalence", "bench"},
+            ),
+        ):
+            out = tmp_path / f"{len(why)}-{len(names)}"
+            assert gpu_check.main([steps, "--out", str(out)]) == 1
+            rows = json.loads((out / "gpu_check.json").read_text())["steps"]
+            assert {r["name"] for r in rows} == names, rows
+            assert all(r["status"].startswith(f"failed: {why}") for r in rows), rows
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where the cuda backend cannot run")
+def test_gpu_steps_fail_where_a_gpu_backend_cannot_run(tmp_path):
+    """With a GPU but without the cuda backend (here: none runs) the suite would be all skips, and pass: it fails,
+    naming the backend and why."""
+    gpu_check = _gpu_check()
+    rows = gpu_check.step_test({"torch": torch.__version__, "gpu": "a GPU"}, tmp_path)
+    assert [r["name"] for r in rows] == ["suite", "gpu-tests"]
+    assert all(r["status"].startswith("failed: cuda unavailable: ") for r in rows), rows
+
+
+def test_a_build_starts_a_new_summary(tmp_path):
+    """Steps run one at a time accumulate, but results of an earlier build do not outlive a new one."""
+    gpu_check = _gpu_check()
+    info = {"torch": torch.__version__, "gpu": None}
+    passed = {"status": "passed", "seconds": 1.0, "log": None, "tail": []}
+    gpu_check._write(tmp_path, info, [{"name": "build", **passed}])
+    gpu_check._write(tmp_path, info, [{"name": "suite", **passed}])
+    names = [s["name"] for s in json.loads((tmp_path / "gpu_check.json").read_text())["steps"]]
+    assert names == ["build", "suite"]
+    gpu_check._write(tmp_path, info, [gpu_check._failed("build", "compile error")])
+    steps = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
+    assert [(s["name"], s["status"]) for s in steps] == [("build", "failed: compile error")]
