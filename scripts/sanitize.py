@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import glob
 import hashlib
+import importlib.metadata
 import os
 import shlex
 import shutil
@@ -76,8 +77,20 @@ REPORT_MARKERS = ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSanit
 
 
 def default_build_dir() -> str:
-    """A cache folder per checkout, outside the repo, so reruns reuse the objects ninja already built."""
-    tag = hashlib.sha1(ROOT.encode()).hexdigest()[:10]
+    """A cache folder per checkout, torch, compiler and Python, outside the repo, so reruns reuse the objects ninja
+    already built. ninja's dependency lists leave out torch's headers (system includes), so another torch gets a
+    folder of its own rather than objects built against the old one."""
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = "none"
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        compiler = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.split("\n", 1)[0]
+    except OSError:
+        compiler = cxx
+    key = "\0".join((ROOT, torch_version, compiler, sys.implementation.cache_tag or ""))
+    tag = hashlib.sha1(key.encode()).hexdigest()[:10]
     return os.path.join(tempfile.gettempdir(), f"resnet_fused-sanitize-{tag}")
 
 

@@ -35,3 +35,18 @@ def test_cpu_suite_is_clean_under_asan_and_ubsan():
     assert proc.returncode == 0, out[-20000:]
     assert "canaries reported as expected" in out, out[-5000:]
     assert "clean under ASan+UBSan (quick selection" in out, out[-5000:]
+
+
+def test_the_build_folder_follows_torch_and_the_compiler(monkeypatch):
+    """ninja does not track torch's headers: objects built against one torch must not be reused for another."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import sanitize
+    finally:
+        sys.path.pop(0)
+    here = sanitize.default_build_dir()
+    assert here == sanitize.default_build_dir()  # reruns reuse it
+    monkeypatch.setattr(sanitize.importlib.metadata, "version", lambda name: "0.0.1")
+    other_torch = sanitize.default_build_dir()
+    monkeypatch.setenv("CXX", "a-compiler-that-is-not-there")
+    assert len({here, other_torch, sanitize.default_build_dir()}) == 3
