@@ -248,8 +248,9 @@ def step_build(info: dict, out: Path) -> list[dict]:
         return [build]
     # A toolchain that links libstdc++ statically makes every C++ error message crash the process; say so here,
     # before the suite's workers start dying of it.
-    check = [*PYTEST, "tests/test_cuda_build.py", "-k", "shared_cxx_runtime or loads_and_registers"]
-    return [build, _run("link-check", check, out / "link_check.log")]
+    # The same flag as the build: the test then holds the build to having CUDA device code.
+    check = [*PYTEST, "tests/test_cuda_build.py", "-k", "shared_cxx_runtime or loads_and_registers or forced_cuda"]
+    return [build, _run("link-check", check, out / "link_check.log", env)]
 
 
 def step_test(info: dict, out: Path) -> list[dict]:

@@ -270,7 +270,8 @@ def test_link_args_keep_the_shared_cxx_runtime_under_a_static_toolchain(tmp_path
 
 
 def test_forced_cuda_build_has_device_code():
-    """A build made with RESNET_FUSED_BUILD_CUDA=1 (as CI does) must not have silently fallen back to CPU-only."""
+    """A build made with RESNET_FUSED_BUILD_CUDA=1 (as the GPU check's build and its link check are) must not have
+    silently fallen back to CPU-only."""
     if setup_code("CUDA_FLAG_VALUES", "cuda_build_flag")["cuda_build_flag"]() is not True:
         pytest.skip("RESNET_FUSED_BUILD_CUDA=1 is not set for this run, so a CPU-only build is allowed")
     assert so_has_device_code(), f"{so_path()} has no CUDA device code although RESNET_FUSED_BUILD_CUDA=1"
