@@ -28,7 +28,9 @@ from resnet_fused._after_import import when_imported
 # The op and its Triton twin share one schema, so one translation serves both. The Triton op exists only where
 # Triton runs; registering by name is harmless when it does not.
 OPS = ("resnet_fused::conv_bias_add_relu", "resnet_fused::conv_bias_add_relu_triton")
-_SYMBOLIC_OPSET = 7  # the TorchScript exporter's oldest opset; Conv, Mul, Add, Relu and Reshape all hold from it on
+# The TorchScript exporter's oldest opset (Conv, Mul, Add, Relu and Reshape all hold from it on), and 9: the exporter
+# looks a target below 9 up from that target towards 9, so a symbolic at 7 alone would not serve opset 8.
+_SYMBOLIC_OPSETS = (7, 9)
 
 
 # ---- dynamo=False: TorchScript symbolic ----
@@ -53,7 +55,8 @@ def _torchscript_symbolic(g, x, weight, bias, residual, scale, stride, padding, 
 
 def _register_symbolic() -> None:
     for name in OPS:
-        torch.onnx.register_custom_op_symbolic(name, _torchscript_symbolic, _SYMBOLIC_OPSET)
+        for opset in _SYMBOLIC_OPSETS:
+            torch.onnx.register_custom_op_symbolic(name, _torchscript_symbolic, opset)
 
 
 # ---- dynamo=True: ONNX Script translation ----

@@ -398,7 +398,7 @@ def test_a_fused_conv_exported_with_a_relu_argument(exporter):
     assert_matches(session.run(None, {feed.name: x.numpy()})[0], expected, "relu=False")
 
 
-@pytest.mark.parametrize("opset", [7, 13, 20])
+@pytest.mark.parametrize("opset", [7, 8, 9, 13, 20])
 def test_torchscript_exporter_opsets(opset):
     """The TorchScript translation holds from the exporter's oldest opset to its newest."""
     case = next(c for c in CASES if all(getattr(c, f) for f in FLAGS))
