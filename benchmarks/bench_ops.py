@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import time
 import zlib
@@ -79,6 +80,7 @@ FLOORS = ("conv_alone", "conv_prepacked")
 BASE_IMPLS = ("eager", "compile", *FLOORS)  # every other implementation is a fused op: a backend or a prepacked row
 PREPACKED_IMPLS = ("prepacked", "prepacked-fuse-relu", "onednn_prepacked")
 PACKAGE_PREPACKED = ("prepacked", "prepacked-fuse-relu")  # the package's own; onednn_prepacked stands in without it
+PEER_IMPLS = ("onednn_prepacked",)  # torch's own kernels: timed for comparison, never held to the package's targets
 OUT_DIR = Path(__file__).resolve().parent / "out"
 # Largest error of a prepacked row's output against float64, over max(max |ref|, 1), by dtype: a few roundings of the
 # output (bf16 and fp16 keep 8 and 11 significant bits) and fp32's accumulation, with room to spare.
@@ -550,6 +552,16 @@ def _per_round(num: dict, den: dict) -> list[float]:
     return [a / b for a, b in zip(num["samples_ms"], den["samples_ms"], strict=True)]
 
 
+def _over_floor(case: dict, impl: str) -> float | None:
+    """``impl``'s time over its floor's: the median of the per-round ratios (whose interval the verdict reads; the
+    reciprocal of the floor's speedup median differs from it for an even number of rounds). None where either is
+    missing."""
+    floor = case.get(floor_of(impl))
+    if impl not in case or floor is None or "samples_ms" not in floor:
+        return None
+    return statistics.median(_per_round(case[impl], floor))
+
+
 FLOOR_FAILED = "not timed: its floor, conv_prepacked, gave a wrong result"
 
 
@@ -570,7 +582,7 @@ def summarize(records: Sequence[dict], model: str | None = "resnet50") -> list[d
         for impl in impls:
             floor = floor_of(impl)
             speedups = {c: v[impl]["speedup_vs_eager"]["median"] for c, v in cases.items() if impl in v}
-            over_floor = {c: 1.0 / v[impl][f"speedup_vs_{floor}"]["median"] for c, v in cases.items() if impl in v}
+            over_floor = {c: _over_floor(v, impl) for c, v in cases.items() if impl in v}
             timed = {c: v for c, v in cases.items() if impl in v}
             held = {c: v[impl]["held_bytes"] for c, v in timed.items() if "held_bytes" in v[impl]}
             mem = {
@@ -654,7 +666,7 @@ def targets(
     for s in summary:
         if (s["dtype"], s["layout"], s["model_shapes"]) != TARGET_GROUP:
             continue
-        if s["impl"] in BASE_IMPLS or s["impl"] in (missing or {}):
+        if s["impl"] in BASE_IMPLS or s["impl"] in PEER_IMPLS or s["impl"] in (missing or {}):
             continue
         names = _target_names(s["impl"], s["pass"])
         goal, aim = GEOMEAN_GOALS[s["pass"]]
@@ -725,8 +737,8 @@ def table_markdown(records: Sequence[dict]) -> str:
                 _fmt_ratio(v.get(i), "speedup_vs_eager") for i in timed + (["compile"] if "compile" in impls else [])
             ]
             for i in timed:
-                r = v.get(i, {}).get(f"speedup_vs_{floor_of(i)}")
-                row.append(f"{1.0 / r['median']:.2f}" if r else "-")
+                r = _over_floor(v, i)
+                row.append(f"{r:.2f}" if r is not None else "-")
             for i in timed:
                 a, b = v.get(i, {}).get("peak_mem_bytes"), v["eager"].get("peak_mem_bytes")
                 row.append(f"{a / b:.2f}" if a is not None and b else "-")
