@@ -23,7 +23,8 @@ channels_last, under ``torch.no_grad()``) whose arithmetic is nearly free, so ea
 its host cost: the conv alone, the eager baseline, and every available backend through the public op.
 
 ``residual-routes`` times the routes a prepared conv can give its residual add (``resnet_fused.inference``) on
-ResNet-50's four 1x1 residual convs (packed weights, fp32, channels_last), interleaved, each over the packed conv alone:
+ResNet-50's four 1x1 residual convs (packed weights, fp32, channels_last), interleaved, each over the packed conv with
+its bias post-op alone (no residual, no ReLU; the op benchmark's floor ``conv_prepacked`` has no bias):
 oneDNN's binary post-op, the conv then one pass (``_epilogue_``), and the sum into a donated residual; each with the
 exact ReLU pass and with oneDNN's ReLU. With ``--model`` it also runs a prepared resnet50 under the route rule against
 the same model with every residual on the pass, and (with oneDNN's ReLU) on the post-op, neither donating
@@ -291,8 +292,8 @@ RESIDUAL_CONVS = ((64, 256, 56), (128, 512, 28), (256, 1024, 14), (512, 2048, 7)
 
 
 def residual_routes(batch: int, rounds: int = 15, threads: int = 2) -> dict[str, dict[str, float]]:
-    """Per residual conv (``RESIDUAL_CONVS`` at ``batch``): each route's median time over the packed conv alone, the
-    conv alone's ms and the output's MiB (see the module docstring)."""
+    """Per residual conv (``RESIDUAL_CONVS`` at ``batch``): each route's median time over the packed conv with its
+    bias alone, that conv's ms and the output's MiB (see the module docstring)."""
     set_threads(threads)
     g = torch.Generator().manual_seed(0)
     return {f"1x1 {c}->{k} {hw}x{hw}": _route_times(batch, c, k, hw, g, rounds) for c, k, hw in RESIDUAL_CONVS}
@@ -418,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--hw", type=int, default=224)
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--model", default="resnet50")
-    rr = sub.add_parser("residual-routes", help="the prepared residual add's routes over the packed conv alone")
+    rr = sub.add_parser("residual-routes", help="the prepared residual add's routes over the packed conv + bias")
     rr.add_argument("--batches", default="1,8", help="comma list of batch sizes")
     rr.add_argument("--rounds", type=int, default=15)
     rr.add_argument("--threads", type=int, default=2)
@@ -446,7 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {name:12s} {us:8.1f}")
     elif a.what == "residual-routes":
         for batch in (int(b) for b in a.batches.split(",")):
-            print(f"batch {batch}: time over the packed conv alone (medians, fp32 channels_last, {a.threads} threads)")
+            print(
+                f"batch {batch}: time over the packed conv + bias alone (medians, fp32 channels_last, {a.threads} threads)"
+            )
             for case, row in residual_routes(batch, rounds=a.rounds, threads=a.threads).items():
                 routes = "  ".join(f"{k} {v:.2f}" for k, v in row.items() if not k.endswith(("ms", "MiB")))
                 print(f"  {case:22s} y {row['y MiB']:5.1f} MiB  conv alone {row['conv alone ms']:.3f} ms  {routes}")

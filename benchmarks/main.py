@@ -109,10 +109,16 @@ def _failures(combined: dict) -> list[str]:
 
 
 def _finish(
-    out: Path, json_path: Path, header: str, combined: dict, written: list[Path], remove_stale: bool = True
+    out: Path,
+    json_path: Path,
+    header: str,
+    combined: dict,
+    written: list[Path],
+    remove_stale: bool = True,
+    rendered: bool = False,
 ) -> int:
     """Write bench.json and summary.md, remove an earlier run's files (``remove_stale``), print what was written; the
-    exit status."""
+    exit status. ``rendered``: the figures are a saved run's."""
     written.append(timing.write_json(json_path, combined))
     written.append(_write_summary(out / "summary.md", header, combined))
     print()
@@ -120,7 +126,7 @@ def _finish(
         print(f"wrote {p}")
     for p in _remove_stale(out, written) if remove_stale else []:
         print(f"removed {p} (an earlier run's; this run did not produce it)")
-    print(f"total {combined['wall_s']:.0f} s" + ("" if remove_stale else " (the saved run's)"))
+    print(f"total {combined['wall_s']:.0f} s" + (" (the saved run's)" if rendered else ""))
     failures = _failures(combined)
     for line in failures:
         print(line)
@@ -150,8 +156,10 @@ def render(bench_json: Path, out: Path, json_path: Path | None = None) -> int:
     # The header main took before timing; a file written before it was kept has the op benchmark's.
     header = _header(combined.get("machine", ops["machine"]))
     header += f"\nrendered again by the rules at {timing._git_commit()} from the saved records (nothing re-timed)"
-    # Everything in out is the saved run's, the record it reads included: nothing there is stale.
-    return _finish(out, json_path or out / "bench.json", header, combined, written, remove_stale=False)
+    # Rendered into the saved run's own folder, everything there is that run's, the record it reads included: nothing
+    # is stale. Into another folder, files this rendering did not write are another run's.
+    own_folder = Path(out).resolve() == Path(bench_json).resolve().parent
+    return _finish(out, json_path or out / "bench.json", header, combined, written, not own_folder, rendered=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

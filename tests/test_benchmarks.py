@@ -1072,7 +1072,10 @@ def test_main_writes_one_runs_files_with_the_header_taken_before_timing(tmp_path
         assert "WRONG RESULTS: 1 row(s) failed the output check before timing" in printed
     md = (tmp_path / "ops.md").read_text()
     again = tmp_path / "again"
+    again.mkdir()
+    (again / "model.md").write_text("another run's")  # rendered into another folder: removed
     assert main.main(["--render", str(tmp_path / "bench.json"), "--out", str(again)]) == expected
+    assert not (again / "model.md").exists() and f"removed {again / 'model.md'}" in capsys.readouterr().out
     rendered = (again / "summary.md").read_text()
     said = re.search(r"\nrendered again by the rules at \S+ from the saved records \(nothing re-timed\)", rendered)
     assert (again / "ops.md").read_text() == md and said and rendered.replace(said[0], "") == summary
