@@ -499,7 +499,10 @@ run_conv_bias_add_relu_backward(
     // backends need not handle an empty batch).
     return {
         need_x ? at::zeros_like(x, fmt) : empty(),
-        need_w ? at::zeros_like(weight) : empty(),
+        // The weight's layout as the non-empty path gives it (and the fake
+        // states), not its strides: zeros_like keeps a permuted order.
+        need_w ? at::zeros_like(weight, weight.suggest_memory_format())
+               : empty(),
         need_b ? at::zeros({weight.size(0)}, x.options()) : empty(),
         need_r ? at::zeros(grad_out.sizes(), x.options().memory_format(fmt))
                : empty()};

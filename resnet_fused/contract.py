@@ -151,6 +151,8 @@ def _check_tensor(name: str, t: object, x: Tensor | None, optional: bool, like: 
         return
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a Tensor{' or None' if optional else ''}, got {type(t).__name__}")
+    if t.layout != torch.strided:  # the dispatcher would refuse it without naming it
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
     if x is None:
         return
     if t.device != x.device:

@@ -308,6 +308,20 @@ def test_batch_zero(target, layout):
     assert t["x"].grad.shape == t["x"].shape and t["residual"].grad.shape == (0, 8, 8, 8)
 
 
+@pytest.mark.parametrize("backend", registered_forward_ops())
+@pytest.mark.parametrize("batch", [0, 2])
+def test_backward_op_strides_match_its_fake_for_a_permuted_weight(backend, batch):
+    """grad_weight takes the weight's memory format, dense, as the fake says: for a weight whose strides are neither
+    format's (H and W swapped), and for batch 0, whose zero gradients took the weight's own strides."""
+    dev = "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
+    weight = torch.randn(6, 4, 3, 3, device=dev).transpose(2, 3).contiguous().transpose(2, 3)
+    x = torch.randn(batch, 4, 5, 5, device=dev)
+    grad_out, out = torch.randn(batch, 6, 3, 3, device=dev), torch.rand(batch, 6, 3, 3, device=dev)
+    args = (grad_out, out, x, weight, None, [1, 1], [0, 0], [1, 1], 1, True, [True] * 4)
+    torch.library.opcheck(backward_op(backend), args, test_utils=("test_faketensor",))
+    assert backward_op(backend)(*args)[1].is_contiguous()
+
+
 def test_zero_input_channels_are_refused_by_the_public_function():
     """C = 0: ATen's conv2d gives a 0-channel output, so no backend could agree with the reference; the public
     function refuses it for every backend, naming x (the ops directly: test_bad_input_errors_from_every_*_op)."""
@@ -560,13 +574,18 @@ BAD_INPUTS = [
     ("w0", lambda: (torch.randn(2, 4, 5, 0), torch.randn(6, 4, 1, 1), {}), ValueError,
      r"x: expected a spatial size \(H, W\) >= 1, got \(5, 0\)"),
     ("groups_zero", lambda: _args(groups=0), ValueError, r"groups: expected an int >= 1, got 0"),
+    ("residual_sparse", lambda: _args(residual=torch.randn(2, 6, 8, 8).to_sparse()), TypeError,
+     r"residual: expected a dense \(strided\) tensor, got layout torch.sparse_coo"),
+    ("bias_sparse", lambda: _args(bias=torch.randn(6).to_sparse()), TypeError,
+     r"bias: expected a dense \(strided\) tensor, got layout torch.sparse_coo"),
     ("stride_past_int64", lambda: _args(stride=2**63), ValueError,
      r"stride: expected values <= 9223372036854775807, got \(9223372036854775808, 9223372036854775808\)"),
 ]  # fmt: skip
 BAD_IDS = [b[0] for b in BAD_INPUTS]
 # A meta tensor dispatches the op to its fake kernel, and the dispatcher's schema refuses a string padding.
-# The dispatcher cannot pass an integer past int64 to any op at all.
-NOT_FOR_OPS = ("padding_str", "device_mix", "stride_past_int64")
+# The dispatcher cannot pass an integer past int64 to any op at all, and refuses a sparse tensor before any kernel
+# (naming the op and the sparse backend).
+NOT_FOR_OPS = ("padding_str", "device_mix", "stride_past_int64", "residual_sparse", "bias_sparse")
 
 
 @pytest.mark.parametrize("make,error,match", [b[1:] for b in BAD_INPUTS], ids=BAD_IDS)
