@@ -190,25 +190,17 @@ def quiet_tracer() -> Iterator[None]:
 
 
 def _check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu):
+    # In the C++ op's order (check_conv_bias_add_relu_args), so that an input with two faults gets the same message
+    # from the op, its fake and this function.
     _check_tensor("x", x, None, optional=False)
-    xs = x.shape  # read once: every .shape builds a new torch.Size
+    _check_tensor("weight", weight, None, optional=False)
+    xs, ws = x.shape, weight.shape  # read once: every .shape builds a new torch.Size
     if len(xs) != 4:
         raise ValueError(f"x: expected a 4-D tensor (N, C, H, W), got {len(xs)}-D with shape {tuple(xs)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x: expected a floating dtype (float32, float16, bfloat16, float64), got {x.dtype}")
-    _check_tensor("weight", weight, x, optional=False)
-    ws = weight.shape
     if len(ws) != 4:
         raise ValueError(f"weight: expected a 4-D tensor (K, C/groups, R, S), got {len(ws)}-D with shape {tuple(ws)}")
-    for name, t in (("bias", bias), ("residual", residual), ("scale", scale)):
-        _check_tensor(name, t, x, optional=True)
-    stride = pair(stride, "stride", 1)
-    padding = pair(padding, "padding", 0)
-    dilation = pair(dilation, "dilation", 1)
-    if _as_int(groups) is None or groups < 1:
-        raise ValueError(f"groups: expected an int >= 1, got {groups!r}")
-    if not isinstance(relu, bool):
-        raise TypeError(f"relu: expected a bool, got {relu!r}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x: expected a floating dtype (float32, float16, bfloat16, float64), got {x.dtype}")
     c, k = xs[1], ws[0]
     if c < 1:
         # ATen's conv2d returns a (N, 0, P, Q) output for C = 0, so there is no reference to agree with.
@@ -217,16 +209,30 @@ def _check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, g
         raise ValueError(f"weight: expected at least 1 output channel, got K={k}")  # as conv2d refuses
     if xs[2] < 1 or xs[3] < 1:
         raise ValueError(f"x: expected a spatial size (H, W) >= 1, got {tuple(xs[2:])}")  # as conv2d refuses
+    if ws[2] < 1 or ws[3] < 1:
+        raise ValueError(f"weight: expected a kernel size (R, S) >= 1, got {tuple(ws[2:])}")
+    for name, t in (("weight", weight), ("bias", bias), ("residual", residual), ("scale", scale)):
+        _check_tensor(name, t, x, optional=name != "weight")
+    stride = pair(stride, "stride", 1)
+    padding = pair(padding, "padding", 0)
+    dilation = pair(dilation, "dilation", 1)
+    if _as_int(groups) is None or groups < 1:
+        raise ValueError(f"groups: expected an int >= 1, got {groups!r}")
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu: expected a bool, got {relu!r}")
     if c % groups:
         raise ValueError(f"x: expected channels divisible by groups={groups}, got C={c}")
     if ws[1] * groups != c:
         raise ValueError(f"x: expected C = weight.shape[1] * groups = {ws[1] * groups} channels, got C={c}")
     if k % groups:
         raise ValueError(f"weight: expected out channels divisible by groups={groups}, got K={k}")
-    if ws[2] < 1 or ws[3] < 1:
-        raise ValueError(f"weight: expected a kernel size (R, S) >= 1, got {tuple(ws[2:])}")
     for d in range(2):
         padded = xs[2 + d] + 2 * padding[d]
+        if padding[d] > _INT64_MAX // 4 and padded > _INT64_MAX:  # the plain int first: no guard on a symbolic size
+            raise ValueError(
+                f"padding: expected the padded input to fit in int64, got padding {padding[d]} on size {xs[2 + d]} "
+                f"in dim {2 + d}"
+            )
         extent = dilation[d] * (ws[2 + d] - 1) + 1
         if extent > padded:
             raise ValueError(
@@ -277,9 +283,10 @@ def check_backward_inputs(
     check_no_tangent(grad_out=grad_out, out=out, x=x, weight=weight, scale=scale)
     shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
     for name, t in (("grad_out", grad_out), ("out", out))[: 2 if relu else 1]:
-        _check_tensor(name, t, x, optional=False)
+        _check_tensor(name, t, None, optional=False)  # a tensor, dense: then its shape, device and dtype, as in C++
         if list(t.shape) != shape:
             raise ValueError(f"{name}: expected the output's shape {tuple(shape)}, got {tuple(t.shape)}")
+        _check_tensor(name, t, x, optional=False)
     if len(output_mask) != 4:
         raise ValueError(f"output_mask: expected 4 bools (x, weight, bias, residual), got {list(output_mask)}")
     if not relu and output_mask[3]:

@@ -739,6 +739,52 @@ def test_bad_input_errors_from_every_backward_fake(route, backend, make, error, 
         backward_op(backend)(*fakes)
 
 
+# Two faults at once: the op, its fake and the public function report the same one (the C++ order of checks).
+DOUBLE_FAULTS = {
+    "3-D fp64 weight": (lambda: (torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3, dtype=torch.float64), {}), ValueError,
+                        r"weight: expected a 4-D tensor \(K, C/groups, R, S\), got 3-D with shape \(6, 4, 3\)"),
+    "groups 3 and kernel (0, 3)": (lambda: (torch.randn(2, 4, 8, 8), torch.randn(6, 4, 0, 3), {"groups": 3}),
+                                   ValueError, r"weight: expected a kernel size \(R, S\) >= 1, got \(0, 3\)"),
+    "padding 2**62": (lambda: (torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3), {"padding": 2**62}), ValueError,
+                      r"padding: expected the padded input to fit in int64, got padding 4611686018427387904 on size 5 "
+                      r"in dim 2"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", DOUBLE_FAULTS)
+@pytest.mark.parametrize("route", ["op", "fake", "public"])
+@pytest.mark.parametrize("backend", sorted(registered_forward_ops()))
+def test_two_faults_give_the_same_error_on_every_route(case, route, backend):
+    make, error, match = DOUBLE_FAULTS[case]
+    x, weight, kw = make()
+    with pytest.raises(error, match=match):
+        if route == "public":
+            resnet_fused.conv_bias_add_relu(x, weight, **kw, backend=backend)
+        elif route == "op":
+            forward_op(backend)(*_op_args(x, weight, kw))
+        else:
+            mode = FakeTensorMode()
+            x, weight = mode.from_tensor(x), mode.from_tensor(weight)
+            with mode:
+                forward_op(backend)(*_op_args(x, weight, kw))
+
+
+@pytest.mark.parametrize("route", ["op", "fake"])
+@pytest.mark.parametrize("backend", sorted(registered_forward_ops()))
+def test_a_backward_grad_out_of_wrong_shape_and_dtype_names_its_shape(route, backend):
+    args = _bwd(grad_out=torch.randn(2, 6, 7, 7, dtype=torch.float64))
+    values = list(args.values())
+    if route == "fake":
+        mode = FakeTensorMode()
+        values = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in values]
+    with pytest.raises(ValueError, match=r"grad_out: expected the output's shape \(2, 6, 8, 8\), got \(2, 6, 7, 7\)"):
+        if route == "fake":
+            with mode:
+                backward_op(backend)(*values)
+        else:
+            backward_op(backend)(*values)
+
+
 def test_scale_requiring_grad_is_an_error():
     inputs = make_inputs(CASES["3x3"], F32, "nchw", FULL)
     inputs.kwargs["scale"].requires_grad_()
