@@ -35,7 +35,16 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .backends import check_name
-from .nn import _BN_FORWARDS, BasicBlock, Bottleneck, FusedConv2d, _unseen, check_residual, norm_scale_shift
+from .nn import (
+    _BN_FORWARDS,
+    BasicBlock,
+    Bottleneck,
+    FusedConv2d,
+    _plain_identity,
+    _unseen,
+    check_residual,
+    norm_scale_shift,
+)
 
 __all__ = ["ConversionReport", "convert"]
 
@@ -127,7 +136,7 @@ def _fuse_conv_norm(
 ) -> tuple[FusedConv2d, nn.Module, str]:
     """``(fused conv, norm to keep or nn.Identity, 'folded' | 'scale_shift' | 'unfused')``."""
     fused = FusedConv2d.from_conv2d(conv, relu=relu, backend=backend)
-    if isinstance(norm, nn.Identity) and not _kept_as_is(norm, _NORM_OWN):  # a BN-free block: nothing to fold
+    if _plain_identity(norm) and not _kept_as_is(norm, _NORM_OWN):  # a BN-free block: nothing to fold
         return fused, norm, "folded"
     if _kept_as_is(norm, _NORM_OWN):  # a module the fused conv calls: its hooks, forward and state see what they saw
         return fused, norm, "unfused"
@@ -148,8 +157,11 @@ def _fuse_conv_norm(
         s64, t64 = scale.double(), shift.double()  # fold in float64, round once
         weight = conv.weight.double() * s64.reshape(-1, 1, 1, 1)
         bias = t64 if conv.bias is None else t64 + s64 * conv.bias.double()
+        # Training the folded bias is training the norm's shift (or the conv's bias): trainable where one of them was.
+        # The folded weight follows the conv's: a frozen conv stays frozen (a trainable norm scale is then lost).
+        shift_trained = any(p is not None and p.requires_grad for p in (getattr(norm, "bias", None), conv.bias))
         fused.weight = nn.Parameter(weight.to(conv.weight.dtype), conv.weight.requires_grad)
-        fused.bias = nn.Parameter(bias.to(conv.weight.dtype), conv.weight.requires_grad)
+        fused.bias = nn.Parameter(bias.to(conv.weight.dtype), shift_trained)
     return fused, _identity_for(norm), "folded"
 
 
@@ -203,7 +215,12 @@ def _check_block(name: str, block: nn.Module) -> tuple[type, list[str], list[nn.
 def _fusable_shortcut(block: nn.Module) -> bool:
     """Whether the block's ``downsample`` is the ``Sequential(conv, norm)`` projection convert fuses."""
     ds = block.downsample
-    return isinstance(ds, nn.Sequential) and len(ds) == 2 and type(ds[0]) is nn.Conv2d
+    return (
+        isinstance(ds, nn.Sequential)
+        and type(ds).forward is nn.Sequential.forward  # a subclass may compute anything
+        and len(ds) == 2
+        and type(ds[0]) is nn.Conv2d
+    )
 
 
 def _block_seen(block: nn.Module) -> bool:
@@ -247,8 +264,12 @@ def _stem_parts(parent: nn.Module) -> tuple[nn.Conv2d, nn.Module, nn.Module] | N
     )
     if own or "forward" in parent.__dict__ or "_forward_impl" in parent.__dict__:
         return None  # a subclass with its own forward, or one set on it: convert cannot know how it uses the stem
-    if isinstance(parent, tv_utils.IntermediateLayerGetter) and {"conv1", "bn1", "relu"} & set(parent.return_layers):
-        return None  # the stem's intermediate outputs are requested: keep them
+    if isinstance(parent, tv_utils.IntermediateLayerGetter):
+        if {"conv1", "bn1", "relu"} & set(parent.return_layers):
+            return None  # the stem's intermediate outputs are requested: keep them
+        names = list(parent._modules)
+        if "conv1" not in names or names[names.index("conv1") : names.index("conv1") + 3] != ["conv1", "bn1", "relu"]:
+            return None  # it runs its children in order: only conv1, bn1, relu in a row are relu(bn1(conv1(x)))
     conv, norm, relu = (getattr(parent, a, None) for a in ("conv1", "bn1", "relu"))
     if type(conv) is not nn.Conv2d or not isinstance(relu, nn.ReLU) or norm is None:
         return None

@@ -307,7 +307,7 @@ class FusedConv2d(nn.Conv2d):
         scale, shift = self.scale_shift()
         if norm is not None and not isinstance(norm, nn.Module):
             raise TypeError(f"norm: expected an nn.Module or None, got {type(norm).__name__}")
-        if norm is None or (isinstance(norm, nn.Identity) and _unseen(norm)):
+        if norm is None or (_plain_identity(norm) and _unseen(norm)):
             return self.conv_bias_add_relu(
                 x, residual, scale=scale, bias=shift, relu=relu, donate_residual=donate_residual
             )
@@ -513,6 +513,11 @@ def _has_hooks(m: nn.Module) -> bool:
 _BN_FORWARDS = (nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward)
 
 
+def _plain_identity(m: nn.Module | None) -> bool:
+    """An ``nn.Identity`` that computes nothing: a subclass with a forward of its own may compute anything."""
+    return isinstance(m, nn.Identity) and type(m).forward is nn.Identity.forward and "forward" not in m.__dict__
+
+
 def norm_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor] | None:
     """``(scale, shift)``, each ``(C,)``, with ``norm(y) == y * scale + shift``, or ``None``.
 
@@ -568,7 +573,7 @@ def _make_norm(norm_layer: NormLayer | None, channels: int) -> tuple[nn.Module, 
     """``(norm, whether the conv before it needs a bias)``; ``None`` is BatchNorm2d, as in torchvision."""
     norm = (nn.BatchNorm2d if norm_layer is None else norm_layer)(channels)
     # With no norm the conv's bias is the only shift left; a norm with a shift makes it redundant.
-    return norm, isinstance(norm, nn.Identity)
+    return norm, _plain_identity(norm)
 
 
 def projection(inplanes: int, out_channels: int, stride: int = 1, norm_layer: NormLayer | None = None) -> nn.Sequential:
@@ -707,6 +712,7 @@ def _shortcut(
         return x, (donate_input and all(map(_unseen, (block, first_conv, last_conv))) and not _global_hooks())
     if (
         isinstance(downsample, nn.Sequential)
+        and type(downsample).forward is nn.Sequential.forward  # a subclass may compute anything
         and len(downsample) in (1, 2)
         and _fused_slots(downsample[0])
         and not downsample[0].relu  # with its ReLU the Sequential computes norm(relu(conv)), not relu(norm(conv))
@@ -921,7 +927,7 @@ def zero_init_residual_(model: nn.Module) -> nn.Module:
                         "computed weight (a parametrization)"
                     )
                 zero.append(norm.weight)
-            elif isinstance(norm, nn.Identity):
+            elif _plain_identity(norm):
                 if not isinstance(conv, nn.Conv2d):
                     raise TypeError(
                         f"zero_init_residual_: {name}.{slot}: expected an nn.Conv2d to zero, got {type(conv).__name__}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import warnings
 
@@ -745,3 +746,79 @@ def test_flop_counters_count_a_converted_model_as_the_original(block):
             m(x).sum().backward()
         counts.append(counter.get_total_flops())
     assert counts[0] > 0 and counts[1] == counts[0], counts
+
+
+class _HalfShortcut(nn.Sequential):
+    """A projection shortcut computing half of what its layers do: a Sequential subclass with a forward of its own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * super().forward(x)
+
+
+class _Double(nn.Identity):
+    """An nn.Identity subclass that computes something (used as a norm layer)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+
+def _float64_matches(model: nn.Module, converted: nn.Module, x: torch.Tensor, what: str) -> None:
+    with torch.no_grad():
+        expected = copy.deepcopy(model).double()(x.double())
+        assert_close(converted(x), expected, torch.float32, what, 72)
+
+
+def test_subclassed_shortcut_and_identity_norm_keep_their_forward():
+    """A Sequential subclass as the shortcut, or an nn.Identity subclass as the norm, may compute anything: convert
+    and the fused blocks call them as modules rather than fold them as a plain projection or no norm."""
+    torch.manual_seed(0)
+    ds = _HalfShortcut(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+    block = randomize_norms_(nn.Sequential(tv.BasicBlock(8, 16, stride=2, downsample=ds))).eval()
+    x = torch.randn(2, 8, 10, 10)
+    _float64_matches(block, convert(block)[0], x, "converted block, Sequential-subclass shortcut")
+    torch.manual_seed(0)
+    identity_norm = tv.BasicBlock(8, 8, norm_layer=_Double).eval()
+    converted = convert(nn.Sequential(identity_norm))[0]
+    _float64_matches(nn.Sequential(identity_norm), converted, x, "converted block, Identity-subclass norm")
+    # The fused block takes the same shortcut and norm as torchvision's, with torchvision's parameters
+    for tv_block, rf_block in (
+        (tv.BasicBlock(8, 16, stride=2, downsample=ds), rf_nn.BasicBlock(8, 16, stride=2, downsample=ds)),
+        (tv.BasicBlock(8, 8, norm_layer=_Double), rf_nn.BasicBlock(8, 8, norm_layer=_Double)),
+    ):
+        assert list(rf_block.state_dict()) == list(tv_block.state_dict())
+        rf_block.load_state_dict(tv_block.state_dict())
+        _float64_matches(tv_block.eval(), rf_block.eval(), x, f"fused block of {type(tv_block).__name__}")
+
+
+def test_a_getter_stem_out_of_order_is_kept():
+    """An IntermediateLayerGetter runs its children in order: conv1, relu, bn1 is not relu(bn1(conv1(x)))."""
+    from torchvision.models._utils import IntermediateLayerGetter
+
+    torch.manual_seed(0)
+    model = randomize_norms_(torchvision.models.resnet18()).eval()
+    children = dict(model.named_children())
+    order = ["conv1", "relu", "bn1", "maxpool", "layer1"]
+    getter = IntermediateLayerGetter(
+        nn.Sequential(collections.OrderedDict((k, children[k]) for k in order)), {"layer1": "out"}
+    )
+    converted, report = convert(getter)
+    assert "conv1" not in report.folded
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = copy.deepcopy(getter).double()(x.double())["out"]
+        assert_close(converted(x)["out"], expected, torch.float32, "out", 576)
+
+
+@pytest.mark.parametrize("trained", ["conv", "norm", "both"])
+def test_a_folded_bias_is_trainable_where_the_shift_was(trained):
+    """Training the folded bias is training the norm's shift: it requires grad exactly where the shift (or the conv's
+    bias) did. The folded weight follows the conv's weight."""
+    torch.manual_seed(0)
+    model = randomize_norms_(torchvision.models.resnet18()).eval()
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            p.requires_grad_(trained == "both" or (trained == "norm") == isinstance(m, nn.BatchNorm2d))
+    converted, _ = convert(model)
+    conv = converted.layer1[0].conv1
+    assert conv.weight.requires_grad == (trained != "norm")
+    assert conv.bias.requires_grad == (trained != "conv")
