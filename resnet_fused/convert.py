@@ -409,9 +409,11 @@ def convert(
     tv_resnet, tv_utils = _tv()
     _check_plain_weights(model, tv_resnet, tv_utils)
     if not inplace:
-        # Hooks are the caller's objects (a callable with state, a bound method): the copy calls the same ones.
+        # Hooks are the caller's objects (a callable with state): the copy calls the same ones. But a method of one of
+        # the model's own modules is copied with it, as deepcopy does, so that it works on the copy's module.
+        own = {id(m) for m in model.modules()}
         hooks = (h for m in model.modules() for d in _hook_dicts(m) for h in d.values())
-        model = copy.deepcopy(model, {id(h): h for h in hooks})
+        model = copy.deepcopy(model, {id(h): h for h in hooks if id(getattr(h, "__self__", None)) not in own})
     report = ConversionReport()
 
     def record(name: str, status: str) -> None:

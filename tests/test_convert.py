@@ -822,3 +822,31 @@ def test_a_folded_bias_is_trainable_where_the_shift_was(trained):
     conv = converted.layer1[0].conv1
     assert conv.weight.requires_grad == (trained != "norm")
     assert conv.bias.requires_grad == (trained != "conv")
+
+
+class _GainHead(nn.Linear):
+    """A classifier whose own forward hook (a bound method) scales its output by a Parameter of its own."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.tensor(2.0))
+        self.register_forward_hook(self._apply_gain)
+
+    def _apply_gain(self, module, args, output):
+        return output * self.gain
+
+
+def test_a_copy_keeps_hooks_that_are_methods_of_its_own_modules_on_the_copy():
+    """convert(inplace=False) calls the caller's hook objects, but a hook that is a method of one of the model's
+    modules works on the copy's module, as copy.deepcopy makes it."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    model.fc = _GainHead(512, 4)
+    converted, _ = convert(model)
+    assert converted.fc._forward_hooks and next(iter(converted.fc._forward_hooks.values())).__self__ is converted.fc
+    x = torch.randn(1, 3, 32, 32)
+    converted(x).sum().backward()
+    assert converted.fc.gain.grad is not None and model.fc.gain.grad is None
+    with torch.no_grad():
+        converted.fc.gain.zero_()
+        assert not converted(x).any()
