@@ -207,6 +207,74 @@ def test_deterministic_runs_the_pinned_config_without_timing(launch, recorder, d
             assert args[key] == value, f"{name}: {key} = {args[key]}, pinned {value}"
 
 
+@needs_tuning
+def test_deterministic_falls_back_to_the_first_config_that_fits_shared_memory(launch, recorder, monkeypatch):
+    """On a GPU with less shared memory a block (99 KB on sm_86/89/120) Triton refuses a too-large tile before it
+    runs: the pinned launch takes the next config of the list, the same one on every call of that variant."""
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setattr(launch, "_PINNED_FITS", {})
+    refused = []
+    for name, (fn, _) in launch._KERNELS.items():
+        recorded = fn.run
+
+        def run(*args, recorded=recorded, name=name, **kwargs):
+            if kwargs["BLOCK_M"] == 128:  # the 128-row tiles "do not fit" this device
+                refused.append(name)
+                raise OutOfResources(123264, 101376, "shared memory")
+            return recorded(*args, **kwargs)
+
+        monkeypatch.setattr(fn, "run", run)
+    x, w, b = _problem("cpu")
+    x = x.to(memory_format=torch.channels_last)
+    with deterministic(True):
+        _run_op(launch, x, w, b)
+        first = [(name, args["BLOCK_M"], args["BLOCK_N"]) for name, _, _, args in recorder.launches]
+        assert refused == ["fwd", "dgrad"]  # their pinned NHWC tiles are 128 rows; wgrad's is not
+        assert first == [("fwd", 64, 128), ("dgrad", 64, 64), ("wgrad", 64, 64)]
+        recorder.launches.clear()
+        _run_op(launch, x, w, b)  # remembered: no second refusal, the same configs
+        assert refused == ["fwd", "dgrad"]
+        assert [(name, args["BLOCK_M"], args["BLOCK_N"]) for name, _, _, args in recorder.launches] == first
+        monkeypatch.setattr(launch, "FWD_CONFIGS", launch.FWD_CONFIGS[:1])  # nothing fits: Triton's error
+        monkeypatch.setattr(launch, "_PINNED_FITS", {})
+        with pytest.raises(OutOfResources):
+            _run_op(launch, x, w, b)
+
+
+@needs_tuning
+def test_two_threads_tuning_one_key_each_get_a_config(launch, recorder, not_capturing):
+    """Triton's autotuner keeps the call's arguments on itself while it times: two threads tuning at once read each
+    other's (or None) unless the launcher lets one tune at a time."""
+    import threading
+    import time
+
+    for _, tuned in launch._KERNELS.values():
+        bench = tuned.__dict__["do_bench"]
+
+        def slow(kernel_call, quantiles, bench=bench):
+            time.sleep(0.02)  # long enough for the other thread to start tuning too
+            return bench(kernel_call, quantiles)
+
+        tuned.__dict__["do_bench"] = slow
+    x, w, b = _problem("cpu")
+    errors = []
+
+    def forward():
+        try:
+            launch.forward(x, w, b, None, b, (1, 1), (1, 1), (1, 1), 1, True)
+        except Exception as e:  # reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=forward) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sum(name == "fwd" for name, *_ in recorder.launches) >= 2
+
+
 def test_deterministic_dgrad_pins_grad_outs_layout(launch, recorder):
     """dgrad's loop reads grad_out: an NCHW grad_out (a one-node graph's, beside a channels_last x) runs NCHW's
     pinned config, which does not spill there, as the others read x's."""

@@ -102,10 +102,12 @@ def test_tensor_cores_and_pipelining(rows):
 
 
 def test_problems_catches_bad_rows(report):
-    """The checker itself can fail: a spilling, oversized, tensor-core-less row is flagged."""
+    """The checker itself can fail: a spilling, oversized, tensor-core-less row is flagged, and so is a list with no
+    config for 99 KB GPUs."""
     bad = report.Row("fwd", "3x3", "nhwc", "x", "bf16", 80, 255, 16, 0, 300 * 1024, 0, 0, 0, 0)
     found = report.problems([bad])
-    assert len(found) == 3, found
+    assert len(found) == 4, found
+    assert "no config within 101376 B of shared memory" in found[-1]
     # The allowed spill passes at its exact size only
     (key, stack), *_ = report.ALLOWED_SPILLS.items()
     kernel, shape, layout, config, dtype, arch = key

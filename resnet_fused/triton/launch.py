@@ -10,7 +10,9 @@ How a launch picks its config (the tile sizes, warps and stages; never the math)
   since each variant compiles to another kernel with its own registers and shared memory;
 - under ``torch.use_deterministic_algorithms(True)`` nothing is chosen by timing: each kernel runs its pinned
   config, the first of its list for the dtype and layout (``pinned_config``), so grad_weight and grad_bias come out with the
-  same bits from run to run and from process to process;
+  same bits from run to run and from process to process; on a GPU with less shared memory a block than that config
+  needs (99 KB on sm_86, sm_89 and sm_120), the first config of the list that fits, the same on every call;
+- autotuning runs one call at a time (Triton's tuner keeps the call's arguments on itself);
 - while a CUDA graph is being captured, tuning is refused (it synchronizes, which breaks the capture) with an error
   saying to run forward and backward once before capturing; already tuned keys, and pinned configs, launch fine.
 
@@ -24,11 +26,13 @@ on the current device and its current stream, which need not be x's.
 import contextlib
 import inspect
 import math
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from resnet_fused.contract import conv_output_shape, memory_format
 from resnet_fused.triton import interprets
@@ -71,11 +75,14 @@ WGRAD_CONFIGS = [
     _config(64, 32, 32, 4, 4),
 ]
 # fp64 (for gradcheck) tiles take twice fp32's bytes: the 128x64 dgrad tile needs 246 KB of shared memory
-# there, over sm_90's 227 KB, so fp64 runs the configs that fit. fp64 spills, which costs only speed.
+# there, over sm_90's 227 KB, so fp64 runs the configs that fit. fp64 spills, which costs only speed. Each fp64 list
+# ends with a tile of at most 50 KB: on GPUs with 99 KB a block (sm_86, sm_89, sm_120) no other fp64 dgrad or wgrad
+# tile fits.
+FP64_SMALL = {"fwd": _config(64, 32, 32, 4, 2), "dgrad": _config(32, 64, 16, 4, 4), "wgrad": _config(32, 64, 32, 4, 2)}
 FP64_CONFIGS = {
-    "fwd": FWD_CONFIGS,
-    "dgrad": DGRAD_CONFIGS[1:],
-    "wgrad": WGRAD_CONFIGS,
+    "fwd": [*FWD_CONFIGS, FP64_SMALL["fwd"]],
+    "dgrad": [*DGRAD_CONFIGS[1:], FP64_SMALL["dgrad"]],
+    "wgrad": [*WGRAD_CONFIGS, FP64_SMALL["wgrad"]],
 }
 # On NCHW tensors the kernels read channels with a stride, and the forward and dgrad tiles above spill (the
 # forward's 128x64 up to 3.4 KB a thread; the report's nchw rows). Each kernel's NCHW list starts with a config
@@ -97,6 +104,8 @@ def shipped_configs(kernel: str, dtype: torch.dtype | None = None, layout: str |
     if INTERPRET:
         return [INTERPRET_CONFIG]
     configs = FP64_CONFIGS[kernel] if dtype == torch.float64 else {"fwd": FWD_CONFIGS, "dgrad": DGRAD_CONFIGS, "wgrad": WGRAD_CONFIGS}[kernel]  # fmt: skip
+    if dtype is None:  # every list's: fp64's small tile too
+        configs = [*configs, *(c for c in FP64_CONFIGS[kernel] if c not in configs)]
     if layout == "nhwc":
         return configs
     return [NCHW_PINNED[kernel], *(c for c in configs if c != NCHW_PINNED[kernel])]  # nchw; None: every config
@@ -113,8 +122,8 @@ _LAYOUT_ARG = {"fwd": "sxc", "dgrad": "sgc", "wgrad": "sxc"}
 
 
 def pinned_config(kernel: str, dtype: torch.dtype, layout: str = "nhwc") -> triton.Config:
-    """The one config ``kernel`` runs on ``dtype`` and ``layout`` under deterministic algorithms: the first shipped
-    one."""
+    """The config ``kernel`` runs on ``dtype`` and ``layout`` under deterministic algorithms: the first shipped one
+    (on a GPU whose shared memory it does not fit, the first that fits; see ``_launch_pinned``)."""
     return shipped_configs(kernel, dtype, layout)[0]
 
 
@@ -170,6 +179,32 @@ _KERNELS = {
 }
 
 
+# Under deterministic algorithms: (kernel, dtype, layout, device, constexpr variant) -> the index of the first
+# shipped config that fits the device's shared memory. It depends on those alone, never on the order of calls.
+_PINNED_FITS: dict[tuple, int] = {}
+# Triton's autotuner is one object per kernel that keeps the call's arguments on itself while it times: two threads
+# tuning at once (DataParallel replicas, a threaded server) would read each other's, or None.
+_TUNING = threading.Lock()
+
+
+def _launch_pinned(kernel: str, fn: triton.JITFunction, grid: Callable, x: torch.Tensor, args, meta) -> None:
+    layout = layout_of(args[fn.arg_names.index(_LAYOUT_ARG[kernel])])
+    configs = shipped_configs(kernel, x.dtype, layout)
+    values = {**dict(zip(fn.arg_names, args, strict=False)), **meta}  # the tile sizes come from the config
+    variant = tuple(values.get(name) for name in _tuning_key(fn, []))
+    key = (kernel, x.dtype, layout, x.device, variant)
+    first = _PINNED_FITS.get(key, 0)
+    for i in range(first, len(configs)):
+        try:
+            fn[grid](*args, **meta, **configs[i].all_kwargs())
+        except OutOfResources:  # raised before the kernel runs: nothing was written
+            if i == len(configs) - 1:
+                raise
+            continue
+        _PINNED_FITS[key] = i
+        return
+
+
 def _launch(kernel: str, grid: Callable, x: torch.Tensor, *args, **meta) -> None:
     """Run ``kernel`` on x's device: the pinned config for x's dtype and the layout its loop reads under
     deterministic algorithms, else the autotuned one."""
@@ -177,10 +212,10 @@ def _launch(kernel: str, grid: Callable, x: torch.Tensor, *args, **meta) -> None
     guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         if torch.are_deterministic_algorithms_enabled():
-            layout = layout_of(args[fn.arg_names.index(_LAYOUT_ARG[kernel])])
-            fn[grid](*args, **meta, **pinned_config(kernel, x.dtype, layout).all_kwargs())
+            _launch_pinned(kernel, fn, grid, x, args, meta)
         else:
-            tuned[grid](*args, **meta)
+            with _TUNING:
+                tuned[grid](*args, **meta)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -42,6 +42,10 @@ KERNELS = {
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 # Per-block shared memory opt-in limits (bytes): sm_80 (A100) 163 KB, sm_90 (H100) 227 KB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# sm_86, sm_89 and sm_120 (A10, L4, RTX) give a block 99 KB: every list needs a config within it (the pinned launch
+# falls back to the first that fits). A tile takes the same shared memory there as on sm_80 (the same cp.async
+# pipeline).
+SMALL_SMEM_LIMIT = 99 * 1024
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 # Representative problem: ResNet-50 layer3 3x3 conv, NHWC, batch 32 (N, C, H, W, K, R, S, stride, pad).
@@ -245,6 +249,15 @@ def problems(rows: list[Row]) -> list[str]:
             bad.append(f"{where}: {r.smem} B shared memory > {SMEM_LIMIT[r.arch]} B")
         if r.dtype in ("fp16", "bf16") and r.mma + r.hgmma == 0:
             bad.append(f"{where}: no tensor-core instruction (HMMA/HGMMA)")
+    smallest: dict[tuple, int] = {}
+    for r in rows:
+        if r.arch == 80 and not r.error:
+            key = (r.kernel, r.shape, r.layout, r.dtype)
+            smallest[key] = min(smallest.get(key, r.smem), r.smem)
+    for (kernel, shape, layout, dtype), smem in smallest.items():
+        if smem > SMALL_SMEM_LIMIT:
+            bad.append(f"{kernel}[{shape} {layout}] {dtype}: no config within {SMALL_SMEM_LIMIT} B of shared memory "
+                       f"(sm_86/89/120); the smallest takes {smem} B")  # fmt: skip
     return bad
 
 
