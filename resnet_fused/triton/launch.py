@@ -57,7 +57,8 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), chosen with the compile report: on NHWC (channels_last)
 # tensors none spills on sm_80 or sm_90 in fp32, fp16 or bf16 (128x128 tiles and deeper wgrad pipelines did), but
-# for 8 bytes in the 128x64 fp16 dgrad tile of a 1x1 conv on sm_80 (report.ALLOWED_SPILLS).
+# for 8 bytes in the 128x64 fp16 dgrad tile of a 1x1 conv on sm_80 (report.ALLOWED_SPILLS). That is at stride 1, what
+# the report compiles: at stride 2 the 128x64 fp32 dgrad tile keeps 32 bytes on the stack on sm_80.
 # No num_warps=8: upstream saw wrong results with it on non-1x1 conv tiles (pytorch#173068), and 4 warps do not
 # spill here. The first config of each list is the pinned one (deterministic mode).
 FWD_CONFIGS = [
