@@ -93,6 +93,14 @@ class FusedConv2d(nn.Conv2d):
         z = conv2(y, residual=x)                           # relu(conv(y) + b + x)
     """
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "_conv_forward" in cls.__dict__:  # nn.Conv2d's extension point (weight standardisation, say)
+            raise TypeError(
+                f"{cls.__name__}: FusedConv2d never calls _conv_forward (the fused op computes the conv); expected a "
+                "subclass that overrides forward, or a weight changed by a parametrization, got _conv_forward"
+            )
+
     def __init__(
         self,
         in_channels: int,
@@ -135,6 +143,13 @@ class FusedConv2d(nn.Conv2d):
         """A FusedConv2d with ``conv``'s hyperparameters that shares its Parameter objects."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_conv2d: expected an nn.Conv2d, got {type(conv).__name__}")
+        if not isinstance(conv, FusedConv2d) and (
+            type(conv).forward is not nn.Conv2d.forward or type(conv)._conv_forward is not nn.Conv2d._conv_forward
+        ):
+            raise TypeError(
+                f"from_conv2d: expected an nn.Conv2d computing a plain conv, got {type(conv).__name__}, whose own "
+                "forward or _conv_forward the fused op would not run"
+            )
         fused = cls(
             conv.in_channels,
             conv.out_channels,

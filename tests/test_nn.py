@@ -919,3 +919,19 @@ def test_fp16_eval_bn_block_with_trainable_norms_matches_float64(case, how):
     ref_grads = torch.autograd.grad(expected, [x64, *(ref_params[n] for n in names[1:])], grad_out.double())
     for name, got, want in zip(names, grads, ref_grads, strict=True):
         assert_close(got, want, torch.float16, f"grad {name}", reductions=reductions)
+
+
+def test_a_conv_forward_override_is_refused_rather_than_ignored():
+    """nn.Conv2d subclasses extend _conv_forward (weight standardisation): the fused op never calls it."""
+
+    class Standardized(nn.Conv2d):
+        def _conv_forward(self, x, weight, bias):
+            return super()._conv_forward(x, (weight - weight.mean()) / weight.std(), bias)
+
+    with pytest.raises(TypeError, match=r"from_conv2d: expected an nn.Conv2d computing a plain conv, got Standard"):
+        FusedConv2d.from_conv2d(Standardized(4, 4, 3), relu=True)
+    with pytest.raises(TypeError, match=r"Sub: FusedConv2d never calls _conv_forward"):
+
+        class Sub(FusedConv2d):
+            def _conv_forward(self, x, weight, bias):
+                return x
