@@ -311,7 +311,7 @@ def _route_times(batch: int, c: int, k: int, hw: int, g: torch.Generator, rounds
     )
     owned = residual.clone()  # summed into on every call: its values grow, its cost does not
 
-    def alone() -> torch.Tensor:
+    def with_bias() -> torch.Tensor:
         return conv(x, packed, bias, *geometry, "none", [], None)
 
     def post_op(relu: str | None) -> torch.Tensor:
@@ -319,7 +319,7 @@ def _route_times(batch: int, c: int, k: int, hw: int, g: torch.Generator, rounds
         return y if relu else y.relu_()
 
     def one_pass() -> torch.Tensor:
-        y = alone()
+        y = with_bias()
         torch.ops.resnet_fused._epilogue_(y, None, residual, None, True)
         return y
 
@@ -330,7 +330,7 @@ def _route_times(batch: int, c: int, k: int, hw: int, g: torch.Generator, rounds
         return y if relu else y.relu_()
 
     impls = {
-        "conv alone": alone,
+        "conv + bias": with_bias,
         "post-op": lambda: post_op(None),
         "post-op, oneDNN ReLU": lambda: post_op("relu"),
         "pass": one_pass,
@@ -338,9 +338,9 @@ def _route_times(batch: int, c: int, k: int, hw: int, g: torch.Generator, rounds
         "donated, oneDNN ReLU": lambda: donated("relu"),
     }
     with torch.no_grad():
-        stats = time_interleaved(impls, rounds=rounds, warmup=3, baselines=("conv alone",))
-    row = {name: 1 / statistics.median(st.ratios["conv alone"]) for name, st in stats.items() if name != "conv alone"}
-    row["conv alone ms"] = stats["conv alone"].median_ms
+        stats = time_interleaved(impls, rounds=rounds, warmup=3, baselines=("conv + bias",))
+    row = {name: 1 / statistics.median(st.ratios["conv + bias"]) for name, st in stats.items() if name != "conv + bias"}
+    row["conv + bias ms"] = stats["conv + bias"].median_ms
     row["y MiB"] = residual.numel() * residual.element_size() / 2**20
     return row
 
@@ -452,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             for case, row in residual_routes(batch, rounds=a.rounds, threads=a.threads).items():
                 routes = "  ".join(f"{k} {v:.2f}" for k, v in row.items() if not k.endswith(("ms", "MiB")))
-                print(f"  {case:22s} y {row['y MiB']:5.1f} MiB  conv alone {row['conv alone ms']:.3f} ms  {routes}")
+                print(f"  {case:22s} y {row['y MiB']:5.1f} MiB  conv + bias {row['conv + bias ms']:.3f} ms  {routes}")
             if a.model:
                 for mode, r in residual_rule_model(batch, threads=a.threads).items():
                     others = "  ".join(f"{k} {m:.3f} ({lo:.3f}-{hi:.3f})" for k, (m, lo, hi) in r["speedup"].items())

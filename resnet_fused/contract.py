@@ -228,7 +228,8 @@ def _check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, g
         raise ValueError(f"weight: expected out channels divisible by groups={groups}, got K={k}")
     for d in range(2):
         padded = xs[2 + d] + 2 * padding[d]
-        if padding[d] > _INT64_MAX // 4 and padded > _INT64_MAX:  # the plain int first: no guard on a symbolic size
+        # A symbolic size is compared only where the padding alone could overflow: no guard on every compile.
+        if (type(xs[2 + d]) is int or padding[d] > _INT64_MAX // 4) and padded > _INT64_MAX:
             raise ValueError(
                 f"padding: expected the padded input to fit in int64, got padding {padding[d]} on size {xs[2 + d]} "
                 f"in dim {2 + d}"

@@ -95,7 +95,7 @@ class FusedConv2d(nn.Conv2d):
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        if "_conv_forward" in cls.__dict__:  # nn.Conv2d's extension point (weight standardisation, say)
+        if cls._conv_forward is not nn.Conv2d._conv_forward:  # nn.Conv2d's extension point (weight standardisation)
             raise TypeError(
                 f"{cls.__name__}: FusedConv2d never calls _conv_forward (the fused op computes the conv); expected a "
                 "subclass that overrides forward, or a weight changed by a parametrization, got _conv_forward"
@@ -144,7 +144,9 @@ class FusedConv2d(nn.Conv2d):
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_conv2d: expected an nn.Conv2d, got {type(conv).__name__}")
         if not isinstance(conv, FusedConv2d) and (
-            type(conv).forward is not nn.Conv2d.forward or type(conv)._conv_forward is not nn.Conv2d._conv_forward
+            type(conv).forward is not nn.Conv2d.forward
+            or type(conv)._conv_forward is not nn.Conv2d._conv_forward
+            or "forward" in conv.__dict__
         ):
             raise TypeError(
                 f"from_conv2d: expected an nn.Conv2d computing a plain conv, got {type(conv).__name__}, whose own "

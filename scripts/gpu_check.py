@@ -136,22 +136,33 @@ def _no_gpu(info: dict, names: tuple[str, ...], dry_run_why: str = "no GPU") -> 
     return [_skipped(name, dry_run_why) for name in names]
 
 
-def _backends_missing(names: tuple[str, ...]) -> list[dict] | None:
-    """Failed rows where the built package cannot run the cuda or triton backend on this GPU (their tests would
-    all be skipped, and a step of skips passes), else None."""
+_PROBED: dict[str, str] = {}  # the backend probe's answer, once per invocation (after the build step)
+
+
+def _probe_backends() -> str:
+    """Why the built package cannot run the cuda or triton backend here, or "" when both run."""
     code = (
         "import json\nfrom resnet_fused.backends import BACKENDS\n"
         "print(json.dumps({name: BACKENDS[name].unavailable() for name in ('cuda', 'triton')}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    limit = min(300.0, max(_Clock.left() - DEADLINE_MARGIN_S, 1.0))
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        return f"the backend probe took over {limit:.0f} s"
     if proc.returncode != 0:
-        why = f"resnet_fused does not import: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}"
-    else:
-        unavailable = {k: v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items() if v}
-        if not unavailable:
-            return None
-        why = "; ".join(f"{k} unavailable: {v}" for k, v in unavailable.items())
-    return [_failed(name, why) for name in names]
+        return f"the backend probe failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}"
+    unavailable = {k: v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items() if v}
+    return "; ".join(f"{k} unavailable: {v}" for k, v in unavailable.items())
+
+
+def _backends_missing(names: tuple[str, ...]) -> list[dict] | None:
+    """Failed rows where the built package cannot run the cuda or triton backend on this GPU (their tests would
+    all be skipped, and a step of skips passes), else None."""
+    if "why" not in _PROBED:
+        _PROBED["why"] = _probe_backends()
+    why = _PROBED["why"]
+    return [_failed(name, why) for name in names] if why else None
 
 
 def _gpu_steps_blocked(info: dict, names: tuple[str, ...]) -> list[dict] | None:
@@ -243,6 +254,7 @@ def step_build(info: dict, out: Path) -> list[dict]:
     env = {"RESNET_FUSED_BUILD_CUDA": "1"}
     if info.get("capability"):
         env["RESNET_FUSED_CUDA_ARCHS"] = "".join(map(str, info["capability"]))
+    _PROBED.clear()  # a new build: probe its backends again
     build = _run("build", cmd, out / "build.log", env)
     if build["status"] != "passed":
         return [build]
@@ -322,13 +334,12 @@ STEPS = {
 }
 
 
-def _write(out: Path, info: dict, results: list[dict], bundle: Path | None = None) -> None:
+def _write(out: Path, info: dict, results: list[dict], bundle: Path | None = None, fresh: bool = False) -> None:
+    """The summary files (and the bundle): ``results`` over an earlier invocation's, unless ``fresh``."""
     (out / "environment.json").write_text(json.dumps(info, indent=2) + "\n")
     previous = {}
     summary = out / "gpu_check.json"
-    # Steps run one at a time accumulate into one summary; a build starts a new one (earlier results were of
-    # another build).
-    if summary.exists() and not any(r["name"] == "build" for r in results):
+    if summary.exists() and not fresh:
         previous = {r["name"]: r for r in json.loads(summary.read_text()).get("steps", [])}
     previous.update({r["name"]: r for r in results})
     steps = list(previous.values())
@@ -375,16 +386,19 @@ def main(argv: list[str] | None = None) -> int:
     def stop(signum, frame) -> None:  # killed from outside: end the step's group, keep what was measured
         if _Clock.running is not None:
             _end_group(_Clock.running)
-        _write(out, info, [*results, _skipped("interrupted", f"signal {signum}")], bundle)
+        _write(out, info, [*results, _skipped("interrupted", f"signal {signum}")], bundle, fresh)
         sys.exit(128 + signum)
 
+    # Steps run one at a time accumulate into one summary; a build starts a new one (earlier results were of another
+    # build), from the start, so that an interrupted build leaves none of them beside it.
+    fresh = "build" in names
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    _write(out, info, results, bundle)
+    _write(out, info, results, bundle, fresh)
     for name in names:
         step = STEPS[name](info, out)
         results += step
-        _write(out, info, results, bundle)
+        _write(out, info, results, bundle, fresh)
         if name == "build" and step[0]["status"].startswith("failed"):  # a failed link check still lets tests run
             break
     for r in results:

@@ -748,6 +748,11 @@ DOUBLE_FAULTS = {
     "padding 2**62": (lambda: (torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3), {"padding": 2**62}), ValueError,
                       r"padding: expected the padded input to fit in int64, got padding 4611686018427387904 on size 5 "
                       r"in dim 2"),
+    # An expanded x of 2**63 - 11 rows: a small padding overflows too, and a huge stride would have hidden it
+    "huge H, padding 10": (lambda: (torch.zeros(1, 1, 1, 1).expand(1, 1, 2**63 - 11, 1), torch.randn(1, 1, 1, 1),
+                                    {"padding": (10, 0), "stride": (2**62, 1)}), ValueError,
+                           r"padding: expected the padded input to fit in int64, got padding 10 on size "
+                           r"9223372036854775797 in dim 2"),
 }  # fmt: skip
 
 

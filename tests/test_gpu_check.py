@@ -193,15 +193,26 @@ def test_gpu_steps_fail_where_a_gpu_backend_cannot_run(tmp_path):
     assert all(r["status"].startswith("failed: cuda unavailable: ") for r in rows), rows
 
 
-def test_a_build_starts_a_new_summary(tmp_path):
-    """Steps run one at a time accumulate, but results of an earlier build do not outlive a new one."""
+def test_a_build_starts_a_new_summary(tmp_path, monkeypatch):
+    """Steps run one at a time accumulate, but results of an earlier build do not outlive a new one, from the moment
+    it starts (an interrupted build leaves none of them beside it)."""
     gpu_check = _gpu_check()
     info = {"torch": torch.__version__, "gpu": None}
+    monkeypatch.setattr(gpu_check, "_python_info", lambda: info)
     passed = {"status": "passed", "seconds": 1.0, "log": None, "tail": []}
-    gpu_check._write(tmp_path, info, [{"name": "build", **passed}])
-    gpu_check._write(tmp_path, info, [{"name": "suite", **passed}])
+    gpu_check._write(tmp_path, info, [{"name": "build", **passed}, {"name": "suite", **passed}])
+    assert gpu_check.main(["bench", "--out", str(tmp_path)]) == 0  # no GPU here: bench skips, and accumulates
     names = [s["name"] for s in json.loads((tmp_path / "gpu_check.json").read_text())["steps"]]
-    assert names == ["build", "suite"]
-    gpu_check._write(tmp_path, info, [gpu_check._failed("build", "compile error")])
+    assert names == ["build", "suite", "bench"]
+    seen = []  # what the summary holds when the build step starts
+    build = gpu_check.STEPS["build"]
+
+    def build_step(info, out):
+        seen.extend(s["name"] for s in json.loads((out / "gpu_check.json").read_text())["steps"])
+        return build(info, out)
+
+    monkeypatch.setitem(gpu_check.STEPS, "build", build_step)
+    assert gpu_check.main(["build", "--out", str(tmp_path)]) == 0
     steps = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
-    assert [(s["name"], s["status"]) for s in steps] == [("build", "failed: compile error")]
+    assert [s["name"] for s in steps] == ["build"] and steps[0]["status"].startswith("skipped: no GPU")
+    assert seen == []

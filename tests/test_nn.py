@@ -935,3 +935,17 @@ def test_a_conv_forward_override_is_refused_rather_than_ignored():
         class Sub(FusedConv2d):
             def _conv_forward(self, x, weight, bias):
                 return x
+
+    class Mixin:
+        def _conv_forward(self, x, weight, bias):
+            return x
+
+    with pytest.raises(TypeError, match=r"Mixed: FusedConv2d never calls _conv_forward"):
+
+        class Mixed(Mixin, FusedConv2d):
+            pass
+
+    patched = nn.Conv2d(4, 4, 3)
+    patched.forward = lambda x: x
+    with pytest.raises(TypeError, match=r"from_conv2d: expected an nn.Conv2d computing a plain conv, got Conv2d"):
+        FusedConv2d.from_conv2d(patched, relu=True)

@@ -60,7 +60,7 @@ def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config
 # for 8 bytes in the 128x64 fp16 dgrad tile of a 1x1 conv on sm_80 (report.ALLOWED_SPILLS). That is at stride 1, what
 # the report compiles: at stride 2 the 128x64 fp32 dgrad tile keeps 32 bytes on the stack on sm_80.
 # No num_warps=8: upstream saw wrong results with it on non-1x1 conv tiles (pytorch#173068), and 4 warps do not
-# spill here. The first config of each list is the pinned one (deterministic mode).
+# spill here (but for the two cases above). The first config of each list is the pinned one (deterministic mode).
 FWD_CONFIGS = [
     _config(128, 64, 32, 4, 4),
     _config(64, 128, 32, 4, 4),
@@ -181,7 +181,8 @@ _KERNELS = {
 
 
 # Under deterministic algorithms: (kernel, dtype, layout, device, constexpr variant) -> the index of the first
-# shipped config that fits the device's shared memory. It depends on those alone, never on the order of calls.
+# shipped config that fits the device's shared memory, never the order of calls. (Triton's 16-byte alignment
+# specialisation also changes a tile's shared memory, for 16-bit dtypes only, whose tiles all fit in 99 KB.)
 _PINNED_FITS: dict[tuple, int] = {}
 # Triton's autotuner is one object per kernel that keeps the call's arguments on itself while it times: two threads
 # tuning at once (DataParallel replicas, a threaded server) would read each other's, or None.
@@ -192,7 +193,7 @@ def _launch_pinned(kernel: str, fn: triton.JITFunction, grid: Callable, x: torch
     layout = layout_of(args[fn.arg_names.index(_LAYOUT_ARG[kernel])])
     configs = shipped_configs(kernel, x.dtype, layout)
     values = {**dict(zip(fn.arg_names, args, strict=False)), **meta}  # the tile sizes come from the config
-    variant = tuple(values.get(name) for name in _tuning_key(fn, []))
+    variant = tuple(values.get(name) for name in _VARIANT_ARGS[kernel])
     key = (kernel, x.dtype, layout, x.device, variant)
     first = _PINNED_FITS.get(key, 0)
     for i in range(first, len(configs)):
@@ -202,8 +203,12 @@ def _launch_pinned(kernel: str, fn: triton.JITFunction, grid: Callable, x: torch
             if i == len(configs) - 1:
                 raise
             continue
-        _PINNED_FITS[key] = i
+        _PINNED_FITS.setdefault(key, i)  # the first answer stays: another thread's cannot move it
         return
+
+
+# Each kernel's constexprs but the tile sizes: what a variant of one kernel is (its key in _PINNED_FITS).
+_VARIANT_ARGS = {name: _tuning_key(fn, []) for name, (fn, _) in _KERNELS.items()}
 
 
 def _launch(kernel: str, grid: Callable, x: torch.Tensor, *args, **meta) -> None:
