@@ -34,6 +34,7 @@ contract.register_op(FORWARD, BACKWARD)
 # The epilogue pass alone, in place on a conv's fresh output (CPU): prepared inference runs its own packed conv.
 EPILOGUE = "resnet_fused::_epilogue_"
 torch.library.register_fake(EPILOGUE)(contract.epilogue_fake)
+contract.register_not_dense(EPILOGUE, contract.epilogue_fake)
 
 
 # Read once, as @triton.jit reads it: setting TRITON_INTERPRET later changes neither.

@@ -769,6 +769,24 @@ def _make_vmap(op: Callable) -> Callable:
 
 
 _LIBS: list[torch.library.Library] = []
+# The dispatch keys of tensors that are not dense (sparse, oneDNN's opaque layout). No kernel of the ops takes them,
+# and the dispatcher's own refusal names the op and the key, not the argument: their kernel runs the checks, which do.
+_NOT_DENSE_KEYS = ("SparseCPU", "SparseCUDA", "SparseCsrCPU", "SparseCsrCUDA", "MkldnnCPU")
+
+
+def register_not_dense(qualname: str, checks: Callable) -> None:
+    """Give op ``qualname`` a kernel for every non-dense dispatch key that runs ``checks`` (its fake kernel): they
+    refuse such a tensor naming the argument (see _check_tensor)."""
+
+    def refuse(*args, **kwargs):
+        checks(*args, **kwargs)
+        raise TypeError(f"{qualname}: expected dense (strided) tensors")  # not reached: the checks name the argument
+
+    namespace, name = qualname.split("::")
+    lib = torch.library.Library(namespace, "FRAGMENT")
+    _LIBS.append(lib)
+    for key in _NOT_DENSE_KEYS:
+        lib.impl(name, refuse, key)
 
 
 def _register_flops(forward_packet, backward_packet) -> None:
@@ -803,3 +821,5 @@ def register_op(forward: str, backward: str) -> None:
     forward_op = getattr(getattr(torch.ops, namespace), forward.split("::")[1]).default
     torch.library.register_vmap(forward, _make_vmap(forward_op), lib=lib)
     _register_autocast(lib, forward)
+    register_not_dense(forward, forward_fake)
+    register_not_dense(backward, backward_fake)

@@ -583,9 +583,8 @@ BAD_INPUTS = [
 ]  # fmt: skip
 BAD_IDS = [b[0] for b in BAD_INPUTS]
 # A meta tensor dispatches the op to its fake kernel, and the dispatcher's schema refuses a string padding.
-# The dispatcher cannot pass an integer past int64 to any op at all, and refuses a sparse tensor before any kernel
-# (naming the op and the sparse backend).
-NOT_FOR_OPS = ("padding_str", "device_mix", "stride_past_int64", "residual_sparse", "bias_sparse")
+# The dispatcher cannot pass an integer past int64 to any op at all.
+NOT_FOR_OPS = ("padding_str", "device_mix", "stride_past_int64")
 
 
 @pytest.mark.parametrize("make,error,match", [b[1:] for b in BAD_INPUTS], ids=BAD_IDS)
@@ -723,6 +722,19 @@ def fake_cases() -> list:
             pytest.param(route, *p.values, id=f"{route}-{p.id}") for p in op_cases(table, registered_forward_ops())
         ]
     return params
+
+
+@pytest.mark.parametrize("backend", sorted(registered_forward_ops()))
+def test_not_dense_tensors_are_named_by_every_backward_op(backend):
+    """A sparse or oneDNN-layout tensor reaches no kernel of the ops: the dispatcher's refusal would name the op and
+    its dispatch key, so those keys get a kernel that runs the checks, which name the argument."""
+    cases = {
+        "grad_out": _bwd(grad_out=torch.randn(2, 6, 8, 8).to_sparse()),
+        "x": _bwd(x=torch.randn(2, 4, 8, 8).to_mkldnn()),
+    }
+    for name, args in cases.items():
+        with pytest.raises(TypeError, match=rf"{name}: expected a dense \(strided\) tensor, got layout torch\."):
+            backward_op(backend)(*args.values())
 
 
 @pytest.mark.parametrize("route,backend,make,error,match", fake_cases())

@@ -148,6 +148,15 @@ def bad_calls():
     ]
 
 
+def test_a_sparse_argument_is_named():
+    """No kernel takes a sparse tensor; the dispatcher's refusal would not name the argument, the checks do."""
+    y = torch.randn(2, 12, 5, 7)
+    for name, kw in {"bias": {"bias": torch.randn(12).to_sparse()}, "y": {"y": y.to_sparse()}}.items():
+        args = {"y": y, "bias": None, "residual": None, "scale": None, **kw}
+        with pytest.raises(TypeError, match=rf"{name}: expected a dense \(strided\) tensor, got layout torch.sparse"):
+            OP(**args, relu=True)
+
+
 @pytest.mark.parametrize("fake", [False, True], ids=["kernel", "fake"])
 @pytest.mark.parametrize("case", range(len(bad_calls())))
 def test_bad_arguments_name_the_argument(case, fake):
