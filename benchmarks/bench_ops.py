@@ -390,6 +390,9 @@ def check_prepacked(
         want = F.conv2d(x, w, None, **conv) if name == "conv_prepacked" else fused
         with torch.no_grad():
             y = fn()
+        if y[:1].shape != want.shape:  # a wrong shape fails this row; the check goes on
+            out[name] = (math.nan, False)
+            continue
         # The whole batch must be finite, not only the sample compared.
         err = (y[:1].double() - want).abs().max().item() / max(want.abs().max().item(), 1.0)
         finite = bool(torch.isfinite(y).all())
@@ -1008,6 +1011,14 @@ def check_lists(parser: argparse.ArgumentParser, lists: Sequence[tuple[str, str,
             parser.error(f"--{name}: unknown {bad}; expected some of {list(valid)}")
 
 
+def resnet_names() -> list[str]:
+    """The torchvision models built from ResNet blocks (resnet18 ... resnet152, wide_resnet*, resnext*)."""
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    return [n for n in names if torchvision.models.get_model_builder(n).__module__ == "torchvision.models.resnet"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python -m benchmarks.bench_ops [--json PATH] ...``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -1021,7 +1032,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--md", default=str(OUT_DIR / "ops.md"))
     add_common_args(parser)
     a = parser.parse_args(argv)
-    check_lists(parser, [("dtypes", a.dtypes, DTYPES), ("layouts", a.layouts, LAYOUTS), ("passes", a.passes, PASSES)])
+    check_lists(
+        parser,
+        [
+            ("models", a.models, resnet_names()),
+            ("dtypes", a.dtypes, DTYPES),
+            ("layouts", a.layouts, LAYOUTS),
+            ("passes", a.passes, PASSES),
+        ],
+    )
+    if a.backends:
+        try:
+            timed_backends(timing.run_device(a.device), _split(a.backends))
+        except ValueError as e:
+            parser.error(f"--{e}")
     payload = run(
         models=_split(a.models),
         hw=a.hw,

@@ -436,6 +436,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     pc.add_argument("--threads", type=int, default=2)
     a = parser.parse_args(argv)
     if a.what == "after-ort":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as e:
+            parser.error(f"after-ort needs onnxruntime (`make bench` installs it): {e}")
         res = after_ort(batch=a.batch, hw=a.hw, rounds=a.rounds, threads=a.threads, arch=a.model)
         print(f"eager {a.model} forward, batch {a.batch}, {a.hw}x{a.hw}, channels_last, {a.threads} threads (medians):")
         for name, ms in res.items():

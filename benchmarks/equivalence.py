@@ -316,6 +316,9 @@ def check_case(
     for backend in sorted(backends, key=lambda b: b != "reference"):  # the reference row first: it is the anchor
         with conv_fp32_precision(precision):
             got, problems = _run(backend, case, leaves, grad_out, scale)
+        for name in [n for n in got if n in ref and got[n].shape != ref[n].shape]:
+            # A wrong shape is this row's failure, not a crash of the whole check.
+            problems.append(f"{name}: shape {tuple(got.pop(name).shape)}, expected {tuple(ref[name].shape)}")
         row: dict = {"mask_flips": 0, "mask_flips_outside_band": 0, "problems": problems}
         if relu and "out" in got:
             band = 4 * tol["out"] * max(pre.abs().max().item(), 1.0)

@@ -252,11 +252,16 @@ def set_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
+def run_device(device: str | None) -> torch.device:
+    """The device a run uses: ``device``, or cuda if available, else cpu."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def start(device: str | None, threads: int | None) -> tuple[torch.device, dict]:
-    """Set up a benchmark run: the device (default: cuda if available), the fixed thread count (see
+    """Set up a benchmark run: the device (see :func:`run_device`), the fixed thread count (see
     :func:`set_threads`) and the machine info, taken before any timing so that it records the commit and load the
     timings ran under."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = run_device(device)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" noise on CPU
     return dev, machine_info(set_threads(threads), dev)
 
