@@ -108,6 +108,29 @@ void check_no_tangent(const std::optional<at::Tensor>& t, const char* name) {
       "backend='auto') computes forward-mode AD through the unfused ops.");
 }
 
+// The op's derivative is registered from Python (import resnet_fused), whose
+// autograd kernel calls this one below autograd. Reached with autograd still
+// active, a call came through torch's fallback (the library loaded alone, or
+// the backward op called directly): the ATen conv inside would record a graph
+// without the epilogue, and its gradients would be wrong.
+void check_not_recorded(
+    std::initializer_list<std::pair<const std::optional<at::Tensor>*, const char*>>
+        inputs,
+    const char* why) {
+  if (!at::GradMode::is_enabled() ||
+      c10::impl::tls_is_dispatch_keyset_excluded(
+          c10::autograd_dispatch_keyset)) {
+    return;
+  }
+  for (const auto& [t, name] : inputs) {
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        !t->has_value() || !(*t)->requires_grad(), name,
+        ": expected a tensor that does not require grad here, got "
+        "requires_grad=True (",
+        why, ")");
+  }
+}
+
 } // namespace
 
 void check_conv_bias_add_relu_args(
@@ -383,6 +406,16 @@ at::Tensor run_conv_bias_add_relu(
   check_no_tangent(bias, "bias");
   check_no_tangent(residual, "residual");
   check_no_tangent(scale, "scale");
+  const std::optional<at::Tensor> x_opt(x), weight_opt(weight);
+  check_not_recorded(
+      {{&x_opt, "x"},
+       {&weight_opt, "weight"},
+       {&bias, "bias"},
+       {&residual, "residual"},
+       {&scale, "scale"}},
+      "resnet_fused::conv_bias_add_relu has no autograd formula in this "
+      "process: loading the library alone registers none; import resnet_fused "
+      "for its gradients, or call it under torch.no_grad()");
   const auto fmt = output_memory_format(x);
   const auto shape = conv_output_shape(x, weight, stride, padding, dilation);
   if (c10::multiply_integers(shape) == 0) {
@@ -490,6 +523,16 @@ run_conv_bias_add_relu_backward(
   check_no_tangent(x, "x");
   check_no_tangent(weight, "weight");
   check_no_tangent(scale, "scale");
+  const std::optional<at::Tensor> grad_out_opt(grad_out), out_opt(out),
+      x_opt(x), weight_opt(weight);
+  check_not_recorded(
+      {{&grad_out_opt, "grad_out"},
+       {&out_opt, "out"},
+       {&x_opt, "x"},
+       {&weight_opt, "weight"},
+       {&scale, "scale"}},
+      "resnet_fused::conv_bias_add_relu_backward has no derivative of its "
+      "own; call it under torch.no_grad()");
   const bool need_x = output_mask.get(0), need_w = output_mask.get(1),
              need_b = output_mask.get(2), need_r = output_mask.get(3);
   const auto fmt = output_memory_format(x);

@@ -1199,3 +1199,47 @@ def test_every_op_takes_exactly_two_values_per_pair(name, backend, route):
             call = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in call]
         with mode, pytest.raises(ValueError, match=rf"{name}: expected 2 values, got 1"):
             op(*call)
+
+
+@pytest.mark.skipif(not any(t.backend == "cpu" for t in targets()), reason="covers the C++ op")
+@pytest.mark.parametrize("name", ["grad_out", "out", "x", "weight", "scale"])
+def test_the_bare_backward_op_refuses_what_autograd_would_record(name):
+    """The backward op has no derivative: with grad mode on and an input that requires grad, the ATen conv backward
+    inside would record a graph of its own (a partial, wrong derivative); it refuses instead, and runs under
+    no_grad."""
+    args = _bwd()
+    args[name].requires_grad_()
+    op = backward_op("cpu")
+    with pytest.raises(NotImplementedError, match=rf"^{name}: expected a tensor that does not require grad here"):
+        op(*args.values())
+    with torch.no_grad():
+        grads = op(*args.values())
+    assert not any(g.requires_grad for g in grads)
+
+
+@pytest.mark.skipif(not any(t.backend == "cpu" for t in targets()), reason="covers the C++ op")
+def test_the_library_loaded_alone_refuses_to_record_a_graph():
+    """Loaded without `import resnet_fused`, the op has no autograd formula: a call autograd would record (its
+    gradients would miss the epilogue) is refused, and a call under no_grad runs."""
+    import resnet_fused._C as ext
+
+    code = f"""
+import torch
+torch.ops.load_library({ext.__file__!r})
+op = torch.ops.resnet_fused.conv_bias_add_relu
+x, w = torch.randn(1, 3, 8, 8, requires_grad=True), torch.randn(4, 3, 3, 3)
+try:
+    op(x, w, None, None, None, [1, 1], [1, 1], [1, 1], 1, True)
+    print("recorded")
+except NotImplementedError as e:
+    print(e)
+with torch.no_grad():
+    y = op(x, w, None, None, None, [1, 1], [1, 1], [1, 1], 1, True)
+print(y.requires_grad, torch.allclose(y, torch.relu(torch.nn.functional.conv2d(x.detach(), w, padding=1)), atol=1e-5))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    refused, ran = proc.stdout.strip().splitlines()
+    assert refused.startswith("x: expected a tensor that does not require grad here, got requires_grad=True")
+    assert "import resnet_fused for its gradients" in refused
+    assert ran == "False True"
