@@ -320,6 +320,8 @@ class PackedFusedConv2d(FusedConv2d):
         stride, padding, dilation = contract.check_inputs(
             x, self.weight, bias, residual, scale, self.stride, padding, self.dilation, self.groups, relu
         )
+        # A 1-wide kernel has no gaps to dilate, and torch's packed-weight route crashes on a dilated one.
+        dilation = tuple(1 if k == 1 else d for k, d in zip(self.weight.shape[2:], dilation, strict=True))
         packed, frozen = self._packed_weight(x, scale, stride, padding, dilation)
         if packed is None:
             return super().conv_bias_add_relu(

@@ -6,6 +6,8 @@ import concurrent.futures
 import copy
 import functools
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -82,13 +84,30 @@ def test_resnet18_matches_unpacked_and_float64(batch, layout):
     assert packs(prepared) == 20 and torch.equal(y2, y)
 
 
+def plain_copy(net: nn.Module) -> nn.Module:
+    """A copy of a prepared net that runs the unpacked op (same parameters)."""
+    plain = copy.deepcopy(net)
+    for m in plain.modules():
+        if isinstance(m, PackedFusedConv2d):
+            m.__class__ = FusedConv2d
+    return plain
+
+
+def assert_fresh(net: nn.Module, x: torch.Tensor) -> None:
+    """The prepared net's output equals a plain copy's (same parameters, the unpacked op)."""
+    plain = plain_copy(net)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
 def test_packed_path_follows_each_input_shape():
     net = optimize_for_inference(small_net())
+    plain = plain_copy(net)
     for shape in [(2, 4, 9, 9), (1, 4, 5, 7), (2, 4, 9, 9)]:
         x = torch.randn(shape)
         with torch.no_grad():
             y = net(x)
-            expected = FusedConv2d.forward(net[1], FusedConv2d.forward(net[0], x))  # the unpacked op
+            expected = plain(x)
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     assert packs(net) == 2 * 2
 
@@ -96,6 +115,7 @@ def test_packed_path_follows_each_input_shape():
 def test_packs_are_kept_for_the_most_recently_used_shapes_only():
     """Variable image sizes (a detection backbone) must not keep one weight copy per size for the process's life."""
     net = optimize_for_inference(small_net())
+    plain = plain_copy(net)
     shapes = [(1, 4, 5 + i, 5) for i in range(inference.MAX_PACKED_SHAPES + 3)]
     steady = shapes[0]
     for shape in shapes:
@@ -103,21 +123,11 @@ def test_packs_are_kept_for_the_most_recently_used_shapes_only():
             x = torch.randn(s)
             with torch.no_grad():
                 y = net(x)
-                expected = FusedConv2d.forward(net[1], FusedConv2d.forward(net[0], x))
+                expected = plain(x)
             torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     held = list(net[0]._packs)  # least recently used first
     assert held[-2:] == [shapes[-1], steady] and shapes[1] not in held
     assert packs(net) == 2 * inference.MAX_PACKED_SHAPES
-
-
-def assert_fresh(net: nn.Module, x: torch.Tensor) -> None:
-    """The prepared net's output equals a plain copy's (same parameters, the unpacked op)."""
-    plain = copy.deepcopy(net)
-    for m in plain.modules():
-        if isinstance(m, PackedFusedConv2d):
-            m.__class__ = FusedConv2d
-    with torch.no_grad():
-        torch.testing.assert_close(net(x), plain(x), rtol=1e-5, atol=1e-5)
 
 
 def test_in_place_weight_change_repacks():
@@ -1154,3 +1164,27 @@ def test_spectral_norm_trains_a_prepared_conv_as_nn_conv2d():
     (y_ref, u_ref), (y, u) = run("nn.Conv2d"), run("prepared")
     torch.testing.assert_close(u, u_ref, rtol=0, atol=0)  # as many power iterations
     torch.testing.assert_close(y, y_ref)
+
+
+def test_a_dilated_one_wide_kernel_runs_packed():
+    """A kernel 1 wide in a dilated dimension (legal: nn.Conv2d runs it) crashed the process on torch's packed-weight
+    route for some small inputs; such a dilation changes nothing, and the packed path drops it. In a child process,
+    so that a crash fails this test alone."""
+    code = """
+import torch, torch.nn.functional as F
+from resnet_fused.nn import FusedConv2d
+from resnet_fused.inference import optimize_for_inference
+torch.manual_seed(0)
+for k, stride, padding, dilation, w in [(1, (1, 2), (0, 1), (1, 2), 1), ((3, 1), (1, 3), (1, 2), (2, 3), 1),
+                                        (1, (1, 3), (0, 1), (1, 3), 2)]:
+    conv = optimize_for_inference(FusedConv2d(8, 8, k, stride=stride, padding=padding, dilation=dilation).eval())
+    x = torch.randn(1, 8, 4, w)
+    with torch.no_grad():
+        y = conv(x)
+    want = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), stride, padding, dilation).relu()
+    assert conv._packs, "the packed path did not run"
+    print((y.double() - want).abs().max().item() < 1e-5)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    assert proc.stdout.split() == ["True"] * 3
