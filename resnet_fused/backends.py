@@ -142,10 +142,7 @@ class Table:
 
 
 def _reference_op(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu) -> Tensor:
-    return reference.conv_bias_add_relu(
-        x, weight, bias, residual, scale=scale, stride=stride, padding=padding, dilation=dilation, groups=groups,
-        relu=relu,
-    )  # fmt: skip
+    return reference.unchecked(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
 
 
 def _cpp_op() -> Callable[..., Tensor]:

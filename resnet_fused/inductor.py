@@ -28,10 +28,7 @@ from resnet_fused.contract import memory_format
 def decomposed(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu) -> Tensor:
     """The op's forward as aten ops, in the op's argument order, for Inductor's decomposition table. Shapes as
     :func:`resnet_fused.conv_bias_add_relu`; y in x's memory format, as the op's."""
-    y = reference.conv_bias_add_relu(
-        x, weight, bias, residual, scale=scale, stride=stride, padding=padding, dilation=dilation, groups=groups,
-        relu=relu,
-    )  # fmt: skip
+    y = reference.unchecked(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
     return y.contiguous(memory_format=memory_format(x))
 
 

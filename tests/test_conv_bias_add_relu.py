@@ -595,6 +595,15 @@ def test_bad_input_errors_from_the_public_function(make, error, match, backend):
         resnet_fused.conv_bias_add_relu(x, weight, **kw, backend=backend)
 
 
+@pytest.mark.parametrize("make,error,match", [b[1:] for b in BAD_INPUTS], ids=BAD_IDS)
+def test_bad_input_errors_from_the_reference_function(make, error, match):
+    """resnet_fused.reference.conv_bias_add_relu, public too, checks as the fused function does (it broadcast a
+    (1,) scale or residual, promoted a float64 residual, and gave ATen's messages that name no argument)."""
+    x, weight, kw = make()
+    with pytest.raises(error, match=match):
+        reference.conv_bias_add_relu(x, weight, **kw)
+
+
 def _op_args(x, weight, kw, relu=True) -> tuple:
     def pair(v, default):
         v = kw.get(v, default)
