@@ -64,9 +64,11 @@ def _as_int(v: object) -> int | None:
     return operator.index(v)
 
 
-def pair(value: IntPair, name: str, min_value: int) -> tuple[int, int]:
+def pair(value: IntPair, name: str, min_value: int, op: bool = False) -> tuple[int, int]:
     """``value`` as an (h, w) pair of ints >= ``min_value``; the error names ``name``. As ``F.conv2d``, an integer or
-    a sequence of one or two integers."""
+    a sequence of one or two integers; with ``op``, the ops' ``int[]``, exactly two (as the C++ ops check)."""
+    if op and len(value) != 2:
+        raise ValueError(f"{name}: expected 2 values, got {len(value)}")
     single = _as_int(value)
     if single is not None:
         result = (single, single)
@@ -94,14 +96,6 @@ except ImportError:
 _strides_like_channels_last = getattr(torch._prims_common, "are_strides_like_channels_last_or_false", None) or getattr(
     torch._prims_common, "are_strides_like_channels_last", None
 )
-
-
-def check_op_pairs(stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> None:
-    """The ops' ``int[]`` arguments hold exactly two values, as the C++ ops check; only the public function takes an
-    int or one value (it passes pairs)."""
-    for name, value in (("stride", stride), ("padding", padding), ("dilation", dilation)):
-        if len(value) != 2:
-            raise ValueError(f"{name}: expected 2 values, got {len(value)}")
 
 
 def conv_output_shape(
@@ -172,12 +166,14 @@ def check_inputs(
     dilation: IntPair,
     groups: int,
     relu: bool = True,
+    op: bool = False,
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-    """Validate the forward's arguments; returns ``(stride, padding, dilation)`` as pairs."""
+    """Validate the forward's arguments; returns ``(stride, padding, dilation)`` as pairs. ``op``: the arguments of
+    an op (``int[]`` pairs of exactly two values), not of the public function."""
     if torch.jit.is_tracing():  # (dynamo folds this; it cannot trace torch._C._is_tracing)
         with quiet_tracer():
-            return _check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
-    return _check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
+            return _check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu, op)
+    return _check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu, op)
 
 
 @contextlib.contextmanager
@@ -189,7 +185,7 @@ def quiet_tracer() -> Iterator[None]:
         yield
 
 
-def _check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu):
+def _check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu, op):
     # In the C++ op's order (check_conv_bias_add_relu_args), so that an input with two faults gets the same message
     # from the op, its fake and this function.
     _check_tensor("x", x, None, optional=False)
@@ -213,9 +209,9 @@ def _check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, g
         raise ValueError(f"weight: expected a kernel size (R, S) >= 1, got {tuple(ws[2:])}")
     for name, t in (("weight", weight), ("bias", bias), ("residual", residual), ("scale", scale)):
         _check_tensor(name, t, x, optional=name != "weight")
-    stride = pair(stride, "stride", 1)
-    padding = pair(padding, "padding", 0)
-    dilation = pair(dilation, "dilation", 1)
+    stride = pair(stride, "stride", 1, op)
+    padding = pair(padding, "padding", 0, op)
+    dilation = pair(dilation, "dilation", 1, op)
     if _as_int(groups) is None or groups < 1:
         raise ValueError(f"groups: expected an int >= 1, got {groups!r}")
     if not isinstance(relu, bool):
@@ -237,8 +233,8 @@ def _check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, g
         extent = dilation[d] * (ws[2 + d] - 1) + 1
         if extent > padded:
             raise ValueError(
-                f"weight: expected a (dilated) kernel no larger than the padded input, got kernel extent {extent} "
-                f"> padded input {padded} in dim {2 + d}"
+                "weight: expected a (dilated) kernel no larger than the padded input, got kernel extent "
+                f"{f'>{_INT64_MAX}' if extent > _INT64_MAX else extent} > padded input {padded} in dim {2 + d}"
             )
     for name, t in (("bias", bias), ("scale", scale)):
         if t is not None and t.shape != (k,):
@@ -279,8 +275,10 @@ def check_backward_inputs(
     relu: bool,
     output_mask: Sequence[bool],
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-    """Validate the backward's arguments: the forward's, plus grad_out (and out, with relu) shaped like y."""
-    stride, padding, dilation = check_inputs(x, weight, None, None, scale, stride, padding, dilation, groups, relu)
+    """Validate the backward op's arguments: the forward's, plus grad_out (and out, with relu) shaped like y."""
+    stride, padding, dilation = check_inputs(
+        x, weight, None, None, scale, stride, padding, dilation, groups, relu, op=True
+    )
     check_no_tangent(grad_out=grad_out, out=out, x=x, weight=weight, scale=scale)
     shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
     for name, t in (("grad_out", grad_out), ("out", out))[: 2 if relu else 1]:
@@ -392,8 +390,9 @@ def _register_autocast(lib: torch.library.Library, qualname: str) -> None:
 
 def forward_fake(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu) -> Tensor:
     """The forward op's fake kernel: the real one's checks, then an empty ``y`` (N, K, P, Q) in x's memory format."""
-    check_op_pairs(stride, padding, dilation)
-    stride, padding, dilation = check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
+    stride, padding, dilation = check_inputs(
+        x, weight, bias, residual, scale, stride, padding, dilation, groups, relu, op=True
+    )
     shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
 
@@ -459,7 +458,6 @@ def backward_fake(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The backward op's fake kernel: the real one's checks, then empty ``(grad_x, grad_weight, grad_bias,
     grad_residual)`` in the real one's shapes and layouts, those not in ``output_mask`` of shape (0,)."""
-    check_op_pairs(stride, padding, dilation)
     check_backward_inputs(grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu, output_mask)
     need_x, need_w, need_b, need_r = output_mask
     fmt = memory_format(x)
@@ -726,7 +724,7 @@ def _make_vmap(op: Callable) -> Callable:
                 t if t is None or d is None else t.select(d, 0)
                 for t, d in zip((x, weight, bias, residual, scale), in_dims[:5], strict=True)
             ]
-            check_inputs(*ins, stride, padding, dilation, groups, relu)
+            check_inputs(*ins, stride, padding, dilation, groups, relu, op=True)
         elif (wd, bd, sd) != (None, None, None) and not (xd is None and groups == 1):
             # No member to check, and conv groups of zero members would be refused as C=0: say what it is.
             raise ValueError(

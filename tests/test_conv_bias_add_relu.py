@@ -1210,6 +1210,30 @@ def test_every_op_takes_exactly_two_values_per_pair(name, backend, route):
             op(*call)
 
 
+@pytest.mark.parametrize("backend", sorted(registered_forward_ops()))
+@pytest.mark.parametrize(
+    "fault,over,error,match",
+    [
+        ("x_int", {"x": torch.ones(2, 4, 8, 8, dtype=torch.int32)}, TypeError, r"x: expected a floating dtype"),
+        ("huge_dilation", {"dilation": [2**62, 1]}, ValueError,
+         r"got kernel extent >9223372036854775807 > padded input 10 in dim 2"),
+    ],
+)  # fmt: skip
+def test_an_op_and_its_fake_give_the_same_first_error(fault, over, error, match, backend):
+    """With a second fault (a stride of three values), each op and its fake report the C++ op's first one: the fakes
+    checked the pairs' lengths before everything else. A kernel extent past int64 reads the same everywhere."""
+    args = _bwd(stride=[1, 1, 1] if fault == "x_int" else [1, 1], **over)
+    fwd = [args[k] for k in ("x", "weight")] + [None, None, None] + [args[k] for k in ("stride", "padding", "dilation")]
+    fwd += [1, True]
+    mode = FakeTensorMode()
+    for op, call in ((forward_op(backend), fwd), (backward_op(backend), list(args.values()))):
+        for fake in (False, True):
+            ctx = mode if fake else contextlib.nullcontext()
+            values = [mode.from_tensor(v) if fake and isinstance(v, torch.Tensor) else v for v in call]
+            with ctx, pytest.raises(error, match=match):
+                op(*values)
+
+
 @pytest.mark.skipif(not any(t.backend == "cpu" for t in targets()), reason="covers the C++ op")
 @pytest.mark.parametrize("name", ["grad_out", "out", "x", "weight", "scale"])
 def test_the_bare_backward_op_refuses_what_autograd_would_record(name):

@@ -41,9 +41,8 @@ def conv_bias_add_relu_triton(
     relu: bool,
 ) -> Tensor:
     """y (N, K, P, Q) = act(conv2d(x (N, C, H, W), weight (K, C/groups, R, S)) * scale + bias + residual)."""
-    contract.check_op_pairs(stride, padding, dilation)
     stride, padding, dilation = contract.check_inputs(
-        x, weight, bias, residual, scale, stride, padding, dilation, groups, relu
+        x, weight, bias, residual, scale, stride, padding, dilation, groups, relu, op=True
     )
     contract.check_no_tangent(x=x, weight=weight, bias=bias, residual=residual, scale=scale)
     _check_groups(groups)
@@ -65,7 +64,6 @@ def conv_bias_add_relu_triton_backward(
     output_mask: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_weight, grad_bias, grad_residual); those not in output_mask are empty tensors."""
-    contract.check_op_pairs(stride, padding, dilation)
     stride, padding, dilation = contract.check_backward_inputs(
         grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu, output_mask
     )
