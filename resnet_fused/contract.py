@@ -257,8 +257,10 @@ def _check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, g
         elif any(_guard_or_false(r != o) for r, o in zip(rs, out_shape, strict=True)):  # known to differ
             raise ValueError(f"{said} {tuple(out_shape)}, got {tuple(rs)}")
         else:  # a data-dependent (unbacked) size cannot be compared while tracing: asserted when the graph runs
+            # Dynamo (strict export) keeps a message closure as a graph constant, which export then fails on.
+            message = None if torch.compiler.is_dynamo_compiling() else (lambda: said)
             for r, o in zip(rs, out_shape, strict=True):
-                torch._check(r == o, lambda: said)
+                torch._check(r == o, message)
     return stride, padding, dilation
 
 

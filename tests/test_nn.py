@@ -629,6 +629,21 @@ def test_torch_export():
         torch.testing.assert_close(exported.module()(x), model(x))
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_torch_export_with_a_separate_residual_of_dynamic_size(strict):
+    """A residual passed in with an automatic dynamic height: its size is checked when the program runs. Strict
+    export failed (its graph kept the check's message closure as a constant)."""
+    conv = FusedConv2d(4, 8, 3, stride=2, padding=1).eval()
+    x, r = torch.randn(2, 4, 10, 12), torch.randn(2, 8, 5, 6)
+    dims = {"input": {2: torch.export.Dim("H", min=4, max=64)}, "residual": {2: torch.export.Dim.AUTO}}
+    program = torch.export.export(conv, (x, r), dynamic_shapes=dims, strict=strict).module()
+    x2, r2 = torch.randn(2, 4, 17, 12), torch.randn(2, 8, 9, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(program(x2, r2), conv(x2, r2))
+        with pytest.raises(Exception, match=r"residual"):
+            program(x2, torch.randn(2, 8, 8, 6))
+
+
 def test_zero_init_residual_zeroes_a_frozen_norms_shift_too():
     """A converted FrozenBatchNorm2d block keeps its norm as the last conv's scale/shift: the shift, which the branch
     would add, is zeroed with the weight, so the block still starts as the identity."""
