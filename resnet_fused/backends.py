@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from resnet_fused import contract, reference
+from resnet_fused import triton as triton_package
 from resnet_fused.triton import interprets
 
 try:
@@ -173,6 +174,8 @@ def _triton_probe() -> str:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if not (torch.cuda.is_available() or INTERPRET):
+        if triton_package.IMPORT_ERROR:  # TRITON_INTERPRET was set, but triton did not import
+            return f"the Triton backend failed to import: {triton_package.IMPORT_ERROR}"
         return "no CUDA device, and TRITON_INTERPRET=1 was not set when resnet_fused was imported"
     try:
         import resnet_fused.triton.op  # noqa: F401  (registers the Triton ops)

@@ -194,9 +194,14 @@ def choose(x, weight, bias, residual, scale, stride, padding, dilation, groups, 
     candidates = table.auto_candidates(device)
     if not candidates:
         reasons = "; ".join(f"{row.name}: {row.unavailable()}" for row in table if device in row.auto_devices)
+        # Only rows that take this device: the reference row lists cpu and cuda, while its function runs anywhere.
+        others = [row.name for row in table if device in row.devices and not row.unavailable()]
+        hint = " or ".join(f"backend={n!r}" for n in others) or (
+            "resnet_fused.reference.conv_bias_add_relu (the unfused ops, on any device)"
+        )
         raise RuntimeError(
             f"x: no fused backend can run on {x.device}{f' ({reasons})' if reasons else ''}; "
-            "expected a cpu or cuda tensor, or backend='reference'"
+            f"expected a cpu or cuda tensor, or use {hint}"
         )
     names = [row.name for row in candidates]
     if len(candidates) == 1:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -294,6 +298,21 @@ def test_no_available_candidate_raises(setup):
         choose(make_args(), table, timer)
 
 
+def test_no_candidate_points_to_what_runs_on_that_device(setup):
+    """The error suggests a backend only where its row takes x's device (it said backend='reference', whose row then
+    refused a device it does not list); else the reference function, which runs the unfused ops anywhere."""
+    _, timer, log = setup
+    unfused = Backend("unfused", ("cpu",), (), lambda: _reference_op, lambda: "")
+    table = Table([fake_row("fast", log, why="no driver"), unfused])
+    with pytest.raises(
+        RuntimeError, match=r"\(fast: no driver\); expected a cpu or cuda tensor, or use backend='unfused'$"
+    ):
+        choose(make_args(), table, timer)
+    table = Table([fake_row("fast", log, why="no driver")])
+    with pytest.raises(RuntimeError, match=r"or use resnet_fused\.reference\.conv_bias_add_relu \(the unfused ops"):
+        choose(make_args(), table, timer)
+
+
 def test_failing_backend_loses(setup):
     table, timer, _ = setup
     timer.fail = {"fast": RuntimeError("unsupported dilation\nmore")}
@@ -565,3 +584,18 @@ def test_explain_answers_what_the_call_runs_under_transforms_and_autocast():
     for fn in (resnet_fused.conv_bias_add_relu, resnet_fused.explain):
         with pytest.raises(ValueError, match=r"scale: expected a constant \(requires_grad=False\)"):
             fn(x, w, scale=scale)
+
+
+def test_the_triton_probe_names_a_failed_import_under_the_interpreter(tmp_path):
+    """With TRITON_INTERPRET=1 and a triton that fails to import, the row says so (it said the variable was not
+    set)."""
+    stub = tmp_path / "triton"
+    stub.mkdir()
+    (stub / "__init__.py").write_text('raise ImportError("libtriton.so: cannot open shared object file")\n')
+    code = "from resnet_fused.backends import BACKENDS; print(BACKENDS['triton'].unavailable())"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == (
+        "the Triton backend failed to import: ImportError: libtriton.so: cannot open shared object file"
+    )
