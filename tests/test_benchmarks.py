@@ -937,14 +937,15 @@ def test_diagnose_residual_routes_times_every_route():
     routes = {"post-op", "post-op, oneDNN ReLU", "pass", "donated", "donated, oneDNN ReLU"}
     for case, row in rows.items():
         assert set(row) == routes | {"conv + bias ms", "y MiB"}, case
-        assert all(0.2 < row[r] < 20 for r in routes) and row["conv + bias ms"] > 0, (case, row)
+        # Timed, not judged: a loaded machine (a parallel test run) can put any ratio anywhere.
+        assert all(math.isfinite(row[r]) and row[r] > 0 for r in routes) and row["conv + bias ms"] > 0, (case, row)
     assert rows["1x1 64->256 56x56"]["y MiB"] == 56 * 56 * 256 * 4 / 2**20
     model = diagnose.residual_rule_model(batch=1, rounds=2, threads=1, arch="resnet18")
     assert set(model) == {"exact ReLU", "oneDNN ReLU"}
     assert set(model["exact ReLU"]["speedup"]) == {"over pass"}  # the exact ReLU never takes the post-op
     assert set(model["oneDNN ReLU"]["speedup"]) == {"over pass", "over post-op"}
     for mode, r in model.items():
-        assert r["rule ms"] > 0 and all(0.2 < m < 5 for m, _, _ in r["speedup"].values()), (mode, r)
+        assert r["rule ms"] > 0 and all(math.isfinite(m) and m > 0 for m, _, _ in r["speedup"].values()), (mode, r)
     # resnet18's 8 residual adds at batch 1: in place but the stage's first (its input is the caller's), which takes
     # the pass with the exact ReLU and the post-op (at most 4 MiB) with oneDNN's; the fixed routes as named.
     assert model["exact ReLU"]["in place / pass"] == {"rule": (7, 1), "pass": (0, 8)}
