@@ -850,3 +850,44 @@ def test_a_copy_keeps_hooks_that_are_methods_of_its_own_modules_on_the_copy():
     with torch.no_grad():
         converted.fc.gain.zero_()
         assert not converted(x).any()
+
+
+def test_a_biased_conv_is_folded_with_the_norms_scale():
+    """torchvision's convs have no bias, but convert takes any nn.Conv2d: a fine-tuned block whose conv has one gets
+    bias t + s * b (the norm scales the conv's bias too)."""
+    block = tv.BasicBlock(4, 4)
+    block.conv1 = nn.Conv2d(4, 4, 3, padding=1, bias=True)
+    with torch.no_grad():
+        block.conv1.bias.uniform_(-1, 1)
+    block = randomize_norms_(block).eval()
+    fused, report = convert(block)
+    assert report.folded == [""]
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        expected = copy.deepcopy(block).double()(x.double())
+        assert_close(fused(x), expected, torch.float32, "y", reductions=72)
+
+
+def test_a_downsample_with_a_third_module_runs_as_it_is_in_a_fused_block():
+    """Sequential(conv, bn, dropout) is not the projection convert fuses: the block is still converted (folded), its
+    downsample kept and run as a module, with no warning."""
+    ds = nn.Sequential(nn.Conv2d(4, 8, 1, 2, bias=False), nn.BatchNorm2d(8), nn.Dropout(0.0))
+    block = randomize_norms_(tv.BasicBlock(4, 8, stride=2, downsample=ds)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused, report = convert(block)
+    assert type(fused) is rf_nn.BasicBlock and report.folded == [""]
+    assert list(map(type, fused.downsample)) == [nn.Conv2d, nn.BatchNorm2d, nn.Dropout]
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert_close(fused(x), copy.deepcopy(block).double()(x.double()), torch.float32, "y", reductions=72)
+
+
+def test_a_block_with_a_frozen_norm_and_a_train_mode_norm_is_reported_unfused():
+    """One norm left as a module outweighs one kept as scale/shift: the block is listed as unfused, with the
+    warning."""
+    block = tv.BasicBlock(4, 4)
+    block.bn1 = FrozenBatchNorm2d(4)  # bn2 stays a train-mode BatchNorm2d
+    with pytest.warns(UserWarning, match="norms left unfused"):
+        _, report = convert(block)
+    assert report.unfused == [""] and report.scale_shift == []

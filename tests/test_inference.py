@@ -1188,3 +1188,73 @@ for k, stride, padding, dilation, w in [(1, (1, 2), (0, 1), (1, 2), 1), ((3, 1),
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
     assert proc.stdout.split() == ["True"] * 3
+
+
+@pytest.mark.parametrize("how", ["module", "env"])
+def test_a_backend_asked_for_after_packed_calls_runs_from_the_next_call(monkeypatch, how):
+    """The fast path's cached signature holds the module's backend and RESNET_FUSED_BACKEND: asked for after calls
+    that ran the packs, another backend runs from the next call on."""
+    net = optimize_for_inference(small_net())
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        net(x)
+        net(x)  # the second call takes the fast path
+    calls = []
+    real = resnet_fused.reference.unchecked  # what the reference row runs
+    monkeypatch.setattr(resnet_fused.reference, "unchecked", lambda *a, **k: calls.append(1) or real(*a, **k))
+    if how == "module":
+        resnet_fused.nn.set_backend(net, "reference")
+    else:
+        monkeypatch.setenv("RESNET_FUSED_BACKEND", "reference")
+    assert_fresh(net, x)
+    assert len(calls) == 4  # two convs, prepared and plain
+
+
+def test_the_onednn_relu_variable_applies_to_prepared_models(monkeypatch):
+    """RESNET_FUSED_ONEDNN_RELU=fused makes every prepared conv take oneDNN's ReLU (NaN becomes 0), also when set
+    after calls that took the fast path with the exact ReLU (which keeps NaN)."""
+    net = optimize_for_inference(nn.Sequential(FusedConv2d(4, 8, 3, padding=1)).eval())
+    x = torch.randn(1, 4, 6, 6)
+    x[0, 0, 2, 2] = float("nan")
+    with torch.no_grad():
+        assert net(x).isnan().any()
+        net(x)
+        monkeypatch.setenv(inference.RELU_MODE_VAR, "fused")
+        y = net(x)
+        fused = optimize_for_inference(copy.deepcopy(net), fuse_relu=True)
+        monkeypatch.delenv(inference.RELU_MODE_VAR)
+        expected = fused(x)
+    assert not y.isnan().any() and packs(net) == 1
+    torch.testing.assert_close(y, expected)
+
+
+def test_a_fused_step_through_a_flat_parameter_buffer_repacks():
+    """A weight that is a view of a flat parameter (as some wrappers keep them): a fused optimizer stepping the flat
+    buffer updates the weight without bumping its version; the step hook drops its packs by storage."""
+    torch.manual_seed(0)
+    conv = FusedConv2d(4, 8, 3, padding=1, bias=False, relu=False)
+    flat = nn.Parameter(torch.randn(8 * 4 * 9 + 16))
+    conv.weight = nn.Parameter(flat.detach()[16:].view(8, 4, 3, 3))
+    net = optimize_for_inference(nn.Sequential(conv).eval())
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        net(x)
+    flat.grad = torch.ones_like(flat)
+    torch.optim.SGD([flat], lr=1.0, fused=True).step()
+    with torch.no_grad():
+        y = net(x)
+    assert_close(y, F.conv2d(x.double(), conv.weight.double(), padding=1), torch.float32, "y", reductions=36)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_an_empty_batch_runs_the_ordinary_op(layout):
+    """Batch 0 takes no pack (it would hold one of the few slots for nothing) and gives the unprepared module's shape
+    and strides."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    net = optimize_for_inference(small_net())
+    plain = plain_copy(net)
+    x = torch.randn(0, 4, 9, 9).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        y, want = net(x), plain(x)
+    assert y.shape == want.shape == (0, 8, 9, 9) and y.stride() == want.stride()
+    assert packs(net) == 0

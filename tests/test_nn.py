@@ -964,3 +964,46 @@ def test_a_conv_forward_override_is_refused_rather_than_ignored():
     patched.forward = lambda x: x
     with pytest.raises(TypeError, match=r"from_conv2d: expected an nn.Conv2d computing a plain conv, got Conv2d"):
         FusedConv2d.from_conv2d(patched, relu=True)
+
+
+def test_a_biased_conv_before_an_eval_norm_folds_the_norm_scale_into_the_bias():
+    """norm(conv + b) = conv * s + (t + s * b): the conv's own bias is scaled by the norm's scale too."""
+    torch.manual_seed(0)
+    conv = FusedConv2d(4, 6, 3, padding=1, bias=True).eval()
+    norm = randomize_norms_(nn.BatchNorm2d(6)).eval()
+    with torch.no_grad():
+        conv.bias.uniform_(-1, 1)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        y = conv(x, norm=norm, relu=True)
+        expected = F.relu(F.batch_norm(F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1),
+                                       norm.running_mean.double(), norm.running_var.double(), norm.weight.double(),
+                                       norm.bias.double(), eps=norm.eps))  # fmt: skip
+    assert_close(y, expected, torch.float32, "y", reductions=36)
+
+
+def test_set_scale_shift_keeps_copies_of_the_callers_tensors():
+    conv = FusedConv2d(4, 4, 3, padding=1)
+    scale, shift = torch.rand(4) + 0.5, torch.randn(4)
+    before = scale.clone(), shift.clone()
+    conv.set_scale_shift(scale, shift)
+    with torch.no_grad():
+        conv.scale.mul_(2)
+        conv.shift.zero_()
+    assert torch.equal(scale, before[0]) and torch.equal(shift, before[1])
+
+
+def test_a_channels_last_weight_makes_the_output_channels_last_as_in_conv2d():
+    """A model moved to channels_last and fed NCHW input: nn.Conv2d (oneDNN) returns channels_last; so must the fused
+    conv, or every later layer runs in the other layout."""
+    cl = torch.channels_last
+    torch.manual_seed(0)
+    ref = nn.Conv2d(4, 8, 3, padding=1).to(memory_format=cl)
+    fused = FusedConv2d(4, 8, 3, padding=1, relu=False).to(memory_format=cl)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        want, got = ref(x), fused(x)
+    assert want.is_contiguous(memory_format=cl) and not want.is_contiguous()
+    assert got.stride() == want.stride()
+    torch.testing.assert_close(got, want)
