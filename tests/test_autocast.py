@@ -92,3 +92,20 @@ def test_converted_resnet18_gradients_under_autocast(dtype):
     for name, got, want in zip(["x", *names], grads, ref_grads, strict=True):
         assert got.dtype == torch.float32, name
         assert_within(got, want, 4 * tolerance(dtype), f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "reference"])
+def test_float64_inputs_stay_float64_under_autocast(backend):
+    """Autocast leaves float64 alone in F.conv2d; the fused op and module must too (not run in bf16)."""
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(2, 4, 6, 6, dtype=torch.float64), torch.randn(8, 4, 3, 3, dtype=torch.float64), None
+    conv = FusedConv2d(4, 8, 3, padding=1, backend=backend).double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = torch.relu(torch.nn.functional.conv2d(x, weight, bias, padding=1))
+        y = resnet_fused.conv_bias_add_relu(x, weight, bias, padding=1, backend=backend)
+        y_module = conv(x)
+    assert want.dtype == y.dtype == y_module.dtype == torch.float64
+    assert_within(y, want, 1e-12, "y")
+    with torch.no_grad():
+        expected = torch.relu(torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
+    assert_within(y_module, expected, 1e-12, "module y")

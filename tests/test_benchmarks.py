@@ -1181,3 +1181,30 @@ def test_the_geomean_interval_covers_the_true_geomean_at_least_as_often_as_it_sa
         lo, hi = timing.geomean_median_ci(cases, resamples=1000)
         covered += lo <= 1.0 <= hi
     assert covered >= 97, covered
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "higher_is_better", "met"),
+    [
+        (1.0, 1.2, True, True),  # the interval's low end on the goal: reached
+        (0.8, 1.0, True, None),  # its high end on the goal: not all of it below
+        (0.8, 0.99, True, False),
+        (0.8, 1.0, False, True),  # lower is better: the high end on the goal is reached
+        (1.0, 1.2, False, None),
+        (1.01, 1.2, False, False),
+    ],
+)
+def test_a_verdict_counts_an_interval_end_on_the_goal_as_reaching_it(lo, hi, higher_is_better, met):
+    assert timing.verdict(lo, hi, 1.0, timing.MIN_ROUNDS, higher_is_better) is met
+
+
+def test_render_keeps_a_saved_ratio_whose_rounds_do_not_pair():
+    """Records timed with different round counts (not in the same rounds) keep their saved ratio summary."""
+    records = [
+        {"impl": "eager", "shape": "a", "samples_ms": [2.0] * 7},
+        {"impl": "fused", "shape": "a", "samples_ms": [1.0] * 5, "speedup_vs_eager": {"median": 1.9}},
+        {"impl": "other", "shape": "a", "samples_ms": [1.0] * 7, "speedup_vs_eager": {"median": 1.9}},
+    ]
+    timing.refresh_ratio_summaries(records, ["shape"])
+    assert records[1]["speedup_vs_eager"] == {"median": 1.9}
+    assert records[2]["speedup_vs_eager"]["median"] == 2.0

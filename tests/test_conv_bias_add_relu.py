@@ -553,6 +553,11 @@ BAD_INPUTS = [
     ("padding_str", lambda: _args(padding="same"), TypeError,
      r"padding: expected an int or a pair of ints, got 'same'"),
     ("dilation_zero", lambda: _args(dilation=0), ValueError, r"dilation: expected values >= 1, got \(0, 0\)"),
+    ("k_groups", lambda: (torch.randn(1, 4, 5, 5), torch.randn(3, 2, 3, 3), {"groups": 2}), ValueError,
+     r"weight: expected out channels divisible by groups=2, got K=3"),
+    ("kernel_one_past", lambda: (torch.randn(1, 4, 5, 5), torch.randn(6, 4, 6, 5), {}), ValueError,
+     r"weight: expected a \(dilated\) kernel no larger than the padded input, got kernel extent 6 > padded input 5 "
+     r"in dim 2"),
     ("kernel_too_big", lambda: (torch.randn(1, 4, 5, 5), torch.randn(6, 4, 7, 7), {"padding": 0}), ValueError,
      r"weight: expected a \(dilated\) kernel no larger than the padded input, got kernel extent 7 > padded input 5"),
     ("dilation_wraps_int64", lambda: (torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3), {"dilation": 2**62}),
@@ -632,6 +637,32 @@ def test_bad_input_errors_from_every_forward_op(backend, make, error, match):
     x, weight, kw = make()
     with pytest.raises(error, match=match):
         forward_op(backend)(*_op_args(x, weight, kw))
+
+
+@pytest.mark.parametrize("route", ["fake_mode", "meta"])
+@pytest.mark.parametrize("backend,make,error,match", op_cases(BAD_INPUTS, registered_forward_ops()))
+def test_bad_input_errors_from_every_forward_fake(backend, make, error, match, route):
+    """The forward ops' fakes (torch.compile and torch.export run them) refuse what the op refuses, with its message:
+    a fake that accepted a bad shape would make up an output where eager raises."""
+    x, weight, kw = make()
+    args = _op_args(x, weight, kw)
+    if any(isinstance(a, torch.Tensor) and a.layout != torch.strided for a in args):
+        pytest.skip("a sparse tensor has no fake or meta copy to test with")
+    mode = FakeTensorMode() if route == "fake_mode" else contextlib.nullcontext()
+    if route == "meta":
+        args = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+    else:
+        args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+    with mode, pytest.raises(error, match=match):
+        forward_op(backend)(*args)
+
+
+def test_a_kernel_as_large_as_the_padded_input_gives_one_output_pixel():
+    """The kernel-extent check's boundary: extent == padded input is a conv, extent == padded input + 1 is not."""
+    x, weight = torch.randn(1, 4, 5, 5), torch.randn(6, 4, 5, 3)
+    y = resnet_fused.conv_bias_add_relu(x, weight, relu=False)
+    assert y.shape == (1, 6, 1, 3)
+    assert_close(y, F.conv2d(x.double(), weight.double()), F32, "y", reductions=60)
 
 
 def _bwd(**over) -> dict:

@@ -183,6 +183,9 @@ def test_partially_overlapping_residual_is_refused(fake):
         residual = buf[1:].view(2, 12, 5, 7)
         with pytest.raises(ValueError, match=r"residual: expected memory apart from y's, or y itself .* got a partial"):
             OP(y, None, residual, None, True)
+        with pytest.raises(ValueError, match=r"residual: expected memory apart from y's, or y itself .* got a partial"):
+            # The same bytes as y in another order (each plane read column by column): read and written out of step.
+            OP(y, None, y.as_strided(y.shape, (420, 35, 1, 5)), None, True)
         OP(y, None, y, None, True)  # y itself: accepted by the kernel and the fake alike
         OP(y, None, y.clone(), None, True)
         two = torch.empty(2 * y.numel()) if fake else torch.randn(2 * y.numel())

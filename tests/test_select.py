@@ -184,6 +184,19 @@ def test_timing_runs_the_backward_when_inputs_require_grad(setup):
     assert "fastest forward+backward" in explain(make_args(grad=True), table, timer)
 
 
+def test_under_no_grad_timing_runs_the_forward_only(setup):
+    """Inference under torch.no_grad() with parameters that require grad (the usual pattern): the call records no
+    backward, so the choice is timed and kept as a forward-only one."""
+    table, timer, log = setup
+    with torch.no_grad():
+        choose(make_args(grad=True), table, timer)
+        assert "fastest forward when timed" in explain(make_args(grad=True), table, timer)
+    assert set(log.events) == {("forward", "slow"), ("forward", "fast")}
+    with torch.no_grad():
+        choose(make_args(), table, timer)
+    assert len(timer.calls) == 2  # one timing for both: the same forward-only key
+
+
 def test_timing_never_writes_into_the_callers_tensors(setup):
     table, timer, _ = setup
     args = make_args(grad=True)
