@@ -1067,12 +1067,9 @@ def test_eval_keeps_the_packs_and_train_drops_them():
     assert packs(net) == 0
 
 
-@pytest.mark.parametrize("how", ["module", "env"])
-def test_another_backend_asked_for_runs_instead_of_the_packs(monkeypatch, how):
-    """``backend="reference"`` (say, to compare numerics) or RESNET_FUSED_BACKEND runs that backend, never the packs;
-    a backend that cannot run here fails as the unprepared module does."""
-    net = optimize_for_inference(small_net())
-    x = torch.randn(2, 4, 9, 9)
+def ask_for_the_reference(monkeypatch, net: nn.Module, how: str) -> list:
+    """Set the reference backend on ``net`` ("module") or by RESNET_FUSED_BACKEND ("env"); returns the list that
+    gets an entry for each call the reference row runs."""
     calls = []
     real = resnet_fused.reference.unchecked  # what the reference row runs
     monkeypatch.setattr(resnet_fused.reference, "unchecked", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -1080,6 +1077,16 @@ def test_another_backend_asked_for_runs_instead_of_the_packs(monkeypatch, how):
         resnet_fused.nn.set_backend(net, "reference")
     else:
         monkeypatch.setenv("RESNET_FUSED_BACKEND", "reference")
+    return calls
+
+
+@pytest.mark.parametrize("how", ["module", "env"])
+def test_another_backend_asked_for_runs_instead_of_the_packs(monkeypatch, how):
+    """``backend="reference"`` (say, to compare numerics) or RESNET_FUSED_BACKEND runs that backend, never the packs;
+    a backend that cannot run here fails as the unprepared module does."""
+    net = optimize_for_inference(small_net())
+    x = torch.randn(2, 4, 9, 9)
+    calls = ask_for_the_reference(monkeypatch, net, how)
     with torch.no_grad():
         for _ in range(2):
             assert_fresh(net, x)
@@ -1199,13 +1206,7 @@ def test_a_backend_asked_for_after_packed_calls_runs_from_the_next_call(monkeypa
     with torch.no_grad():
         net(x)
         net(x)  # the second call takes the fast path
-    calls = []
-    real = resnet_fused.reference.unchecked  # what the reference row runs
-    monkeypatch.setattr(resnet_fused.reference, "unchecked", lambda *a, **k: calls.append(1) or real(*a, **k))
-    if how == "module":
-        resnet_fused.nn.set_backend(net, "reference")
-    else:
-        monkeypatch.setenv("RESNET_FUSED_BACKEND", "reference")
+    calls = ask_for_the_reference(monkeypatch, net, how)
     assert_fresh(net, x)
     assert len(calls) == 4  # two convs, prepared and plain
 
