@@ -37,8 +37,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from benchmarks import bench_model, bench_ops, equivalence, timing
 
 TINY = {"hw": 32, "batch": 2, "rounds": 2, "warmup": 1, "min_sample_ms": 1.0, "max_cases": 1}
@@ -195,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.render:
         return render(Path(a.render), out, Path(a.json) if a.json else None)
     t_start = time.perf_counter()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = timing.run_device(None)
     threads = timing.set_threads(a.threads)
     progress = not a.no_progress
     # Taken once, before any timing: the load average it records is the one the timings started under.
