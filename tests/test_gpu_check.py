@@ -189,7 +189,7 @@ def test_gpu_steps_fail_where_a_gpu_backend_cannot_run(tmp_path):
     naming the backend and why."""
     gpu_check = _gpu_check()
     rows = gpu_check.step_test({"torch": torch.__version__, "gpu": "a GPU"}, tmp_path)
-    assert [r["name"] for r in rows] == ["suite", "gpu-tests"]
+    assert [r["name"] for r in rows] == ["gpu-tests", "suite"]
     assert all(r["status"].startswith("failed: cuda unavailable: ") for r in rows), rows
 
 
