@@ -9,6 +9,8 @@ Adding a backend is one :class:`Backend` row plus its kernel files (see docs/add
 from __future__ import annotations
 
 import importlib.util
+import itertools
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -44,9 +46,16 @@ INTERPRET = interprets()
 
 # A row's first use may happen inside torch.compile. The probe then runs eagerly, as a constant (its torch calls would
 # return no tensor in the trace), and fills the whole cache at once: a key added later, during a trace, would fail the
-# trace's guard on the cache at the next call and compile the whole model a second time.
+# trace's guard on the cache at the next call and compile the whole model a second time. It takes the row's key, a
+# string: Dynamo cannot pass a dataclass instance to a constant function on every torch (2.11 raised "can't reconstruct
+# arbitrary frozen dataclass instances"), nor an int under dynamic=True (it may be traced as a symbol).
+_ROWS: weakref.WeakValueDictionary[str, Backend] = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
 @torch.compiler.assume_constant_result
-def _probed(row: Backend) -> str:
+def _probed(key: str) -> str:
+    row = _ROWS[key]
     cache = row._cache
     if "why" not in cache:
         cache["why"] = row.probe()
@@ -81,15 +90,19 @@ class Backend:
     probe: Callable[[], str]
     load_backward: Callable[[], Callable[..., tuple[Tensor, ...]]] | None = None
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
+    _key: str = field(default_factory=lambda: f"row{next(_KEYS)}", init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _ROWS[self._key] = self
 
     def unavailable(self) -> str:
         """ "" when this backend can run here, else why not (probed once)."""
-        return _probed(self)
+        return _probed(self._key)
 
     @property
     def op(self) -> Callable[..., Tensor]:
         """The forward callable: ``op(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)``."""
-        _probed(self)
+        _probed(self._key)
         if "op" not in self._cache:  # an unavailable row: load() says why it cannot
             self._cache["op"] = self.load()
         return self._cache["op"]
@@ -99,7 +112,7 @@ class Backend:
         """The backward op for :func:`resnet_fused.contract.record_split_graph`, or None (see ``load_backward``)."""
         if self.load_backward is None:
             return None
-        _probed(self)
+        _probed(self._key)
         if "backward" not in self._cache:
             self._cache["backward"] = self.load_backward()
         return self._cache["backward"]
