@@ -257,10 +257,14 @@ def _check_inputs(x, weight, bias, residual, scale, stride, padding, dilation, g
         elif any(_guard_or_false(r != o) for r, o in zip(rs, out_shape, strict=True)):  # known to differ
             raise ValueError(f"{said} {tuple(out_shape)}, got {tuple(rs)}")
         else:  # a data-dependent (unbacked) size cannot be compared while tracing: asserted when the graph runs
-            # Dynamo (strict export) keeps a message closure as a graph constant, which export then fails on.
-            message = None if torch.compiler.is_dynamo_compiling() else (lambda: said)
+            # Under Dynamo no message: strict export keeps a message closure as a graph constant and then fails on
+            # it, and Dynamo 2.11 refuses a None message.
+            dynamo = torch.compiler.is_dynamo_compiling()
             for r, o in zip(rs, out_shape, strict=True):
-                torch._check(r == o, message)
+                if dynamo:
+                    torch._check(r == o)
+                else:
+                    torch._check(r == o, lambda: said)
     return stride, padding, dilation
 
 
