@@ -10,18 +10,15 @@ from helpers import TOL, assert_close  # noqa: F401  (re-exported for test files
 @pytest.fixture(autouse=True)
 def _fp32_without_tf32():
     """fp32 results are compared at fp32 tolerances, so convolutions must not round inputs to TF32 on a GPU; a test
-    that wants TF32 turns it on itself (and compares with ``tf32=True``)."""
+    that wants TF32 turns it on itself (and compares with ``tf32=True``). Through the legacy ``allow_tf32``, which
+    every torch has: after the per-op ``cudnn.conv.fp32_precision = "ieee"`` torch refuses the legacy read, which
+    torch.export makes (it then fails on a plain nn.Conv2d, on any device)."""
     if not torch.cuda.is_available():
         yield
         return
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if not hasattr(conv, "fp32_precision"):  # a torch without the per-op settings
-        old = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
         yield
+    finally:
         torch.backends.cudnn.allow_tf32 = old
-        return
-    old = conv.fp32_precision
-    conv.fp32_precision = "ieee"
-    yield
-    conv.fp32_precision = old

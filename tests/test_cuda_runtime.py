@@ -32,8 +32,8 @@ CUDNN_FUSED_ENV = "RESNET_FUSED_CUDNN_FUSED"
 
 @contextlib.contextmanager
 def cudnn_disabled():
-    """cudnn.flags(enabled=False) would also read the legacy allow_tf32, which torch refuses once conv's per-op
-    setting differs from rnn's (the GPU conftest sets conv's)."""
+    """cudnn.flags(enabled=False) would also read the legacy allow_tf32, which torch refuses once a test has set
+    conv's per-op setting."""
     old = torch.backends.cudnn.enabled
     torch.backends.cudnn.enabled = False
     try:
