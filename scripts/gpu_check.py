@@ -59,6 +59,7 @@ GPU_TESTS = [
     "tests/test_triton_launch.py",
     "tests/test_select.py",
     "tests/test_large_index.py",
+    "tests/test_nn_gpu.py",
 ]
 # compute-sanitizer runs a trimmed set: every kernel once, small shapes. racecheck is the slower tool (64 tests in
 # 224 s on the H200): a smaller set still reaches every kernel.
