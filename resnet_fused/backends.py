@@ -89,11 +89,16 @@ class Backend:
     load: Callable[[], Callable[..., Tensor]]
     probe: Callable[[], str]
     load_backward: Callable[[], Callable[..., tuple[Tensor, ...]]] | None = None
-    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+    _cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
     _key: str = field(default_factory=lambda: f"row{next(_KEYS)}", init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _ROWS[self._key] = self
+
+    def __reduce__(self) -> tuple:
+        # A copy or an unpickled row is a new row, with its own key in _ROWS and its own probe: restored field by
+        # field, it would share the original's key (gone with it, or another row's in another process).
+        return (Backend, (self.name, self.devices, self.auto_devices, self.load, self.probe, self.load_backward))
 
     def unavailable(self) -> str:
         """ "" when this backend can run here, else why not (probed once)."""

@@ -520,6 +520,35 @@ def test_tracers_and_dispatch_modes_are_never_timed(setup):
     assert timer.calls == [] and select.cached_choices() == {}
 
 
+def _says_missing() -> str:
+    return "missing (test)"
+
+
+def _says_nothing() -> str:
+    return ""
+
+
+def test_a_copied_replaced_or_unpickled_row_is_a_row_of_its_own():
+    """The probe finds a row by its key: a copy restored field by field kept the original's key (a KeyError once the
+    original was gone, another row's answer when unpickled in another process), and dataclasses.replace shared the
+    original's probe cache (the new probe was never asked)."""
+    import copy
+    import dataclasses
+    import gc
+    import pickle
+
+    from resnet_fused.backends import _cpp_op
+
+    row = Backend("copied", ("cpu",), ("cpu",), _cpp_op, _says_missing)
+    assert row.unavailable() == "missing (test)"
+    others = [copy.copy(row), copy.deepcopy(row), pickle.loads(pickle.dumps(row))]
+    others.append(dataclasses.replace(row, probe=_says_nothing))
+    del row
+    gc.collect()
+    assert [o.unavailable() for o in others] == ["missing (test)"] * 3 + [""]
+    assert others[3].op is _cpp_op()
+
+
 def test_a_first_probe_inside_torch_compile_fullgraph():
     """The first ``auto`` call on a device may happen inside torch.compile, where the probe's torch calls (the
     dispatcher's kernel query, the CUDA checks) return no tensor: it runs eagerly, once, as a constant."""
