@@ -368,8 +368,8 @@ def test_dot_precision_follows_the_per_op_tf32_setting(launch, tf32_settings, co
 
 @pytest.fixture
 def legacy_tf32_readable():
-    """torch refuses to read the legacy cudnn.allow_tf32 once conv and rnn have different per-op settings (the
-    GPU conftest sets conv's): make them agree for the test, then restore conv's."""
+    """torch refuses to read the legacy cudnn.allow_tf32 once conv and rnn have different per-op settings (an
+    earlier test's, say): make them agree for the test, then restore conv's."""
     cudnn = torch.backends.cudnn
     per_op = hasattr(getattr(cudnn, "conv", None), "fp32_precision")
     saved = cudnn.conv.fp32_precision if per_op else None
