@@ -608,8 +608,7 @@ def check_residual(
     block: str, inplanes: int, out_channels: int, stride: int | tuple[int, int], downsample: object
 ) -> None:
     """Raise ``ValueError`` if, with no shortcut projection, ``x`` cannot be added to the output."""
-    single = contract._as_int(stride)  # an int, or a NumPy integer as nn.Conv2d takes
-    strides = (single, single) if single is not None else tuple(stride)
+    strides = contract.pair(stride, f"{block}: stride", 1)  # as nn.Conv2d takes it: (1,) is (1, 1)
     if downsample is None and (inplanes != out_channels or strides != (1, 1)):
         raise ValueError(
             f"{block}: the residual add needs the input ({inplanes} channels, stride 1) to match "

@@ -1007,3 +1007,111 @@ def test_a_channels_last_weight_makes_the_output_channels_last_as_in_conv2d():
     assert want.is_contiguous(memory_format=cl) and not want.is_contiguous()
     assert got.stride() == want.stride()
     torch.testing.assert_close(got, want)
+
+
+def _twin_blocks(norm_layer) -> tuple[nn.Module, nn.Module]:
+    """Our BasicBlock and torchvision's with ``norm_layer``, the same float64 weights and statistics, in eval mode."""
+    torch.manual_seed(0)
+    ours = BasicBlock(4, 4, norm_layer=norm_layer)
+    if ours.bn1.weight is not None:
+        randomize_norms_(ours)
+    else:  # no affine parameters: statistics alone
+        for bn in (ours.bn1, ours.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 1.5)
+    ours = ours.double().eval()
+    theirs = tv.BasicBlock(4, 4, norm_layer=norm_layer).double().eval()
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize(
+    "norm",
+    ["frozen_eps", "frozen_subclass", "bn_affine_false"],
+)
+def test_uncommon_norms_in_an_eval_block_match_torchvision(norm):
+    """A FrozenBatchNorm2d with its own eps (folded with it), a FrozenBatchNorm2d subclass with its own forward
+    (called, not folded) and a BatchNorm2d without affine parameters (folded without them)."""
+
+    class Halved(FrozenBatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    norm_layer = {
+        "frozen_eps": lambda c: FrozenBatchNorm2d(c, eps=0.5),
+        "frozen_subclass": Halved,
+        "bn_affine_false": lambda c: nn.BatchNorm2d(c, affine=False),
+    }[norm]
+    ours, theirs = _twin_blocks(norm_layer)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    assert_close(ours(x), theirs(x), torch.float64, norm, reductions=72)
+
+
+def test_a_block_whose_conv_and_norms_are_identities_leaves_the_input_alone():
+    """With conv1 an nn.Identity and identity norms, the first conv's output is the caller's x: the block's in-place
+    ReLU and add must not change it."""
+    block = BasicBlock(4, 4, norm_layer=nn.Identity).double()
+    block.conv1 = nn.Identity()
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    before = x.clone()
+    y = block(x)
+    assert torch.equal(x, before), "the block wrote into its input"
+    assert_close(y, F.relu(nn.Conv2d.forward(block.conv2, F.relu(before)) + before), torch.float64, "y")
+
+
+def test_block_stride_forms_as_nn_conv2d_takes_them():
+    """(1,) is stride 1 for both dims, as nn.Conv2d and torchvision take it; None and 0 are refused naming stride."""
+    x = torch.randn(1, 8, 5, 5)
+    ref = BasicBlock(8, 8).eval()
+    ours = BasicBlock(8, 8, stride=(1,)).eval()
+    ours.load_state_dict(ref.state_dict())
+    assert torch.equal(ours(x), ref(x))
+    with pytest.raises(TypeError, match=r"BasicBlock: stride: expected an int or a pair of ints, got None"):
+        BasicBlock(8, 8, stride=None)
+    with pytest.raises(ValueError, match=r"Bottleneck: stride: expected values >= 1, got \(0, 0\)"):
+        Bottleneck(8, 2, stride=0)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 5])
+def test_skip_and_preact_blocks_take_their_kernel_size(kernel_size):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    skip, preact = SkipBlock(3, 2, kernel_size).double(), PreActBlock(3, kernel_size).double()
+    convs = [*skip.layers, preact.conv1, preact.conv2]
+    assert all(c.weight.shape == (3, 3, kernel_size, kernel_size) for c in convs)
+    h = F.relu(nn.Conv2d.forward(skip.layers[0], x))
+    assert_close(skip(x), F.relu(nn.Conv2d.forward(skip.layers[1], h) + x), torch.float64, "skip")
+    h = F.relu(nn.Conv2d.forward(preact.conv1, F.relu(x)))
+    assert_close(preact(x), x + nn.Conv2d.forward(preact.conv2, h), torch.float64, "preact")
+
+
+def test_from_conv2d_of_a_fused_conv_keeps_its_frozen_scale_shift_and_mode():
+    torch.manual_seed(0)
+    src = FusedConv2d(4, 6, 3, padding=1, relu=False)
+    src.set_scale_shift(torch.rand(6) + 0.5, torch.randn(6))
+    src.eval()
+    fused = FusedConv2d.from_conv2d(src, relu=False)
+    assert not fused.training
+    assert torch.equal(fused.scale, src.scale) and torch.equal(fused.shift, src.shift)
+    x = torch.randn(2, 4, 5, 5)
+    assert torch.equal(fused(x), src(x))
+
+
+def test_extra_repr_names_the_backend_and_a_frozen_scale_shift():
+    conv = FusedConv2d(3, 4, 3, backend="cpu")
+    assert "relu=True, backend='cpu'" in repr(conv) and "frozen" not in repr(conv)
+    conv.set_scale_shift(torch.ones(4), torch.zeros(4))
+    assert repr(conv).endswith("relu=True, backend='cpu', frozen scale/shift)")
+    assert "backend" not in repr(FusedConv2d(3, 4, 3))
+
+
+def test_a_donate_residual_that_is_not_a_bool_never_donates():
+    """The method refuses it; forward (whose argument the TorchScript ONNX exporter passes as a tensor) takes
+    anything but True as False. Either way the caller's residual is left alone."""
+    conv = FusedConv2d(4, 4, 3, padding=1)
+    x, r = torch.randn(1, 4, 5, 5), torch.randn(1, 4, 5, 5)
+    before = r.clone()
+    with pytest.raises(TypeError, match=r"donate_residual: expected a bool, got 'yes'"):
+        conv.conv_bias_add_relu(x, r, donate_residual="yes")
+    assert torch.equal(conv(x, r, donate_residual="yes"), conv(x, r))
+    assert torch.equal(r, before)
