@@ -98,7 +98,7 @@ class Backend:
     def __reduce__(self) -> tuple:
         # A copy or an unpickled row is a new row, with its own key in _ROWS and its own probe: restored field by
         # field, it would share the original's key (gone with it, or another row's in another process).
-        return (Backend, (self.name, self.devices, self.auto_devices, self.load, self.probe, self.load_backward))
+        return (type(self), (self.name, self.devices, self.auto_devices, self.load, self.probe, self.load_backward))
 
     def unavailable(self) -> str:
         """ "" when this backend can run here, else why not (probed once)."""
