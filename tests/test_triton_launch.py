@@ -5,7 +5,7 @@
 - an N*P*Q past 2^31 gets a grid that covers it, and the kernels' pixel index is int64 (TTIR of the kernels);
 - a weight whose filter spans past int32 offsets, and a grid axis 1 past CUDA's 65535 blocks, are refused;
 - deterministic algorithms run one pinned config per kernel and dtype and never time;
-- each constexpr variant, layout and group count of one shape is tuned on its own;
+- each constexpr variant, layout and group count of one shape is tuned on its own, and so is each kind of GPU;
 - a capture refuses to autotune, with an error that says to warm up; tuned keys and pinned configs launch;
 - fp32 reads the per-op TF32 setting as ATen does for cuDNN convolutions.
 
@@ -19,6 +19,8 @@ import os
 import re
 import subprocess
 import sys
+import time
+import types
 
 import pytest
 import torch
@@ -46,6 +48,7 @@ class Recorder:
         self.device = None  # the device a torch.cuda.device guard made current, None outside any guard
         self.launches = []  # (kernel, device, grid, named args)
         self.timed = []  # kernels whose configs the autotuner timed
+        self.delay = 0.0  # seconds each timing takes
         recorder = self
 
         class FakeDeviceGuard:
@@ -59,11 +62,26 @@ class Recorder:
                 recorder.device = self.old
 
         monkeypatch.setattr(torch.cuda, "device", FakeDeviceGuard)
-        for name, (fn, tuned) in launch._KERNELS.items():
+        # Every fake GPU is one kind (an H100) unless a test says otherwise; no driver is asked.
+        self.props = {}
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: self.props.get(i, H100))
+        monkeypatch.setattr(launch, "_DEVICE_KINDS", {})
+        for name, (fn, _) in launch._KERNELS.items():
             monkeypatch.setattr(fn, "run", self._run(name, fn.arg_names))
-            monkeypatch.setattr(tuned, "cache", {})
+        monkeypatch.setattr(launch, "_TUNERS", {})  # no tuning from earlier tests
+        autotuned = launch._autotuned
+
+        def new_tuner(kernel, fn, runtime_key):
+            tuned = autotuned(kernel, fn, runtime_key)
             # do_bench is a cached property that asks the (absent) GPU driver; set the cached value itself.
-            monkeypatch.setitem(tuned.__dict__, "do_bench", self._bench(name))
+            tuned.__dict__["do_bench"] = self._bench(kernel)
+            return tuned
+
+        monkeypatch.setattr(launch, "_autotuned", new_tuner)
+
+    def tuners(self, launch, kernel=None):
+        """The autotuned wrappers made so far (of ``kernel``), by device kind."""
+        return {kind: t for (name, kind), t in launch._TUNERS.items() if kernel in (None, name)}
 
     def _run(self, name, arg_names):
         def run(*args, grid, warmup, **kwargs):
@@ -73,6 +91,7 @@ class Recorder:
 
     def _bench(self, name):
         def bench(kernel_call, quantiles):
+            time.sleep(self.delay)
             self.timed.append(name)
             kernel_call()
             return [1.0, 1.0, 1.0]
@@ -99,6 +118,14 @@ def deterministic(on: bool):
         yield
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+H100 = types.SimpleNamespace(
+    name="NVIDIA H100 80GB HBM3", major=9, minor=0, multi_processor_count=132, shared_memory_per_block_optin=232448
+)
+L4 = types.SimpleNamespace(
+    name="NVIDIA L4", major=8, minor=9, multi_processor_count=58, shared_memory_per_block_optin=101376
+)
 
 
 def _problem(device, n=2, c=3, hw=(7, 6), k=4, r=3, dtype=torch.float32):
@@ -243,20 +270,51 @@ def test_deterministic_falls_back_to_the_first_config_that_fits_shared_memory(la
 
 
 @needs_tuning
+def test_each_kind_of_gpu_tunes_on_its_own(launch, recorder, not_capturing, monkeypatch):
+    """A tile tuned on one GPU may not fit another's shared memory (an H100's on an L4): GPUs of another kind tune
+    the same shape again, and GPUs of one kind share their tuning."""
+    monkeypatch.setattr(fake_tensor, "init_gpu_context", lambda device: None)
+    recorder.props = {0: H100, 1: L4, 2: H100}
+    with FakeTensorMode():
+        for index in (0, 1, 2, 1):
+            x, w, b = _problem(f"cuda:{index}")
+            _run_op(launch, x, w, b)
+            recorder.timed.append(f"after cuda:{index}")
+    marks = [i for i, name in enumerate(recorder.timed) if name.startswith("after")]
+    tuned_by = [sorted(set(recorder.timed[a + 1 : b])) for a, b in zip([-1, *marks], marks, strict=False)]
+    # cuda:0 tunes each kernel; cuda:1, an L4, again; cuda:2, another H100, and cuda:1 again reuse theirs.
+    assert tuned_by == [sorted(KERNELS), sorted(KERNELS), [], []], tuned_by
+    for kernel in KERNELS:
+        kinds = recorder.tuners(launch, kernel)
+        assert sorted(kind[1] for kind in kinds) == sorted([H100.name, L4.name])
+        assert all(len(t.cache) == 1 for t in kinds.values())
+    assert {device.index for _, device, _, _ in recorder.launches} == {0, 1, 2}
+
+
+def test_device_kind_is_asked_once_per_gpu(launch, recorder, monkeypatch):
+    asked = []
+    fake = torch.cuda.get_device_properties  # the recorder's
+
+    def props(index):
+        asked.append(index)
+        return fake(index)
+
+    recorder.props = {3: L4}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    want = ("cuda", L4.name, 8, 9, 58, 101376)
+    assert launch._device_kind(torch.device("cuda:3")) == want
+    assert launch._device_kind(torch.device("cuda:3")) == want
+    assert asked == [3]
+    assert launch._device_kind(torch.device("cpu")) == ("cpu",)
+
+
+@needs_tuning
 def test_two_threads_tuning_one_key_each_get_a_config(launch, recorder, not_capturing):
     """Triton's autotuner keeps the call's arguments on itself while it times: two threads tuning at once read each
     other's (or None) unless the launcher lets one tune at a time."""
     import threading
-    import time
 
-    for _, tuned in launch._KERNELS.values():
-        bench = tuned.__dict__["do_bench"]
-
-        def slow(kernel_call, quantiles, bench=bench):
-            time.sleep(0.02)  # long enough for the other thread to start tuning too
-            return bench(kernel_call, quantiles)
-
-        tuned.__dict__["do_bench"] = slow
+    recorder.delay = 0.02  # each timing: long enough for the other thread to start tuning too
     x, w, b = _problem("cpu")
     errors = []
 
@@ -501,7 +559,8 @@ def test_each_variant_is_tuned_on_its_own(launch, recorder, variant):
     first, second, differ = _VARIANTS[variant]
     _tune_variant(launch, **first)
     _tune_variant(launch, **second)
-    for name, (_, tuned) in launch._KERNELS.items():
+    for name in launch._KERNELS:
+        (tuned,) = recorder.tuners(launch, name).values()  # one device (the CPU): one wrapper
         want = 2 if name in differ else 1
         assert len(tuned.cache) == want, f"{name}, {variant}: {len(tuned.cache)} tuning entries, want {want}"
 

@@ -5,9 +5,10 @@ compile report checks), ``dot_precision`` and ``wgrad_splits``.
 
 How a launch picks its config (the tile sizes, warps and stages; never the math):
 
-- normally, Triton's autotuner times each shipped config once per key and keeps the fastest; the key holds the
-  shape, the dtypes, the layouts (channel strides), the groups and every constexpr variant (epilogue, ReLU, TF32...),
-  since each variant compiles to another kernel with its own registers and shared memory;
+- normally, Triton's autotuner times each shipped config once per key and kind of device and keeps the fastest; the
+  key holds the shape, the dtypes, the layouts (channel strides), the groups and every constexpr variant (epilogue,
+  ReLU, TF32...), since each variant compiles to another kernel with its own registers and shared memory; GPUs of
+  another name, arch, SM count or shared memory tune on their own;
 - under ``torch.use_deterministic_algorithms(True)`` nothing is chosen by timing: each kernel runs its pinned
   config, the first of its list for the dtype and layout (``pinned_config``), so grad_weight and grad_bias come out with the
   same bits from run to run and from process to process; on a GPU with less shared memory a block than that config
@@ -172,12 +173,41 @@ def _autotuned(kernel: str, fn: triton.JITFunction, runtime_key: list[str]) -> t
 _FWD_KEY = ["M", "CG", "KG", "G", "stride_h", "stride_w", "sxc", "swc", "src", "syc"]
 _DGRAD_KEY = ["M", "CG", "KG", "G", "stride_h", "stride_w", "sgc", "soc", "swk", "swc", "sxc"]
 _WGRAD_KEY = ["M", "CRS", "KG", "G", "stride_h", "stride_w", "num_splits", "sgc", "soc", "sxc", "sgwj"]
-# kernel name -> (the kernel, its autotuned wrapper)
+# kernel name -> (the kernel, its autotune key's runtime arguments)
 _KERNELS = {
-    "fwd": (_forward_kernel, _autotuned("fwd", _forward_kernel, _FWD_KEY)),
-    "dgrad": (_dgrad_kernel, _autotuned("dgrad", _dgrad_kernel, _DGRAD_KEY)),
-    "wgrad": (_wgrad_kernel, _autotuned("wgrad", _wgrad_kernel, _WGRAD_KEY)),
+    "fwd": (_forward_kernel, _FWD_KEY),
+    "dgrad": (_dgrad_kernel, _DGRAD_KEY),
+    "wgrad": (_wgrad_kernel, _WGRAD_KEY),
 }
+# (kernel name, device kind) -> its autotuned wrapper. Triton's key holds only the call's arguments, and a tile tuned
+# on one GPU may be slow on another, or not fit its shared memory at all: each kind of device tunes on its own.
+_TUNERS: dict[tuple[str, tuple], triton.runtime.Autotuner] = {}
+# CUDA device index -> its kind; fixed for the life of a process.
+_DEVICE_KINDS: dict[int, tuple] = {}
+
+
+def _device_kind(device: torch.device) -> tuple:
+    """What a tuned config depends on in ``device``: its type, and on a GPU its name, arch, SM count and shared
+    memory a block. GPUs of one kind (the eight of a DGX, say) share their tuning."""
+    if device.type != "cuda":
+        return (device.type,)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    kind = _DEVICE_KINDS.get(index)
+    if kind is None:
+        p = torch.cuda.get_device_properties(index)
+        optin = getattr(p, "shared_memory_per_block_optin", None)
+        kind = _DEVICE_KINDS.setdefault(index, ("cuda", p.name, p.major, p.minor, p.multi_processor_count, optin))
+    return kind
+
+
+def _tuner(kernel: str, device: torch.device) -> triton.runtime.Autotuner:
+    """The autotuned wrapper of ``kernel`` for ``device``'s kind, made on first use (called under ``_TUNING``)."""
+    key = (kernel, _device_kind(device))
+    tuned = _TUNERS.get(key)
+    if tuned is None:
+        fn, runtime_key = _KERNELS[kernel]
+        tuned = _TUNERS[key] = _autotuned(kernel, fn, runtime_key)
+    return tuned
 
 
 # Under deterministic algorithms: (kernel, dtype, layout, device, constexpr variant) -> the index of the first
@@ -214,14 +244,14 @@ _VARIANT_ARGS = {name: _tuning_key(fn, []) for name, (fn, _) in _KERNELS.items()
 def _launch(kernel: str, grid: Callable, x: torch.Tensor, *args, **meta) -> None:
     """Run ``kernel`` on x's device: the pinned config for x's dtype and the layout its loop reads under
     deterministic algorithms, else the autotuned one."""
-    fn, tuned = _KERNELS[kernel]
+    fn = _KERNELS[kernel][0]
     guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         if torch.are_deterministic_algorithms_enabled():
             _launch_pinned(kernel, fn, grid, x, args, meta)
         else:
             with _TUNING:
-                tuned[grid](*args, **meta)
+                _tuner(kernel, x.device)[grid](*args, **meta)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
