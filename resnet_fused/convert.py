@@ -6,7 +6,10 @@
 What happens to each norm after a conv depends on what it is at conversion time:
 
 - ``nn.BatchNorm2d`` in eval mode: folded into the conv's weight and bias (the norm becomes
-  ``nn.Identity``); the converted model is BN-free from then on, also if trained later.
+  ``nn.Identity``); the converted model is BN-free from then on, also if trained later. But where the
+  norm's weight (gamma) trains and the conv's weight is frozen (fine-tuning only the norms), folding would
+  freeze gamma: the BatchNorm is kept, folded into the fused conv on each call, and listed in
+  ``report.unfused``.
 - ``torchvision.ops.FrozenBatchNorm2d`` (detection backbones): kept as the conv's frozen per-channel
   scale/shift epilogue (:meth:`FusedConv2d.set_scale_shift`); the conv weights stay trainable.
 - ``nn.BatchNorm2d`` in train mode: cannot be folded (it normalises with batch statistics). The
@@ -58,9 +61,9 @@ class ConversionReport:
             ``nn.Identity``).
         scale_shift: blocks and stems with at least one norm kept as a frozen scale/shift epilogue
             (FrozenBatchNorm2d, or BatchNorm2d with ``freeze_bn=True``); the others are folded.
-        unfused: blocks and stems with a norm left as a module (BatchNorm2d in train mode, other
-            norms, a norm with hooks, a forward or extra state set on the instance); their convs still run through the fused
-            op. Unfused stems are not swapped.
+        unfused: blocks and stems with a norm left as a module (BatchNorm2d in train mode, BatchNorm2d whose weight
+            trains under a frozen conv, other norms, a norm with hooks, a forward or extra state set on the instance);
+            their convs still run through the fused op. Unfused stems are not swapped.
         kept: blocks and stems left as they were because a module convert would replace has hooks, a forward or
             extra state (a parameter, buffer or child its class does not make) set on the instance (the block
             itself, one of its convs, a stem's conv, norm or ReLU): they would be dropped, or see other tensors.
@@ -141,6 +144,10 @@ def _fuse_conv_norm(
     if _kept_as_is(norm, _NORM_OWN):  # a module the fused conv calls: its hooks, forward and state see what they saw
         return fused, norm, "unfused"
     is_bn = isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm))
+    if is_bn and not freeze_bn and _scale_trains_alone(conv, norm):
+        # Folded, gamma would become part of a frozen weight, and stop training. Kept, the fused conv folds it on
+        # each call (into the weight where gamma needs its gradient), as for any eval-mode BatchNorm module.
+        return fused, norm, "unfused"
     if is_bn and norm.training and freeze_bn:
         fold_into_weight, affine = False, _batchnorm_scale_shift(norm)
     else:
@@ -158,11 +165,17 @@ def _fuse_conv_norm(
         weight = conv.weight.double() * s64.reshape(-1, 1, 1, 1)
         bias = t64 if conv.bias is None else t64 + s64 * conv.bias.double()
         # Training the folded bias is training the norm's shift (or the conv's bias): trainable where one of them was.
-        # The folded weight follows the conv's: a frozen conv stays frozen (a trainable norm scale is then lost).
+        # The folded weight follows the conv's (a norm scale that trains under a frozen conv is not folded, above).
         shift_trained = any(p is not None and p.requires_grad for p in (getattr(norm, "bias", None), conv.bias))
         fused.weight = nn.Parameter(weight.to(conv.weight.dtype), conv.weight.requires_grad)
         fused.bias = nn.Parameter(bias.to(conv.weight.dtype), shift_trained)
     return fused, _identity_for(norm), "folded"
+
+
+def _scale_trains_alone(conv: nn.Conv2d, norm: nn.Module) -> bool:
+    """Whether ``norm``'s affine weight (gamma) trains while ``conv``'s weight is frozen: folding would freeze it."""
+    gamma = getattr(norm, "weight", None)
+    return isinstance(gamma, Tensor) and gamma.requires_grad and not conv.weight.requires_grad
 
 
 def _hook_dicts(m: nn.Module) -> tuple[dict, ...]:
@@ -470,8 +483,9 @@ def convert(
         )
     if report.unfused:
         warnings.warn(
-            f"convert: norms left unfused (BatchNorm in train mode or without running statistics, other norms, "
-            f"norms with hooks, forwards or extra state set on the instance) in {', '.join(n or '<model>' for n in report.unfused)}; to fold a BatchNorm that "
+            f"convert: norms left unfused (BatchNorm in train mode or without running statistics, BatchNorm whose "
+            f"weight trains under a frozen conv, other norms, norms with hooks, forwards or extra state set on the "
+            f"instance) in {', '.join(n or '<model>' for n in report.unfused)}; to fold a BatchNorm that "
             f"has running statistics, call model.eval() before convert, or pass freeze_bn=True to freeze it",
             stacklevel=2,
         )

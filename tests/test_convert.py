@@ -818,10 +818,35 @@ def test_a_folded_bias_is_trainable_where_the_shift_was(trained):
     for m in model.modules():
         for p in m.parameters(recurse=False):
             p.requires_grad_(trained == "both" or (trained == "norm") == isinstance(m, nn.BatchNorm2d))
-    converted, _ = convert(model)
+    converted, report = convert(model)
     conv = converted.layer1[0].conv1
-    assert conv.weight.requires_grad == (trained != "norm")
+    if trained == "norm":  # not folded: see the next test
+        assert "layer1.0" in report.unfused and isinstance(converted.layer1[0].bn1, nn.BatchNorm2d)
+        return
+    assert conv.weight.requires_grad
     assert conv.bias.requires_grad == (trained != "conv")
+
+
+@pytest.mark.parametrize("norms", ["weight", "weight_and_bias"])
+def test_norms_fine_tuned_under_frozen_convs_keep_training(norms):
+    """Fine-tuning only the norms (frozen convs, trainable gamma): folding gamma into a frozen weight would stop it
+    training, so each such BatchNorm is kept (folded on each call) and every trainable parameter gets the original
+    model's gradient, with no warning about it missing."""
+    torch.manual_seed(0)
+    model = randomize_norms_(small_resnet()).double().eval()
+    for name, p in model.named_parameters():
+        is_norm = "bn" in name or "downsample.1" in name
+        p.requires_grad_(is_norm and (norms == "weight_and_bias" or name.endswith("weight")))
+    with pytest.warns(UserWarning, match="BatchNorm whose weight trains under a frozen conv"):
+        converted, report = convert(model)
+    assert report.unfused == ["conv1", *block_names(model)] and report.folded == []
+    trainable = [n for n, p in converted.named_parameters() if p.requires_grad]
+    assert trainable == [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(isinstance(m, rf_nn.FusedConv2d) for m in converted.layer1.modules())
+    train_and_compare(model, converted, torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    # freeze_bn=True asks for frozen norms: folded as before.
+    frozen, report = convert(model, freeze_bn=True)
+    assert report.unfused == [] and not any(p.requires_grad for n, p in frozen.named_parameters() if "bn" in n)
 
 
 class _GainHead(nn.Linear):
