@@ -147,6 +147,10 @@ def _check_tensor(name: str, t: object, x: Tensor | None, optional: bool, like: 
         raise TypeError(f"{name}: expected a Tensor{' or None' if optional else ''}, got {type(t).__name__}")
     if t.layout != torch.strided:  # the dispatcher would refuse it without naming it
         raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
+    if t.is_nested:  # a nested tensor's layout reads strided, but it has no sizes to check
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got a nested tensor")
+    if t.is_quantized:
+        raise TypeError(f"{name}: expected a dense (strided) tensor of floats, got a quantized tensor ({t.dtype})")
     if x is None:
         return
     if t.device != x.device:
@@ -775,7 +779,10 @@ def _make_vmap(op: Callable) -> Callable:
 _LIBS: list[torch.library.Library] = []
 # The dispatch keys of tensors that are not dense (sparse, oneDNN's opaque layout). No kernel of the ops takes them,
 # and the dispatcher's own refusal names the op and the key, not the argument: their kernel runs the checks, which do.
-_NOT_DENSE_KEYS = ("SparseCPU", "SparseCUDA", "SparseCsrCPU", "SparseCsrCUDA", "MkldnnCPU")
+_NOT_DENSE_KEYS = (
+    *("SparseCPU", "SparseCUDA", "SparseCsrCPU", "SparseCsrCUDA", "MkldnnCPU"),
+    *("NestedTensorCPU", "NestedTensorCUDA", "AutogradNestedTensor", "QuantizedCPU", "QuantizedCUDA"),
+)
 
 
 def register_not_dense(qualname: str, checks: Callable) -> None:

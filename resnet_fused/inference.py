@@ -87,6 +87,11 @@ def _traced(x: Tensor, residual: Tensor | None) -> bool:
     )
 
 
+def _dense(t: Tensor) -> bool:
+    """Whether ``t`` has sizes and strides to key a call by: not sparse, nor nested (whose layout reads strided)."""
+    return t.layout == torch.strided and not t.is_nested
+
+
 def _held(t: Tensor) -> tuple:
     """What a pack depends on in ``t``: its identity, version, memory and metadata."""
     return (id(t), t._version, t.data_ptr(), t.dtype, t.device, t.shape, t.stride())
@@ -216,7 +221,6 @@ class PackedFusedConv2d(FusedConv2d):
         # Tuples built inline, not by nested helpers: this runs on every prepared call, where each Python call counts.
         w = self.weight
         fused = relu and (self._fuse_relu or os.environ.get(RELU_MODE_VAR) == "fused")
-        # Outside the try: an input without strides (sparse, nested) raises here, as the ordinary op would.
         inputs = (
             (x.shape, x.stride(), x.dtype, x.device),
             None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device),
@@ -289,6 +293,8 @@ class PackedFusedConv2d(FusedConv2d):
         # A trace, export or compile records the ordinary op (see _traced); checked before the fast path below.
         if (
             _traced(x, residual)
+            or not _dense(x)
+            or (residual is not None and not _dense(residual))  # the ordinary op's checks name them
             or contract.functorch_active()
             # Its checks, where there is anything to check: a dual level entered or a functorch interpreter pushed.
             or (

@@ -583,6 +583,12 @@ BAD_INPUTS = [
      r"residual: expected a dense \(strided\) tensor, got layout torch.sparse_coo"),
     ("bias_sparse", lambda: _args(bias=torch.randn(6).to_sparse()), TypeError,
      r"bias: expected a dense \(strided\) tensor, got layout torch.sparse_coo"),
+    # A nested tensor reads layout strided but has no sizes; a quantized one is strided with an integer storage.
+    ("x_nested", lambda: (torch.nested.nested_tensor([torch.randn(4, 8, 8)] * 2), torch.randn(6, 4, 3, 3), {}),
+     TypeError, r"x: expected a dense \(strided\) tensor, got a nested tensor"),
+    ("residual_quantized", lambda: _args(residual=torch.quantize_per_tensor(torch.randn(2, 6, 8, 8), 0.1, 0,
+                                                                            torch.quint8)),
+     TypeError, r"residual: expected a dense \(strided\) tensor of floats, got a quantized tensor \(torch.quint8\)"),
     ("stride_past_int64", lambda: _args(stride=2**63), ValueError,
      r"stride: expected values <= 9223372036854775807, got \(9223372036854775808, 9223372036854775808\)"),
 ]  # fmt: skip
@@ -646,8 +652,8 @@ def test_bad_input_errors_from_every_forward_fake(backend, make, error, match, r
     a fake that accepted a bad shape would make up an output where eager raises."""
     x, weight, kw = make()
     args = _op_args(x, weight, kw)
-    if any(isinstance(a, torch.Tensor) and a.layout != torch.strided for a in args):
-        pytest.skip("a sparse tensor has no fake or meta copy to test with")
+    if any(isinstance(a, torch.Tensor) and (a.layout != torch.strided or a.is_nested or a.is_quantized) for a in args):
+        pytest.skip("a sparse, nested or quantized tensor has no fake or meta copy to test with")
     mode = FakeTensorMode() if route == "fake_mode" else contextlib.nullcontext()
     if route == "meta":
         args = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
@@ -771,9 +777,11 @@ def test_not_dense_tensors_are_named_by_every_backward_op(backend):
     cases = {
         "grad_out": _bwd(grad_out=torch.randn(2, 6, 8, 8).to_sparse()),
         "x": _bwd(x=torch.randn(2, 4, 8, 8).to_mkldnn()),
+        "out": _bwd(out=torch.nested.nested_tensor([torch.randn(6, 8, 8)] * 2)),
+        "weight": _bwd(weight=torch.quantize_per_tensor(torch.randn(6, 4, 3, 3), 0.1, 0, torch.qint8)),
     }
     for name, args in cases.items():
-        with pytest.raises(TypeError, match=rf"{name}: expected a dense \(strided\) tensor, got layout torch\."):
+        with pytest.raises(TypeError, match=rf"{name}: expected a dense \(strided\) tensor"):
             backward_op(backend)(*args.values())
 
 

@@ -149,11 +149,19 @@ def bad_calls():
 
 
 def test_a_sparse_argument_is_named():
-    """No kernel takes a sparse tensor; the dispatcher's refusal would not name the argument, the checks do."""
+    """No kernel takes a sparse, nested or quantized tensor; the dispatcher's refusal would not name the argument, the
+    checks do."""
     y = torch.randn(2, 12, 5, 7)
-    for name, kw in {"bias": {"bias": torch.randn(12).to_sparse()}, "y": {"y": y.to_sparse()}}.items():
+    nested = torch.nested.nested_tensor([torch.randn(12, 5, 7)] * 2)
+    quantized = torch.quantize_per_tensor(torch.randn(12), 0.1, 0, torch.quint8)
+    for name, kw, got in (
+        ("bias", {"bias": torch.randn(12).to_sparse()}, ", got layout torch.sparse"),
+        ("y", {"y": y.to_sparse()}, ", got layout torch.sparse"),
+        ("residual", {"residual": nested}, ", got a nested tensor"),
+        ("scale", {"scale": quantized}, r" of floats, got a quantized tensor \(torch.quint8\)"),
+    ):
         args = {"y": y, "bias": None, "residual": None, "scale": None, **kw}
-        with pytest.raises(TypeError, match=rf"{name}: expected a dense \(strided\) tensor, got layout torch.sparse"):
+        with pytest.raises(TypeError, match=rf"{name}: expected a dense \(strided\) tensor{got}"):
             OP(**args, relu=True)
 
 

@@ -474,6 +474,29 @@ def test_clear_errors():
         optimize_for_inference(small_net(), fuse_relu="yes")
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("where", ["x", "residual"])
+@pytest.mark.parametrize("kind", ["nested", "sparse"])
+def test_a_nested_or_sparse_input_is_named_as_the_ordinary_op_names_it(kind, where, mode):
+    """A nested tensor reads layout strided but has no sizes, a sparse one no strides: the prepared path, before and
+    after a fast-path call, gives the ordinary op's error naming the argument, not torch's internal one."""
+    conv = optimize_for_inference(nn.Sequential(FusedConv2d(4, 6, 3, padding=1)).eval())[0]
+    x, residual = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 8, 8)
+    shape = x.shape if where == "x" else residual.shape
+    bad = (
+        torch.nested.nested_tensor([torch.randn(*shape[1:])] * 2)
+        if kind == "nested"
+        else torch.randn(shape).to_sparse()
+    )
+    got = "got a nested tensor" if kind == "nested" else "got layout torch.sparse_coo"
+    call = {"x": x, "residual": residual, where: bad}
+    with mode():
+        for _ in range(2):  # the second after a fast-path call
+            with pytest.raises(TypeError, match=rf"^{where}: expected a dense \(strided\) tensor, {got}$"):
+                conv(call["x"], residual=call["residual"])
+            conv(x, residual=residual)
+
+
 class MyConv(FusedConv2d):
     pass
 
