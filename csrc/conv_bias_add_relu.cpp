@@ -364,6 +364,16 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(
         {need_grad_x, need_grad_weight, false});
     if (need_grad_weight && scale_w) {
       grad_weight.mul_(scale->view({-1, 1, 1, 1}));
+      // The unscaled sum may overflow where the unfused sum(g * s * x) does
+      // not (|s| < 1; s = 0 gives inf * 0 = NaN): then it is taken from g * s,
+      // as the unfused backward does. On CPU (scale_w), where it costs no sync.
+      if (!at::isfinite(grad_weight).all().item<bool>()) {
+        grad_weight = std::get<1>(at::convolution_backward(
+            g * scale->view({1, -1, 1, 1}), x, weight,
+            /*bias_sizes=*/std::nullopt, stride, padding, dilation,
+            /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
+            {false, true, false}));
+      }
     }
   }
   // Fixed layouts (x's and weight's), whatever the conv backend picked, so

@@ -382,6 +382,28 @@ def test_a_scale_whose_product_with_the_weight_is_not_finite_matches_float64(tar
     assert rw.isnan().any() if kind == "inf" else (y64.isfinite().all() and y64.abs().max() > 1e37)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("target", target_params())
+def test_a_small_scale_whose_unscaled_weight_gradient_overflows_matches_float64(target, dtype):
+    """Where the output has many elements beside the weight, the CPU backward scales its wgrad after the sum: with
+    |s| < 1 that sum may overflow where the unfused sum(g * s * x) is finite, and s = 0 (a zero-initialised last
+    norm) made inf * 0 = NaN where the unfused gradient is 0."""
+    dev = target.device
+    x = torch.full((2, 4, 8, 8), 1e20, dtype=dtype, device=dev).requires_grad_()
+    w = torch.full((4, 4, 1, 1), 1e-3, dtype=dtype, device=dev).requires_grad_()  # 16 weights beside 512 outputs
+    scale = torch.tensor([1e-10, 1e-10, 0.0, 0.5], dtype=dtype, device=dev)
+    grad = torch.full((2, 4, 8, 8), 1e20, dtype=dtype, device=dev)
+    y = resnet_fused.conv_bias_add_relu(x, w, scale=scale, relu=False, backend=target.backend)
+    gx, gw = torch.autograd.grad(y, (x, w), grad)
+    x64, w64 = (t.detach().cpu().double().requires_grad_() for t in (x, w))
+    y64 = reference.conv_bias_add_relu(x64, w64, scale=scale.cpu().double(), relu=False)
+    rx, rw = torch.autograd.grad(y64, (x64, w64), grad.cpu().double())
+    rw = rw.to(dtype).double()  # 6.4e41 is inf in the dtype, as the unfused gradient is
+    for name, got, want, n in (("y", y, y64, 4), ("grad_x", gx, rx, 4), ("grad_weight", gw, rw, 128)):
+        assert_close(got, want, dtype, name, n)  # NaN and Inf positions first
+    assert (rw[2] == 0).all() and rw[:2].isfinite().all() and rw[3].isinf().all()
+
+
 # 7x7 output planes (49 elements) and K = 9: neither a multiple of a CPU vector's 8 (fp32) or 16 (bf16, fp16) lanes,
 # so the last pixel of each NCHW plane, channel 8 of each channels_last pixel, and the tensor's last elements take
 # the passes' scalar tails.
