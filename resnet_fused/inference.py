@@ -16,8 +16,10 @@ counter), moved or cast (``.to()``), or when the per-channel scale changes; ``.t
 packs and runs the ordinary op. A step of any ``torch.optim.Optimizer`` (a global step post-hook) drops
 the packs of the modules whose parameters it holds, since fused optimizers (``fused=True``) write in
 place without bumping the version counter. Other writes that bypass the version counter go unseen:
-through ``weight.data``, a NumPy or DLPack view, or an in-place ``torch.distributed`` collective
-(``broadcast``, ``all_reduce``); call :func:`optimize_for_inference` again after such a write.
+through ``weight.data``, a NumPy or DLPack view, another tensor over the same memory (a flat buffer the
+weights were made views of by ``vector_to_parameters``), another process (``share_memory()``), or an
+in-place ``torch.distributed`` collective (``broadcast``, ``all_reduce``); call
+:func:`optimize_for_inference` again after such a write.
 
 Calls that need autograd, autocast, a non-CPU device, a dtype oneDNN cannot run on this CPU, a
 non-zero padding mode or an empty batch take the ordinary op, so every call stays correct. So do calls
@@ -28,6 +30,7 @@ prepared model traces, exports and compiles as the converted one does.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import threading
@@ -85,6 +88,18 @@ def _traced(x: Tensor, residual: Tensor | None) -> bool:
         or _jit_tracing()
         or _dispatch_modes() != 0
     )
+
+
+def _taps_reach_input(kernel: int, stride: int, padding: int, dilation: int, size: int) -> bool:
+    """Whether some output position of a conv dimension has a kernel tap on the input rather than on its padding: a
+    tap ``r`` of output ``p`` reads padded position ``p * stride + r * dilation``, the input spans ``[padding,
+    padding + size)``."""
+    outputs = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    for r in range(kernel):
+        first = max(0, -(-(padding - r * dilation) // stride))  # the first output whose tap r is past the left padding
+        if first < outputs and first * stride + r * dilation < padding + size:
+            return True
+    return False
 
 
 def _dense(t: Tensor) -> bool:
@@ -161,6 +176,14 @@ class PackedFusedConv2d(FusedConv2d):
         state = dict(state)
         state["_pack_state"], state["_last_call"] = (None, {}), None  # opaque oneDNN tensors: rebuilt
         return state
+
+    def __deepcopy__(self, memo: dict) -> PackedFusedConv2d:
+        # Through this class's __getstate__ (no packs) even where a parametrization's class has replaced it with one
+        # that raises, and would otherwise copy __dict__ with its opaque oneDNN tensors.
+        replica = type(self).__new__(type(self))
+        memo[id(self)] = replica
+        replica.__setstate__(copy.deepcopy(PackedFusedConv2d.__getstate__(self), memo))
+        return replica
 
     @property
     def _packs(self) -> dict:
@@ -285,6 +308,8 @@ class PackedFusedConv2d(FusedConv2d):
         # 1 == True: the cached signature would let it pass; the ordinary op refuses it. A weight recomputed on every
         # read (a parametrization, pruning) is never packed: the ordinary op reads it once, as an unprepared conv does.
         if type(relu) is not bool or (weight is None and "weight" not in self._parameters):
+            if self._pack_state[0] is not None and "weight" not in self._parameters:
+                self._drop_packs()  # parametrized after it packed: they would never serve again
             return super().conv_bias_add_relu(
                 x, residual, weight=weight, scale=scale, bias=bias, relu=relu, fold_trainable_scale=fold_trainable_scale
             )
@@ -328,6 +353,13 @@ class PackedFusedConv2d(FusedConv2d):
         )
         # A 1-wide kernel has no gaps to dilate, and torch's packed-weight route crashes on a dilated one.
         dilation = tuple(1 if k == 1 else d for k, d in zip(self.weight.shape[2:], dilation, strict=True))
+        geometry = zip(self.weight.shape[2:], stride, padding, dilation, x.shape[2:], strict=True)
+        if not all(_taps_reach_input(*dim) for dim in geometry):
+            # An output that is all padding along a dimension (legal: nn.Conv2d gives the bias there) crashed the
+            # process on torch's packed-weight route; the ordinary op runs it.
+            return super().conv_bias_add_relu(
+                x, residual, weight=weight, scale=scale, bias=bias, relu=relu, fold_trainable_scale=fold_trainable_scale
+            )
         packed, frozen = self._packed_weight(x, scale, stride, padding, dilation)
         if packed is None:
             return super().conv_bias_add_relu(
