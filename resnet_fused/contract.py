@@ -491,8 +491,10 @@ def _setup_context(ctx, inputs, output) -> None:
     # Grad mode is off in here, and a graph is being recorded: a scale that requires grad is refused outright.
     with torch.enable_grad():
         check_scale_constant(scale)
-    # The output carries the mask; the pre-activation is never kept.
-    ctx.save_for_backward(x, weight, output if relu else None, scale)
+    # The output carries the mask; the pre-activation is never kept. x and weight only for a conv gradient, as ATen's
+    # conv saves them: an in-place change of x after the forward then stays legal where only bias or residual train.
+    conv_grad = any(ctx.needs_input_grad[:2])
+    ctx.save_for_backward(x if conv_grad else None, weight if conv_grad else None, output if relu else None, scale)
     ctx.conv_args = (stride, padding, dilation, groups)
     ctx.relu = relu
 
@@ -574,7 +576,14 @@ def _make_backward(backward_op: Callable) -> Callable:
         # Without ReLU, grad_residual is grad_out itself; the op only makes it when masked.
         mask = [need_x, need_w, need_b, need_r and ctx.relu]
         out = out if ctx.relu else grad_out  # read only with relu
-        grad_x, grad_w, grad_b, grad_r = backward_op(grad_out, out, x, weight, scale, *ctx.conv_args, ctx.relu, mask)
+        if x is None:  # no conv gradient: the epilogue's pass alone (mask, grad_bias), on stand-ins
+            grad_x = grad_w = grad_b = grad_r = None
+            if need_b or mask[3]:
+                t = out if ctx.relu else grad_out.contiguous()
+                g = grad_out if ctx.relu else t
+                _, _, grad_b, grad_r = backward_op(g, t, *_epilogue_stand_ins(t), ctx.relu, mask)
+        else:
+            grad_x, grad_w, grad_b, grad_r = backward_op(grad_out, out, x, weight, scale, *ctx.conv_args, ctx.relu, mask)
         if need_r and not ctx.relu:
             grad_r = grad_out
         return (

@@ -27,6 +27,7 @@ from helpers import (
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import resnet_fused
+from resnet_fused import reference
 
 # The scale goes on the smaller of g and the weight: y (1, 16, 3, 3) has fewer elements than the 3x3 weight, so the
 # epilogue node scales g; y (2, 8, 6, 6) has more than the 1x1 weight, so the conv node scales the weight.
@@ -255,6 +256,34 @@ def test_saved_tensors_are_the_one_node_ones(case):
             scale.mul_(2)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             y.backward(inputs.grad_out)
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("trained", [("residual",), ("bias",), ("bias", "residual")])
+@pytest.mark.parametrize("graph", ["two_nodes", "one_node"])
+def test_without_conv_gradients_x_and_weight_are_not_saved(graph, trained, relu):
+    """As ATen's conv, x and weight are saved only for their own gradients: where only the bias or the residual
+    trains (the input batch's buffer refilled in place before the backward, say), both graphs give the gradients,
+    and hold neither tensor."""
+    epilogue = Epilogue(True, True, True, relu)
+    inputs = _inputs(SCALE_ON_WEIGHT, torch.float32, "channels_last", epilogue, trained)
+    t = inputs.tensors
+    ref = {k: v.detach().double().requires_grad_(k in trained) for k, v in t.items()}
+    want = dict(zip(trained, torch.autograd.grad(
+        reference.conv_bias_add_relu(**ref, **{**inputs.kwargs, "scale": inputs.kwargs["scale"].double()}),
+        [ref[k] for k in trained], inputs.grad_out.double(),
+    ), strict=True))  # fmt: skip
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: (saved.append(s.data_ptr()), s)[1], lambda s: s):
+        y = call(graph, inputs)
+    assert not {t["x"].data_ptr(), t["weight"].data_ptr()} & set(saved)
+    y = call(graph, inputs)
+    with torch.no_grad():
+        t["x"].mul_(2)
+        t["weight"].mul_(2)
+    got = torch.autograd.grad(y, [t[k] for k in trained], inputs.grad_out)
+    for name, g in zip(trained, got, strict=True):
+        assert_close(g, want[name], torch.float32, f"{graph} grad_{name}", reductions=128)
 
 
 @pytest.mark.parametrize("bias", [False, True])
