@@ -271,6 +271,8 @@ class FusedConv2d(nn.Conv2d):
         if pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, pad, mode=mode)
+            if _channels_last_by_weight(x, self):  # circular F.pad returns NCHW: as nn.Conv2d, the weight's layout
+                x = _channels_last(x)
         return _fused_conv(
             x,
             self.weight if weight is None else weight,
@@ -323,6 +325,12 @@ class FusedConv2d(nn.Conv2d):
             x = _channels_last(x)
         scale, shift = self.scale_shift()
         if norm is not None and not isinstance(norm, nn.Module):
+            if isinstance(norm, torch.fx.Proxy):  # the root module of symbolic_trace: its defaulted arguments too
+                raise TypeError(
+                    "norm: expected an nn.Module or None, got an fx Proxy: torch.fx.symbolic_trace of a FusedConv2d "
+                    "as the root module traces every forward argument; pass concrete_args={'norm': None, "
+                    "'donate_residual': False, 'relu': None}, or trace a module that calls it"
+                )
             raise TypeError(f"norm: expected an nn.Module or None, got {type(norm).__name__}")
         if norm is None or (_plain_identity(norm) and _unseen(norm)):
             return self.conv_bias_add_relu(
@@ -421,6 +429,11 @@ def _fused_conv(
     """The op call of every FusedConv2d. A leaf for ``torch.fx`` (its checks need real tensors), so it also takes
     nn.Conv2d's unbatched ``(C, H, W)`` input and, with ``fold_trainable_scale``, folds a scale that needs its gradient
     (eval-mode BN with trainable gamma under grad mode) into the weight, as the op's scale is a constant."""
+    if isinstance(x, Tensor) and x.dim() not in (3, 4):  # the op would name 4-D alone
+        raise ValueError(
+            f"input: expected a 3-D (C, H, W) or 4-D (N, C, H, W) tensor, as nn.Conv2d, got {x.dim()}-D with shape "
+            f"{tuple(x.shape)}"
+        )
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)

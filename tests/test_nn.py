@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -993,20 +994,43 @@ def test_set_scale_shift_keeps_copies_of_the_callers_tensors():
     assert torch.equal(scale, before[0]) and torch.equal(shift, before[1])
 
 
-def test_a_channels_last_weight_makes_the_output_channels_last_as_in_conv2d():
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("x_layout", ["nchw", "channels_last"])
+def test_a_channels_last_weight_makes_the_output_channels_last_as_in_conv2d(x_layout, padding_mode):
     """A model moved to channels_last and fed NCHW input: nn.Conv2d (oneDNN) returns channels_last; so must the fused
-    conv, or every later layer runs in the other layout."""
+    conv, or every later layer runs in the other layout. Every padding mode (circular F.pad returns NCHW)."""
     cl = torch.channels_last
     torch.manual_seed(0)
-    ref = nn.Conv2d(4, 8, 3, padding=1).to(memory_format=cl)
-    fused = FusedConv2d(4, 8, 3, padding=1, relu=False).to(memory_format=cl)
+    ref = nn.Conv2d(4, 8, 3, padding=1, padding_mode=padding_mode).to(memory_format=cl)
+    fused = FusedConv2d(4, 8, 3, padding=1, padding_mode=padding_mode, relu=False).to(memory_format=cl)
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(2, 4, 8, 8)
+    if x_layout == "channels_last":
+        x = x.contiguous(memory_format=cl)
     with torch.no_grad():
         want, got = ref(x), fused(x)
     assert want.is_contiguous(memory_format=cl) and not want.is_contiguous()
     assert got.stride() == want.stride()
     torch.testing.assert_close(got, want)
+
+
+def test_a_fused_conv_as_the_root_of_symbolic_trace_says_to_pass_concrete_args():
+    """torch.fx.symbolic_trace of the conv itself makes a Proxy of every forward argument, the defaulted norm too:
+    the error says how to trace it, and traced so it computes as the module."""
+    conv = FusedConv2d(4, 6, 3, padding=1)
+    with pytest.raises(TypeError, match=r"norm: expected an nn.Module or None, got an fx Proxy: .* concrete_args="):
+        torch.fx.symbolic_trace(conv)
+    concrete = {"norm": None, "donate_residual": False, "relu": None}
+    graph = torch.fx.symbolic_trace(conv, concrete_args=concrete)
+    x = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(graph(x), conv(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(4, 8), (1, 1, 4, 8, 8)])
+def test_an_input_of_another_rank_is_refused_naming_both_ranks_nn_conv2d_takes(shape):
+    want = f"input: expected a 3-D (C, H, W) or 4-D (N, C, H, W) tensor, as nn.Conv2d, got {len(shape)}-D with shape {shape}"
+    with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
+        FusedConv2d(4, 6, 3)(torch.randn(shape))
 
 
 def _twin_blocks(norm_layer) -> tuple[nn.Module, nn.Module]:
