@@ -583,7 +583,9 @@ def _make_backward(backward_op: Callable) -> Callable:
                 g = grad_out if ctx.relu else t
                 _, _, grad_b, grad_r = backward_op(g, t, *_epilogue_stand_ins(t), ctx.relu, mask)
         else:
-            grad_x, grad_w, grad_b, grad_r = backward_op(grad_out, out, x, weight, scale, *ctx.conv_args, ctx.relu, mask)
+            grad_x, grad_w, grad_b, grad_r = backward_op(
+                grad_out, out, x, weight, scale, *ctx.conv_args, ctx.relu, mask
+            )
         if need_r and not ctx.relu:
             grad_r = grad_out
         return (

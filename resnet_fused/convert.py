@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .backends import check_name
+from .contract import pair
 from .nn import (
     _BN_FORWARDS,
     BasicBlock,
@@ -144,7 +145,7 @@ def _fuse_conv_norm(
     if _kept_as_is(norm, _NORM_OWN):  # a module the fused conv calls: its hooks, forward and state see what they saw
         return fused, norm, "unfused"
     is_bn = isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm))
-    if is_bn and not freeze_bn and _scale_trains_alone(conv, norm):
+    if is_bn and not (freeze_bn and norm.training) and _scale_trains_alone(conv, norm):
         # Folded, gamma would become part of a frozen weight, and stop training. Kept, the fused conv folds it on
         # each call (into the weight where gamma needs its gradient), as for any eval-mode BatchNorm module.
         return fused, norm, "unfused"
@@ -220,7 +221,11 @@ def _check_block(name: str, block: nn.Module) -> tuple[type, list[str], list[nn.
             where = f"{name}.conv{i}" if name else f"conv{i}"
             raise TypeError(f"convert: {where}: expected an nn.Conv2d, got {type(conv).__name__}")
     in_channels, out_channels = convs[0].in_channels, convs[-1].out_channels
-    stride = tuple(math.prod(c.stride[i] for c in convs) for i in range(2))
+    # An int where set after construction (a "last stride 1" edit), as nn.Conv2d's forward takes it.
+    strides = [
+        pair(c.stride, f"convert: {name or '<model>'}.conv{i}.stride", 1) for i, c in zip(layers, convs, strict=True)
+    ]
+    stride = tuple(math.prod(s[i] for s in strides) for i in range(2))
     check_residual(f"convert: {name or '<model>'}", in_channels, out_channels, stride, block.downsample)
     return ours, layers, convs
 
@@ -486,7 +491,8 @@ def convert(
             f"convert: norms left unfused (BatchNorm in train mode or without running statistics, BatchNorm whose "
             f"weight trains under a frozen conv, other norms, norms with hooks, forwards or extra state set on the "
             f"instance) in {', '.join(n or '<model>' for n in report.unfused)}; to fold a BatchNorm that "
-            f"has running statistics, call model.eval() before convert, or pass freeze_bn=True to freeze it",
+            f"has running statistics, call model.eval() before convert, or pass freeze_bn=True to freeze it (one "
+            f"whose weight trains under a frozen conv: freeze that weight or train the conv)",
             stacklevel=2,
         )
     if report.kept:

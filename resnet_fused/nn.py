@@ -242,6 +242,8 @@ class FusedConv2d(nn.Conv2d):
             w_lo, w_hi, h_lo, h_hi = self._reversed_padding_repeated_twice
             extra = [0, w_hi - w_lo, 0, h_hi - h_lo]  # an odd total puts the extra pixel at the end
             return (extra if any(extra) else None), (h_lo, w_lo)
+        if isinstance(self.padding, int):  # set after construction: F.conv2d, which nn.Conv2d calls, takes it
+            return None, (self.padding, self.padding)
         # A 1-tuple stands for both dims, as F.conv2d reads it; any other length is the op's to refuse.
         return None, tuple(self.padding) * 2 if len(self.padding) == 1 else tuple(self.padding)
 

@@ -827,6 +827,22 @@ def test_a_folded_bias_is_trainable_where_the_shift_was(trained):
     assert conv.bias.requires_grad == (trained != "conv")
 
 
+def test_geometry_set_as_ints_after_construction_converts_and_runs():
+    """A "last stride 1" edit (re-identification backbones) sets a block conv's stride as an int, and a dilation edit
+    its padding, after construction; nn.Conv2d's forward takes both, and so do convert and the fused convs."""
+    torch.manual_seed(0)
+    model = randomize_norms_(tv.resnet50()).eval()
+    model.layer4[0].conv2.stride = 1
+    model.layer4[0].downsample[0].stride = 1
+    converted, _ = convert(model)
+    for m in (model, converted):
+        m.layer4[1].conv2.dilation, m.layer4[1].conv2.padding = 2, 2
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(x.double())
+        assert_close(converted(x), want, torch.float32, "logits", reductions=4608)
+
+
 @pytest.mark.parametrize("norms", ["weight", "weight_and_bias"])
 def test_norms_fine_tuned_under_frozen_convs_keep_training(norms):
     """Fine-tuning only the norms (frozen convs, trainable gamma): folding gamma into a frozen weight would stop it
@@ -844,9 +860,16 @@ def test_norms_fine_tuned_under_frozen_convs_keep_training(norms):
     assert trainable == [n for n, p in model.named_parameters() if p.requires_grad]
     assert any(isinstance(m, rf_nn.FusedConv2d) for m in converted.layer1.modules())
     train_and_compare(model, converted, torch.randn(2, 3, 32, 32, dtype=torch.float64))
-    # freeze_bn=True asks for frozen norms: folded as before.
-    frozen, report = convert(model, freeze_bn=True)
-    assert report.unfused == [] and not any(p.requires_grad for n, p in frozen.named_parameters() if "bn" in n)
+    # freeze_bn=True freezes train-mode norms only: these eval-mode ones are kept as well.
+    with pytest.warns(UserWarning, match="freeze that weight or train the conv"):
+        kept, report = convert(model, freeze_bn=True)
+    assert report.unfused == ["conv1", *block_names(model)]
+    assert [n for n, p in kept.named_parameters() if p.requires_grad] == trainable
+    # With the norms' weights frozen as well, folding freezes nothing that trained: folded.
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _, report = convert(model)
+    assert report.unfused == [] and report.folded == ["conv1", *block_names(model)]
 
 
 class _GainHead(nn.Linear):
