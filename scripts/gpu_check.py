@@ -4,7 +4,7 @@
     python3 scripts/gpu_check.py test    # GPU runtime tests, then the correctness suite on cuda and triton
     python3 scripts/gpu_check.py sanitize  # compute-sanitizer memcheck and racecheck on a trimmed suite
     python3 scripts/gpu_check.py equivalence  # every backend against float64 (minutes: Triton compiles each case)
-    python3 scripts/gpu_check.py bench   # op and model benchmarks (CUDA events)
+    python3 scripts/gpu_check.py bench   # the op benchmark on resnet50's convs (CUDA events)
     python3 scripts/gpu_check.py all     # the five, in order
     python3 scripts/gpu_check.py build,test --deadline 560 --bundle "$OUT/gpu_check.tgz"   # a lent machine's call
 
