@@ -8,7 +8,6 @@ Adding a backend is one :class:`Backend` row plus its kernel files (see docs/add
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import weakref
 from collections.abc import Callable, Iterator
@@ -18,8 +17,10 @@ import torch
 from torch import Tensor
 
 from resnet_fused import contract, reference
-from resnet_fused import triton as triton_package
-from resnet_fused.triton import interprets
+
+# The Triton ops' schemas, fakes and autograd, without triton (their kernels import it on the first call): a program
+# exported or traced on that backend loads after `import resnet_fused`, as one on the C++ op does.
+from resnet_fused.triton import op as triton_ops
 
 try:
     from resnet_fused import _C  # noqa: F401  (importing runs the C++ op registrations)
@@ -41,7 +42,7 @@ contract.register_not_dense(EPILOGUE, contract.epilogue_fake)
 
 
 # Read once, as @triton.jit reads it: setting TRITON_INTERPRET later changes neither.
-INTERPRET = interprets()
+INTERPRET = triton_ops.INTERPRET
 
 
 # A row's first use may happen inside torch.compile. The probe then runs eagerly, as a constant (its torch calls would
@@ -188,24 +189,8 @@ def _cuda_probe() -> str:
     return "" if status is None else status(torch.cuda.current_device())
 
 
-def _triton_probe() -> str:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if not (torch.cuda.is_available() or INTERPRET):
-        if triton_package.IMPORT_ERROR:  # TRITON_INTERPRET was set, but triton did not import
-            return f"the Triton backend failed to import: {triton_package.IMPORT_ERROR}"
-        return "no CUDA device, and TRITON_INTERPRET=1 was not set when resnet_fused was imported"
-    try:
-        import resnet_fused.triton.op  # noqa: F401  (registers the Triton ops)
-    except Exception as e:  # a broken triton install must not break the other backends
-        return f"the Triton backend failed to import: {type(e).__name__}: {e}"
-    return ""
-
-
 def _triton_op() -> Callable[..., Tensor]:
-    from resnet_fused.triton import op
-
-    return op.conv_bias_add_relu_triton
+    return triton_ops.conv_bias_add_relu_triton
 
 
 BACKENDS = Table(
@@ -216,7 +201,11 @@ BACKENDS = Table(
         Backend("cuda", ("cuda", "meta"), ("cuda",), _cpp_op, _cuda_probe),
         # Under the interpreter Triton runs on CPU tensors; auto never picks it there.
         Backend(
-            "triton", ("cuda", "cpu", "meta") if INTERPRET else ("cuda", "meta"), ("cuda",), _triton_op, _triton_probe
+            "triton",
+            ("cuda", "cpu", "meta") if INTERPRET else ("cuda", "meta"),
+            ("cuda",),
+            _triton_op,
+            triton_ops.unavailable,
         ),
         Backend("reference", ("cpu", "cuda", "meta"), (), lambda: _reference_op, lambda: ""),
     ]

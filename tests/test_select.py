@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -626,6 +627,51 @@ def test_explain_answers_what_the_call_runs_under_transforms_and_autocast():
     for fn in (resnet_fused.conv_bias_add_relu, resnet_fused.explain):
         with pytest.raises(ValueError, match=r"scale: expected a constant \(requires_grad=False\)"):
             fn(x, w, scale=scale)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_a_program_saved_on_the_triton_backend_loads_after_import_resnet_fused(tmp_path):
+    """torch.export and torch.jit.trace record the Triton op by name: `import resnet_fused` registers it, as it does
+    the C++ op, so a fresh process loads the program; where Triton runs (the interpreter here) it runs, elsewhere the
+    call says why not."""
+    path = tmp_path / "program"
+    save = f"""
+import torch, resnet_fused
+from resnet_fused.nn import FusedConv2d
+torch.manual_seed(0)
+conv = FusedConv2d(2, 3, 3, padding=1, backend="triton").eval()
+x = torch.randn(1, 2, 5, 5)
+program = torch.export.export(conv, (x,))
+assert any("conv_bias_add_relu_triton" in str(n.target) for n in program.graph.nodes)
+torch.export.save(program, {str(path)!r} + ".pt2")
+torch.jit.save(torch.jit.trace(conv, (x,)), {str(path)!r} + ".jit")
+torch.save((x, conv(x).detach()), {str(path)!r} + ".io")
+"""
+    load = f"""
+import torch, resnet_fused
+x, want = torch.load({str(path)!r} + ".io")
+for program in (torch.export.load({str(path)!r} + ".pt2").module(), torch.jit.load({str(path)!r} + ".jit")):
+    try:
+        print(torch.allclose(program(x), want, atol=1e-5))
+    except RuntimeError as e:  # TorchScript wraps the op's message in its own lines
+        print(next(line for line in str(e).splitlines() if "cannot run here" in line).split("RuntimeError: ")[-1])
+"""
+    interpret = dict(os.environ, TRITON_INTERPRET="1")
+    plain = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for code, env in ((save, interpret), (load, interpret), (load, plain)):
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        proc.stdout.split("\n")[:2]
+        == [
+            "resnet_fused::conv_bias_add_relu_triton: the triton backend cannot run here: no CUDA device, and "
+            "TRITON_INTERPRET=1 was not set when resnet_fused was imported. A program exported or traced on the triton "
+            "backend runs where Triton does; export it on the cpu or cuda backend to run it here"
+        ]
+        * 2
+    )
+    proc = subprocess.run([sys.executable, "-c", load], env=interpret, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.split() == ["True", "True"], proc.stdout + proc.stderr[-2000:]  # where Triton runs
 
 
 def test_the_triton_probe_names_a_failed_import_under_the_interpreter(tmp_path):

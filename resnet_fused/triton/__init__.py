@@ -1,7 +1,8 @@
 """Triton backend of resnet_fused: implicit-GEMM conv kernels with the epilogue and its backward fused.
 
-``resnet_fused.triton.op`` registers ``resnet_fused::conv_bias_add_relu_triton`` and its backward; the backend table
-(:mod:`resnet_fused.backends`) imports it when Triton can run here (a GPU, or ``TRITON_INTERPRET=1``).
+``resnet_fused.triton.op`` registers ``resnet_fused::conv_bias_add_relu_triton`` and its backward when resnet_fused is
+imported; their kernels (``launch``, ``kernels``, which import triton) load on the first call, where Triton can run
+(a GPU, or ``TRITON_INTERPRET=1``).
 """
 
 import importlib.util

@@ -4,22 +4,59 @@ Registered with ``torch.library.custom_op``, not ``triton_op``: under ``TRITON_I
 kernels) ``wrap_triton`` hands back the raw interpreted kernel, so a ``triton_op`` body traced with fake tensors
 would launch the interpreter on them (opcheck fails) or drop the launch from a compiled graph. An opaque custom
 op behaves the same under the interpreter and on a GPU, so the path CI proves is the path that ships. Both ops
-validate through the op contract; fakes, autograd and autocast come from ``contract.register_op``.
+validate through the op contract; fakes, autograd and autocast come from ``contract.register_op``. This module
+imports no triton: ``import resnet_fused`` registers the ops, and the kernels load on the first call.
 """
 
+import importlib.util
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from resnet_fused import contract
-
-from . import launch
+from resnet_fused import triton as triton_package
+from resnet_fused.triton import interprets
 
 FORWARD = "resnet_fused::conv_bias_add_relu_triton"
 BACKWARD = "resnet_fused::conv_bias_add_relu_triton_backward"
 # CUDA caps grid dims y and z at 65535; the kernels put groups on z.
 MAX_GROUPS = 65535
+
+
+# Read once, as @triton.jit reads it: setting TRITON_INTERPRET later changes neither.
+INTERPRET = interprets()
+
+
+def unavailable() -> str:
+    """Why the Triton kernels cannot run in this process, or "" where they can: triton missing or failing to import,
+    or neither a CUDA device nor the interpreter (``TRITON_INTERPRET=1`` when resnet_fused was imported)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not (torch.cuda.is_available() or INTERPRET):
+        if triton_package.IMPORT_ERROR:  # TRITON_INTERPRET was set, but triton did not import
+            return f"the Triton backend failed to import: {triton_package.IMPORT_ERROR}"
+        return "no CUDA device, and TRITON_INTERPRET=1 was not set when resnet_fused was imported"
+    try:
+        from . import launch  # noqa: F401  (imports triton and the kernels)
+    except Exception as e:  # a broken triton install must not break the other backends
+        return f"the Triton backend failed to import: {type(e).__name__}: {e}"
+    return ""
+
+
+def _launchers():
+    """The launchers, imported on the first call (importing them imports triton). The ops are registered when
+    resnet_fused is imported, so that a program exported or traced on this backend loads wherever resnet_fused is
+    imported; it runs where Triton can."""
+    why = unavailable()
+    if why:
+        raise RuntimeError(
+            f"{FORWARD}: the triton backend cannot run here: {why}. A program exported or traced on the triton "
+            "backend runs where Triton does; export it on the cpu or cuda backend to run it here"
+        )
+    from . import launch
+
+    return launch
 
 
 def _check_groups(groups: int) -> None:
@@ -46,7 +83,7 @@ def conv_bias_add_relu_triton(
     )
     contract.check_no_tangent(x=x, weight=weight, bias=bias, residual=residual, scale=scale)
     _check_groups(groups)
-    return launch.forward(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
+    return _launchers().forward(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
 
 
 @torch.library.custom_op(BACKWARD, mutates_args=())
@@ -68,7 +105,7 @@ def conv_bias_add_relu_triton_backward(
         grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu, output_mask
     )
     _check_groups(groups)
-    return launch.backward(grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu, output_mask)
+    return _launchers().backward(grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu, output_mask)
 
 
 contract.register_op(FORWARD, BACKWARD)
