@@ -366,7 +366,8 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(
       grad_weight.mul_(scale->view({-1, 1, 1, 1}));
       // The unscaled sum may overflow where the unfused sum(g * s * x) does
       // not (|s| < 1; s = 0 gives inf * 0 = NaN): then it is taken from g * s,
-      // as the unfused backward does. On CPU (scale_w), where it costs no sync.
+      // as the unfused backward does. On CPU (scale_w), where it costs no sync;
+      // a NaN or Inf in x or g (a diverging run) pays for a second wgrad too.
       if (!at::isfinite(grad_weight).all().item<bool>()) {
         grad_weight = std::get<1>(at::convolution_backward(
             g * scale->view({1, -1, 1, 1}), x, weight,

@@ -41,7 +41,6 @@ torch.library.register_fake(EPILOGUE)(contract.epilogue_fake)
 contract.register_not_dense(EPILOGUE, contract.epilogue_fake)
 
 
-# Read once, as @triton.jit reads it: setting TRITON_INTERPRET later changes neither.
 INTERPRET = triton_ops.INTERPRET
 
 

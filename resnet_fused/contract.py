@@ -579,7 +579,7 @@ def _make_backward(backward_op: Callable) -> Callable:
         if x is None:  # no conv gradient: the epilogue's pass alone (mask, grad_bias), on stand-ins
             grad_x = grad_w = grad_b = grad_r = None
             if need_b or mask[3]:
-                t = out if ctx.relu else grad_out.contiguous()
+                t = out if ctx.relu else grad_out.contiguous(memory_format=memory_format(grad_out))
                 g = grad_out if ctx.relu else t
                 _, _, grad_b, grad_r = backward_op(g, t, *_epilogue_stand_ins(t), ctx.relu, mask)
         else:

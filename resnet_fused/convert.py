@@ -222,9 +222,8 @@ def _check_block(name: str, block: nn.Module) -> tuple[type, list[str], list[nn.
             raise TypeError(f"convert: {where}: expected an nn.Conv2d, got {type(conv).__name__}")
     in_channels, out_channels = convs[0].in_channels, convs[-1].out_channels
     # An int where set after construction (a "last stride 1" edit), as nn.Conv2d's forward takes it.
-    strides = [
-        pair(c.stride, f"convert: {name or '<model>'}.conv{i}.stride", 1) for i, c in zip(layers, convs, strict=True)
-    ]
+    prefix = f"{name}." if name else ""
+    strides = [pair(c.stride, f"convert: {prefix}conv{i}.stride", 1) for i, c in zip(layers, convs, strict=True)]
     stride = tuple(math.prod(s[i] for s in strides) for i in range(2))
     check_residual(f"convert: {name or '<model>'}", in_channels, out_channels, stride, block.downsample)
     return ours, layers, convs

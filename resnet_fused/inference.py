@@ -240,17 +240,19 @@ class PackedFusedConv2d(FusedConv2d):
         """Everything the checks, the packed weight and the launch depend on, as plain values: the inputs' metadata;
         the identity, version and storage of weight, scale and bias; the conv's settings; the global switches.
         None where one of them is an inference tensor (e.g. a scale computed under inference_mode), which has no
-        version counter: such a call is checked every time."""
+        version counter, or an input without sizes or strides: such a call is checked every time."""
         # Tuples built inline, not by nested helpers: this runs on every prepared call, where each Python call counts.
         w = self.weight
         fused = relu and (self._fuse_relu or os.environ.get(RELU_MODE_VAR) == "fused")
-        inputs = (
-            (x.shape, x.stride(), x.dtype, x.device),
-            None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device),
-        )
         try:
+            inputs = (
+                (x.shape, x.stride(), x.dtype, x.device),
+                None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device),
+            )
             tensors = (_held(w), None if scale is None else _held(scale), None if bias is None else _held(bias))
-        except RuntimeError:  # "Inference tensors do not track version counter"
+        except (
+            RuntimeError
+        ):  # no sizes or strides (nested, sparse), or "Inference tensors do not track version counter"
             return None
         return (
             *inputs,
@@ -262,6 +264,8 @@ class PackedFusedConv2d(FusedConv2d):
         )
 
     def _packed_path_ok(self, x: Tensor, residual: Tensor | None, scale: Tensor | None, bias: Tensor | None) -> bool:
+        if not _dense(x) or (residual is not None and not _dense(residual)):
+            return False  # the ordinary op's checks name them
         if self.training or x.device.type != "cpu" or x.dim() != 4 or x.shape[0] == 0:
             return False
         if self.backend != "cpu" and (self.backend != "auto" or _forced_backend() not in (None, "cpu")):
@@ -318,8 +322,6 @@ class PackedFusedConv2d(FusedConv2d):
         # A trace, export or compile records the ordinary op (see _traced); checked before the fast path below.
         if (
             _traced(x, residual)
-            or not _dense(x)
-            or (residual is not None and not _dense(residual))  # the ordinary op's checks name them
             or contract.functorch_active()
             # Its checks, where there is anything to check: a dual level entered or a functorch interpreter pushed.
             or (

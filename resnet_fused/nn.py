@@ -315,6 +315,11 @@ class FusedConv2d(nn.Conv2d):
         and the result ``(N, C_out, H_out, W_out)`` or ``(C_out, H_out, W_out)``.
         """
         x = input
+        if isinstance(x, Tensor) and x.dim() not in (3, 4):  # the op would name 4-D alone
+            raise ValueError(
+                f"input: expected a 3-D (C, H, W) or 4-D (N, C, H, W) tensor, as nn.Conv2d, got {x.dim()}-D with "
+                f"shape {tuple(x.shape)}"
+            )
         relu = self.relu if relu is None else relu
         if isinstance(relu, Tensor) and relu.dtype == torch.bool and relu.dim() == 0 and torch.jit.is_tracing():
             # The TorchScript ONNX exporter passes a bool input as a tensor: the trace keeps its value, as `if relu:`
@@ -431,11 +436,6 @@ def _fused_conv(
     """The op call of every FusedConv2d. A leaf for ``torch.fx`` (its checks need real tensors), so it also takes
     nn.Conv2d's unbatched ``(C, H, W)`` input and, with ``fold_trainable_scale``, folds a scale that needs its gradient
     (eval-mode BN with trainable gamma under grad mode) into the weight, as the op's scale is a constant."""
-    if isinstance(x, Tensor) and x.dim() not in (3, 4):  # the op would name 4-D alone
-        raise ValueError(
-            f"input: expected a 3-D (C, H, W) or 4-D (N, C, H, W) tensor, as nn.Conv2d, got {x.dim()}-D with shape "
-            f"{tuple(x.shape)}"
-        )
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)

@@ -809,21 +809,25 @@ def test_a_getter_stem_out_of_order_is_kept():
         assert_close(converted(x)["out"], expected, torch.float32, "out", 576)
 
 
-@pytest.mark.parametrize("trained", ["conv", "norm", "both"])
+@pytest.mark.parametrize("trained", ["conv", "norm", "norm_shift", "both"])
 def test_a_folded_bias_is_trainable_where_the_shift_was(trained):
     """Training the folded bias is training the norm's shift: it requires grad exactly where the shift (or the conv's
-    bias) did. The folded weight follows the conv's weight."""
+    bias) did. The folded weight follows the conv's weight. A norm whose scale trains under a frozen conv is kept
+    (see the next test); one whose shift alone trains folds, its shift training as the bias."""
     torch.manual_seed(0)
     model = randomize_norms_(torchvision.models.resnet18()).eval()
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            p.requires_grad_(trained == "both" or (trained == "norm") == isinstance(m, nn.BatchNorm2d))
+    for name, p in model.named_parameters():
+        norm = ".bn" in name or name.startswith("bn") or "downsample.1" in name
+        p.requires_grad_(
+            {"conv": not norm, "norm": norm, "norm_shift": norm and name.endswith("bias"), "both": True}[trained]
+        )
     converted, report = convert(model)
     conv = converted.layer1[0].conv1
-    if trained == "norm":  # not folded: see the next test
+    if trained == "norm":
         assert "layer1.0" in report.unfused and isinstance(converted.layer1[0].bn1, nn.BatchNorm2d)
         return
-    assert conv.weight.requires_grad
+    assert report.unfused == [] and isinstance(converted.layer1[0].bn1, nn.Identity)
+    assert conv.weight.requires_grad == (trained in ("conv", "both"))
     assert conv.bias.requires_grad == (trained != "conv")
 
 

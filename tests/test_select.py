@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -657,21 +658,44 @@ for program in (torch.export.load({str(path)!r} + ".pt2").module(), torch.jit.lo
         print(next(line for line in str(e).splitlines() if "cannot run here" in line).split("RuntimeError: ")[-1])
 """
     interpret = dict(os.environ, TRITON_INTERPRET="1")
-    plain = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # Without the interpreter, and with no GPU even where the tests run on one.
+    plain = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "CUDA_VISIBLE_DEVICES": ""}
+    out = []
     for code, env in ((save, interpret), (load, interpret), (load, plain)):
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (
-        proc.stdout.split("\n")[:2]
-        == [
-            "resnet_fused::conv_bias_add_relu_triton: the triton backend cannot run here: no CUDA device, and "
-            "TRITON_INTERPRET=1 was not set when resnet_fused was imported. A program exported or traced on the triton "
-            "backend runs where Triton does; export it on the cpu or cuda backend to run it here"
-        ]
-        * 2
+        out.append(proc.stdout.splitlines())
+    assert out[1] == ["True", "True"]  # where Triton runs
+    refusal = (
+        "resnet_fused::conv_bias_add_relu_triton: the triton backend cannot run here: no CUDA device, and "
+        "TRITON_INTERPRET=1 was not set when resnet_fused was imported. A program exported or traced on the triton "
+        "backend runs where Triton does; export it on the cpu or cuda backend to run it here"
     )
-    proc = subprocess.run([sys.executable, "-c", load], env=interpret, capture_output=True, text=True, timeout=300)
-    assert proc.stdout.split() == ["True", "True"], proc.stdout + proc.stderr[-2000:]  # where Triton runs
+    assert out[2] == [refusal, refusal]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_the_triton_ops_refuse_cpu_tensors_outside_the_interpreter(monkeypatch):
+    """Where Triton runs (a GPU host) but not its interpreter, a bare call on CPU tensors (a program recorded on CPU
+    under the interpreter, say) says so, for the forward and the backward op, instead of launching on them."""
+    from resnet_fused.triton import op
+
+    monkeypatch.setattr(op, "INTERPRET", False)
+    monkeypatch.setattr(op, "unavailable", lambda: "")
+    monkeypatch.setattr(op, "_LAUNCH", None)
+    x, w = torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3)
+    conv = ([1, 1], [1, 1], [1, 1], 1, True)
+    ones = torch.ones(1, 3, 4, 4)
+    for name, call in (
+        ("conv_bias_add_relu_triton", lambda: op.conv_bias_add_relu_triton(x, w, None, None, None, *conv)),
+        (
+            "conv_bias_add_relu_triton_backward",
+            lambda: op.conv_bias_add_relu_triton_backward(ones, ones, x, w, None, *conv, [True, True, False, False]),
+        ),
+    ):
+        want = f"resnet_fused::{name}: the triton backend runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got cpu tensors"
+        with pytest.raises(RuntimeError, match=f"^{re.escape(want)}$"):
+            call()
 
 
 def test_the_triton_probe_names_a_failed_import_under_the_interpreter(tmp_path):

@@ -214,7 +214,7 @@ def _tuner(kernel: str, device: torch.device) -> triton.runtime.Autotuner:
 # shipped config that fits the device's shared memory, never the order of calls. (Triton's 16-byte alignment
 # specialisation also changes a tile's shared memory, for 16-bit dtypes only, whose tiles all fit in 99 KB.)
 _PINNED_FITS: dict[tuple, int] = {}
-# Triton's autotuner is one object per kernel that keeps the call's arguments on itself while it times: two threads
+# Triton's autotuner (one object per kernel and kind of GPU) keeps the call's arguments on itself while it times: two threads
 # tuning at once (DataParallel replicas, a threaded server) would read each other's, or None.
 _TUNING = threading.Lock()
 

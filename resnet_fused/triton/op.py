@@ -24,7 +24,7 @@ BACKWARD = "resnet_fused::conv_bias_add_relu_triton_backward"
 MAX_GROUPS = 65535
 
 
-# Read once, as @triton.jit reads it: setting TRITON_INTERPRET later changes neither.
+# Read once, as @triton.jit reads it: setting TRITON_INTERPRET later changes neither (the backend table reads this).
 INTERPRET = interprets()
 
 
@@ -44,19 +44,30 @@ def unavailable() -> str:
     return ""
 
 
-def _launchers():
+_LAUNCH = None  # the launchers module, once a call has found Triton runnable
+
+
+def _launchers(op: str, device: torch.device):
     """The launchers, imported on the first call (importing them imports triton). The ops are registered when
     resnet_fused is imported, so that a program exported or traced on this backend loads wherever resnet_fused is
-    imported; it runs where Triton can."""
-    why = unavailable()
-    if why:
-        raise RuntimeError(
-            f"{FORWARD}: the triton backend cannot run here: {why}. A program exported or traced on the triton "
-            "backend runs where Triton does; export it on the cpu or cuda backend to run it here"
-        )
-    from . import launch
+    imported; it runs where Triton can, on CUDA tensors (on CPU tensors under the interpreter)."""
+    global _LAUNCH
+    if _LAUNCH is None:
+        why = unavailable()
+        if why:
+            raise RuntimeError(
+                f"{op}: the triton backend cannot run here: {why}. A program exported or traced on the triton "
+                "backend runs where Triton does; export it on the cpu or cuda backend to run it here"
+            )
+        from . import launch
 
-    return launch
+        _LAUNCH = launch
+    if device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(
+            f"{op}: the triton backend runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got "
+            f"{device.type} tensors"
+        )
+    return _LAUNCH
 
 
 def _check_groups(groups: int) -> None:
@@ -83,7 +94,9 @@ def conv_bias_add_relu_triton(
     )
     contract.check_no_tangent(x=x, weight=weight, bias=bias, residual=residual, scale=scale)
     _check_groups(groups)
-    return _launchers().forward(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu)
+    return _launchers(FORWARD, x.device).forward(
+        x, weight, bias, residual, scale, stride, padding, dilation, groups, relu
+    )
 
 
 @torch.library.custom_op(BACKWARD, mutates_args=())
@@ -105,7 +118,9 @@ def conv_bias_add_relu_triton_backward(
         grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu, output_mask
     )
     _check_groups(groups)
-    return _launchers().backward(grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu, output_mask)
+    return _launchers(BACKWARD, x.device).backward(
+        grad_out, out, x, weight, scale, stride, padding, dilation, groups, relu, output_mask
+    )
 
 
 contract.register_op(FORWARD, BACKWARD)
