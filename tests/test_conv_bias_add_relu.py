@@ -404,6 +404,36 @@ def test_a_small_scale_whose_unscaled_weight_gradient_overflows_matches_float64(
     assert (rw[2] == 0).all() and rw[:2].isfinite().all() and rw[3].isinf().all()
 
 
+def conv_grad_free_variants(t: Target) -> list:
+    full = [(lay, relu, tr) for lay in ("nchw", CL) for relu in (True, False) for tr in ("bias", "residual", "both")]
+    return [("nchw", True, "residual"), (CL, False, "both")] if t.slow else full
+
+
+@pytest.mark.parametrize("target,variant", target_params(conv_grad_free_variants))
+def test_training_only_bias_or_residual_leaves_x_and_weight_free_to_change(target, variant):
+    """Where neither x nor the weight needs a gradient, neither is saved (as ATen's conv saves them): changed in place
+    after the forward (an input buffer refilled), the bias and residual gradients still match float64, on every
+    backend's graph (the cpu split graph, the one-node graph of the others) with and without ReLU."""
+    layout, relu, trained = variant
+    names = ("bias", "residual") if trained == "both" else (trained,)
+    inputs = make_inputs(CASES["3x3"], F32, layout, Epilogue(True, True, True, relu), device=target.device,
+                         requires_grad=False)  # fmt: skip
+    t = inputs.tensors
+    ref = {k: v.detach().cpu().double().requires_grad_(k in names) for k, v in t.items()}
+    scale = inputs.kwargs["scale"]
+    y64 = reference.conv_bias_add_relu(**ref, **{**inputs.kwargs, "scale": scale.cpu().double()})
+    want = torch.autograd.grad(y64, [ref[k] for k in names], inputs.grad_out.cpu().double())
+    for k in names:
+        t[k].requires_grad_()
+    y = run(target, inputs)
+    with torch.no_grad():
+        t["x"].mul_(2)
+        t["weight"].mul_(2)
+    got = torch.autograd.grad(y, [t[k] for k in names], inputs.grad_out)
+    for k, g, w in zip(names, got, want, strict=True):
+        assert_close(g, w, F32, f"{target} {variant} grad_{k}", reductions=128)
+
+
 # 7x7 output planes (49 elements) and K = 9: neither a multiple of a CPU vector's 8 (fp32) or 16 (bf16, fp16) lanes,
 # so the last pixel of each NCHW plane, channel 8 of each channels_last pixel, and the tensor's last elements take
 # the passes' scalar tails.
