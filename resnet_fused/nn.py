@@ -237,11 +237,23 @@ class FusedConv2d(nn.Conv2d):
         """``(F.pad amounts or None, padding for the op)`` equivalent to ``nn.Conv2d``'s padding."""
         if self.padding_mode != "zeros":
             return list(self._reversed_padding_repeated_twice), (0, 0)
+        if self.padding == "valid":
+            return None, (0, 0)
+        if self.padding == "same":
+            # Read from the current geometry, as F.conv2d does: the amounts nn.Conv2d kept at construction go stale
+            # when dilation or kernel_size is set later.
+            if any(s != 1 for s in contract.pair(self.stride, "stride", 1)):
+                raise ValueError(f"padding: expected 'same' only with stride 1 (as F.conv2d), got stride {self.stride}")
+            dilation, kernel_size = (
+                contract.pair(self.dilation, "dilation", 1),
+                contract.pair(self.kernel_size, "kernel_size", 1),
+            )
+            totals = [d * (k - 1) for d, k in zip(dilation, kernel_size, strict=True)]
+            lo = [t // 2 for t in totals]
+            extra = [0, totals[1] - 2 * lo[1], 0, totals[0] - 2 * lo[0]]  # an odd total's extra pixel goes at the end
+            return (extra if any(extra) else None), (lo[0], lo[1])
         if isinstance(self.padding, str):
-            # nn.Conv2d stores 'same'/'valid' as per-side amounts, last dim first.
-            w_lo, w_hi, h_lo, h_hi = self._reversed_padding_repeated_twice
-            extra = [0, w_hi - w_lo, 0, h_hi - h_lo]  # an odd total puts the extra pixel at the end
-            return (extra if any(extra) else None), (h_lo, w_lo)
+            raise ValueError(f"padding: expected 'same', 'valid' or numbers (as F.conv2d), got {self.padding!r}")
         if isinstance(self.padding, int):  # set after construction: F.conv2d, which nn.Conv2d calls, takes it
             return None, (self.padding, self.padding)
         # A 1-tuple stands for both dims, as F.conv2d reads it; any other length is the op's to refuse.
