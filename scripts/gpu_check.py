@@ -6,16 +6,16 @@
     python3 scripts/gpu_check.py equivalence  # every backend against float64 (minutes: Triton compiles each case)
     python3 scripts/gpu_check.py bench   # the op benchmark on resnet50's convs (CUDA events)
     python3 scripts/gpu_check.py all     # the five, in order
-    python3 scripts/gpu_check.py build,test --deadline 560 --bundle "$OUT/gpu_check.tgz"   # a lent machine's call
+    python3 scripts/gpu_check.py build,test --deadline 560 --bundle out/gpu_check.tgz   # one time-limited command
 
 Steps can run alone (``make gpu-build``, ``make gpu-test``, ``make gpu-sanitize``, ``make gpu-equivalence``,
 ``make gpu-bench``; ``make gpu-check`` runs all) or as a comma list. ``--deadline S`` fits one invocation into S
 seconds: every command gets at most what is left (a step that would start with under 30 s is skipped), so a
-machine lent for a fixed time never kills the run from outside. Results go to benchmarks/results/gpu/ (or
+machine rented for a fixed time never kills the run from outside. Results go to benchmarks/results/gpu/ (or
 ``--out``): ``gpu_check.json`` and ``gpu_check.md`` (every step passed, failed or skipped, with its log tail),
 ``environment.json`` (GPU, driver and versions), the test logs and the benchmark JSON/markdown/PNG. The summary is
-rewritten after every step, and ``--bundle PATH`` packs the results folder into one .tgz each time (a lent machine
-returns only a few files). SIGTERM or SIGINT ends the running step's process group and writes the summary. Without
+rewritten after every step, and ``--bundle PATH`` packs the results folder into one .tgz each time (a remote runner
+may return only a few files). SIGTERM or SIGINT ends the running step's process group and writes the summary. Without
 a GPU every step reports "skipped: no GPU", so the command dry-runs on any machine; a step fails instead where torch
 does not import, does not see the GPU nvidia-smi lists, or (after the build) the cuda or triton backend cannot run. Uses the standard library only,
 so it runs before anything is built.

@@ -97,7 +97,7 @@ def test_a_timed_out_step_is_interrupted_first_so_pytest_can_write_its_summary(t
 
 
 def test_a_deadline_shortens_or_skips_steps(tmp_path, monkeypatch):
-    """Under --deadline no command outlives the time left, so a machine lent for a fixed time never kills the run."""
+    """Under --deadline no command outlives the time left, so a machine rented for a fixed time never kills the run."""
     gpu_check = _gpu_check()
     monkeypatch.setattr(gpu_check._Clock, "deadline", time.monotonic() + gpu_check.DEADLINE_MARGIN_S + 10)
     result = gpu_check._run("late", [sys.executable, "-c", "print('ran')"], tmp_path / "late.log")
@@ -122,7 +122,7 @@ def test_a_comma_list_of_steps_and_a_bundle(tmp_path):
 
 
 def test_a_run_killed_from_outside_keeps_its_summary_and_ends_its_step(tmp_path):
-    """SIGTERM (a lent machine's time limit) ends the running step's process group and writes the summary."""
+    """SIGTERM (a rented machine's time limit) ends the running step's process group and writes the summary."""
     pidfile = tmp_path / "child.pid"
     child = tmp_path / "child.py"
     child.write_text(f"import os, time\nopen({str(pidfile)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
