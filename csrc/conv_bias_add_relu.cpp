@@ -8,6 +8,7 @@
 #include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <sstream>
 #include <string>
 #include <string_view>
@@ -294,6 +295,15 @@ at::MemoryFormat output_memory_format(const at::Tensor& x) {
   return x.suggest_memory_format();
 }
 
+bool finite_by_sum(const at::Tensor& t) {
+  // Summed in float for bf16/fp16: an fp16 sum past 65504 says nothing of
+  // its elements.
+  const auto dtype = at::isReducedFloatingType(t.scalar_type())
+      ? at::kFloat
+      : t.scalar_type();
+  return std::isfinite(at::sum(t, dtype).item<double>());
+}
+
 at::Tensor conv2d_no_bias(
     const at::Tensor& x,
     const at::Tensor& weight,
@@ -342,12 +352,12 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(
       // where reading the result costs no device sync.
       if (need_grad_x) {
         ws = weight * scale->view({-1, 1, 1, 1});
-        scale_g = !at::isfinite(ws).all().item<bool>(); // s finite if ws is
+        scale_g = !finite_by_sum(ws); // s finite if ws is
         if (scale_g) {
           ws = at::Tensor(); // not held through the conv backward
         }
       } else {
-        scale_g = !at::isfinite(*scale).all().item<bool>();
+        scale_g = !finite_by_sum(*scale);
       }
     }
     const bool scale_w = scale.has_value() && !scale_g;
@@ -368,7 +378,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(
       // not (|s| < 1; s = 0 gives inf * 0 = NaN): then it is taken from g * s,
       // as the unfused backward does. On CPU (scale_w), where it costs no sync;
       // a NaN or Inf in x or g (a diverging run) pays for a second wgrad too.
-      if (!at::isfinite(grad_weight).all().item<bool>()) {
+      if (!finite_by_sum(grad_weight)) {
         grad_weight = std::get<1>(at::convolution_backward(
             g * scale->view({1, -1, 1, 1}), x, weight,
             /*bias_sizes=*/std::nullopt, stride, padding, dilation,

@@ -193,7 +193,7 @@ at::Tensor onednn_conv_bias_add_relu(
   const at::Tensor w = scale.has_value()
       ? weight * scale->view({-1, 1, 1, 1})
       : weight.contiguous(weight.suggest_memory_format());
-  if (scale.has_value() && !at::isfinite(w).all().item<bool>()) {
+  if (scale.has_value() && !finite_by_sum(w)) {
     return at::Tensor();
   }
   const at::Tensor xc = x.contiguous(fmt);
