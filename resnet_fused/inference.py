@@ -102,6 +102,17 @@ def _taps_reach_input(kernel: int, stride: int, padding: int, dilation: int, siz
     return False
 
 
+def _packed_route_sound(x_shape, weight_shape, stride, padding, dilation) -> bool:
+    """Whether torch's packed-weight route computes this conv right; where it does not, the ordinary op runs it."""
+    geometry = zip(weight_shape[2:], stride, padding, dilation, x_shape[2:], strict=True)
+    if not all(_taps_reach_input(*dim) for dim in geometry):
+        return False  # an output all padding along a dimension (nn.Conv2d gives the bias there) crashed the process
+    # One input channel per group and one output column gave wrong values (stride (1, 2) or (1, 3); fp32 and bf16,
+    # either layout, any groups); no other geometry of some 80000 swept did. Rows are kept out too, to be safe.
+    out_hw = contract.conv_output_shape(x_shape, weight_shape, stride, padding, dilation)[2:]
+    return not (weight_shape[1] == 1 and 1 in out_hw)
+
+
 def _dense(t: Tensor) -> bool:
     """Whether ``t`` has sizes and strides to key a call by: not sparse, nor nested (whose layout reads strided)."""
     return t.layout == torch.strided and not t.is_nested
@@ -355,10 +366,7 @@ class PackedFusedConv2d(FusedConv2d):
         )
         # A 1-wide kernel has no gaps to dilate, and torch's packed-weight route crashes on a dilated one.
         dilation = tuple(1 if k == 1 else d for k, d in zip(self.weight.shape[2:], dilation, strict=True))
-        geometry = zip(self.weight.shape[2:], stride, padding, dilation, x.shape[2:], strict=True)
-        if not all(_taps_reach_input(*dim) for dim in geometry):
-            # An output that is all padding along a dimension (legal: nn.Conv2d gives the bias there) crashed the
-            # process on torch's packed-weight route; the ordinary op runs it.
+        if not _packed_route_sound(x.shape, self.weight.shape, stride, padding, dilation):
             return super().conv_bias_add_relu(
                 x, residual, weight=weight, scale=scale, bias=bias, relu=relu, fold_trainable_scale=fold_trainable_scale
             )

@@ -1252,6 +1252,33 @@ for k, s, p, d, h, w, packed in [
     assert proc.stdout.split() == ["True"] * 6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("c_in", "groups", "kernel", "stride", "hw", "packed"),
+    [
+        (1, 1, 2, (1, 2), (8, 3), False),  # one input channel, one output column: wrong values packed
+        (3, 3, 2, (1, 2), (7, 2), False),
+        (1, 1, 3, (1, 3), (5, 5), False),
+        (2, 1, 2, (1, 2), (8, 3), True),  # two input channels: packed, and right
+        (1, 1, 2, (1, 2), (8, 5), True),  # two output columns: packed, and right
+    ],
+)
+def test_one_input_channel_and_one_output_column_runs_unpacked(c_in, groups, kernel, stride, hw, packed, dtype):
+    """torch's packed-weight route gave wrong values (up to 1e37, or NaN) for one input channel per group with a
+    stride (1, 2) or (1, 3) and a one-column output; such a call takes the ordinary op, its neighbours stay packed."""
+    if not inference.onednn_supports(dtype):
+        pytest.skip(f"torch's oneDNN has no {dtype} convolutions on this CPU")
+    torch.manual_seed(0)
+    conv = FusedConv2d(c_in, 3 * groups, kernel, stride=stride, groups=groups, relu=False).to(dtype)
+    model = optimize_for_inference(nn.Sequential(conv).eval())
+    x = torch.randn(2, c_in, *hw).to(dtype)
+    with torch.no_grad():
+        for _ in range(2):
+            assert_close(model(x), F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), stride, 0, 1, groups),
+                         dtype, "prepared y", c_in // groups * kernel * kernel)  # fmt: skip
+    assert bool(model[0]._packs) == packed
+
+
 def test_a_deep_copy_after_a_parametrization_leaves_the_packs_behind():
     """A parametrization (weight norm, to fine-tune) added to a prepared conv that has packed: its class copies
     __dict__ unless the module defines __deepcopy__, and the opaque packs cannot be copied (AveragedModel deep-copies
