@@ -259,6 +259,31 @@ class FusedConv2d(nn.Conv2d):
         # A 1-tuple stands for both dims, as F.conv2d reads it; any other length is the op's to refuse.
         return None, tuple(self.padding) * 2 if len(self.padding) == 1 else tuple(self.padding)
 
+    def _folded_norm(self, norm: nn.Module) -> tuple[Tensor | None, tuple[Tensor, Tensor]] | None:
+        """``(weight or None, (scale, bias))`` for the op: ``norm`` after this conv's own scale, shift and bias, or
+        ``None`` where ``norm`` is no per-channel affine map (batch statistics). ``weight`` is ``None`` for the
+        Parameter itself, left for the op to read (and the packed path to pack); a computed weight (a
+        parametrization: spectral norm's power iteration) is computed here once, as nn.Conv2d computes it."""
+        affine = norm_scale_shift(norm)
+        if affine is None:
+            return None
+        # norm(conv * cs + cb) = conv * (s * cs) + (s * cb + t), in the norm's dtype, which may be wider than the
+        # conv's (a float32 BatchNorm after bf16 convs, which BatchNorm accepts): rounded once to the conv's.
+        s, t = affine
+        if isinstance(s, Tensor) and _shape_is_not(s, (self.out_channels,)):  # not an fx Proxy (shape unknown)
+            raise ValueError(
+                f"norm: expected a per-channel map of out_channels={self.out_channels} channels, got "
+                f"{type(norm).__name__} of {s.numel()}"
+            )
+        scale, shift = self.scale_shift()
+        if scale is not None:
+            s, t = s * scale.to(s.dtype), t + s * shift.to(s.dtype)
+        elif shift is not None:
+            t = t + s * shift.to(s.dtype)
+        weight = None if "weight" in self._parameters else self.weight
+        dtype = (self._parameters["weight"] if weight is None else weight).dtype
+        return weight, (s.to(dtype), t.to(dtype))
+
     def conv_bias_add_relu(
         self,
         x: Tensor,
@@ -360,10 +385,11 @@ class FusedConv2d(nn.Conv2d):
         if _has_hooks(norm) or isinstance(x, torch.fx.Proxy):
             affine = None
         else:
-            # torch.jit.trace checks its trace by tracing again under no_grad: the scale must require grad (and so be
-            # folded into the weight, see _fused_conv) exactly when the norm's parameters do, whatever the grad mode.
-            with torch.enable_grad() if torch.jit.is_tracing() else contextlib.nullcontext():
-                affine = norm_scale_shift(norm)
+            # torch.jit.trace checks its trace by tracing again under no_grad, and a program traced or exported under
+            # no_grad may run under grad: the scale must require grad (and so be folded into the weight, see
+            # _fused_conv) exactly when the norm's parameters do, whatever the grad mode it is recorded in.
+            with torch.enable_grad() if _recording() else contextlib.nullcontext():
+                affine = self._folded_norm(norm)
         if affine is None:  # e.g. batch statistics: the norm must see the whole conv output first
             if not isinstance(relu, bool):
                 raise TypeError(f"relu: expected a bool, got {relu!r}")
@@ -376,32 +402,27 @@ class FusedConv2d(nn.Conv2d):
             if residual is not None:
                 y = y.add_(residual)
             return F.relu_(y) if relu else y
-        # norm(conv * cs + cb) = conv * (s * cs) + (s * cb + t), in the norm's dtype, which may be wider than the
-        # conv's (a float32 BatchNorm after bf16 convs, which BatchNorm accepts): rounded once to the conv's.
-        s, t = affine
-        if isinstance(s, Tensor) and _shape_is_not(s, (self.out_channels,)):  # not an fx Proxy (shape unknown)
-            raise ValueError(
-                f"norm: expected a per-channel map of out_channels={self.out_channels} channels, got "
-                f"{type(norm).__name__} of {s.numel()}"
-            )
-        if scale is not None:
-            s, t = s * scale.to(s.dtype), t + s * shift.to(s.dtype)
-        elif shift is not None:
-            t = t + s * shift.to(s.dtype)
         # A computed weight (a parametrization: spectral norm's power iteration) is computed once per call, as
         # nn.Conv2d computes it; the Parameter itself is left for the op to read (and the packed path to pack).
-        weight = None if "weight" in self._parameters else self.weight
-        dtype = (self._parameters["weight"] if weight is None else weight).dtype
+        weight, (s, t) = affine
         return self.conv_bias_add_relu(
             x,
             residual,
             weight=weight,
-            scale=s.to(dtype),
-            bias=t.to(dtype),
+            scale=s,
+            bias=t,
             relu=relu,
             fold_trainable_scale=True,
             donate_residual=donate_residual,
         )
+
+
+def _recording() -> bool:
+    """Whether torch.jit.trace or torch.export records this call: its graph may replay in another grad mode."""
+    return torch.jit.is_tracing() or _is_exporting()
+
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
 def _channels_last_by_weight(x: Tensor, conv: nn.Conv2d) -> bool:
@@ -480,8 +501,8 @@ torch.fx.wrap("_fused_conv")
 
 def _scale_needs_derivative(scale: Tensor) -> bool:
     """Whether a scale may be differentiated, so that it must be folded into the weight (the op's scale is a
-    constant): it requires grad under grad mode (or while torch.jit.trace records, which checks its trace under
-    no_grad), it carries a forward-mode tangent, a torch.func transform differentiates, or vmap batches it (an
+    constant): it requires grad under grad mode (or while torch.jit.trace or torch.export records: the graph may replay
+    under grad), it carries a forward-mode tangent, a torch.func transform differentiates, or vmap batches it (an
     ensemble's stacked gamma, whose wrapper hides requires_grad)."""
     if torch.autograd.forward_ad._current_level >= 0 and contract._tangent(scale):
         return True
@@ -489,7 +510,7 @@ def _scale_needs_derivative(scale: Tensor) -> bool:
         contract.differentiated_by_transform(scale) or torch._C._functorch.is_batchedtensor(scale)
     ):
         return True
-    return scale.requires_grad and (torch.is_grad_enabled() or torch.jit.is_tracing())
+    return scale.requires_grad and (torch.is_grad_enabled() or _recording())
 
 
 def _runs_in_fp16(x: Tensor, weight: Tensor) -> bool:

@@ -1178,3 +1178,50 @@ def test_string_padding_set_later_is_refused_as_f_conv2d_refuses_it():
     fused.stride, fused.padding = 1, "SAME"
     with pytest.raises(ValueError, match=r"padding: expected 'same', 'valid' or numbers .* got 'SAME'"):
         fused(torch.randn(1, 4, 8, 8))
+
+
+class _ScaledConvThenNorm(nn.Module):
+    """A fused conv with a frozen scale/shift, then an eval BatchNorm (trainable gamma) folded into its call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = FusedConv2d(4, 4, 3, padding=1, relu=True)
+        self.conv.set_scale_shift(torch.rand(4) + 0.5, torch.randn(4))
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x, norm=self.bn)
+
+
+def _record(how: str, model: nn.Module, x: torch.Tensor):
+    if how == "jit.trace":
+        return torch.jit.trace(model, (x,), check_trace=False)
+    return torch.export.export(model, (x,)).module()
+
+
+@pytest.mark.parametrize("how", ["jit.trace", "torch.export"])
+@pytest.mark.parametrize("make", [lambda: BasicBlock(4, 4), _ScaledConvThenNorm], ids=["block", "scale-shift-and-norm"])
+def test_a_program_recorded_under_no_grad_trains_under_grad(how, make):
+    """An eval norm's gamma folds into the conv's weight where it may be differentiated, and into the op's constant
+    scale where not: a graph recorded under no_grad (a common export recipe) must still take the weight fold, so
+    that the program run under grad gives gamma its gradient, as torchvision's block does."""
+    torch.manual_seed(0)
+    model = make().double().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 2)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        program = _record(how, model, x)
+        assert_close(program(x), model(x), torch.float64, f"{how} under no_grad")
+    want = model(x)
+    want.square().sum().backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    y = program(x)
+    assert_close(y, want, torch.float64, f"{how} under grad")
+    y.square().sum().backward()
+    params = dict(model.named_parameters()) if how == "jit.trace" else dict(program.named_parameters())
+    for name, grad in want_grads.items():
+        assert params[name].grad is not None, f"{how}: no gradient for {name}"
+        assert_close(params[name].grad, grad, torch.float64, f"{how} grad {name}", 144)
