@@ -296,11 +296,10 @@ at::MemoryFormat output_memory_format(const at::Tensor& x) {
 }
 
 bool finite_by_sum(const at::Tensor& t) {
-  // Summed in float for bf16/fp16: an fp16 sum past 65504 says nothing of
-  // its elements.
-  const auto dtype = at::isReducedFloatingType(t.scalar_type())
-      ? at::kFloat
-      : t.scalar_type();
+  // fp16 summed in float: an fp16 sum past 65504 says nothing of its
+  // elements. (bf16 has float's range, and its sum accumulates in float.)
+  const auto dtype =
+      t.scalar_type() == at::kHalf ? at::kFloat : t.scalar_type();
   return std::isfinite(at::sum(t, dtype).item<double>());
 }
 

@@ -50,9 +50,9 @@ std::vector<int64_t> conv_output_shape(
 at::MemoryFormat output_memory_format(const at::Tensor& x);
 
 // Whether every element of a CPU tensor is finite, from one read and no
-// temporaries (at::isfinite(t).all() makes several passes and t-sized
-// temporaries: 30x slower on a 1M-element weight): a NaN or +-inf element
-// makes the sum non-finite. A finite t whose sum overflows reads as not
+// temporaries but fp16's float copy (at::isfinite(t).all() makes several
+// passes and t-sized temporaries: 30x slower on a 1M-element weight): a NaN
+// or +-inf element makes the sum non-finite. A finite t whose sum overflows reads as not
 // finite; callers only take their safe route for it.
 bool finite_by_sum(const at::Tensor& t);
 

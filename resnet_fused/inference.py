@@ -108,7 +108,7 @@ def _packed_route_sound(x_shape, weight_shape, stride, padding, dilation) -> boo
     if not all(_taps_reach_input(*dim) for dim in geometry):
         return False  # an output all padding along a dimension (nn.Conv2d gives the bias there) crashed the process
     # One input channel per group and one output column gave wrong values (stride (1, 2) or (1, 3); fp32 and bf16,
-    # either layout, any groups); no other geometry of some 80000 swept did. Rows are kept out too, to be safe.
+    # either layout, any groups); no other swept geometry did. Rows measured right, and are kept out to be safe.
     out_hw = contract.conv_output_shape(x_shape, weight_shape, stride, padding, dilation)[2:]
     return not (weight_shape[1] == 1 and 1 in out_hw)
 
@@ -232,9 +232,10 @@ class PackedFusedConv2d(FusedConv2d):
         if packed is None:
             with torch.no_grad():
                 folded = w if scale is None else w * scale.reshape(-1, 1, 1, 1)
-                if scale is not None and not torch.isfinite(folded).all():
+                if scale is not None and not torch.isfinite(folded.sum()):
                     # A finite scale times a large weight overflowed: conv(x, w * s) would sum +-inf where
-                    # conv(x, w) * s is finite. The ordinary op applies such a scale after the conv.
+                    # conv(x, w) * s is finite. The ordinary op applies such a scale after the conv. One sum, as
+                    # the op's own check: a NaN or Inf element makes it non-finite.
                     return None, frozen
                 packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
                     folded.contiguous().to_mkldnn(), list(padding), list(stride), list(dilation), self.groups, list(key)

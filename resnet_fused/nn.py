@@ -233,34 +233,38 @@ class FusedConv2d(nn.Conv2d):
             return self.scale, self.shift
         return self.scale, self.shift + self.scale * self.bias
 
-    def _padding_plan(self) -> tuple[list[int] | None, tuple[int, int]]:
-        """``(F.pad amounts or None, padding for the op)`` equivalent to ``nn.Conv2d``'s padding."""
+    def _padding_plan(self, weight: Tensor | None = None) -> tuple[list[int] | None, tuple[int, int]]:
+        """``(F.pad amounts or None, padding for the op)`` equivalent to ``nn.Conv2d``'s padding; ``weight``: the
+        one this call convolves with (default: the Parameter)."""
         if self.padding_mode != "zeros":
             return list(self._reversed_padding_repeated_twice), (0, 0)
         if self.padding == "valid":
             return None, (0, 0)
         if self.padding == "same":
-            # Read from the current geometry, as F.conv2d does: the amounts nn.Conv2d kept at construction go stale
-            # when dilation or kernel_size is set later.
+            # From this call's dilation and weight, as F.conv2d reads them: the amounts nn.Conv2d kept at
+            # construction go stale when the dilation or the weight's kernel changes later.
             if any(s != 1 for s in contract.pair(self.stride, "stride", 1)):
-                raise ValueError(f"padding: expected 'same' only with stride 1 (as F.conv2d), got stride {self.stride}")
-            dilation, kernel_size = (
-                contract.pair(self.dilation, "dilation", 1),
-                contract.pair(self.kernel_size, "kernel_size", 1),
-            )
-            totals = [d * (k - 1) for d, k in zip(dilation, kernel_size, strict=True)]
+                raise ValueError(f"padding: expected 'same' only with stride 1, got stride {self.stride}")
+            weight = self._parameters.get("weight") if weight is None else weight
+            kernel = self.kernel_size
+            if isinstance(weight, Tensor) and weight.dim() == 4:
+                with contract.quiet_tracer():  # torch.jit.trace: a weight's sizes are constants of the model
+                    kernel = [int(k) for k in weight.shape[2:]]
+            totals = [d * (k - 1) for d, k in zip(contract.pair(self.dilation, "dilation", 1), kernel, strict=True)]
             lo = [t // 2 for t in totals]
             extra = [0, totals[1] - 2 * lo[1], 0, totals[0] - 2 * lo[0]]  # an odd total's extra pixel goes at the end
             return (extra if any(extra) else None), (lo[0], lo[1])
         if isinstance(self.padding, str):
-            raise ValueError(f"padding: expected 'same', 'valid' or numbers (as F.conv2d), got {self.padding!r}")
+            raise ValueError(f"padding: expected 'same', 'valid' or numbers, got {self.padding!r}")
         if isinstance(self.padding, int):  # set after construction: F.conv2d, which nn.Conv2d calls, takes it
             return None, (self.padding, self.padding)
         # A 1-tuple stands for both dims, as F.conv2d reads it; any other length is the op's to refuse.
         return None, tuple(self.padding) * 2 if len(self.padding) == 1 else tuple(self.padding)
 
-    def _folded_norm(self, norm: nn.Module) -> tuple[Tensor | None, tuple[Tensor, Tensor]] | None:
-        """``(weight or None, (scale, bias))`` for the op: ``norm`` after this conv's own scale, shift and bias, or
+    def _folded_norm(
+        self, norm: nn.Module, scale: Tensor | None, shift: Tensor | None
+    ) -> tuple[Tensor | None, tuple[Tensor, Tensor]] | None:
+        """``(weight or None, (scale, bias))`` for the op: ``norm`` after this conv's ``scale_shift()``, or
         ``None`` where ``norm`` is no per-channel affine map (batch statistics). ``weight`` is ``None`` for the
         Parameter itself, left for the op to read (and the packed path to pack); a computed weight (a
         parametrization: spectral norm's power iteration) is computed here once, as nn.Conv2d computes it."""
@@ -275,7 +279,6 @@ class FusedConv2d(nn.Conv2d):
                 f"norm: expected a per-channel map of out_channels={self.out_channels} channels, got "
                 f"{type(norm).__name__} of {s.numel()}"
             )
-        scale, shift = self.scale_shift()
         if scale is not None:
             s, t = s * scale.to(s.dtype), t + s * shift.to(s.dtype)
         elif shift is not None:
@@ -306,7 +309,7 @@ class FusedConv2d(nn.Conv2d):
         ``(N, C_out, H_out, W_out)`` or ``(C_out, H_out, W_out)``.
         """
         _check_donate(donate_residual)
-        pad, padding = self._padding_plan()
+        pad, padding = self._padding_plan(weight)
         if pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, pad, mode=mode)
@@ -389,7 +392,7 @@ class FusedConv2d(nn.Conv2d):
             # no_grad may run under grad: the scale must require grad (and so be folded into the weight, see
             # _fused_conv) exactly when the norm's parameters do, whatever the grad mode it is recorded in.
             with torch.enable_grad() if _recording() else contextlib.nullcontext():
-                affine = self._folded_norm(norm)
+                affine = self._folded_norm(norm, scale, shift)
         if affine is None:  # e.g. batch statistics: the norm must see the whole conv output first
             if not isinstance(relu, bool):
                 raise TypeError(f"relu: expected a bool, got {relu!r}")
@@ -402,8 +405,6 @@ class FusedConv2d(nn.Conv2d):
             if residual is not None:
                 y = y.add_(residual)
             return F.relu_(y) if relu else y
-        # A computed weight (a parametrization: spectral norm's power iteration) is computed once per call, as
-        # nn.Conv2d computes it; the Parameter itself is left for the op to read (and the packed path to pack).
         weight, (s, t) = affine
         return self.conv_bias_add_relu(
             x,

@@ -269,6 +269,23 @@ def test_an_infinite_scale_is_not_folded_into_the_weight(relu):
     assert_close(y[finite], expected[finite], torch.float32, "y", reductions(kw))
 
 
+@pytest.mark.parametrize("relu", [True, False])
+def test_a_finite_folded_weight_whose_sum_overflows_matches_float64(relu):
+    """The non-finite checks of the folded weight and of the scaled weight gradient read one sum: a finite weight of
+    huge entries, whose sum overflows, reads as not finite and takes the route that applies the scale after the conv.
+    Still the reference's values, forward and backward."""
+    kw = with_leaves(case(torch.float32, "channels_last", residual=False, n=4, hw=(24, 24)))
+    kw["weight"] = torch.empty_like(kw["weight"]).uniform_(2e36, 4e36).requires_grad_()
+    kw["x"] = (kw["x"].detach() * 1e-30).requires_grad_()
+    kw["scale"] = torch.full_like(kw["scale"], 0.5)
+    assert torch.isfinite(kw["weight"] * 0.5).all() and not torch.isfinite((kw["weight"] * 0.5).sum())
+    y = resnet_fused.conv_bias_add_relu(**kw, relu=relu, backend="cpu")
+    expected = reference.conv_bias_add_relu(**{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()},
+                                            relu=relu)  # fmt: skip
+    assert_close(y, expected, torch.float32, "y", reductions(kw))
+    check_grads(kw, y, relu)
+
+
 @pytest.mark.parametrize("layout, residual", [("channels_last", True), ("channels_last", False), ("nchw", False)])
 def test_fused_relu_mode_runs_relu_inside_onednn(layout, residual, monkeypatch):
     # With RESNET_FUSED_ONEDNN_RELU=fused no separate ReLU runs, and a residual rides in the primitive too (the exact
