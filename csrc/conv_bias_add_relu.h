@@ -52,8 +52,8 @@ at::MemoryFormat output_memory_format(const at::Tensor& x);
 // Whether every element of a CPU tensor is finite, from one read and no
 // temporaries but fp16's float copy (at::isfinite(t).all() makes several
 // passes and t-sized temporaries: 30x slower on a 1M-element weight): a NaN
-// or +-inf element makes the sum non-finite. A finite t whose sum overflows reads as not
-// finite; callers only take their safe route for it.
+// or +-inf element makes the sum non-finite. A finite t whose sum overflows
+// reads as not finite; callers only take their safe route for it.
 bool finite_by_sum(const at::Tensor& t);
 
 // The bare convolution (no bias), laid out in output_memory_format(x).

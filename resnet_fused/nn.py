@@ -246,7 +246,7 @@ class FusedConv2d(nn.Conv2d):
             if any(s != 1 for s in contract.pair(self.stride, "stride", 1)):
                 raise ValueError(f"padding: expected 'same' only with stride 1, got stride {self.stride}")
             weight = self._parameters.get("weight") if weight is None else weight
-            kernel = self.kernel_size
+            kernel = contract.pair(self.kernel_size, "kernel_size", 1)
             if isinstance(weight, Tensor) and weight.dim() == 4:
                 with contract.quiet_tracer():  # torch.jit.trace: a weight's sizes are constants of the model
                     kernel = [int(k) for k in weight.shape[2:]]
