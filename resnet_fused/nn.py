@@ -32,7 +32,7 @@ import contextlib
 import functools
 import inspect
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 import torch
@@ -261,9 +261,7 @@ class FusedConv2d(nn.Conv2d):
         # A 1-tuple stands for both dims, as F.conv2d reads it; any other length is the op's to refuse.
         return None, tuple(self.padding) * 2 if len(self.padding) == 1 else tuple(self.padding)
 
-    def _folded_norm(
-        self, norm: nn.Module, scale: Tensor | None, shift: Tensor | None
-    ) -> tuple[Tensor | None, tuple[Tensor, Tensor]] | None:
+    def _folded_norm(self, norm: nn.Module) -> tuple[Tensor | None, tuple[Tensor, Tensor]] | None:
         """``(weight or None, (scale, bias))`` for the op: ``norm`` after this conv's ``scale_shift()``, or
         ``None`` where ``norm`` is no per-channel affine map (batch statistics). ``weight`` is ``None`` for the
         Parameter itself, left for the op to read (and the packed path to pack); a computed weight (a
@@ -279,6 +277,7 @@ class FusedConv2d(nn.Conv2d):
                 f"norm: expected a per-channel map of out_channels={self.out_channels} channels, got "
                 f"{type(norm).__name__} of {s.numel()}"
             )
+        scale, shift = self.scale_shift()  # here, in the grad mode the fold is recorded in
         if scale is not None:
             s, t = s * scale.to(s.dtype), t + s * shift.to(s.dtype)
         elif shift is not None:
@@ -370,7 +369,6 @@ class FusedConv2d(nn.Conv2d):
         donate_residual = donate_residual is True
         if _channels_last_by_weight(x, self):
             x = _channels_last(x)
-        scale, shift = self.scale_shift()
         if norm is not None and not isinstance(norm, nn.Module):
             if isinstance(norm, torch.fx.Proxy):  # the root module of symbolic_trace: its defaulted arguments too
                 raise TypeError(
@@ -380,6 +378,7 @@ class FusedConv2d(nn.Conv2d):
                 )
             raise TypeError(f"norm: expected an nn.Module or None, got {type(norm).__name__}")
         if norm is None or (_plain_identity(norm) and _unseen(norm)):
+            scale, shift = self.scale_shift()
             return self.conv_bias_add_relu(
                 x, residual, scale=scale, bias=shift, relu=relu, donate_residual=donate_residual
             )
@@ -391,11 +390,12 @@ class FusedConv2d(nn.Conv2d):
             # torch.jit.trace checks its trace by tracing again under no_grad, and a program traced or exported under
             # no_grad may run under grad: the scale must require grad (and so be folded into the weight, see
             # _fused_conv) exactly when the norm's parameters do, whatever the grad mode it is recorded in.
-            with torch.enable_grad() if _recording() else contextlib.nullcontext():
-                affine = self._folded_norm(norm, scale, shift)
+            with _grad_while_recording():
+                affine = self._folded_norm(norm)
         if affine is None:  # e.g. batch statistics: the norm must see the whole conv output first
             if not isinstance(relu, bool):
                 raise TypeError(f"relu: expected a bool, got {relu!r}")
+            scale, shift = self.scale_shift()
             y = self.conv_bias_add_relu(x, scale=scale, bias=shift, relu=False)
             if residual is not None and isinstance(y, Tensor) and not isinstance(y, torch.fx.Proxy):
                 _check_late_residual(residual, y)  # before the norm runs (and updates its statistics)
@@ -424,6 +424,17 @@ def _recording() -> bool:
 
 
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+@contextlib.contextmanager
+def _grad_while_recording() -> Iterator[None]:
+    """Grad mode while torch.jit.trace or torch.export records, under no_grad and inference_mode alike (which
+    enable_grad alone does not leave)."""
+    if not _recording():
+        yield
+        return
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 def _channels_last_by_weight(x: Tensor, conv: nn.Conv2d) -> bool:

@@ -1201,21 +1201,22 @@ def _record(how: str, model: nn.Module, x: torch.Tensor):
     return torch.export.export(model, (x,)).module()
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
 @pytest.mark.parametrize("how", ["jit.trace", "torch.export"])
 @pytest.mark.parametrize("make", [lambda: BasicBlock(4, 4), _ScaledConvThenNorm], ids=["block", "scale-shift-and-norm"])
-def test_a_program_recorded_under_no_grad_trains_under_grad(how, make):
+def test_a_program_recorded_without_grad_trains_under_grad(how, make, mode):
     """An eval norm's gamma folds into the conv's weight where it may be differentiated, and into the op's constant
-    scale where not: a graph recorded under no_grad (a common export recipe) must still take the weight fold, so
-    that the program run under grad gives gamma its gradient, as torchvision's block does."""
+    scale where not: a graph recorded under no_grad or inference_mode (common export recipes) must still take the
+    weight fold, so that the program run under grad gives gamma its gradient, as torchvision's block does."""
     torch.manual_seed(0)
     model = make().double().eval()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 2)
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
-    with torch.no_grad():
+    with mode():
         program = _record(how, model, x)
-        assert_close(program(x), model(x), torch.float64, f"{how} under no_grad")
+        assert_close(program(x), model(x), torch.float64, f"{how} under {mode.__name__}")
     want = model(x)
     want.square().sum().backward()
     want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
