@@ -387,9 +387,11 @@ class FusedConv2d(nn.Conv2d):
         if _has_hooks(norm) or isinstance(x, torch.fx.Proxy):
             affine = None
         else:
-            # torch.jit.trace checks its trace by tracing again under no_grad, and a program traced or exported under
-            # no_grad may run under grad: the scale must require grad (and so be folded into the weight, see
-            # _fused_conv) exactly when the norm's parameters do, whatever the grad mode it is recorded in.
+            # torch.jit.trace checks its trace by tracing again under no_grad, and a program traced under no_grad or
+            # inference_mode may run under grad: the scale must require grad (and so be folded into the weight, see
+            # _fused_conv) exactly when the norm's parameters do, whatever the grad mode it is traced in. (Not under
+            # torch.export: a grad-mode switch there wraps the graph in set_grad_enabled regions, which the ONNX
+            # exporter fails to decompose.)
             with _grad_while_recording():
                 affine = self._folded_norm(norm)
         if affine is None:  # e.g. batch statistics: the norm must see the whole conv output first
@@ -418,19 +420,11 @@ class FusedConv2d(nn.Conv2d):
         )
 
 
-def _recording() -> bool:
-    """Whether torch.jit.trace or torch.export records this call: its graph may replay in another grad mode."""
-    return torch.jit.is_tracing() or _is_exporting()
-
-
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-
-
 @contextlib.contextmanager
 def _grad_while_recording() -> Iterator[None]:
-    """Grad mode while torch.jit.trace or torch.export records, under no_grad and inference_mode alike (which
-    enable_grad alone does not leave)."""
-    if not _recording():
+    """Grad mode while torch.jit.trace records, under no_grad and inference_mode alike (which enable_grad alone
+    does not leave)."""
+    if not torch.jit.is_tracing():
         yield
         return
     with torch.inference_mode(False), torch.enable_grad():
@@ -513,8 +507,8 @@ torch.fx.wrap("_fused_conv")
 
 def _scale_needs_derivative(scale: Tensor) -> bool:
     """Whether a scale may be differentiated, so that it must be folded into the weight (the op's scale is a
-    constant): it requires grad under grad mode (or while torch.jit.trace or torch.export records: the graph may replay
-    under grad), it carries a forward-mode tangent, a torch.func transform differentiates, or vmap batches it (an
+    constant): it requires grad under grad mode (or while torch.jit.trace records: the graph may replay under
+    grad), it carries a forward-mode tangent, a torch.func transform differentiates, or vmap batches it (an
     ensemble's stacked gamma, whose wrapper hides requires_grad)."""
     if torch.autograd.forward_ad._current_level >= 0 and contract._tangent(scale):
         return True
@@ -522,7 +516,7 @@ def _scale_needs_derivative(scale: Tensor) -> bool:
         contract.differentiated_by_transform(scale) or torch._C._functorch.is_batchedtensor(scale)
     ):
         return True
-    return scale.requires_grad and (torch.is_grad_enabled() or _recording())
+    return scale.requires_grad and (torch.is_grad_enabled() or torch.jit.is_tracing())
 
 
 def _runs_in_fp16(x: Tensor, weight: Tensor) -> bool:

@@ -1195,19 +1195,13 @@ class _ScaledConvThenNorm(nn.Module):
         return self.conv(x, norm=self.bn)
 
 
-def _record(how: str, model: nn.Module, x: torch.Tensor):
-    if how == "jit.trace":
-        return torch.jit.trace(model, (x,), check_trace=False)
-    return torch.export.export(model, (x,)).module()
-
-
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
-@pytest.mark.parametrize("how", ["jit.trace", "torch.export"])
 @pytest.mark.parametrize("make", [lambda: BasicBlock(4, 4), _ScaledConvThenNorm], ids=["block", "scale-shift-and-norm"])
-def test_a_program_recorded_without_grad_trains_under_grad(how, make, mode):
+def test_a_trace_recorded_without_grad_trains_under_grad(make, mode):
     """An eval norm's gamma folds into the conv's weight where it may be differentiated, and into the op's constant
-    scale where not: a graph recorded under no_grad or inference_mode (common export recipes) must still take the
-    weight fold, so that the program run under grad gives gamma its gradient, as torchvision's block does."""
+    scale where not: a torch.jit.trace recorded under no_grad or inference_mode must still take the weight fold, so
+    that the trace run under grad gives gamma its gradient, as torchvision's block does."""
+    how = "jit.trace"
     torch.manual_seed(0)
     model = make().double().eval()
     for m in model.modules():
@@ -1215,7 +1209,7 @@ def test_a_program_recorded_without_grad_trains_under_grad(how, make, mode):
             m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 2)
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     with mode():
-        program = _record(how, model, x)
+        program = torch.jit.trace(model, (x,), check_trace=False)
         assert_close(program(x), model(x), torch.float64, f"{how} under {mode.__name__}")
     want = model(x)
     want.square().sum().backward()
@@ -1224,7 +1218,7 @@ def test_a_program_recorded_without_grad_trains_under_grad(how, make, mode):
     y = program(x)
     assert_close(y, want, torch.float64, f"{how} under grad")
     y.square().sum().backward()
-    params = dict(model.named_parameters()) if how == "jit.trace" else dict(program.named_parameters())
+    params = dict(model.named_parameters())
     for name, grad in want_grads.items():
         assert params[name].grad is not None, f"{how}: no gradient for {name}"
         assert_close(params[name].grad, grad, torch.float64, f"{how} grad {name}", 144)
