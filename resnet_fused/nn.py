@@ -392,7 +392,7 @@ class FusedConv2d(nn.Conv2d):
             # _fused_conv) exactly when the norm's parameters do, whatever the grad mode it is traced in. (Not under
             # torch.export: a grad-mode switch there wraps the graph in set_grad_enabled regions, which the ONNX
             # exporter fails to decompose.)
-            with _grad_while_recording():
+            with _grad_while_tracing():
                 affine = self._folded_norm(norm)
         if affine is None:  # e.g. batch statistics: the norm must see the whole conv output first
             if not isinstance(relu, bool):
@@ -421,7 +421,7 @@ class FusedConv2d(nn.Conv2d):
 
 
 @contextlib.contextmanager
-def _grad_while_recording() -> Iterator[None]:
+def _grad_while_tracing() -> Iterator[None]:
     """Grad mode while torch.jit.trace records, under no_grad and inference_mode alike (which enable_grad alone
     does not leave)."""
     if not torch.jit.is_tracing():
