@@ -307,6 +307,22 @@ class FusedConv2d(nn.Conv2d):
         Shapes: ``x`` ``(N, C_in, H, W)`` or ``(C_in, H, W)``; ``residual`` and the result
         ``(N, C_out, H_out, W_out)`` or ``(C_out, H_out, W_out)``.
         """
+        return self._call_op(
+            x, residual, weight, scale, bias, relu, "trainable" if fold_trainable_scale else "never", donate_residual
+        )
+
+    def _call_op(
+        self,
+        x: Tensor,
+        residual: Tensor | None,
+        weight: Tensor | None,
+        scale: Tensor | None,
+        bias: Tensor | None,
+        relu: bool | None,
+        fold: str,
+        donate_residual: bool,
+    ) -> Tensor:
+        """:meth:`conv_bias_add_relu`, with ``fold`` as :func:`_fused_conv` takes it."""
         _check_donate(donate_residual)
         pad, padding = self._padding_plan(weight)
         if pad is not None:
@@ -326,7 +342,7 @@ class FusedConv2d(nn.Conv2d):
             self.groups,
             self.relu if relu is None else relu,
             self.backend,
-            fold_trainable_scale,
+            fold,
         )
 
     def forward(
@@ -389,9 +405,8 @@ class FusedConv2d(nn.Conv2d):
         else:
             # torch.jit.trace checks its trace by tracing again under no_grad, and a program traced under no_grad or
             # inference_mode may run under grad: the scale must require grad (and so be folded into the weight, see
-            # _fused_conv) exactly when the norm's parameters do, whatever the grad mode it is traced in. (Not under
-            # torch.export: a grad-mode switch there wraps the graph in set_grad_enabled regions, which the ONNX
-            # exporter fails to decompose.)
+            # _fused_conv) exactly when the norm's parameters do, whatever the grad mode it is traced in (torch.export:
+            # see _exported_without_grad).
             with _grad_while_tracing():
                 affine = self._folded_norm(norm)
         if affine is None:  # e.g. batch statistics: the norm must see the whole conv output first
@@ -408,6 +423,10 @@ class FusedConv2d(nn.Conv2d):
                 y = y.add_(residual)
             return F.relu_(y) if relu else y
         weight, (s, t) = affine
+        if _exported_without_grad(self, norm):
+            # The program may run under grad (ExportedProgram.module()), where gamma needs its gradient, but under
+            # no_grad the scale does not require grad to say so: fold it as grad mode would.
+            return self._call_op(x, residual, weight, s, t, relu, "always", donate_residual)
         return self.conv_bias_add_relu(
             x,
             residual,
@@ -470,18 +489,19 @@ def _fused_conv(
     groups: int,
     relu: bool,
     backend: str,
-    fold_trainable_scale: bool,
+    fold: str,
 ) -> Tensor:
     """The op call of every FusedConv2d. A leaf for ``torch.fx`` (its checks need real tensors), so it also takes
-    nn.Conv2d's unbatched ``(C, H, W)`` input and, with ``fold_trainable_scale``, folds a scale that needs its gradient
-    (eval-mode BN with trainable gamma under grad mode) into the weight, as the op's scale is a constant."""
+    nn.Conv2d's unbatched ``(C, H, W)`` input and folds the scale into the weight, as the op's scale is a constant:
+    ``fold`` ``"trainable"`` folds a scale that needs its gradient (eval-mode BN with trainable gamma under grad mode),
+    ``"always"`` any scale, ``"never"`` none."""
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
         if residual is not None:
             _check_unbatched_residual(x, weight, residual, stride, padding, dilation)
             residual = residual.unsqueeze(0)
-    if fold_trainable_scale and scale is not None and _scale_needs_derivative(scale):
+    if scale is not None and (fold == "always" or (fold == "trainable" and _scale_needs_derivative(scale))):
         if _runs_in_fp16(x, weight):
             y = _conv_then_affine(x, weight, bias, residual, scale, stride, padding, dilation, groups, relu, backend)
             return y.squeeze(0) if unbatched else y
@@ -503,6 +523,16 @@ def _fused_conv(
 
 
 torch.fx.wrap("_fused_conv")
+
+
+def _exported_without_grad(conv: FusedConv2d, norm: nn.Module) -> bool:
+    """Whether torch.export records this call without grad while ``norm`` (or the conv's frozen scale) has a
+    parameter that requires grad. (torch.jit.trace records the fold under grad instead, see forward; torch.export
+    cannot: a grad-mode switch wraps its graph in set_grad_enabled regions, which the ONNX exporter fails to
+    decompose.)"""
+    if torch.is_grad_enabled() or not torch.compiler.is_exporting():
+        return False
+    return (conv.scale is not None and conv.scale.requires_grad) or any(p.requires_grad for p in norm.parameters())
 
 
 def _scale_needs_derivative(scale: Tensor) -> bool:

@@ -1195,13 +1195,19 @@ class _ScaledConvThenNorm(nn.Module):
         return self.conv(x, norm=self.bn)
 
 
+def _record(how: str, model: nn.Module, x: torch.Tensor) -> nn.Module:
+    if how == "jit.trace":
+        return torch.jit.trace(model, (x,), check_trace=False)
+    return torch.export.export(model, (x,), strict=how == "export-strict").module()
+
+
+@pytest.mark.parametrize("how", ["jit.trace", "export", "export-strict"])
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
 @pytest.mark.parametrize("make", [lambda: BasicBlock(4, 4), _ScaledConvThenNorm], ids=["block", "scale-shift-and-norm"])
-def test_a_trace_recorded_without_grad_trains_under_grad(make, mode):
+def test_a_program_recorded_without_grad_trains_under_grad(make, mode, how):
     """An eval norm's gamma folds into the conv's weight where it may be differentiated, and into the op's constant
-    scale where not: a torch.jit.trace recorded under no_grad or inference_mode must still take the weight fold, so
-    that the trace run under grad gives gamma its gradient, as torchvision's block does."""
-    how = "jit.trace"
+    scale where not: a torch.jit.trace or torch.export recorded under no_grad or inference_mode must still take the
+    weight fold, so that the program run under grad gives gamma its gradient, as torchvision's block does."""
     torch.manual_seed(0)
     model = make().double().eval()
     for m in model.modules():
@@ -1209,16 +1215,17 @@ def test_a_trace_recorded_without_grad_trains_under_grad(make, mode):
             m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 2)
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     with mode():
-        program = torch.jit.trace(model, (x,), check_trace=False)
+        program = _record(how, model, x)
         assert_close(program(x), model(x), torch.float64, f"{how} under {mode.__name__}")
     want = model(x)
     want.square().sum().backward()
     want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
     y = program(x)
     assert_close(y, want, torch.float64, f"{how} under grad")
+    model.zero_grad()  # an exported program holds its own parameters; a trace, the model's
     y.square().sum().backward()
-    params = dict(model.named_parameters())
+    params = dict(program.named_parameters())
+    assert params.keys() == want_grads.keys()
     for name, grad in want_grads.items():
         assert params[name].grad is not None, f"{how}: no gradient for {name}"
         assert_close(params[name].grad, grad, torch.float64, f"{how} grad {name}", 144)
