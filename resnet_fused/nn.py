@@ -28,11 +28,10 @@ forward hooks see its fused output.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import NoReturn
 
 import torch
@@ -403,12 +402,7 @@ class FusedConv2d(nn.Conv2d):
         if _has_hooks(norm) or isinstance(x, torch.fx.Proxy):
             affine = None
         else:
-            # torch.jit.trace checks its trace by tracing again under no_grad, and a program traced under no_grad or
-            # inference_mode may run under grad: the scale must require grad (and so be folded into the weight, see
-            # _fused_conv) exactly when the norm's parameters do, whatever the grad mode it is traced in (torch.export:
-            # see _exported_without_grad).
-            with _grad_while_tracing():
-                affine = self._folded_norm(norm)
+            affine = self._folded_norm(norm)
         if affine is None:  # e.g. batch statistics: the norm must see the whole conv output first
             if not isinstance(relu, bool):
                 raise TypeError(f"relu: expected a bool, got {relu!r}")
@@ -423,9 +417,10 @@ class FusedConv2d(nn.Conv2d):
                 y = y.add_(residual)
             return F.relu_(y) if relu else y
         weight, (s, t) = affine
-        if _exported_without_grad(self, norm):
-            # The program may run under grad (ExportedProgram.module()), where gamma needs its gradient, but under
-            # no_grad the scale does not require grad to say so: fold it as grad mode would.
+        if _recorded_without_grad(self, norm):
+            # The program may run under grad, where gamma needs its gradient, but under no_grad the scale does not
+            # require grad to say so: fold it as grad mode would. (torch.jit.trace also checks its trace by tracing
+            # again under no_grad: both traces must fold alike.)
             return self._call_op(x, residual, weight, s, t, relu, "always", donate_residual)
         return self.conv_bias_add_relu(
             x,
@@ -437,17 +432,6 @@ class FusedConv2d(nn.Conv2d):
             fold_trainable_scale=True,
             donate_residual=donate_residual,
         )
-
-
-@contextlib.contextmanager
-def _grad_while_tracing() -> Iterator[None]:
-    """Grad mode while torch.jit.trace records, under no_grad and inference_mode alike (which enable_grad alone
-    does not leave)."""
-    if not torch.jit.is_tracing():
-        yield
-        return
-    with torch.inference_mode(False), torch.enable_grad():
-        yield
 
 
 def _channels_last_by_weight(x: Tensor, conv: nn.Conv2d) -> bool:
@@ -525,12 +509,11 @@ def _fused_conv(
 torch.fx.wrap("_fused_conv")
 
 
-def _exported_without_grad(conv: FusedConv2d, norm: nn.Module) -> bool:
-    """Whether torch.export records this call without grad while ``norm`` (or the conv's frozen scale) has a
-    parameter that requires grad. (torch.jit.trace records the fold under grad instead, see forward; torch.export
-    cannot: a grad-mode switch wraps its graph in set_grad_enabled regions, which the ONNX exporter fails to
-    decompose.)"""
-    if torch.is_grad_enabled() or not torch.compiler.is_exporting():
+def _recorded_without_grad(conv: FusedConv2d, norm: nn.Module) -> bool:
+    """Whether torch.jit.trace or torch.export records this call without grad (no_grad, inference_mode) while
+    ``norm`` (or the conv's frozen scale) has a parameter that requires grad. Decided without a grad-mode switch:
+    under torch.export one wraps the graph in set_grad_enabled regions, which the ONNX exporter fails to decompose."""
+    if torch.is_grad_enabled() or not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
         return False
     return (conv.scale is not None and conv.scale.requires_grad) or any(p.requires_grad for p in norm.parameters())
 
