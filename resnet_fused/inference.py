@@ -102,8 +102,12 @@ def _taps_reach_input(kernel: int, stride: int, padding: int, dilation: int, siz
     return False
 
 
-def _packed_route_sound(x_shape, weight_shape, stride, padding, dilation) -> bool:
+def _packed_route_sound(x_shape, weight_shape, stride, padding, dilation, dtype: torch.dtype) -> bool:
     """Whether torch's packed-weight route computes this conv right; where it does not, the ordinary op runs it."""
+    if weight_shape[1] == 1 and dtype in (torch.bfloat16, torch.float16):
+        # One input channel per group in 16 bits: an Inf or NaN input also made a neighbouring output NaN (a
+        # zero-padded tap times Inf, seemingly), where the ordinary op's is right. Finite inputs came out right.
+        return False
     geometry = zip(weight_shape[2:], stride, padding, dilation, x_shape[2:], strict=True)
     if not all(_taps_reach_input(*dim) for dim in geometry):
         return False  # an output all padding along a dimension (nn.Conv2d gives the bias there) crashed the process
@@ -367,7 +371,7 @@ class PackedFusedConv2d(FusedConv2d):
         )
         # A 1-wide kernel has no gaps to dilate, and torch's packed-weight route crashes on a dilated one.
         dilation = tuple(1 if k == 1 else d for k, d in zip(self.weight.shape[2:], dilation, strict=True))
-        if not _packed_route_sound(x.shape, self.weight.shape, stride, padding, dilation):
+        if not _packed_route_sound(x.shape, self.weight.shape, stride, padding, dilation, x.dtype):
             return super().conv_bias_add_relu(
                 x, residual, weight=weight, scale=scale, bias=bias, relu=relu, fold_trainable_scale=fold_trainable_scale
             )
@@ -439,7 +443,7 @@ def _launch(
 ) -> Tensor:
     """One oneDNN convolution on the packed weight with the bias as a post-op, then the ReLU pass where the ReLU is
     exact. A residual is summed into in place where donated; else, where no ReLU pass follows, it is oneDNN's binary
-    post-op on a small channels_last output; else the conv runs alone and one pass adds it (and applies the ReLU)."""
+    post-op on a small channels_last output of an ungrouped conv; else the conv runs alone and one pass adds it (and applies the ReLU)."""
     conv = torch.ops.mkldnn._convolution_pointwise
     x = x.contiguous(memory_format=fmt)
     exact_relu = relu and not fused
@@ -453,8 +457,9 @@ def _launch(
             )
             return y.relu_() if exact_relu else y
         # With an exact ReLU a pass runs anyway, and it adds the residual for free: the post-op only where none runs.
+        # torch fuses it for groups == 1 alone; others run the conv, then its own add (add_relu_: no bf16 kernel).
         small = residual.numel() * residual.element_size() <= BINARY_POST_OP_MAX_BYTES
-        if not exact_relu and fmt == torch.channels_last and small:
+        if not exact_relu and fmt == torch.channels_last and small and geometry[3] == 1:
             residual = residual.contiguous(memory_format=fmt)
             y = conv.binary(x, residual, packed, bias, *geometry, "add", 1.0, post_relu, [], None)
             return y.contiguous(memory_format=fmt)

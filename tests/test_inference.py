@@ -327,6 +327,29 @@ def test_residual_conv_matches_float64_with_nan_inf(layout, relu, route, dtype_n
         torch.testing.assert_close(t, b, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("groups", [1, 2])
+def test_grouped_conv_with_residual_and_fused_relu_matches_float64(groups, dtype_name):
+    """A small channels_last residual with a fused ReLU: the binary post-op for groups=1; for groups > 1, where torch
+    does not fuse it (and its own fallback has no bf16 add_relu), the conv then one pass."""
+    dtype = onednn_dtype(dtype_name)
+    torch.manual_seed(0)
+    conv = FusedConv2d(4, 8, 3, padding=1, groups=groups, relu=True).eval().to(dtype)
+    x = torch.randn(2, 4, 6, 6).to(dtype).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(2, 8, 6, 6).to(dtype).contiguous(memory_format=torch.channels_last)
+    before = residual.clone()
+    expected = copy.deepcopy(conv).double()(x.double(), residual.double())
+    prepared = optimize_for_inference(copy.deepcopy(conv), fuse_relu=True)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = prepared(x, residual)
+    ops = {e.name for e in prof.events()}
+    assert PACKED_OP in ops and packs(prepared) == 1
+    assert ("resnet_fused::_epilogue_" in ops) == (groups > 1), sorted(ops)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, expected, dtype, "packed y", reductions=36 // groups)
+    assert torch.equal(residual, before)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_fuse_relu_is_one_pass_and_equal_on_finite_inputs(layout):
     model = converted_resnet18()
@@ -1276,6 +1299,41 @@ def test_one_input_channel_and_one_output_column_runs_unpacked(c_in, groups, ker
         for _ in range(2):
             assert_close(model(x), F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), stride, 0, 1, groups),
                          dtype, "prepared y", c_in // groups * kernel * kernel)  # fmt: skip
+    # In 16 bits one input channel per group runs unpacked anyway (see the next test).
+    assert bool(model[0]._packs) == (packed and (dtype == torch.float32 or c_in // groups > 1))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize(
+    ("c_in", "groups", "kernel", "stride", "packed"),
+    [
+        (1, 1, (1, 1), (1, 1), False),  # one input channel per group: a NaN leaked to a neighbour packed
+        (2, 2, (3, 1), (1, 2), False),
+        (4, 4, (1, 3), (1, 1), False),
+        (2, 1, (1, 1), (1, 1), True),  # two: packed, and right
+    ],
+)
+def test_one_input_channel_per_group_in_bf16_runs_unpacked(c_in, groups, kernel, stride, packed, layout):
+    """In bf16, torch's packed-weight route with one input channel per group also made an output next to an Inf or
+    NaN input NaN (finite inputs came out right); such a call takes the ordinary op, whose non-finite outputs are
+    where float64's are."""
+    if not inference.onednn_supports(torch.bfloat16):
+        pytest.skip("torch's oneDNN has no bf16 convolutions on this CPU")
+    torch.manual_seed(0)
+    padding = (kernel[0] // 2, kernel[1] // 2)
+    conv = FusedConv2d(c_in, 4, kernel, stride=stride, padding=padding, groups=groups, relu=False).bfloat16()
+    model = optimize_for_inference(nn.Sequential(conv).eval())
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    for value in (float("inf"), float("nan")):
+        x = torch.randn(2, c_in, 6, 7).bfloat16()
+        x[1, c_in // 2, 2, 3] = value
+        x = x.contiguous(memory_format=fmt)
+        want = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), stride, padding, 1, groups)
+        with torch.no_grad():
+            y = model(x)
+        assert torch.equal(y.isnan(), want.isnan()) and torch.equal(y.isinf(), want.isinf()), value
+        finite = want.isfinite()
+        assert_close(y[finite], want[finite], torch.bfloat16, "finite outputs", c_in // groups * kernel[0] * kernel[1])
     assert bool(model[0]._packs) == packed
 
 
