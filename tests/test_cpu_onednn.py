@@ -118,18 +118,16 @@ def test_route_matches_float64(dtype, layout, geometry, relu, residual):
     kw = case(dtype, layout, residual=residual, **GEOMETRIES[geometry])
     y, ops = run_and_trace(**kw, relu=relu)
     # One oneDNN primitive where oneDNN takes the dtype and ATen would run the conv on oneDNN, except a residual add
-    # with an NCHW x (torch's binary op fuses only channels_last) and an exact ReLU whose pass takes the rest of the
-    # epilogue; else ATen's conv and the epilogue pass.
+    # with an NCHW x or a grouped conv (torch's binary op fuses only ungrouped channels_last convs) and an exact ReLU
+    # whose pass takes the rest of the epilogue; else ATen's conv and the epilogue pass.
     onednn = (
         onednn_supports(dtype)
-        and (layout == "channels_last" or not residual)
+        and ((layout == "channels_last" and kw["groups"] == 1) or not residual)
         and aten_picks_onednn(kw)
         and not pass_takes_epilogue(kw, relu)
     )
     assert (ONEDNN_OP in ops) == onednn, sorted(ops)
-    # torch's binary op itself runs grouped/dilated convs unfused (ATen conv, add_, relu); the result is the same.
-    if not (residual and geometry in ("strided_dilated_grouped", "depthwise")):
-        assert ("aten::convolution" in ops) == (not onednn), sorted(ops)
+    assert ("aten::convolution" in ops) == (not onednn), sorted(ops)
     expected = reference.conv_bias_add_relu(**{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()},
                                             relu=relu)  # fmt: skip
     assert_close(y, expected, dtype, "y", reductions(kw))
@@ -297,6 +295,23 @@ def test_fused_relu_mode_runs_relu_inside_onednn(layout, residual, monkeypatch):
     y_fused, ops_fused = run_and_trace(**kw)
     assert ONEDNN_OP in ops_fused and "aten::relu_" not in ops_fused
     torch.testing.assert_close(y_fused, y_exact, rtol=0 if not residual else 1e-6, atol=0 if not residual else 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_relu_mode_runs_a_grouped_conv_with_residual_once(dtype, monkeypatch):
+    """torch's binary op runs a grouped conv unfused, and its add_relu_ has no bf16 kernel: the call raised after
+    the conv had run. A grouped conv with a residual takes ATen's conv and the pass, one conv."""
+    if not onednn_supports(dtype):
+        pytest.skip(f"torch's oneDNN has no {dtype} convolutions on this CPU")
+    monkeypatch.setenv(RELU_MODE_VAR, "fused")
+    kw = case(dtype, "channels_last", groups=4)
+    assert aten_picks_onednn(kw)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = resnet_fused.conv_bias_add_relu(**kw, backend="cpu")
+    names = [e.name for e in prof.events()]
+    assert names.count("aten::convolution") == 1 and ONEDNN_OP not in names, sorted(set(names))
+    expected = reference.conv_bias_add_relu(**{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()})
+    assert_close(y, expected, dtype, "y", reductions(kw))
 
 
 @pytest.mark.skipif(not onednn_supports(torch.float32), reason="torch's oneDNN is not available here")

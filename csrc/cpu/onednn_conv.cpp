@@ -165,11 +165,12 @@ at::Tensor onednn_conv_bias_add_relu(
     return at::Tensor();
   }
   const auto fmt = output_memory_format(x);
-  // torch's binary (residual-add) op fuses only channels_last; for NCHW it
-  // runs conv, add and ReLU as three ATen ops, worse than conv + our pass.
-  // Neither does it pay on a large output (kBinaryPostOpMaxBytes).
+  // torch's binary (residual-add) op fuses only channels_last and ungrouped
+  // convs; else it runs conv, add and ReLU as ATen ops, no better than conv +
+  // our pass (and its add_relu_ has no bf16 kernel: the call would throw after
+  // the conv). Neither does it pay on a large output (kBinaryPostOpMaxBytes).
   if (residual.has_value() &&
-      (fmt != at::MemoryFormat::ChannelsLast ||
+      (fmt != at::MemoryFormat::ChannelsLast || groups != 1 ||
        residual->numel() * residual->element_size() > kBinaryPostOpMaxBytes)) {
     return at::Tensor();
   }
