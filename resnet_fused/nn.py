@@ -1,7 +1,8 @@
 """Drop-in modules over the fused op ``conv_bias_add_relu``.
 
 - :class:`FusedConv2d` is an ``nn.Conv2d`` (same constructor, parameters and ``state_dict``) whose
-  ``forward(input, residual=None)`` computes ``act(conv(input) + bias + residual)`` in one fused op.
+  ``forward(input, residual=None, norm=None, donate_residual=False, relu=None)`` computes
+  ``act(conv(input) + bias + residual)`` in one fused op (``act(norm(conv(input)) + residual)`` with ``norm``).
 - :class:`BasicBlock` and :class:`Bottleneck` take torchvision's constructors with the same defaults,
   so with the same arguments they have torchvision's architecture, parameters and ``state_dict``
   (``norm_layer=None`` means ``nn.BatchNorm2d``) and torchvision checkpoints load with
@@ -15,8 +16,9 @@ How a conv and the norm after it run (``conv(input, residual=residual, norm=norm
 - no norm: the conv's own bias (and frozen scale/shift, if set) in the fused epilogue;
 - ``torchvision.ops.FrozenBatchNorm2d``, or ``nn.BatchNorm2d`` in eval mode: folded on the fly
   into the epilogue as a per-channel scale and shift. When that scale may be differentiated (eval-mode
-  BN with trainable gamma under grad mode, forward-mode AD or a ``torch.func`` transform) it is folded
-  into the weight instead, so gamma gets its derivative;
+  BN with trainable gamma under grad mode, forward-mode AD or a ``torch.func`` transform, or recorded by
+  ``torch.jit.trace`` or ``torch.export`` without grad: the program may run under grad) it is folded into the
+  weight instead, so gamma gets its derivative;
 - anything else (BatchNorm in train mode, GroupNorm, ...), a norm with hooks, or any norm while
   ``torch.fx`` traces (so the graph reads its mode and statistics when it runs): the conv runs fused
   without activation, then the norm (called as a module), the residual add and the ReLU run as
