@@ -443,7 +443,8 @@ def _launch(
 ) -> Tensor:
     """One oneDNN convolution on the packed weight with the bias as a post-op, then the ReLU pass where the ReLU is
     exact. A residual is summed into in place where donated; else, where no ReLU pass follows, it is oneDNN's binary
-    post-op on a small channels_last output of an ungrouped conv; else the conv runs alone and one pass adds it (and applies the ReLU)."""
+    post-op on a small channels_last output of an ungrouped conv; else the conv runs alone and one pass adds it (and
+    applies the ReLU)."""
     conv = torch.ops.mkldnn._convolution_pointwise
     x = x.contiguous(memory_format=fmt)
     exact_relu = relu and not fused

@@ -34,7 +34,7 @@ import functools
 import inspect
 import threading
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Literal, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,8 @@ __all__ = [
 ]
 
 NormLayer = Callable[[int], nn.Module]
+# How _fused_conv treats a scale: fold it into the weight never, where it needs its derivative, or always.
+Fold = Literal["never", "trainable", "always"]
 
 
 class FusedConv2d(nn.Conv2d):
@@ -320,7 +322,7 @@ class FusedConv2d(nn.Conv2d):
         scale: Tensor | None,
         bias: Tensor | None,
         relu: bool | None,
-        fold: str,
+        fold: Fold,
         donate_residual: bool,
     ) -> Tensor:
         """:meth:`conv_bias_add_relu`, with ``fold`` as :func:`_fused_conv` takes it."""
@@ -475,7 +477,7 @@ def _fused_conv(
     groups: int,
     relu: bool,
     backend: str,
-    fold: str,
+    fold: Fold,
 ) -> Tensor:
     """The op call of every FusedConv2d. A leaf for ``torch.fx`` (its checks need real tensors), so it also takes
     nn.Conv2d's unbatched ``(C, H, W)`` input and folds the scale into the weight, as the op's scale is a constant:
