@@ -146,6 +146,9 @@ def make_extension():
         "-std=c++20",
         "-fopenmp",
         "-Wno-unknown-pragmas",
+        # The epilogue rounds conv * scale before adding the bias, as the unfused ops do: no FMA contraction (which
+        # the AVX2 kernels' -mfma would allow), so a product that overflows does so in both, on every CPU.
+        "-ffp-contract=off",
     ]
     extra = {"cxx": cxx}
     include_dirs = [os.path.join(ROOT, "csrc")]

@@ -303,16 +303,17 @@ bool finite_by_sum(const at::Tensor& t) {
   return std::isfinite(at::sum(t, dtype).item<double>());
 }
 
-at::Tensor conv2d_no_bias(
+at::Tensor aten_conv(
     const at::Tensor& x,
     const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
     at::IntArrayRef stride,
     at::IntArrayRef padding,
     at::IntArrayRef dilation,
     int64_t groups) {
   const auto fmt = output_memory_format(x);
   at::Tensor y = at::convolution(
-      x, weight, std::nullopt, stride, padding, dilation,
+      x, weight, bias, stride, padding, dilation,
       /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
   // ATen may pick another layout (e.g. for a channels_last weight); keep x's.
   return y.is_contiguous(fmt) ? y : y.contiguous(fmt);
@@ -418,7 +419,8 @@ at::Tensor run_conv_bias_add_relu(
     int64_t groups,
     bool relu,
     EpiloguePass epilogue_pass,
-    FusedForward fused_forward) {
+    FusedForward fused_forward,
+    bool bias_in_conv) {
   check_conv_bias_add_relu_args(
       x, weight, bias, residual, scale, stride, padding, dilation, groups);
   check_no_tangent(x, "x");
@@ -449,11 +451,17 @@ at::Tensor run_conv_bias_add_relu(
       return y;
     }
   }
-  at::Tensor y = conv2d_no_bias(x, weight, stride, padding, dilation, groups);
-  if (bias.has_value() || residual.has_value() || scale.has_value() || relu) {
+  const bool conv_bias = bias_in_conv && !scale.has_value();
+  at::Tensor y = aten_conv(
+      x, weight, conv_bias ? bias : std::nullopt, stride, padding, dilation,
+      groups);
+  const std::optional<at::Tensor> pass_bias =
+      conv_bias ? std::nullopt : bias;
+  if (pass_bias.has_value() || residual.has_value() || scale.has_value() ||
+      relu) {
     const at::Tensor res =
         residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
-    epilogue_pass(y, res, scale, bias, relu, fmt);
+    epilogue_pass(y, res, scale, pass_bias, relu, fmt);
   }
   return y;
 }

@@ -56,10 +56,11 @@ at::MemoryFormat output_memory_format(const at::Tensor& x);
 // reads as not finite; callers only take their safe route for it.
 bool finite_by_sum(const at::Tensor& t);
 
-// The bare convolution (no bias), laid out in output_memory_format(x).
-at::Tensor conv2d_no_bias(
+// ATen's convolution (with bias if given), laid out in output_memory_format(x).
+at::Tensor aten_conv(
     const at::Tensor& x,
     const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
     at::IntArrayRef stride,
     at::IntArrayRef padding,
     at::IntArrayRef dilation,
@@ -129,7 +130,9 @@ using FusedForward = at::Tensor (*)(
 
 // The forward every backend shares: checks, the backend's fused forward if it
 // has one and takes the call, else ATen's conv and the backend's epilogue pass
-// (skipped when there is nothing to apply).
+// (skipped when there is nothing to apply). With bias_in_conv and no scale,
+// the bias rides in ATen's conv, summed before its rounding as in F.conv2d
+// (where ATen's conv adds it for free: CPU; cuDNN's would add a pass).
 // x: (N, C, H, W); weight: (K, C/groups, R, S); bias, scale: (K,);
 // residual: (N, K, P, Q). Returns y: (N, K, P, Q) in x's memory format.
 at::Tensor run_conv_bias_add_relu(
@@ -144,7 +147,8 @@ at::Tensor run_conv_bias_add_relu(
     int64_t groups,
     bool relu,
     EpiloguePass epilogue_pass,
-    FusedForward fused_forward = nullptr);
+    FusedForward fused_forward = nullptr,
+    bool bias_in_conv = false);
 
 // The body of a backend's _epilogue_ kernel (CPU has one): checks (y:
 // (N, K, P, Q), dense in NCHW or channels_last; bias, scale: (K,); residual:

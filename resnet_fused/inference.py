@@ -537,8 +537,9 @@ def optimize_for_inference(model: nn.Module, *, fuse_relu: bool = False) -> nn.M
     ``fuse_relu=False`` (the default) keeps ``torch.relu``'s exact semantics: the ReLU runs as an in-place pass
     after the oneDNN convolution, so a NaN pre-activation stays NaN. ``fuse_relu=True`` hands the ReLU to oneDNN's
     post-op, so the convolution writes the final output in one pass, but a NaN pre-activation then comes out as 0,
-    as it does under Inductor's freezing (ONNX Runtime keeps it, as ``torch.relu`` does). Wherever the
-    pre-activation is not NaN, the two agree.
+    as it does under Inductor's freezing (ONNX Runtime keeps it, as ``torch.relu`` does), and some of oneDNN's
+    kernels turn an infinite one into NaN (-inf) or the largest finite value (+inf). Wherever the pre-activation is
+    finite, the two agree.
 
     A conv whose weight is an inference tensor (the model was built or converted under ``torch.inference_mode``)
     cannot be packed safely and keeps the ordinary op; a warning names such convs.

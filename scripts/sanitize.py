@@ -38,7 +38,7 @@ SO_VAR = "RESNET_FUSED_SANITIZED_SO"
 
 # setup.py's make_extension() flags (mirrored, not imported: importing setup.py runs setup()), then the sanitizers.
 # -O1 after -O3 wins: ASan's usual level, fast enough to run the suite, with frames the stack traces can name.
-SETUP_CFLAGS = ["-O3", "-std=c++20", "-fopenmp", "-Wno-unknown-pragmas"]
+SETUP_CFLAGS = ["-O3", "-std=c++20", "-fopenmp", "-Wno-unknown-pragmas", "-ffp-contract=off"]
 SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
 
 

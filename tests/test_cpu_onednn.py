@@ -297,6 +297,44 @@ def test_fused_relu_mode_runs_relu_inside_onednn(layout, residual, monkeypatch):
     torch.testing.assert_close(y_fused, y_exact, rtol=0 if not residual else 1e-6, atol=0 if not residual else 1e-6)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_pass_rounds_as_the_unfused_ops(dtype, layout):
+    """On the conv + pass route (fp64; fp32 with a residual under an exact ReLU) the epilogue rounds conv * scale
+    before adding the bias, as the unfused ops do: bitwise equal to them, also where conv * scale overflows and the
+    bias would bring an unrounded product back into range (an FMA). Sizes with vector tails in both layouts."""
+    kw = case(dtype, layout, n=2, c=3, k=11, hw=(5, 7), r=1, pad=0)
+    big = torch.tensor(torch.finfo(dtype).max / 1.5, dtype=dtype)
+    with torch.no_grad():
+        kw["weight"][2:7] = torch.where(kw["weight"][2:7] > 0, big, -big)  # conv = +-big * (sum of x's signs)
+        kw["scale"][2:7], kw["bias"][2:7] = 2.0, -big
+        kw["x"].copy_(kw["x"].sign() * (kw["x"].abs() > 0.3))
+    y, ops = run_and_trace(**kw, relu=True)
+    assert ONEDNN_OP not in ops, sorted(ops)
+    want = reference.conv_bias_add_relu(**kw, relu=True)
+    assert want.isinf().any() and want[:, 2:7].isfinite().any()
+    torch.testing.assert_close(y, want, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_without_a_scale_the_bias_is_summed_in_the_conv(dtype):
+    """On the conv + pass route without a scale the bias is summed inside ATen's conv, as F.conv2d(x, w, b) sums it
+    before rounding: bitwise equal to the unfused ops, also where the bare conv overflows fp16 (90000) and the bias
+    brings it back (40000)."""
+    kw = case(dtype, "nchw", scale=False, k=11, hw=(5, 7))
+    with torch.no_grad():
+        kw["weight"][3] = 0.0
+        kw["weight"][3, 0, 1, 1] = 9.0
+        kw["x"][:, 0] = 10000.0  # channel 3: 90000 before the bias
+        kw["bias"][3] = -50000.0
+    for relu in (True, False):
+        y, ops = run_and_trace(**kw, relu=relu)
+        assert ONEDNN_OP not in ops, sorted(ops)
+        want = reference.conv_bias_add_relu(**kw, relu=relu)
+        assert want[:, 3].isfinite().all()
+        torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_relu_mode_runs_a_grouped_conv_with_residual_once(dtype, monkeypatch):
     """torch's binary op runs a grouped conv unfused, and its add_relu_ has no bf16 kernel: the call raised after

@@ -148,7 +148,8 @@ at::Tensor conv_bias_add_relu_cpu(
   // onednn_conv.h for when it declines), else conv + pass.
   return run_conv_bias_add_relu(
       x, weight, bias, residual, scale, stride, padding, dilation, groups, relu,
-      &epilogue_pass, &cpu::onednn_conv_bias_add_relu);
+      &epilogue_pass, &cpu::onednn_conv_bias_add_relu,
+      /*bias_in_conv=*/true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
