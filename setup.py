@@ -135,6 +135,9 @@ def shared_cxx_runtime() -> str:
 
 
 LINK_ARGS = ["-fopenmp", shared_cxx_runtime()]
+# Device math rounds as the host's (-ffp-contract=off below) and as the unfused ops: no FMA contraction, so the
+# epilogue rounds conv * scale before adding the bias. Its kernels are memory-bound; the FMAs saved nothing.
+NVCC_MATH = ["--fmad=false"]
 
 
 def make_extension():
@@ -175,7 +178,7 @@ def make_extension():
     archs = cuda_archs()
     # SASS for each arch, plus PTX for the newest, which the driver JIT-compiles on GPUs newer than every arch built.
     newest = max(archs, key=lambda a: int("".join(c for c in a if c.isdigit())))
-    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-Xptxas=-v,-warn-spills", "-lineinfo"]
+    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-Xptxas=-v,-warn-spills", "-lineinfo", *NVCC_MATH]
     nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     nvcc += [f"-gencode=arch=compute_{newest},code=compute_{newest}"]
     # Named in the error when a GPU has no image (cuda_kernel_status).

@@ -1,8 +1,7 @@
 // Per-element math of the fused residual epilogue, shared by the CPU and CUDA
-// kernels so the CPU tests exercise the expressions the GPU runs. The host
-// build turns FMA contraction off, so the CPU rounds as the unfused ops do;
-// nvcc may contract acc * scale + bias into an FMA: equal within rounding, not
-// bitwise.
+// kernels so the CPU tests exercise the expressions the GPU runs. Both builds
+// turn FMA contraction off (-ffp-contract=off, --fmad=false), so acc * scale
+// is rounded before the bias is added, as the unfused ops do.
 #pragma once
 
 #include <c10/macros/Macros.h>

@@ -382,6 +382,30 @@ def test_a_scale_whose_product_with_the_weight_is_not_finite_matches_float64(tar
     assert rw.isnan().any() if kind == "inf" else (y64.isfinite().all() and y64.abs().max() > 1e37)
 
 
+@pytest.mark.parametrize("layout", ["nchw", CL])
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+@pytest.mark.parametrize("target", target_params())
+def test_conv_times_scale_is_rounded_before_the_bias_is_added(target, dtype, layout):
+    """Where conv * scale overflows and the bias would bring the exact product back into range (what an FMA
+    computes), y is inf as in the unfused ops of the same dtype: every backend rounds the product first (the GPU
+    builds compile their epilogues without FMA contraction). Powers of two, exact in TF32 and bf16 too."""
+    big = 2.0 ** (127 if dtype == F32 else 1023)  # the largest power of two
+    dev = target.device
+    fmt = torch.channels_last if layout == CL else torch.contiguous_format
+    x = torch.ones(2, 1, 3, 4, dtype=dtype, device=dev).contiguous(memory_format=fmt)
+    weight = torch.full((3, 1, 1, 1), big, dtype=dtype, device=dev)
+    scale = torch.tensor([2.0, 0.5, -2.0], dtype=dtype, device=dev)
+    bias = torch.tensor([-big, -big / 4, big], dtype=dtype, device=dev)
+    residual = torch.zeros(2, 3, 3, 4, dtype=dtype, device=dev)
+    for relu in (True, False):
+        kw = dict(weight=weight, scale=scale, bias=bias, residual=residual, relu=relu)
+        y = resnet_fused.conv_bias_add_relu(x, **kw, backend=target.backend)
+        want = reference.conv_bias_add_relu(x, **kw)
+        # +inf in channel 0; channel 1 finite (big / 4); channel 2 -inf (0 after the ReLU)
+        assert want[:, 0].isposinf().all() and (want[:, 1] == big / 4).all(), want[0, :, 0, 0]
+        torch.testing.assert_close(y, want, rtol=0, atol=0, msg=lambda m, relu=relu: f"{target} relu={relu}: {m}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("target", target_params())
 def test_a_small_scale_whose_unscaled_weight_gradient_overflows_matches_float64(target, dtype):

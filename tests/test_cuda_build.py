@@ -121,6 +121,8 @@ def setup_code(*names: str) -> dict:
 ARCHS = tuple(f"sm_{a}" for a in setup_code("cuda_archs")["cuda_archs"]())
 # setup.py embeds PTX for the newest of them.
 NEWEST = max((a[3:] for a in ARCHS), key=lambda a: int("".join(c for c in a if c.isdigit())))
+# setup.py's nvcc flags for the device math.
+NVCC_MATH = setup_code("NVCC_MATH")["NVCC_MATH"]
 
 
 def setup_link_args() -> list[str]:
@@ -410,8 +412,28 @@ def test_vectorized_kernels_use_16_byte_loads_and_stores():
     assert checked == len(VECTOR_KERNELS) * 4 * len(ARCHS), checked
 
 
+def assert_no_fma(sass: str) -> None:
+    """No FFMA/DFMA in our kernels: built with setup.py's NVCC_MATH, the epilogue rounds conv * scale before adding
+    the bias, as the unfused ops do (the default --fmad=true contracts it, 198 FFMA and 52 DFMA for sm_90)."""
+    funcs = {key: text for key, text in sass_by_function(sass).items() if "resnet_fused" in key[1]}
+    assert {name for _, name in funcs if any(k in name for k in KERNELS)}, "no resnet_fused kernel in the SASS"
+    fused = {
+        f"{arch} {name}": n for (arch, name), text in funcs.items() if (n := len(re.findall(r"\b[FD]FMA\b", text)))
+    }
+    assert not fused, f"kernels with FFMA/DFMA (FMA contraction): {fused}"
+
+
+def test_built_kernels_round_as_the_unfused_ops():
+    """The built .so's kernels, on every arch, have no contracted multiply-add."""
+    cuobjdump = cuobjdump_or_skip()
+    assert_no_fma(
+        subprocess.run([cuobjdump, "-sass", str(so_path())], capture_output=True, text=True, check=True).stdout
+    )
+
+
 def test_ptxas_reports_no_spills(tmp_path):
-    """Compile csrc/cuda/*.cu for sm_80 and sm_90 with ptxas -v; every kernel reports 0 bytes of spills.
+    """Compile csrc/cuda/*.cu for sm_80 and sm_90 with ptxas -v and setup.py's NVCC_MATH; every kernel reports 0
+    bytes of spills, and none has a contracted multiply-add.
 
     Only needed when the built .so has no device code (CPU-only build on a machine with nvcc): otherwise the
     built cubins are checked directly by test_built_kernels_have_no_spills (this compile takes ~70 s on 2 cores).
@@ -434,7 +456,7 @@ def test_ptxas_reports_no_spills(tmp_path):
     for src in CUDA_SOURCES:
         cmd = [
             nvcc, "-c", str(src), "-o", str(tmp_path / (src.stem + ".o")),
-            "-std=c++20", "-O3", "--expt-relaxed-constexpr", "-Xptxas=-v,-warn-spills",
+            "-std=c++20", "-O3", "--expt-relaxed-constexpr", "-Xptxas=-v,-warn-spills", *NVCC_MATH,
             "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
             "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
             "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
@@ -456,6 +478,10 @@ def test_ptxas_reports_no_spills(tmp_path):
             e for e, s in zip(entries, spills, strict=True) if s != ("0", "0")
         ]
         assert "warning" not in log.lower(), log[-4000:]
+        cuobjdump = find_cuobjdump()
+        if cuobjdump is not None:
+            obj = str(tmp_path / (src.stem + ".o"))
+            assert_no_fma(subprocess.run([cuobjdump, "-sass", obj], capture_output=True, text=True, check=True).stdout)
 
 
 def test_cuda_probe_checks_the_current_device_only(monkeypatch):

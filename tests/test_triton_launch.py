@@ -7,7 +7,8 @@
 - deterministic algorithms run one pinned config per kernel and dtype and never time;
 - each constexpr variant, layout and group count of one shape is tuned on its own, and so is each kind of GPU;
 - a capture refuses to autotune, with an error that says to warm up; tuned keys and pinned configs launch;
-- fp32 reads the per-op TF32 setting as ATen does for cuDNN convolutions.
+- fp32 reads the per-op TF32 setting as ATen does for cuDNN convolutions;
+- every launch is compiled without FMA contraction.
 
 Runs in the normal invocation and under TRITON_INTERPRET=1 (where each kernel has one config, so the tests
 about tuning skip).
@@ -150,8 +151,10 @@ def test_every_launch_and_tuning_runs_on_x_device(launch, recorder, not_capturin
         _run_op(launch, x, w, b)
     launched = {name for name, *_ in recorder.launches}
     assert launched == set(KERNELS)
-    for name, device, _, _ in recorder.launches:
+    for name, device, _, named in recorder.launches:
         assert device == torch.device("cuda:1"), f"{name} launched on {device}, not on x's device cuda:1"
+        # The epilogue rounds as the unfused ops: conv * scale is never contracted into an FMA with the bias.
+        assert named.get("enable_fp_fusion") is False, f"{name} launched with FMA contraction allowed"
     if not det and not INTERPRET:
         assert set(recorder.timed) == set(KERNELS), "each kernel is tuned once, under the guard like its launch"
     assert recorder.device is None, "the guard is left after the launch"

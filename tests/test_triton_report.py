@@ -3,8 +3,8 @@
 Compiles every shipped kernel x shape (3x3, 1x1) x layout (NHWC, NCHW) x config x dtype for sm_80 and sm_90 and
 asserts: no compile failure, zero spill/stack bytes for every NHWC config and each NCHW pinned one (but fp64, for
 gradcheck, and the one spill report.ALLOWED_SPILLS names, exactly), shared memory within each arch's per-block
-limit, tensor-core instructions in every GEMM, and software pipelining (cp.async) in every kernel but the 16-bit
-NCHW ones. Runs in the normal (non-interpreter) invocation.
+limit, tensor-core instructions in every GEMM, no FFMA/DFMA (an epilogue contracted into an FMA), and software
+pipelining (cp.async) in every kernel but the 16-bit NCHW ones. Runs in the normal (non-interpreter) invocation.
 """
 
 import importlib.util
@@ -104,15 +104,16 @@ def test_tensor_cores_and_pipelining(rows):
 def test_problems_catches_bad_rows(report):
     """The checker itself can fail: a spilling, oversized, tensor-core-less row is flagged, and so is a list with no
     config for 99 KB GPUs."""
-    bad = report.Row("fwd", "3x3", "nhwc", "x", "bf16", 80, 255, 16, 0, 300 * 1024, 0, 0, 0, 0)
+    bad = report.Row("fwd", "3x3", "nhwc", "x", "bf16", 80, 255, 16, 0, 300 * 1024, 0, 0, 0, 0, 64)
     found = report.problems([bad])
-    assert len(found) == 4, found
+    assert len(found) == 5, found
+    assert "64 FFMA/DFMA" in found[3]
     assert "no config within 101376 B of shared memory" in found[-1]
     # The allowed spill passes at its exact size only
     (key, stack), *_ = report.ALLOWED_SPILLS.items()
     kernel, shape, layout, config, dtype, arch = key
     for spill, flagged in ((stack, 0), (stack + 8, 1)):
-        row = report.Row(kernel, shape, layout, config, dtype, arch, 168, spill, 0, 1024, 1, 0, 1, 0)
+        row = report.Row(kernel, shape, layout, config, dtype, arch, 168, spill, 0, 1024, 1, 0, 1, 0, 0)
         assert len(report.problems([row])) == flagged, spill
 
 

@@ -241,10 +241,16 @@ def _launch_pinned(kernel: str, fn: triton.JITFunction, grid: Callable, x: torch
 _VARIANT_ARGS = {name: _tuning_key(fn, []) for name, (fn, _) in _KERNELS.items()}
 
 
+# Options of every compile, shipped or reported. No FMA contraction: the epilogue rounds conv * scale before adding
+# the bias, as the unfused ops do, so a product that overflows does so in both (tl.dot's own FMAs stay).
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
+
+
 def _launch(kernel: str, grid: Callable, x: torch.Tensor, *args, **meta) -> None:
     """Run ``kernel`` on x's device: the pinned config for x's dtype and the layout its loop reads under
     deterministic algorithms, else the autotuned one."""
     fn = _KERNELS[kernel][0]
+    meta = {**meta, **COMPILE_OPTIONS}
     guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         if torch.are_deterministic_algorithms_enabled():

@@ -4,8 +4,9 @@
 
 Part 1 compiles every shipped kernel x autotune config x dtype x arch with ``triton.compile`` and a
 ``GPUTarget`` and reads the cubin: registers, stack/local bytes (spills land there), shared memory,
-tensor-core instructions (HMMA, DMMA for fp64; HGMMA is sm_90's wgmma) and async copies (LDGSTS = cp.async;
-TMA). fp64, there for gradcheck, is held to compiling and fitting shared memory; its spills cost only speed.
+tensor-core instructions (HMMA, DMMA for fp64; HGMMA is sm_90's wgmma), async copies (LDGSTS = cp.async;
+TMA) and FFMA/DFMA, which beside the tensor-core dot only an epilogue contracted into an FMA would have.
+fp64, there for gradcheck, is held to compiling and fitting shared memory; its spills cost only speed.
 The kernels are specialised as the runtime would for a ResNet-50 problem (16-byte aligned pointers) in both
 layouts: NHWC (channels_last, channel stride 1, a constexpr) and NCHW (contiguous, pixel stride 1), with every
 epilogue option on; each layout's own configs (``launch.shipped_configs``).
@@ -68,6 +69,7 @@ class Row:
     hgmma: int
     ldgsts: int
     tma: int
+    fma: int  # FFMA and DFMA: with the MMA dot, only a contracted epilogue would have any
     error: str = ""
 
 
@@ -152,12 +154,12 @@ def _count(pattern: str, sass: str) -> int:
 def compile_one(kernel: str, shape: str, dtype: str, cfg_index: int, arch: int, layout: str = "nhwc") -> Row:
     """Compile one kernel variant for sm_<arch> and read its resources from the cubin."""
     cfg = launch.shipped_configs(kernel, DTYPES[dtype], layout)[cfg_index]
-    row = Row(kernel, shape, layout, _config_name(cfg), dtype, arch, -1, -1, -1, -1, -1, -1, -1, -1)
+    row = Row(kernel, shape, layout, _config_name(cfg), dtype, arch, -1, -1, -1, -1, -1, -1, -1, -1, -1)
     try:
         compiled = triton.compile(
             _source(kernel, shape, dtype, cfg, layout),
             target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+            options={**launch.COMPILE_OPTIONS, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
         )
     except Exception as e:  # reported as a failed row; the test fails on any
         row.error = f"{type(e).__name__}: {str(e)[:300]}"
@@ -188,6 +190,7 @@ def compile_one(kernel: str, shape: str, dtype: str, cfg_index: int, arch: int, 
     row.hgmma = _count(r"\bHGMMA\.", sass)
     row.ldgsts = _count(r"\bLDGSTS", sass)
     row.tma = _count(r"\bUTMALDG|\bUBLKCP", sass)
+    row.fma = _count(r"\b[FD]FMA\b", sass)
     return row
 
 
@@ -236,7 +239,7 @@ def held_to_no_spills(r: Row) -> bool:
 
 def problems(rows: list[Row]) -> list[str]:
     """What the shipped configs must never do: fail, spill (see held_to_no_spills), overflow smem, miss tensor
-    cores."""
+    cores, contract the epilogue into an FMA."""
     bad = []
     for r in rows:
         where = f"{r.kernel}[{r.shape} {r.layout}] {r.config} {r.dtype} sm_{r.arch}"
@@ -249,6 +252,8 @@ def problems(rows: list[Row]) -> list[str]:
             bad.append(f"{where}: {r.smem} B shared memory > {SMEM_LIMIT[r.arch]} B")
         if r.dtype in ("fp16", "bf16") and r.mma + r.hgmma == 0:
             bad.append(f"{where}: no tensor-core instruction (HMMA/HGMMA)")
+        if r.fma:
+            bad.append(f"{where}: {r.fma} FFMA/DFMA (an epilogue contracted into an FMA, or a dot off tensor cores)")
     smallest: dict[tuple, int] = {}
     for r in rows:
         if r.arch == 80 and not r.error:
@@ -340,7 +345,7 @@ def _mb(b: int) -> str:
 
 def format_report(rows: list[Row], model: list[dict], batch: int) -> str:
     out = ["## Part 1: compiled kernels (triton.compile for a GPUTarget; no GPU needed)", ""]
-    head = "kernel shape layout config              dtype arch regs stack local  smem_B   MMA HGMMA LDGSTS TMA"
+    head = "kernel shape layout config              dtype arch regs stack local  smem_B   MMA HGMMA LDGSTS TMA FMA"
     out.append(head)
     for r in rows:
         if r.error:
@@ -348,7 +353,7 @@ def format_report(rows: list[Row], model: list[dict], batch: int) -> str:
             continue
         out.append(
             f"{r.kernel:6} {r.shape:5} {r.layout:6} {r.config:19} {r.dtype:5} sm_{r.arch} {r.regs:4} {r.stack:5} "
-            f"{r.local:5} {r.smem:7} {r.mma:5} {r.hgmma:5} {r.ldgsts:6} {r.tma:3}"
+            f"{r.local:5} {r.smem:7} {r.mma:5} {r.hgmma:5} {r.ldgsts:6} {r.tma:3} {r.fma:3}"
         )
     bad = problems(rows)
     out += ["", "checks: " + ("all pass" if not bad else f"{len(bad)} FAIL"), *bad, ""]
