@@ -251,8 +251,7 @@ class FusedConv2d(nn.Conv2d):
             weight = self._parameters.get("weight") if weight is None else weight
             kernel = contract.pair(self.kernel_size, "kernel_size", 1)
             if isinstance(weight, Tensor) and weight.dim() == 4:
-                with contract.quiet_tracer():  # torch.jit.trace: a weight's sizes are constants of the model
-                    kernel = [int(k) for k in weight.shape[2:]]
+                kernel = _kernel_of(weight)
             totals = [d * (k - 1) for d, k in zip(contract.pair(self.dilation, "dilation", 1), kernel, strict=True)]
             lo = [t // 2 for t in totals]
             extra = [0, totals[1] - 2 * lo[1], 0, totals[0] - 2 * lo[0]]  # an odd total's extra pixel goes at the end
@@ -543,6 +542,15 @@ def _runs_in_fp16(x: Tensor, weight: Tensor) -> bool:
     if device in contract.AUTOCAST_DEVICES and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device) == torch.float16 and x.dtype != torch.float64
     return weight.dtype == torch.float16
+
+
+def _kernel_of(weight: Tensor) -> list[int]:
+    """(R, S) of a (K, C/groups, R, S) weight. Under torch.jit.trace its sizes are constants of the model, so the
+    tracer's warning is silenced; only there, as Dynamo cannot trace the warnings filter (fullgraph)."""
+    if torch.jit.is_tracing():
+        with contract.quiet_tracer():
+            return [int(k) for k in weight.shape[2:]]
+    return [int(k) for k in weight.shape[2:]]
 
 
 def _shape_is_not(t: Tensor, shape: tuple[int, ...]) -> bool:

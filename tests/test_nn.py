@@ -581,6 +581,31 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(compiled_block(xb), block(xb))
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: FusedConv2d(4, 4, (3, 2), padding="same", dilation=(1, 2)),
+        lambda: SkipBlock(4, 2),
+        lambda: PreActBlock(4),
+    ],
+    ids=["FusedConv2d-same", "SkipBlock", "PreActBlock"],
+)
+def test_compile_fullgraph_with_same_padding(make):
+    """padding='same' (SkipBlock's and PreActBlock's convs have it) compiles without a graph break, as nn.Conv2d's
+    does; outputs and gradients as eager."""
+    torch.manual_seed(0)
+    module = make().double()
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64, requires_grad=True)
+    torch._dynamo.reset()
+    y = torch.compile(module, fullgraph=True, backend="aot_eager")(x)
+    grads = torch.autograd.grad(y.sum(), [x, *module.parameters()])
+    want = module(x)
+    want_grads = torch.autograd.grad(want.sum(), [x, *module.parameters()])
+    torch.testing.assert_close(y, want)
+    for g, w in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w)
+
+
 def test_autocast_bf16():
     torch.manual_seed(0)
     block, tv_block = eval_bn_block()
