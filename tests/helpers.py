@@ -379,21 +379,28 @@ def make_inputs(
 # ---- the reference ----
 
 
+def _float64(t: Tensor) -> Tensor:
+    """A contiguous float64 copy for the reference: torch's own conv can depend on its inputs' layout (a grouped
+    float64 CPU conv with a channels_last weight gives a wrong grad_weight for an x whose size-1 dim has an odd
+    stride), and the reference must not share a fault of the layout under test."""
+    return t.detach().to(torch.float64, memory_format=torch.contiguous_format)
+
+
 def reference_forward(inputs: Inputs) -> Tensor:
-    """y of ``resnet_fused.reference`` in float64."""
-    d = {k: None if v is None else v.detach().double() for k, v in inputs.tensors.items()}
-    kw = dict(inputs.kwargs, scale=None if inputs.kwargs["scale"] is None else inputs.kwargs["scale"].double())
+    """y of ``resnet_fused.reference`` in float64, from contiguous copies of the inputs."""
+    d = {k: None if v is None else _float64(v) for k, v in inputs.tensors.items()}
+    kw = dict(inputs.kwargs, scale=None if inputs.kwargs["scale"] is None else _float64(inputs.kwargs["scale"]))
     return reference.conv_bias_add_relu(**d, **kw)
 
 
 def reference_grads(inputs: Inputs, out: Tensor, grad_out: Tensor | None = None) -> dict[str, Tensor]:
-    """float64 gradients of the reference for every leaf that requires grad. With relu, the mask comes from the
-    tested output ``out`` (``out <= 0`` blocks): a pre-activation within rounding of zero may land on either
-    side, and the backward must follow the forward it is given."""
+    """float64 gradients of the reference (from contiguous copies) for every leaf that requires grad. With relu,
+    the mask comes from the tested output ``out`` (``out <= 0`` blocks): a pre-activation within rounding of zero
+    may land on either side, and the backward must follow the forward it is given."""
     grad_out = inputs.grad_out if grad_out is None else grad_out
-    leaves = {k: v.detach().double().requires_grad_() for k, v in inputs.tensors.items() if v is not None}
+    leaves = {k: _float64(v).requires_grad_() for k, v in inputs.tensors.items() if v is not None}
     kw = dict(inputs.kwargs, relu=False)
-    kw["scale"] = None if kw["scale"] is None else kw["scale"].double()
+    kw["scale"] = None if kw["scale"] is None else _float64(kw["scale"])
     lin = reference.conv_bias_add_relu(**{k: leaves.get(k) for k in inputs.tensors}, **kw)
     g = grad_out.detach().double()
     if inputs.kwargs["relu"]:
