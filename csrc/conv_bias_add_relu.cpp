@@ -6,6 +6,7 @@
 #include <c10/core/InferenceMode.h>
 #include <c10/util/accumulate.h>
 #include <c10/util/safe_numerics.h>
+#include <c10/util/strides.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -295,6 +296,34 @@ at::MemoryFormat output_memory_format(const at::Tensor& x) {
   return x.suggest_memory_format();
 }
 
+// t as a view with the strides of its memory format where it is dense in it:
+// a size-1 dim's stride addresses nothing, yet ATen's CPU conv backward can
+// misread it (a grouped float64 conv with a channels_last weight gave a wrong
+// grad_weight for an x whose size-1 dim had another stride). No copy.
+at::Tensor canonical_strides(const at::Tensor& t) {
+  if (t.dim() != 4) {
+    return t;
+  }
+  // The suggested format first: a tensor with size-1 dims can be dense in
+  // both. An odd stride of a size-1 dim can hide the format from the
+  // suggestion, not from is_contiguous.
+  auto fmt = t.suggest_memory_format();
+  if (!t.is_contiguous(fmt)) {
+    fmt = t.is_contiguous(at::MemoryFormat::ChannelsLast)
+        ? at::MemoryFormat::ChannelsLast
+        : at::MemoryFormat::Contiguous;
+    if (!t.is_contiguous(fmt)) {
+      return t;
+    }
+  }
+  const c10::DimVector strides = fmt == at::MemoryFormat::ChannelsLast
+      ? c10::DimVector(c10::get_channels_last_strides_2d(t.sizes()))
+      : c10::contiguous_strides(t.sizes());
+  return t.strides() == at::IntArrayRef(strides)
+      ? t
+      : t.as_strided(t.sizes(), strides, t.storage_offset());
+}
+
 bool finite_by_sum(const at::Tensor& t) {
   // fp16 summed in float: an fp16 sum past 65504 says nothing of its
   // elements. (bf16 has float's range, and its sum accumulates in float.)
@@ -369,7 +398,8 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(
     }
     const at::Tensor& w = scale_w && need_grad_x ? ws : weight;
     std::tie(grad_x, grad_weight, std::ignore) = at::convolution_backward(
-        gs, x, w, /*bias_sizes=*/std::nullopt, stride, padding, dilation,
+        canonical_strides(gs), canonical_strides(x), canonical_strides(w),
+        /*bias_sizes=*/std::nullopt, stride, padding, dilation,
         /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
         {need_grad_x, need_grad_weight, false});
     if (need_grad_weight && scale_w) {
@@ -380,7 +410,8 @@ std::tuple<at::Tensor, at::Tensor> conv2d_backward(
       // a NaN or Inf in x or g (a diverging run) pays for a second wgrad too.
       if (!finite_by_sum(grad_weight)) {
         grad_weight = std::get<1>(at::convolution_backward(
-            g * scale->view({1, -1, 1, 1}), x, weight,
+            canonical_strides(g * scale->view({1, -1, 1, 1})),
+            canonical_strides(x), canonical_strides(weight),
             /*bias_sizes=*/std::nullopt, stride, padding, dilation,
             /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
             {false, true, false}));

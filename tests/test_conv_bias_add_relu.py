@@ -382,6 +382,37 @@ def test_a_scale_whose_product_with_the_weight_is_not_finite_matches_float64(tar
     assert rw.isnan().any() if kind == "inf" else (y64.isfinite().all() and y64.abs().max() > 1e37)
 
 
+@pytest.mark.parametrize("epilogue", [False, True], ids=["conv", "scale_bias_residual_relu"])
+@pytest.mark.parametrize("target", target_params())
+def test_an_odd_stride_of_a_size_one_dim_gives_the_right_weight_gradient(target, epilogue):
+    """x dense in channels_last but for the stride of its size-1 H, a channels_last weight, a grouped float64 conv:
+    ATen's CPU conv backward misreads that stride (F.conv2d's own grad_weight is wrong there, off by about 5); the
+    op gives it canonical strides (a view). Against float64 from contiguous copies."""
+    torch.manual_seed(0)
+    dev = target.device
+    x0 = torch.randn(2, 9, 1, 2, dtype=F64, device=dev)
+    x = x0.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1).requires_grad_()
+    assert x.stride() == (18, 1, 1, 9) and x.is_contiguous(memory_format=torch.channels_last)
+    w0 = torch.randn(6, 3, 3, 2, dtype=F64, device=dev)
+    w = w0.contiguous(memory_format=torch.channels_last).requires_grad_()
+    extra = {}
+    if epilogue:
+        extra = dict(
+            bias=torch.randn(6, dtype=F64, device=dev),
+            residual=torch.randn(2, 6, 3, 1, dtype=F64, device=dev),
+            scale=torch.rand(6, dtype=F64, device=dev) + 0.5,
+        )
+    conv = dict(stride=(1, 3), padding=(2, 0), groups=3)
+    g = torch.randn(2, 6, 3, 1, dtype=F64, device=dev)
+    y = resnet_fused.conv_bias_add_relu(x, w, **extra, **conv, relu=epilogue, backend=target.backend)
+    got = torch.autograd.grad(y, (x, w), g)
+    x64, w64 = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    want_y = reference.conv_bias_add_relu(x64, w64, **extra, **conv, relu=epilogue)
+    want = torch.autograd.grad(want_y, (x64, w64), g)
+    for name, a, b in (("y", y, want_y), ("grad_x", *(t[0] for t in (got, want))), ("grad_weight", got[1], want[1])):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{target} {name}: {m}")
+
+
 @pytest.mark.parametrize("layout", ["nchw", CL])
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
 @pytest.mark.parametrize("target", target_params())
