@@ -136,7 +136,7 @@ def shared_cxx_runtime() -> str:
 
 LINK_ARGS = ["-fopenmp", shared_cxx_runtime()]
 # Device math rounds as the host's (-ffp-contract=off below) and as the unfused ops: no FMA contraction, so the
-# epilogue rounds conv * scale before adding the bias. Its kernels are memory-bound; the FMAs saved nothing.
+# epilogue rounds conv * scale before adding the bias. The CUDA kernels are memory-bound: FMAs would save nothing.
 NVCC_MATH = ["--fmad=false"]
 
 

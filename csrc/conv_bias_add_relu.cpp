@@ -296,17 +296,14 @@ at::MemoryFormat output_memory_format(const at::Tensor& x) {
   return x.suggest_memory_format();
 }
 
-// t as a view with the strides of its memory format where it is dense in it:
-// a size-1 dim's stride addresses nothing, yet ATen's CPU conv backward can
-// misread it (a grouped float64 conv with a channels_last weight gave a wrong
-// grad_weight for an x whose size-1 dim had another stride). No copy.
 at::Tensor canonical_strides(const at::Tensor& t) {
   if (t.dim() != 4) {
     return t;
   }
   // The suggested format first: a tensor with size-1 dims can be dense in
   // both. An odd stride of a size-1 dim can hide the format from the
-  // suggestion, not from is_contiguous.
+  // suggestion (not from is_contiguous): ATen may then run the conv in the
+  // other layout than the output's, at the cost of a copy.
   auto fmt = t.suggest_memory_format();
   if (!t.is_contiguous(fmt)) {
     fmt = t.is_contiguous(at::MemoryFormat::ChannelsLast)
@@ -342,7 +339,8 @@ at::Tensor aten_conv(
     int64_t groups) {
   const auto fmt = output_memory_format(x);
   at::Tensor y = at::convolution(
-      x, weight, bias, stride, padding, dilation,
+      canonical_strides(x), canonical_strides(weight), bias, stride, padding,
+      dilation,
       /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
   // ATen may pick another layout (e.g. for a channels_last weight); keep x's.
   return y.is_contiguous(fmt) ? y : y.contiguous(fmt);

@@ -49,6 +49,12 @@ std::vector<int64_t> conv_output_shape(
 // y follows x's memory format, as nn.Conv2d's output does.
 at::MemoryFormat output_memory_format(const at::Tensor& x);
 
+// t as a view with the strides of its memory format where it is dense in one
+// (no copy): what every ATen or oneDNN conv here is given. A size-1 dim's
+// stride addresses nothing, yet ATen's CPU convs can misread or refuse an odd
+// one (wrong outputs and gradients).
+at::Tensor canonical_strides(const at::Tensor& t);
+
 // Whether every element of a CPU tensor is finite, from one read and no
 // temporaries but fp16's float copy (at::isfinite(t).all() makes several
 // passes and t-sized temporaries: 30x slower on a 1M-element weight): a NaN

@@ -380,9 +380,9 @@ def make_inputs(
 
 
 def _float64(t: Tensor) -> Tensor:
-    """A contiguous float64 copy for the reference: torch's own conv can depend on its inputs' layout (a grouped
-    float64 CPU conv with a channels_last weight gives a wrong grad_weight for an x whose size-1 dim has an odd
-    stride), and the reference must not share a fault of the layout under test."""
+    """A contiguous float64 copy for the reference: torch's own CPU conv can depend on its inputs' layout (an odd
+    stride of a size-1 dim gives wrong results), and the reference must not share a fault of the layout under
+    test."""
     return t.detach().to(torch.float64, memory_format=torch.contiguous_format)
 
 

@@ -382,35 +382,48 @@ def test_a_scale_whose_product_with_the_weight_is_not_finite_matches_float64(tar
     assert rw.isnan().any() if kind == "inf" else (y64.isfinite().all() and y64.abs().max() > 1e37)
 
 
+# (dtype, x's shape and strides, weight's shape and strides, conv): dense tensors whose size-1 dim has an odd stride
+ODD_SIZE_ONE_STRIDES = {
+    # F.conv2d's grad_weight is wrong
+    "x-grouped-fp64": (F64, (2, 9, 1, 2), (18, 1, 1, 9), (6, 3, 3, 2), (18, 1, 6, 3), dict(stride=(1, 3), padding=(2, 0), groups=3)),
+    # F.conv2d's y (with a scale folded into the weight) and grad_x are wrong
+    "weight-grouped-fp32": (F32, (1, 9, 1, 2), (18, 1, 18, 9), (6, 3, 2, 1), (6, 1, 3, 23), dict(padding=(1, 0), groups=3)),
+    # F.conv2d raises "slow_conv2d: grad_weight must be contiguous"
+    "weight-fp64": (F64, (2, 2, 2, 2), (8, 1, 4, 2), (1, 2, 2, 1), (4, 1, 2, 7), dict(padding=(1, 0))),
+}  # fmt: skip
+
+
 @pytest.mark.parametrize("epilogue", [False, True], ids=["conv", "scale_bias_residual_relu"])
+@pytest.mark.parametrize("case", list(ODD_SIZE_ONE_STRIDES))
 @pytest.mark.parametrize("target", target_params())
-def test_an_odd_stride_of_a_size_one_dim_gives_the_right_weight_gradient(target, epilogue):
-    """x dense in channels_last but for the stride of its size-1 H, a channels_last weight, a grouped float64 conv:
-    ATen's CPU conv backward misreads that stride (F.conv2d's own grad_weight is wrong there, off by about 5); the
-    op gives it canonical strides (a view). Against float64 from contiguous copies."""
+def test_an_odd_stride_of_a_size_one_dim_gives_the_right_gradients(target, case, epilogue):
+    """Dense channels_last tensors but for the stride of a size-1 dim: ATen's CPU convs misread such a stride, or
+    refuse it; the op gives them canonical strides (a view). Against float64 from contiguous copies."""
     torch.manual_seed(0)
+    dtype, x_shape, x_strides, w_shape, w_strides, conv = ODD_SIZE_ONE_STRIDES[case]
     dev = target.device
-    x0 = torch.randn(2, 9, 1, 2, dtype=F64, device=dev)
-    x = x0.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1).requires_grad_()
-    assert x.stride() == (18, 1, 1, 9) and x.is_contiguous(memory_format=torch.channels_last)
-    w0 = torch.randn(6, 3, 3, 2, dtype=F64, device=dev)
-    w = w0.contiguous(memory_format=torch.channels_last).requires_grad_()
+    x0, w0 = (torch.randn(shape, dtype=F64, device=dev) for shape in (x_shape, w_shape))
+    x, w = (torch.empty_strided(sh, st, dtype=dtype, device=dev).copy_(t).requires_grad_()
+            for sh, st, t in ((x_shape, x_strides, x0), (w_shape, w_strides, w0)))  # fmt: skip
+    k = w_shape[0]
+    out_shape = F.conv2d(x0, w0, **conv).shape
     extra = {}
     if epilogue:
         extra = dict(
-            bias=torch.randn(6, dtype=F64, device=dev),
-            residual=torch.randn(2, 6, 3, 1, dtype=F64, device=dev),
-            scale=torch.rand(6, dtype=F64, device=dev) + 0.5,
+            bias=torch.randn(k, dtype=F64, device=dev),
+            residual=torch.randn(out_shape, dtype=F64, device=dev),
+            scale=torch.rand(k, dtype=F64, device=dev) + 0.5,
         )
-    conv = dict(stride=(1, 3), padding=(2, 0), groups=3)
-    g = torch.randn(2, 6, 3, 1, dtype=F64, device=dev)
-    y = resnet_fused.conv_bias_add_relu(x, w, **extra, **conv, relu=epilogue, backend=target.backend)
-    got = torch.autograd.grad(y, (x, w), g)
+    g = torch.randn(out_shape, dtype=F64, device=dev)
+    y = resnet_fused.conv_bias_add_relu(
+        x, w, **{n: t.to(dtype) for n, t in extra.items()}, **conv, relu=epilogue, backend=target.backend
+    )
+    got = torch.autograd.grad(y, (x, w), g.to(dtype))
     x64, w64 = x0.clone().requires_grad_(), w0.clone().requires_grad_()
     want_y = reference.conv_bias_add_relu(x64, w64, **extra, **conv, relu=epilogue)
     want = torch.autograd.grad(want_y, (x64, w64), g)
-    for name, a, b in (("y", y, want_y), ("grad_x", *(t[0] for t in (got, want))), ("grad_weight", got[1], want[1])):
-        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{target} {name}: {m}")
+    for name, a, b in (("y", y, want_y), ("grad_x", got[0], want[0]), ("grad_weight", got[1], want[1])):
+        torch.testing.assert_close(a, b.to(dtype), msg=lambda m, name=name: f"{target} {case} {name}: {m}")
 
 
 @pytest.mark.parametrize("layout", ["nchw", CL])
@@ -419,7 +432,7 @@ def test_an_odd_stride_of_a_size_one_dim_gives_the_right_weight_gradient(target,
 def test_conv_times_scale_is_rounded_before_the_bias_is_added(target, dtype, layout):
     """Where conv * scale overflows and the bias would bring the exact product back into range (what an FMA
     computes), y is inf as in the unfused ops of the same dtype: every backend rounds the product first (the GPU
-    builds compile their epilogues without FMA contraction). Powers of two, exact in TF32 and bf16 too."""
+    builds compile their epilogues without FMA contraction). Powers of two, exact in TF32 too."""
     big = 2.0 ** (127 if dtype == F32 else 1023)  # the largest power of two
     dev = target.device
     fmt = torch.channels_last if layout == CL else torch.contiguous_format

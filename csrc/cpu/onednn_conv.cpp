@@ -191,13 +191,13 @@ at::Tensor onednn_conv_bias_add_relu(
   if (scale.has_value() && x.scalar_type() == at::kHalf) {
     return at::Tensor();
   }
-  const at::Tensor w = scale.has_value()
-      ? weight * scale->view({-1, 1, 1, 1})
-      : weight.contiguous(weight.suggest_memory_format());
+  const at::Tensor w = canonical_strides(
+      scale.has_value() ? weight * scale->view({-1, 1, 1, 1})
+                        : weight.contiguous(weight.suggest_memory_format()));
   if (scale.has_value() && !finite_by_sum(w)) {
     return at::Tensor();
   }
-  const at::Tensor xc = x.contiguous(fmt);
+  const at::Tensor xc = canonical_strides(x.contiguous(fmt));
   // oneDNN reads the bias as a dense (K,) vector: a strided or expanded one
   // must be copied.
   const std::optional<at::Tensor> b =
@@ -209,7 +209,8 @@ at::Tensor onednn_conv_bias_add_relu(
   try {
     if (residual.has_value()) {
       y = binary.call(
-          xc, residual->contiguous(fmt), w, b, padding, stride, dilation,
+          xc, canonical_strides(residual->contiguous(fmt)), w, b, padding,
+          stride, dilation,
           groups, "add", at::Scalar(1.0),
           fused ? std::optional<std::string_view>("relu") : std::nullopt,
           ScalarList(), std::nullopt);
