@@ -515,6 +515,20 @@ def _masked_differentiable(grad_out: Tensor, out: Tensor | None, relu: bool) -> 
     return torch.ops.aten.threshold_backward(grad_out, out, 0) if relu else grad_out
 
 
+def _canonical_strides(t: Tensor) -> Tensor:
+    """``t``, or where it is dense in a memory format but for an odd stride of a size-1 dim, a copy with that format's
+    strides: ATen's CPU convs misread or refuse such a stride (the kernels hand them a view; here a copy keeps the
+    graph differentiable)."""
+    if t.dim() != 4:
+        return t
+    c, h, w = t.shape[1:]
+    dense = {torch.contiguous_format: (c * h * w, h * w, w, 1), torch.channels_last: (h * w * c, 1, w * c, c)}
+    for fmt in dict.fromkeys((memory_format(t), torch.channels_last, torch.contiguous_format)):
+        if t.is_contiguous(memory_format=fmt):
+            return t if t.stride() == dense[fmt] else t.clone(memory_format=fmt)
+    return t
+
+
 def _conv_grads_differentiable(
     g: Tensor, x: Tensor, weight: Tensor, scale: Tensor | None, conv_args: tuple, need_x: bool, need_w: bool
 ) -> tuple[Tensor | None, Tensor | None]:
@@ -525,6 +539,7 @@ def _conv_grads_differentiable(
     if scale is not None:
         g = g * scale.view(1, -1, 1, 1)
     stride, padding, dilation, groups = conv_args
+    g, x, weight = (_canonical_strides(t) for t in (g, x, weight))
     grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
         g, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, False]
     )

@@ -393,12 +393,14 @@ ODD_SIZE_ONE_STRIDES = {
 }  # fmt: skip
 
 
+@pytest.mark.parametrize("create_graph", [False, True], ids=["", "create_graph"])
 @pytest.mark.parametrize("epilogue", [False, True], ids=["conv", "scale_bias_residual_relu"])
 @pytest.mark.parametrize("case", list(ODD_SIZE_ONE_STRIDES))
 @pytest.mark.parametrize("target", target_params())
-def test_an_odd_stride_of_a_size_one_dim_gives_the_right_gradients(target, case, epilogue):
+def test_an_odd_stride_of_a_size_one_dim_gives_the_right_gradients(target, case, epilogue, create_graph):
     """Dense channels_last tensors but for the stride of a size-1 dim: ATen's CPU convs misread such a stride, or
-    refuse it; the op gives them canonical strides (a view). Against float64 from contiguous copies."""
+    refuse it; the op gives them canonical strides. Against float64 from contiguous copies; with create_graph, the
+    backward of differentiable ATen ops."""
     torch.manual_seed(0)
     dtype, x_shape, x_strides, w_shape, w_strides, conv = ODD_SIZE_ONE_STRIDES[case]
     dev = target.device
@@ -418,7 +420,7 @@ def test_an_odd_stride_of_a_size_one_dim_gives_the_right_gradients(target, case,
     y = resnet_fused.conv_bias_add_relu(
         x, w, **{n: t.to(dtype) for n, t in extra.items()}, **conv, relu=epilogue, backend=target.backend
     )
-    got = torch.autograd.grad(y, (x, w), g.to(dtype))
+    got = torch.autograd.grad(y, (x, w), g.to(dtype), create_graph=create_graph)
     x64, w64 = x0.clone().requires_grad_(), w0.clone().requires_grad_()
     want_y = reference.conv_bias_add_relu(x64, w64, **extra, **conv, relu=epilogue)
     want = torch.autograd.grad(want_y, (x64, w64), g)
