@@ -340,8 +340,7 @@ at::Tensor aten_conv(
   const auto fmt = output_memory_format(x);
   at::Tensor y = at::convolution(
       canonical_strides(x), canonical_strides(weight), bias, stride, padding,
-      dilation,
-      /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
+      dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
   // ATen may pick another layout (e.g. for a channels_last weight); keep x's.
   return y.is_contiguous(fmt) ? y : y.contiguous(fmt);
 }

@@ -210,8 +210,7 @@ at::Tensor onednn_conv_bias_add_relu(
     if (residual.has_value()) {
       y = binary.call(
           xc, canonical_strides(residual->contiguous(fmt)), w, b, padding,
-          stride, dilation,
-          groups, "add", at::Scalar(1.0),
+          stride, dilation, groups, "add", at::Scalar(1.0),
           fused ? std::optional<std::string_view>("relu") : std::nullopt,
           ScalarList(), std::nullopt);
     } else {
