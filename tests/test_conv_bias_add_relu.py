@@ -390,11 +390,20 @@ ODD_SIZE_ONE_STRIDES = {
     "weight-grouped-fp32": (F32, (1, 9, 1, 2), (18, 1, 18, 9), (6, 3, 2, 1), (6, 1, 3, 23), dict(padding=(1, 0), groups=3)),
     # F.conv2d raises "slow_conv2d: grad_weight must be contiguous"
     "weight-fp64": (F64, (2, 2, 2, 2), (8, 1, 4, 2), (1, 2, 2, 1), (4, 1, 2, 7), dict(padding=(1, 0))),
+    # x and weight canonical: with bias_residual, the residual's odd stride reaches oneDNN's binary post-op
+    "residual-fp32": (F32, (2, 16, 1, 12), (192, 1, 192, 16), (8, 16, 3, 3), (144, 1, 48, 16), dict(padding=(1, 1))),
 }  # fmt: skip
 
 
+def _odd_size_one_strides(shape: torch.Size, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """A channels_last tensor whose size-1 dims have stride 1, not their canonical one."""
+    c, h, w = shape[1:]
+    strides = [1 if size == 1 else stride for size, stride in zip(shape, (h * w * c, 1, w * c, c), strict=True)]
+    return torch.empty_strided(shape, strides, dtype=dtype, device=device)
+
+
 @pytest.mark.parametrize("create_graph", [False, True], ids=["", "create_graph"])
-@pytest.mark.parametrize("epilogue", [False, True], ids=["conv", "scale_bias_residual_relu"])
+@pytest.mark.parametrize("epilogue", ["conv", "scale_bias_residual_relu", "bias_residual"])
 @pytest.mark.parametrize("case", list(ODD_SIZE_ONE_STRIDES))
 @pytest.mark.parametrize("target", target_params())
 def test_an_odd_stride_of_a_size_one_dim_gives_the_right_gradients(target, case, epilogue, create_graph):
@@ -409,20 +418,20 @@ def test_an_odd_stride_of_a_size_one_dim_gives_the_right_gradients(target, case,
             for sh, st, t in ((x_shape, x_strides, x0), (w_shape, w_strides, w0)))  # fmt: skip
     k = w_shape[0]
     out_shape = F.conv2d(x0, w0, **conv).shape
+    relu = epilogue == "scale_bias_residual_relu"
     extra = {}
-    if epilogue:
-        extra = dict(
-            bias=torch.randn(k, dtype=F64, device=dev),
-            residual=torch.randn(out_shape, dtype=F64, device=dev),
-            scale=torch.rand(k, dtype=F64, device=dev) + 0.5,
-        )
+    if epilogue != "conv":
+        extra = dict(bias=torch.randn(k, dtype=F64, device=dev), residual=torch.randn(out_shape, dtype=F64, device=dev))
+    if relu:
+        extra["scale"] = torch.rand(k, dtype=F64, device=dev) + 0.5
+    given = {n: t.to(dtype) for n, t in extra.items()}
+    if "residual" in extra:
+        given["residual"] = _odd_size_one_strides(out_shape, dtype, dev).copy_(extra["residual"])
     g = torch.randn(out_shape, dtype=F64, device=dev)
-    y = resnet_fused.conv_bias_add_relu(
-        x, w, **{n: t.to(dtype) for n, t in extra.items()}, **conv, relu=epilogue, backend=target.backend
-    )
+    y = resnet_fused.conv_bias_add_relu(x, w, **given, **conv, relu=relu, backend=target.backend)
     got = torch.autograd.grad(y, (x, w), g.to(dtype), create_graph=create_graph)
     x64, w64 = x0.clone().requires_grad_(), w0.clone().requires_grad_()
-    want_y = reference.conv_bias_add_relu(x64, w64, **extra, **conv, relu=epilogue)
+    want_y = reference.conv_bias_add_relu(x64, w64, **extra, **conv, relu=relu)
     want = torch.autograd.grad(want_y, (x64, w64), g)
     for name, a, b in (("y", y, want_y), ("grad_x", got[0], want[0]), ("grad_weight", got[1], want[1])):
         torch.testing.assert_close(a, b.to(dtype), msg=lambda m, name=name: f"{target} {case} {name}: {m}")

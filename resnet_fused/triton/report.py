@@ -190,7 +190,7 @@ def compile_one(kernel: str, shape: str, dtype: str, cfg_index: int, arch: int, 
     row.hgmma = _count(r"\bHGMMA\.", sass)
     row.ldgsts = _count(r"\bLDGSTS", sass)
     row.tma = _count(r"\bUTMALDG|\bUBLKCP", sass)
-    row.fma = _count(r"\b[FD]FMA\b", sass)
+    row.fma = _count(r"\b[FD]FMA2?\b", sass)
     return row
 
 
